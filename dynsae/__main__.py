@@ -1,0 +1,5 @@
+import sys
+
+from dynsae.cli import main
+
+sys.exit(main())

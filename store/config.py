@@ -1,0 +1,129 @@
+"""Config handling shared by every package: YAML -> strict pydantic model.
+
+* :class:`StrictModel` is the base of every config and every file we write:
+  unknown keys are errors (``extra="forbid"``).
+* :func:`load_config` reads a YAML file, applies ``--set dotted.key=value``
+  overrides (values parsed as YAML scalars/lists, so ``--set sae.m=[64,128]`` works)
+  and validates; any problem becomes a :class:`store.errors.UserError` whose
+  message is one sentence naming the file, key and value at fault.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from store.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base model: unknown keys are rejected, values validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse ``dotted.key=value`` into (["dotted", "key"], value) with YAML value typing."""
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not of the form dotted.key=value; write e.g. --set lr=1e-3.")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"override {item!r} has an empty key; write e.g. --set sae.m=4096.")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``data[path[0]][path[1]]... = value``, creating intermediate dicts."""
+    node = data
+    for part in path[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(
+                f"cannot set {'.'.join(path)!r}: {part!r} holds a value, not a section; check the key."
+            )
+        node = child
+    node[path[-1]] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``--set`` overrides in order, returning ``data`` (modified in place)."""
+    for item in overrides or []:
+        path, value = parse_override(item)
+        set_dotted(data, path, value)
+    return data
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping from a local path or any fsspec URL."""
+    text: str
+    p = str(path)
+    try:
+        if "://" in p:
+            import fsspec
+
+            with fsspec.open(p, "r") as fh:
+                text = fh.read()
+        else:
+            text = Path(p).read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file {p} does not exist; check the path.") from None
+    except OSError as err:
+        raise UserError(f"config file {p} cannot be read ({err}); check the path and permissions.") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"config file {p} is not valid YAML{where}; fix the syntax.") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {p} must hold a mapping of keys to values, not {type(data).__name__}.")
+    return data
+
+
+def describe_validation_error(err: ValidationError, source: str) -> str:
+    """One sentence for the first problem pydantic found."""
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ())) or "(top level)"
+    kind = first.get("type", "")
+    if kind == "extra_forbidden":
+        return f"{source}: unknown key {loc!r}; remove it or check its spelling."
+    if kind == "missing":
+        return f"{source}: required key {loc!r} is missing; add it."
+    value = first.get("input")
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    msg = first.get("msg", "invalid value").rstrip(".")
+    return f"{source}: {loc} = {shown} is invalid ({msg}); fix that value."
+
+
+def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    """Validate ``data`` against ``model``; a failure is one :class:`UserError` sentence."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise UserError(describe_validation_error(err, source)) from None
+
+
+def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None,
+                base: dict[str, Any] | None = None) -> M:
+    """YAML file (optional) + ``--set`` overrides -> validated ``model``."""
+    data: dict[str, Any] = dict(base or {})
+    if path is not None:
+        data.update(read_yaml(path))
+    apply_overrides(data, overrides)
+    return validate(model, data, source=str(path) if path is not None else "config")
