@@ -6,7 +6,7 @@
 ``dynsae sweep ...``   -> ``python -m trainer sweep ...``
 ``dynsae eval ...``    -> ``python -m evaluator run ...``
 ``dynsae report ...``  -> ``python -m evaluator report ...``
-``dynsae concepts ...``-> ``python -m evaluator concepts ...``
+``dynsae concepts ...``-> ``python -m evaluator.concepts ...``
 ``dynsae demo``        -> the end-to-end demo (:mod:`dynsae.demo`)
 """
 
@@ -23,7 +23,7 @@ ROUTES: dict[str, tuple[str, list[str]]] = {
     "sweep": ("trainer.__main__", ["sweep"]),
     "eval": ("evaluator.__main__", ["run"]),
     "report": ("evaluator.__main__", ["report"]),
-    "concepts": ("evaluator.__main__", ["concepts"]),
+    "concepts": ("evaluator.concepts.__main__", []),
     "demo": ("dynsae.demo", []),
 }
 
