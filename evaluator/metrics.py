@@ -1,0 +1,295 @@
+"""Metric definitions (DESIGN §7): one module, float64 accumulation, streaming == one-shot.
+
+Every metric exists in two forms that agree to float64 rounding:
+
+* a *streaming accumulator* fed batch by batch (``update``), mergeable (``merge``), whose
+  ``result()`` is the metric over everything it has seen; and
+* a *functional form* on whole tensors (``fvu(x, x_hat)``, ...), which is the accumulator
+  fed once.
+
+Definitions (x ∈ R^d a row, x̂ its reconstruction in the original activation space,
+N rows, a ∈ R^M the codes of a row):
+
+* ``fvu`` = Σ_t‖x_t − x̂_t‖² / Σ_t‖x_t − μ‖², μ the eval-set mean vector. The
+  denominator is computed as Q − ‖S‖²/N (Q = Σ‖x‖², S = Σx) about a shift c (the first
+  batch's mean), i.e. Σ‖x − c‖² − ‖Σ(x − c)‖²/N, which is the same quantity with less
+  cancellation when the mean is large.
+* ``nmse_uncentered`` = Σ‖x − x̂‖² / Σ‖x‖²; ``explained_variance`` = 1 − fvu.
+* ``l0`` = mean_t #{i : a_i ≠ 0} (sparsemax *scores* can be negative, so count ≠ 0, not > 0);
+  the per-row support size histogram ("dynamic K"); Pearson correlations of the support
+  size with ‖x‖ and with the token position.
+* ``dead_frac`` = fraction of concepts that never fired on the evaluated rows;
+  ``dense_frac`` = fraction that fired on more than 10% of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+METRICS_VERSION = "1"
+DENSE_THRESHOLD = 0.1  # a concept firing on more than this fraction of rows is "dense"
+
+
+def _f64(t: Tensor) -> Tensor:
+    """Detached float64 CPU copy of ``t``."""
+    return t.detach().to(device="cpu", dtype=torch.float64)
+
+
+class ReconstructionAccumulator:
+    """Streaming Σ‖x − x̂‖², Σ‖x‖² and the centred total sum of squares, in float64."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sse = 0.0            # Σ‖x − x̂‖²
+        self.q = 0.0              # Σ‖x‖²
+        self.shift: Tensor | None = None  # c
+        self.s_shift: Tensor | None = None  # Σ(x − c)
+        self.q_shift = 0.0        # Σ‖x − c‖²
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        """Add a batch of rows ``x`` (B, d) and their reconstructions ``x_hat`` (B, d)."""
+        if x.shape != x_hat.shape or x.ndim != 2:
+            raise ValueError(f"x and x_hat must both be (B, d); got {tuple(x.shape)} and {tuple(x_hat.shape)}")
+        if x.shape[0] == 0:
+            return
+        x64, xh64 = _f64(x), _f64(x_hat)
+        if self.shift is None:
+            self.shift = x64.mean(0)
+            self.s_shift = torch.zeros_like(self.shift)
+        centred = x64 - self.shift
+        self.n += x64.shape[0]
+        self.sse += float(((x64 - xh64) ** 2).sum())
+        self.q += float((x64 ** 2).sum())
+        self.s_shift = self.s_shift + centred.sum(0)
+        self.q_shift += float((centred ** 2).sum())
+
+    def merge(self, other: ReconstructionAccumulator) -> ReconstructionAccumulator:
+        """Fold ``other`` into this accumulator (as if its rows had been fed here); returns self."""
+        if other.n == 0:
+            return self
+        if self.n == 0:
+            self.__dict__.update({k: (v.clone() if isinstance(v, Tensor) else v) for k, v in other.__dict__.items()})
+            return self
+        assert self.shift is not None and other.shift is not None and other.s_shift is not None
+        # Re-express other's sums about our shift c1: x − c1 = (x − c2) + δ, δ = c2 − c1.
+        delta = other.shift - self.shift
+        s_other = other.s_shift + other.n * delta
+        q_other = other.q_shift + 2.0 * float(delta @ other.s_shift) + other.n * float(delta @ delta)
+        self.n += other.n
+        self.sse += other.sse
+        self.q += other.q
+        self.s_shift = self.s_shift + s_other
+        self.q_shift += q_other
+        return self
+
+    @property
+    def sst(self) -> float:
+        """Σ‖x − μ‖² = Σ‖x − c‖² − ‖Σ(x − c)‖²/N (= Q − ‖S‖²/N)."""
+        if self.n == 0 or self.s_shift is None:
+            return 0.0
+        return max(self.q_shift - float(self.s_shift @ self.s_shift) / self.n, 0.0)
+
+    def result(self) -> dict[str, float]:
+        """fvu, nmse_uncentered, explained_variance, mse (per row) and the row count."""
+        sst = self.sst
+        fvu_value = self.sse / sst if sst > 0 else math.nan
+        nmse = self.sse / self.q if self.q > 0 else math.nan
+        return {
+            "fvu": fvu_value,
+            "nmse_uncentered": nmse,
+            "explained_variance": 1.0 - fvu_value,
+            "mse_per_row": self.sse / self.n if self.n else math.nan,
+            "rows": self.n,
+        }
+
+
+class CorrelationAccumulator:
+    """Streaming Pearson correlation of two series (Chan et al.'s mergeable co-moments, float64)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean_a = 0.0
+        self.mean_b = 0.0
+        self.m2_a = 0.0   # Σ(a − ā)²
+        self.m2_b = 0.0   # Σ(b − b̄)²
+        self.c_ab = 0.0   # Σ(a − ā)(b − b̄)
+
+    def _combine(self, n: int, mean_a: float, mean_b: float, m2_a: float, m2_b: float, c_ab: float) -> None:
+        if n == 0:
+            return
+        total = self.n + n
+        da, db = mean_a - self.mean_a, mean_b - self.mean_b
+        w = self.n * n / total
+        self.m2_a += m2_a + da * da * w
+        self.m2_b += m2_b + db * db * w
+        self.c_ab += c_ab + da * db * w
+        self.mean_a += da * n / total
+        self.mean_b += db * n / total
+        self.n = total
+
+    def update(self, a: Tensor, b: Tensor) -> None:
+        """Add paired samples ``a`` (B,) and ``b`` (B,)."""
+        a64, b64 = _f64(a).reshape(-1), _f64(b).reshape(-1)
+        if a64.shape != b64.shape:
+            raise ValueError(f"paired series differ in length: {a64.numel()} vs {b64.numel()}")
+        if a64.numel() == 0:
+            return
+        ma, mb = float(a64.mean()), float(b64.mean())
+        ca, cb = a64 - ma, b64 - mb
+        self._combine(a64.numel(), ma, mb, float(ca @ ca), float(cb @ cb), float(ca @ cb))
+
+    def merge(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
+        """Fold ``other`` into this accumulator; returns self."""
+        self._combine(other.n, other.mean_a, other.mean_b, other.m2_a, other.m2_b, other.c_ab)
+        return self
+
+    def result(self) -> float:
+        """r = Σ(a − ā)(b − b̄) / √(Σ(a − ā)² Σ(b − b̄)²); NaN when either series is constant."""
+        denom = math.sqrt(self.m2_a * self.m2_b)
+        return self.c_ab / denom if denom > 0 else math.nan
+
+
+class SparsityAccumulator:
+    """Streaming l0, support-size histogram, dead/dense fractions and support-size correlations."""
+
+    def __init__(self, m: int) -> None:
+        self.m = m
+        self.n = 0
+        self.support_sum = 0           # Σ_t |S_t|
+        self.histogram = torch.zeros(1, dtype=torch.int64)  # histogram[k] = #rows with |S_t| = k
+        self.fire_counts = torch.zeros(m, dtype=torch.int64)  # rows on which concept i fired
+        self.corr_norm = CorrelationAccumulator()
+        self.corr_position = CorrelationAccumulator()
+
+    def update(self, support_sizes: Tensor, fire_counts: Tensor, norms: Tensor | None = None,
+               positions: Tensor | None = None) -> None:
+        """Add a batch: per-row support sizes (B,), per-concept fire counts on these rows (M,),
+        and optionally the rows' norms ‖x‖ (B,) and positions (B,) for the correlations."""
+        sizes = support_sizes.detach().to("cpu", torch.int64).reshape(-1)
+        if fire_counts.numel() != self.m:
+            raise ValueError(f"fire_counts has {fire_counts.numel()} entries, expected M = {self.m}")
+        if sizes.numel() == 0:
+            return
+        self.n += sizes.numel()
+        self.support_sum += int(sizes.sum())
+        counts = torch.bincount(sizes)
+        if counts.numel() > self.histogram.numel():
+            grown = torch.zeros(counts.numel(), dtype=torch.int64)
+            grown[: self.histogram.numel()] = self.histogram
+            self.histogram = grown
+        self.histogram[: counts.numel()] += counts
+        self.fire_counts += fire_counts.detach().to("cpu", torch.int64).reshape(-1)
+        if norms is not None:
+            self.corr_norm.update(sizes, norms)
+        if positions is not None:
+            self.corr_position.update(sizes, positions)
+
+    def update_codes(self, codes: Tensor, norms: Tensor | None = None, positions: Tensor | None = None) -> None:
+        """Add a batch of dense codes (B, M): a concept fires on a row where its code is ≠ 0."""
+        active = codes != 0
+        self.update(active.sum(-1), active.sum(0), norms, positions)
+
+    def merge(self, other: SparsityAccumulator) -> SparsityAccumulator:
+        """Fold ``other`` (same M) into this accumulator; returns self."""
+        if other.m != self.m:
+            raise ValueError(f"cannot merge sparsity accumulators of M = {self.m} and M = {other.m}")
+        size = max(self.histogram.numel(), other.histogram.numel())
+        hist = torch.zeros(size, dtype=torch.int64)
+        hist[: self.histogram.numel()] += self.histogram
+        hist[: other.histogram.numel()] += other.histogram
+        self.histogram = hist
+        self.n += other.n
+        self.support_sum += other.support_sum
+        self.fire_counts += other.fire_counts
+        self.corr_norm.merge(other.corr_norm)
+        self.corr_position.merge(other.corr_position)
+        return self
+
+    def support_quantile(self, q: float) -> float:
+        """The q-quantile of the per-row support size (lower value at ties: the smallest k with CDF ≥ q)."""
+        if self.n == 0:
+            return math.nan
+        cdf = torch.cumsum(self.histogram, 0)
+        target = q * self.n
+        return float(torch.nonzero(cdf >= target)[0, 0]) if target > 0 else float(torch.nonzero(cdf)[0, 0])
+
+    def result(self) -> dict[str, Any]:
+        """l0, histogram (list, index = support size), quantiles, dead/dense fractions, correlations."""
+        rate = self.fire_counts.to(torch.float64) / max(self.n, 1)
+        dead = int((self.fire_counts == 0).sum())
+        dense = int((rate > DENSE_THRESHOLD).sum())
+        return {
+            "l0": self.support_sum / self.n if self.n else math.nan,
+            "support_histogram": [int(v) for v in self.histogram.tolist()],
+            "support_median": self.support_quantile(0.5),
+            "support_p10": self.support_quantile(0.1),
+            "support_p90": self.support_quantile(0.9),
+            "support_max": int(torch.nonzero(self.histogram)[-1, 0]) if self.n else 0,
+            "support_norm_corr": self.corr_norm.result(),
+            "support_position_corr": self.corr_position.result(),
+            "dead": dead,
+            "dense": dense,
+            "dead_frac": dead / self.m,
+            "dense_frac": dense / self.m,
+            "rows": self.n,
+        }
+
+
+# ---- functional forms: the accumulators fed once -------------------------------------------------
+
+
+def reconstruction_metrics(x: Tensor, x_hat: Tensor) -> dict[str, float]:
+    """All reconstruction metrics of ``x_hat`` against ``x`` (rows), one shot."""
+    acc = ReconstructionAccumulator()
+    acc.update(x, x_hat)
+    return acc.result()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> float:
+    """Σ‖x − x̂‖² / Σ‖x − μ‖², μ = mean of the rows of ``x``."""
+    return reconstruction_metrics(x, x_hat)["fvu"]
+
+
+def nmse_uncentered(x: Tensor, x_hat: Tensor) -> float:
+    """Σ‖x − x̂‖² / Σ‖x‖²."""
+    return reconstruction_metrics(x, x_hat)["nmse_uncentered"]
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> float:
+    """1 − fvu."""
+    return reconstruction_metrics(x, x_hat)["explained_variance"]
+
+
+def support_sizes(codes: Any) -> Tensor:
+    """Per-row count of non-zero codes: a ``Codes`` object's ``support_sizes()`` or (codes ≠ 0).sum(-1)."""
+    if hasattr(codes, "support_sizes"):
+        return codes.support_sizes()
+    return (codes != 0).sum(-1)
+
+
+def l0(codes: Any) -> float:
+    """mean_t #{i : a_ti ≠ 0} for dense codes (B, M) or a ``Codes`` object."""
+    sizes = support_sizes(codes)
+    return float(sizes.to(torch.float64).mean()) if sizes.numel() else math.nan
+
+
+def suggest_topk(sparsity: dict[str, Any]) -> dict[str, Any]:
+    """The K a TopK SAE should use to match a sparsemax SAE's sparsity.
+
+    K = round(l0), the mean support size, so the TopK SAE spends the same number of active
+    concepts per token on average (BatchTopK matches this exactly: its K is a batch mean);
+    the median and the 10–90% range of the support size are given beside it.
+    """
+    mean = sparsity["l0"]
+    return {
+        "k": max(1, int(round(mean))) if not math.isnan(mean) else None,
+        "rule": "K = round(mean support size) over the eval tokens",
+        "mean": mean,
+        "median": sparsity.get("support_median"),
+        "p10": sparsity.get("support_p10"),
+        "p90": sparsity.get("support_p90"),
+    }
