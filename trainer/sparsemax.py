@@ -1,0 +1,405 @@
+"""Exact, sort-free sparsemax (Martins & Astudillo 2016) with a support-only backward.
+
+Definitions (the sort formula, DESIGN §5). For one row z ∈ R^M sorted descending
+z_(1) ≥ … ≥ z_(M), with prefix sums c_r = Σ_{i≤r} z_(i)::
+
+    k* = max{ r : 1 + r·z_(r) > c_r }         # support size
+    τ  = (c_{k*} − 1) / k*                      # threshold
+    p  = max(z − τ, 0)                          # sparsemax(z), on the simplex
+
+:func:`sparsemax_sort` is that formula verbatim (a full sort; reference for tests and
+the bench). Everything else here is *sort-free* in the common case:
+
+Top-k candidates with a certificate
+    ``torch.topk`` returns the k largest values v_1 ≥ … ≥ v_k (exactly the first k
+    entries of the full sort, ties included). Running the sort formula on them gives
+    k̂ = max{r ≤ k : 1 + r·v_r > c_r}. The condition set of the full formula is a
+    prefix {1, …, k*} of r (1 + r·z_(r) − c_r is non-increasing in r), so if k̂ < k
+    the condition already failed inside the candidates and k* = k̂, τ is exact:
+    **k̂ < k certifies that the support fits** (k = M trivially certifies too).
+    Rows with k̂ = k "fail": their support may extend beyond the candidates.
+
+Fallback for failing rows (exact, usually one extra step)
+    For a failing row the candidate threshold τ̂ = (c_k − 1)/k is a *lower bound* of
+    τ (τ = max_r (c_r − 1)/r), so the support lies inside {z > τ̂}. Counting that set
+    (one pass over the failing rows only) gives n ≥ k*, and a second top-k with
+    k = n + 1 is certified. If rounding ever defeats that bound, k doubles; k = M is a
+    full sort and always certified. Only the failing rows are redone.
+
+Choosing k adaptively
+    Unless the caller passes ``k``, an :class:`AdaptiveK` per (M, device type) in a
+    module-level cache proposes k from a decaying maximum of the support sizes seen in
+    recent calls (×1.25 headroom + 8, rounded up to a multiple of 8). A too-small k is
+    never wrong, only slower (fallback); the estimate follows the data within a call.
+
+Host synchronisation
+    ``topk`` needs k as a Python int and the fallback needs to know which rows failed,
+    so each call performs exactly **one** device→host read in the common path: a
+    2-element tensor [any row failed, max support size] read with ``.tolist()``, which
+    also feeds the adaptive k. The fallback (rare once k has adapted) adds a few more.
+    On CPU this costs nothing; on GPU it is one small sync per call.
+
+Precision
+    Rows are shifted by their maximum before the prefix sums (z − z_max is exact for
+    every entry within a factor 2 of z_max, which includes the whole support when
+    z_max ≥ 2), so τ and p are accurate to a few ulps of 1 even at scales of 1e6.
+    bfloat16/float16 inputs are computed in float32 and the outputs cast back;
+    float32 and float64 are computed in their own dtype. ``tau`` is returned in the
+    compute dtype (float32 for half types).
+
+Masked entries and special values
+    −inf entries (masked concepts) never enter the support and get p = 0 and zero
+    gradient. A row that is **all −inf** has no support: p = 0 everywhere, τ = +inf,
+    support size 0, zero gradient (the SAE reads that as "no concept fires").
+    NaN or +inf entries are outside the contract (outputs are then NaN).
+
+Backward (never a sort)
+    The Jacobian of sparsemax is diag(s) − s sᵀ/|S| with s the support indicator, so
+    dz_i = s_i (g_i − mean_{j∈S} g_j)  (Martins & Astudillo 2016, eq. 14). The dense
+    op saves only its output p (S = {p > 0}); the support ops save the padded mask.
+
+API
+    * :func:`sparsemax` — dense p, same shape/dtype as z, custom backward.
+    * :func:`sparsemax_threshold` — (tau, support_size), ``dim`` removed; no gradient.
+    * :func:`sparsemax_support` — (idx, val) padded to width K over the last dim.
+    * :func:`sparsemax_topk` — :class:`SparsemaxSupport` (idx, probs, scores, tau,
+      support_size, mask) for the SAE: ``probs`` = max(z − τ, 0) on idx with the custom
+      backward, ``scores`` = z on the support (mask held fixed, plain gather gradient).
+    * :func:`sparsemax_sort` — the reference sort formula (autograd through sort).
+
+Padding convention for the support ops: width K = ``k_max`` when every row's support
+fits in ``k_max`` entries (K = the smallest certified width otherwise — results are
+never truncated); with ``k_max=None`` K = the largest support size in the batch.
+Entries are in descending order of z; positions r ≥ support_size are padding with
+val = probs = scores = 0 and mask False, and their idx are the next-largest entries'
+indices (valid and distinct within the row, so ``scatter`` / ``index_add`` are safe).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from store.errors import UserError
+
+__all__ = [
+    "AdaptiveK",
+    "SparsemaxSupport",
+    "sparsemax",
+    "sparsemax_sort",
+    "sparsemax_support",
+    "sparsemax_threshold",
+    "sparsemax_topk",
+]
+
+
+# ----------------------------------------------------------------------------- state
+
+
+@dataclass
+class AdaptiveK:
+    """Proposes the number of top-k candidates from recently observed support sizes.
+
+    ``estimate`` is a decaying maximum: after each call it becomes
+    ``max(observed_max_support, decay * estimate)``. The proposal is
+    ``ceil8(headroom * estimate + 8)`` clipped to [1, M]; before any observation it is
+    ``initial``.
+    """
+
+    initial: int = 64
+    headroom: float = 1.25
+    decay: float = 0.95
+    estimate: float | None = field(default=None)
+
+    def propose(self, m: int) -> int:
+        """Candidate count for rows of length ``m``."""
+        if self.estimate is None:
+            k = self.initial
+        else:
+            k = 8 * math.ceil((self.headroom * self.estimate + 8) / 8)
+        return max(1, min(m, k))
+
+    def observe(self, max_support: int) -> None:
+        """Record the largest support size of a call."""
+        prev = 0.0 if self.estimate is None else self.decay * self.estimate
+        self.estimate = max(float(max_support), prev)
+
+
+_ADAPTIVE: dict[tuple[int, str], AdaptiveK] = {}
+
+
+def adaptive_state(m: int, device: torch.device) -> AdaptiveK:
+    """The module-level :class:`AdaptiveK` for rows of length ``m`` on ``device``'s type."""
+    key = (m, device.type)
+    if key not in _ADAPTIVE:
+        _ADAPTIVE[key] = AdaptiveK()
+    return _ADAPTIVE[key]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    if not dtype.is_floating_point:
+        raise UserError(f"sparsemax needs a floating-point tensor, got dtype {dtype}; cast z with .float() first.")
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def _rows(z: Tensor, dim: int) -> tuple[Tensor, torch.Size]:
+    """Move ``dim`` last and flatten the rest: (N, M) view/copy plus the moved shape."""
+    if z.dim() == 0:
+        raise UserError("sparsemax needs at least a 1-d tensor, got a scalar; pass z with a concept dimension.")
+    moved = z.movedim(dim, -1)
+    if moved.shape[-1] == 0:
+        raise UserError(f"sparsemax over dim {dim} of shape {tuple(z.shape)} is empty; it needs at least one entry.")
+    return moved.reshape(-1, moved.shape[-1]), moved.shape
+
+
+def _check_k(k: int | None, name: str) -> None:
+    if k is not None and (not isinstance(k, int) or k < 1):
+        raise UserError(f"{name} must be a positive integer or None, got {k!r}.")
+
+
+class _Prefix(NamedTuple):
+    """Sort formula run on sorted candidates v (N, K) of rows shifted by their max."""
+
+    kstar: Tensor  # (N,) int64, support size within the candidates (0 for all −inf rows)
+    tau_shift: Tensor  # (N,) τ − z_max (+inf for all −inf rows)
+    zmax: Tensor  # (N,) finite row max (0 for all −inf rows)
+
+
+def _prefix_threshold(vals: Tensor) -> _Prefix:
+    """k̂ = max{r : 1 + r·v_r > c_r}, τ̂ = (c_k̂ − 1)/k̂ on the shifted candidates."""
+    top = vals[:, 0]
+    zmax = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    shifted = vals - zmax[:, None]  # −inf entries stay −inf
+    csum = shifted.cumsum(dim=1)  # c_r
+    r = torch.arange(1, vals.shape[1] + 1, device=vals.device, dtype=vals.dtype)
+    cond = 1 + r * shifted > csum  # 1 + r z_(r) > c_r
+    kstar = (cond * torch.arange(1, vals.shape[1] + 1, device=vals.device)).amax(dim=1)
+    c_k = csum.gather(1, (kstar - 1).clamp_min(0)[:, None])[:, 0]
+    tau_shift = torch.where(kstar > 0, (c_k - 1) / kstar.clamp_min(1).to(vals.dtype), torch.inf)  # τ = (c_k − 1)/k
+    return _Prefix(kstar, tau_shift, zmax)
+
+
+class _Certified(NamedTuple):
+    vals: Tensor  # (N, K) sorted top-K values (float, compute dtype)
+    idx: Tensor  # (N, K) int64
+    prefix: _Prefix
+    max_support: int
+
+
+def _certified_topk(z: Tensor, k: int | None, min_width: int = 1, candidates: bool = True) -> _Certified:
+    """Top-K candidates of each row of z (N, M) with K large enough to hold every support.
+
+    ``k`` is the first try (None: adaptive); the returned width is at least
+    ``min(min_width, M)`` and every row is certified (k̂ < K or K = M). With
+    ``candidates=False`` only the prefix (k*, τ) is exact after a fallback and the
+    returned vals/idx are those of the first try.
+    """
+    n, m = z.shape
+    state = adaptive_state(m, z.device) if k is None else None
+    k0 = state.propose(m) if state is not None else min(k, m)
+    width = max(k0, min(min_width, m))
+    vals, idx = torch.topk(z, width, dim=1, sorted=True)
+    prefix = _prefix_threshold(vals)
+    failed = prefix.kstar >= width if width < m else torch.zeros_like(prefix.kstar, dtype=torch.bool)
+    any_failed, max_support = torch.stack([failed.any().long(), prefix.kstar.max()]).tolist()  # the one sync
+    if any_failed:
+        vals, idx, prefix, max_support = _refine(z, vals, idx, prefix, failed, candidates)
+    if state is not None:
+        state.observe(max_support)
+    return _Certified(vals, idx, prefix, int(max_support))
+
+
+def _refine(z: Tensor, vals: Tensor, idx: Tensor, prefix: _Prefix, failed: Tensor, candidates: bool):
+    """Redo the failing rows with more candidates until certified; widen all rows if ``candidates``."""
+    n, m = z.shape
+    rows = failed.nonzero()[:, 0]
+    width = vals.shape[1]
+    sub = z.index_select(0, rows)
+    tau_lb = prefix.zmax[rows] + prefix.tau_shift[rows]  # τ̂ ≤ τ, so S ⊆ {z > τ̂}
+    bound = int((sub > tau_lb[:, None]).sum(dim=1).max()) + 1
+    k = width
+    while True:
+        k = min(m, max(bound, 2 * k))
+        sub_vals, sub_idx = torch.topk(sub, k, dim=1, sorted=True)
+        sub_prefix = _prefix_threshold(sub_vals)
+        still = sub_prefix.kstar >= k if k < m else torch.zeros_like(sub_prefix.kstar, dtype=torch.bool)
+        if not bool(still.any()):
+            break
+        bound = k + 1
+    kstar = prefix.kstar.index_copy(0, rows, sub_prefix.kstar)
+    tau_shift = prefix.tau_shift.index_copy(0, rows, sub_prefix.tau_shift)
+    zmax = prefix.zmax.index_copy(0, rows, sub_prefix.zmax)
+    new_prefix = _Prefix(kstar, tau_shift, zmax)
+    if not candidates:
+        return vals, idx, new_prefix, int(kstar.max())
+    # Rows that passed keep their result; widen their candidates to k with the next entries.
+    ok_vals, ok_idx = torch.topk(z, k, dim=1, sorted=True) if k > width else (vals, idx)
+    ok_vals = ok_vals.index_copy(0, rows, sub_vals)
+    ok_idx = ok_idx.index_copy(0, rows, sub_idx)
+    return ok_vals, ok_idx, new_prefix, int(kstar.max())
+
+
+def _threshold_rows(z: Tensor, k: int | None) -> _Prefix:
+    """Exact (k*, τ − z_max, z_max) for every row of z (N, M) in the compute dtype."""
+    return _certified_topk(z, k, candidates=False).prefix
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _SparsemaxDense(torch.autograd.Function):
+    """p = max(z − τ, 0) row-wise on (N, M); backward dz = s (g − mean_S g)."""
+
+    @staticmethod
+    def forward(ctx, z: Tensor, k: int | None) -> Tensor:  # type: ignore[override]
+        prefix = _threshold_rows(z, k)
+        p = (z - prefix.zmax[:, None]).sub_(prefix.tau_shift[:, None]).clamp_(min=0)  # max(z − τ, 0)
+        ctx.save_for_backward(p)
+        return p
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (p,) = ctx.saved_tensors
+        return _support_backward(g, p > 0), None
+
+
+class _SupportProbs(torch.autograd.Function):
+    """probs = (z_S − z_max) − τ̂ on the padded support; backward dz = s (g − mean_S g)."""
+
+    @staticmethod
+    def forward(ctx, zk: Tensor, zmax: Tensor, tau_shift: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
+        probs = torch.where(mask, ((zk - zmax[:, None]) - tau_shift[:, None]).clamp_min(0), 0.0)
+        ctx.save_for_backward(mask)
+        return probs
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (mask,) = ctx.saved_tensors
+        return _support_backward(g, mask), None, None, None
+
+
+def _support_backward(g: Tensor, s: Tensor) -> Tensor:
+    """dz_i = s_i (g_i − mean_{j∈S} g_j) row-wise over the last dim."""
+    gs = torch.where(s, g, 0.0)
+    mean = gs.sum(dim=-1, keepdim=True) / s.sum(dim=-1, keepdim=True).clamp_min(1)
+    return torch.where(s, g - mean, 0.0)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def sparsemax(z: Tensor, dim: int = -1, k: int | None = None) -> Tensor:
+    """Sparsemax of ``z`` along ``dim``: p = max(z − τ(z), 0), exact, sort-free in the common case.
+
+    ``k`` fixes the initial number of top-k candidates (default: adaptive); it only
+    affects speed, never the result. Output has z's shape and dtype.
+    """
+    _check_k(k, "k")
+    cdtype = _compute_dtype(z.dtype)
+    rows, moved_shape = _rows(z, dim)
+    p = _SparsemaxDense.apply(rows.to(cdtype), k)
+    return p.to(z.dtype).reshape(moved_shape).movedim(-1, dim)
+
+
+def sparsemax_threshold(z: Tensor, dim: int = -1, k: int | None = None) -> tuple[Tensor, Tensor]:
+    """Threshold τ and support size |S| of sparsemax along ``dim`` (that dim removed).
+
+    τ = (Σ_{i≤k*} z_(i) − 1)/k* in the compute dtype (float32 for half inputs),
+    +inf for all −inf rows; support size int64 (0 for all −inf rows). No gradient.
+    """
+    _check_k(k, "k")
+    cdtype = _compute_dtype(z.dtype)
+    rows, moved_shape = _rows(z, dim)
+    with torch.no_grad():
+        prefix = _threshold_rows(rows.detach().to(cdtype), k)
+    tau = prefix.zmax + prefix.tau_shift
+    return tau.reshape(moved_shape[:-1]), prefix.kstar.reshape(moved_shape[:-1])
+
+
+class SparsemaxSupport(NamedTuple):
+    """Sparsemax restricted to its (padded) support over the last dim; all fields (..., K).
+
+    idx: int64 indices into the last dim of z, descending z order (padding: valid, distinct).
+    probs: max(z − τ, 0) at idx (the sparsemax output), 0 in padding; gradient to z via
+        dz = s (g − mean_S g) (custom backward, scattered to idx by gather's backward).
+    scores: z at idx on the support, 0 in padding (``activation="scores"``: the mask is
+        held fixed, the gradient flows to z on the support through a plain gather).
+    tau: (...,) threshold τ in the compute dtype (no gradient).
+    support_size: (...,) int64 |S|.
+    mask: bool, True on the support (position r < support_size).
+    """
+
+    idx: Tensor
+    probs: Tensor
+    scores: Tensor
+    tau: Tensor
+    support_size: Tensor
+    mask: Tensor
+
+
+def sparsemax_topk(z: Tensor, k_max: int | None = None) -> SparsemaxSupport:
+    """Sparsemax over the last dim of ``z`` returned on its padded support (see module docstring).
+
+    Width K = ``k_max`` if every support fits in it, else the smallest certified width
+    (never truncated); ``k_max=None``: K = the largest support size in the batch.
+    """
+    _check_k(k_max, "k_max")
+    cdtype = _compute_dtype(z.dtype)
+    rows, moved_shape = _rows(z, -1)
+    zc = rows.to(cdtype)
+    with torch.no_grad():
+        cert = _certified_topk(zc.detach(), k_max, min_width=k_max or 1)
+    m = zc.shape[1]
+    width = max(1, cert.max_support) if k_max is None else max(min(k_max, m), cert.max_support)
+    idx = cert.idx[:, :width]
+    prefix = cert.prefix
+    positions = torch.arange(width, device=z.device)
+    mask = positions[None, :] < prefix.kstar[:, None]
+    zk = zc.gather(1, idx)
+    probs = _SupportProbs.apply(zk, prefix.zmax, prefix.tau_shift, mask)
+    scores = torch.where(mask, zk, 0.0)
+    lead = moved_shape[:-1]
+    return SparsemaxSupport(
+        idx=idx.reshape(*lead, width),
+        probs=probs.to(z.dtype).reshape(*lead, width),
+        scores=scores.to(z.dtype).reshape(*lead, width),
+        tau=(prefix.zmax + prefix.tau_shift).reshape(lead),
+        support_size=prefix.kstar.reshape(lead),
+        mask=mask.reshape(*lead, width),
+    )
+
+
+def sparsemax_support(z: Tensor, k_max: int | None = None) -> tuple[Tensor, Tensor]:
+    """(idx, val): sparsemax over the last dim on its padded support; val = probs of :func:`sparsemax_topk`."""
+    out = sparsemax_topk(z, k_max)
+    return out.idx, out.probs
+
+
+def sparsemax_sort(z: Tensor, dim: int = -1) -> Tensor:
+    """Reference sort formula (differentiable by plain autograd through sort/cumsum/gather).
+
+    Sort descending, k = max{r : 1 + r z_(r) > Σ_{i≤r} z_(i)}, τ = (Σ_{i≤k} z_(i) − 1)/k,
+    p = max(z − τ, 0). All −inf rows give p = 0 (as :func:`sparsemax`). Computes in
+    float32 for half inputs; rows are shifted by their max like the fast path.
+    """
+    cdtype = _compute_dtype(z.dtype)
+    rows, moved_shape = _rows(z, dim)
+    zc = rows.to(cdtype)
+    srt = torch.sort(zc, dim=1, descending=True).values
+    top = srt[:, :1].detach()
+    zmax = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    shifted = srt - zmax
+    csum = shifted.cumsum(dim=1)
+    r = torch.arange(1, zc.shape[1] + 1, device=z.device)
+    kstar = ((1 + r * shifted > csum) * r).amax(dim=1, keepdim=True)  # max{r : 1 + r z_(r) > c_r}
+    c_k = csum.gather(1, (kstar - 1).clamp_min(0))
+    tau = torch.where(kstar > 0, (c_k - 1) / kstar.clamp_min(1), torch.inf)  # τ − z_max
+    p = ((zc - zmax) - tau).clamp(min=0)
+    return p.to(z.dtype).reshape(moved_shape).movedim(-1, dim)
