@@ -56,7 +56,8 @@ Masked entries and special values
 Backward (never a sort)
     The Jacobian of sparsemax is diag(s) − s sᵀ/|S| with s the support indicator, so
     dz_i = s_i (g_i − mean_{j∈S} g_j)  (Martins & Astudillo 2016, eq. 14). The dense
-    op saves only its output p (S = {p > 0}); the support ops save the padded mask.
+    op scatters its output from the support and saves only (idx, mask) of the support,
+    so forward and backward each touch the dense (N, M) tensor once (a zero fill).
 
 API
     * :func:`sparsemax` — dense p, same shape/dtype as z, custom backward.
@@ -71,8 +72,9 @@ Padding convention for the support ops: width K = ``k_max`` when every row's sup
 fits in ``k_max`` entries (K = the smallest certified width otherwise — results are
 never truncated); with ``k_max=None`` K = the largest support size in the batch.
 Entries are in descending order of z; positions r ≥ support_size are padding with
-val = probs = scores = 0 and mask False, and their idx are the next-largest entries'
-indices (valid and distinct within the row, so ``scatter`` / ``index_add`` are safe).
+val = probs = scores = 0 and mask False; their idx are valid indices of entries off the
+support (the next-largest entries; after a fallback a row may repeat one of them), so
+``scatter`` of the padded values and ``index_add`` / ``scatter_add`` are safe.
 """
 
 from __future__ import annotations
@@ -193,13 +195,11 @@ class _Certified(NamedTuple):
     max_support: int
 
 
-def _certified_topk(z: Tensor, k: int | None, min_width: int = 1, candidates: bool = True) -> _Certified:
+def _certified_topk(z: Tensor, k: int | None, min_width: int = 1) -> _Certified:
     """Top-K candidates of each row of z (N, M) with K large enough to hold every support.
 
-    ``k`` is the first try (None: adaptive); the returned width is at least
-    ``min(min_width, M)`` and every row is certified (k̂ < K or K = M). With
-    ``candidates=False`` only the prefix (k*, τ) is exact after a fallback and the
-    returned vals/idx are those of the first try.
+    ``k`` is the first try (None: adaptive); the width is at least ``min(min_width, M)``
+    and every row is certified (k̂ < K or K = M).
     """
     n, m = z.shape
     state = adaptive_state(m, z.device) if k is None else None
@@ -210,14 +210,18 @@ def _certified_topk(z: Tensor, k: int | None, min_width: int = 1, candidates: bo
     failed = prefix.kstar >= width if width < m else torch.zeros_like(prefix.kstar, dtype=torch.bool)
     any_failed, max_support = torch.stack([failed.any().long(), prefix.kstar.max()]).tolist()  # the one sync
     if any_failed:
-        vals, idx, prefix, max_support = _refine(z, vals, idx, prefix, failed, candidates)
+        vals, idx, prefix, max_support = _refine(z, vals, idx, prefix, failed)
     if state is not None:
         state.observe(max_support)
     return _Certified(vals, idx, prefix, int(max_support))
 
 
-def _refine(z: Tensor, vals: Tensor, idx: Tensor, prefix: _Prefix, failed: Tensor, candidates: bool):
-    """Redo the failing rows with more candidates until certified; widen all rows if ``candidates``."""
+def _refine(z: Tensor, vals: Tensor, idx: Tensor, prefix: _Prefix, failed: Tensor):
+    """Redo the failing rows with more candidates until certified; pad the other rows to match.
+
+    Certified rows have k̂ < width, so their last candidate is off the support; padding
+    repeats its index (value −inf), which keeps every padding index off the support.
+    """
     n, m = z.shape
     rows = failed.nonzero()[:, 0]
     width = vals.shape[1]
@@ -233,56 +237,59 @@ def _refine(z: Tensor, vals: Tensor, idx: Tensor, prefix: _Prefix, failed: Tenso
         if not bool(still.any()):
             break
         bound = k + 1
+    pad = k - width
+    all_vals = torch.cat([vals, vals.new_full((n, pad), -torch.inf)], dim=1).index_copy_(0, rows, sub_vals)
+    all_idx = torch.cat([idx, idx[:, -1:].expand(n, pad)], dim=1).index_copy_(0, rows, sub_idx)
     kstar = prefix.kstar.index_copy(0, rows, sub_prefix.kstar)
     tau_shift = prefix.tau_shift.index_copy(0, rows, sub_prefix.tau_shift)
     zmax = prefix.zmax.index_copy(0, rows, sub_prefix.zmax)
-    new_prefix = _Prefix(kstar, tau_shift, zmax)
-    if not candidates:
-        return vals, idx, new_prefix, int(kstar.max())
-    # Rows that passed keep their result; widen their candidates to k with the next entries.
-    ok_vals, ok_idx = torch.topk(z, k, dim=1, sorted=True) if k > width else (vals, idx)
-    ok_vals = ok_vals.index_copy(0, rows, sub_vals)
-    ok_idx = ok_idx.index_copy(0, rows, sub_idx)
-    return ok_vals, ok_idx, new_prefix, int(kstar.max())
+    return all_vals, all_idx, _Prefix(kstar, tau_shift, zmax), int(kstar.max())
 
 
-def _threshold_rows(z: Tensor, k: int | None) -> _Prefix:
-    """Exact (k*, τ − z_max, z_max) for every row of z (N, M) in the compute dtype."""
-    return _certified_topk(z, k, candidates=False).prefix
+def _support_probs(vals: Tensor, prefix: _Prefix) -> tuple[Tensor, Tensor]:
+    """(probs, mask) on sorted candidates: p_r = (v_r − z_max) − τ̂ for r ≤ k*, else 0."""
+    positions = torch.arange(vals.shape[1], device=vals.device)
+    mask = positions[None, :] < prefix.kstar[:, None]
+    probs = ((vals - prefix.zmax[:, None]) - prefix.tau_shift[:, None]).clamp_min(0)  # max(z − τ, 0)
+    return torch.where(mask, probs, 0.0), mask
 
 
 # ----------------------------------------------------------------------------- autograd
 
 
 class _SparsemaxDense(torch.autograd.Function):
-    """p = max(z − τ, 0) row-wise on (N, M); backward dz = s (g − mean_S g)."""
+    """p = max(z − τ, 0) row-wise on (N, M), scattered from the support; backward likewise."""
 
     @staticmethod
     def forward(ctx, z: Tensor, k: int | None) -> Tensor:  # type: ignore[override]
-        prefix = _threshold_rows(z, k)
-        p = (z - prefix.zmax[:, None]).sub_(prefix.tau_shift[:, None]).clamp_(min=0)  # max(z − τ, 0)
-        ctx.save_for_backward(p)
+        cert = _certified_topk(z, k)
+        width = max(1, cert.max_support)
+        idx = cert.idx[:, :width]
+        probs, mask = _support_probs(cert.vals[:, :width], cert.prefix)
+        p = torch.zeros_like(z).scatter_(1, idx, probs)
+        ctx.save_for_backward(idx, mask)
         return p
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        (p,) = ctx.saved_tensors
-        return _support_backward(g, p > 0), None
+        idx, mask = ctx.saved_tensors
+        dz_support = _support_backward(g.gather(1, idx), mask)
+        return torch.zeros_like(g).scatter_(1, idx, dz_support), None
 
 
 class _SupportProbs(torch.autograd.Function):
     """probs = (z_S − z_max) − τ̂ on the padded support; backward dz = s (g − mean_S g)."""
 
     @staticmethod
-    def forward(ctx, zk: Tensor, zmax: Tensor, tau_shift: Tensor, mask: Tensor) -> Tensor:  # type: ignore[override]
-        probs = torch.where(mask, ((zk - zmax[:, None]) - tau_shift[:, None]).clamp_min(0), 0.0)
+    def forward(ctx, zk: Tensor, prefix: _Prefix) -> Tensor:  # type: ignore[override]
+        probs, mask = _support_probs(zk, prefix)
         ctx.save_for_backward(mask)
         return probs
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (mask,) = ctx.saved_tensors
-        return _support_backward(g, mask), None, None, None
+        return _support_backward(g, mask), None
 
 
 def _support_backward(g: Tensor, s: Tensor) -> Tensor:
@@ -318,7 +325,7 @@ def sparsemax_threshold(z: Tensor, dim: int = -1, k: int | None = None) -> tuple
     cdtype = _compute_dtype(z.dtype)
     rows, moved_shape = _rows(z, dim)
     with torch.no_grad():
-        prefix = _threshold_rows(rows.detach().to(cdtype), k)
+        prefix = _certified_topk(rows.detach().to(cdtype), k).prefix
     tau = prefix.zmax + prefix.tau_shift
     return tau.reshape(moved_shape[:-1]), prefix.kstar.reshape(moved_shape[:-1])
 
@@ -326,7 +333,7 @@ def sparsemax_threshold(z: Tensor, dim: int = -1, k: int | None = None) -> tuple
 class SparsemaxSupport(NamedTuple):
     """Sparsemax restricted to its (padded) support over the last dim; all fields (..., K).
 
-    idx: int64 indices into the last dim of z, descending z order (padding: valid, distinct).
+    idx: int64 indices into the last dim of z, descending z order (padding: valid, off the support).
     probs: max(z − τ, 0) at idx (the sparsemax output), 0 in padding; gradient to z via
         dz = s (g − mean_S g) (custom backward, scattered to idx by gather's backward).
     scores: z at idx on the support, 0 in padding (``activation="scores"``: the mask is
@@ -360,10 +367,9 @@ def sparsemax_topk(z: Tensor, k_max: int | None = None) -> SparsemaxSupport:
     width = max(1, cert.max_support) if k_max is None else max(min(k_max, m), cert.max_support)
     idx = cert.idx[:, :width]
     prefix = cert.prefix
-    positions = torch.arange(width, device=z.device)
-    mask = positions[None, :] < prefix.kstar[:, None]
     zk = zc.gather(1, idx)
-    probs = _SupportProbs.apply(zk, prefix.zmax, prefix.tau_shift, mask)
+    probs = _SupportProbs.apply(zk, prefix)
+    mask = torch.arange(width, device=z.device)[None, :] < prefix.kstar[:, None]
     scores = torch.where(mask, zk, 0.0)
     lead = moved_shape[:-1]
     return SparsemaxSupport(
