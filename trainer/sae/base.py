@@ -1,0 +1,394 @@
+"""Pieces shared by every SAE of the zoo: :class:`Codes`, the :class:`SAE` base, losses, decoders.
+
+Shared decisions (written once here, used by every variant):
+
+* **Norm handling.** ``input_norm: "unit"`` (and the cross-attention family, which always works on
+  x_n = x/‖x‖) encodes x/‖x‖ and multiplies the reconstruction by ‖x‖. The norms travel in
+  ``Codes.norms``, so ``decode(codes)`` works without ``x``; ``decode(codes, x)`` takes ‖x‖ from x.
+* **Losses.** ``mse`` = mean_{t,i}(x̂−x)²; ``norm_mse`` = mean_{t,i}(x̂−x)²/‖x_t‖ (the authors' code).
+  Both are computed in the original activation space. ``losses["loss"]`` = reconstruction term
+  + Σ coefficient × penalty; the raw penalties are reported under their own names.
+* **Sparse codes.** Padded (idx, val) of shape (B, K): padding has val = 0 (idx is any valid index).
+  :func:`sparse_decode` is ``embedding_bag(idx, W, per_sample_weights=val, mode="sum")``: forward and
+  backward only touch the K rows per sample. :func:`select_linear` returns (x Wᵀ)[b, idx[b, k]] from
+  an already computed dense product with a *sparse backward* (dx by embedding_bag, dW by a sparse
+  COO matmul): the encoders of the sparse variants compute their dense pre-activations once without
+  autograd and backpropagate only through the selected entries, which is exactly their gradient
+  (the selection mask is held fixed, as for TopK/sparsemax).
+* **Unit-norm decoder** (topk, batchtopk, gated, jumprelu): rows of W_dec are renormalised in
+  :meth:`SAE.post_step` (call after every optimiser step) and the gradient component parallel to
+  each row is removed in backward (as SAELens / sparsify do), by an identity autograd function.
+* **Buffers** (firing rates, dead counters, thresholds) change only in training mode and are part
+  of the state dict, so they are saved with the weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import fsspec
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
+
+from store.errors import UserError
+from trainer.sae.config import SAEConfig
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "sae.safetensors"
+NORM_EPS = 1e-8
+
+
+# ----------------------------------------------------------------------------- codes
+
+
+@dataclass
+class Codes:
+    """Concept activations of a batch: padded sparse (``idx``, ``val``) or ``dense`` (B, M).
+
+    ``norms`` (B,) holds ‖x‖ when the SAE scales its output by it (input_norm "unit" or the
+    cross-attention family); ``decode`` uses it when ``x`` is not given.
+    """
+
+    m: int
+    idx: Tensor | None = None
+    val: Tensor | None = None
+    dense: Tensor | None = None
+    norms: Tensor | None = None
+
+    @property
+    def is_sparse(self) -> bool:
+        """True for padded (idx, val) codes."""
+        return self.dense is None
+
+    @property
+    def batch_size(self) -> int:
+        """Number of samples B."""
+        return (self.val if self.dense is None else self.dense).shape[0]
+
+    def to_dense(self) -> Tensor:
+        """(B, M) activations (differentiable; padding adds 0)."""
+        if self.dense is not None:
+            return self.dense
+        out = self.val.new_zeros(self.val.shape[0], self.m)
+        return out.scatter_add(1, self.idx, self.val)
+
+    def support_sizes(self) -> Tensor:
+        """(B,) number of concepts with a non-zero activation per sample."""
+        values = self.val if self.dense is None else self.dense
+        return (values != 0).sum(dim=-1)
+
+    def fire_counts(self) -> Tensor:
+        """(M,) number of samples in which each concept is non-zero (int64)."""
+        if self.dense is not None:
+            return (self.dense != 0).sum(dim=0)
+        active = self.val != 0
+        return torch.bincount(self.idx[active], minlength=self.m)
+
+    def detach(self) -> Codes:
+        """The same codes without autograd history."""
+        return Codes(
+            m=self.m,
+            idx=self.idx,
+            val=None if self.val is None else self.val.detach(),
+            dense=None if self.dense is None else self.dense.detach(),
+            norms=None if self.norms is None else self.norms.detach(),
+        )
+
+
+def padded_from_dense(acts: Tensor, m: int, dense_fraction: float) -> Codes:
+    """Codes of non-negative activations (B, M): padded by a per-row top-K (K = largest row support)
+    when that is at most ``dense_fraction`` · M, dense otherwise. Gradients flow through the values."""
+    width = int((acts != 0).sum(dim=-1).max()) if acts.numel() else 0
+    if width > dense_fraction * m:
+        return Codes(m=m, dense=acts)
+    val, idx = torch.topk(acts, max(width, 1), dim=-1)
+    return Codes(m=m, idx=idx, val=val)
+
+
+# ----------------------------------------------------------------------------- sparse ops
+
+
+def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor) -> Tensor:
+    """x̂_b = Σ_k val[b,k] · W[idx[b,k]]  (B, d); forward and backward touch only the indexed rows."""
+    return F.embedding_bag(idx, weight, per_sample_weights=val.to(weight.dtype), mode="sum")
+
+
+def scatter_rows(idx: Tensor, coef: Tensor, x: Tensor, m: int) -> Tensor:
+    """dW (M, d) with dW[j] = Σ_{b,k: idx[b,k]=j} coef[b,k] · x[b], by a sparse (M × B) @ (B × d) matmul."""
+    b, k = idx.shape
+    rows = idx.reshape(-1)
+    cols = torch.arange(b, device=idx.device).repeat_interleave(k)
+    sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), coef.reshape(-1).to(x.dtype), (m, b),
+                                     check_invariants=False)
+    return torch.sparse.mm(sparse, x)
+
+
+class _SelectLinear(torch.autograd.Function):
+    """s[b,k] = (x Wᵀ)[b, idx[b,k]] read from ``full``; backward: dx = Σ_k g W[idx], dW[idx] += g x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, idx: Tensor, full: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight, idx)
+        return full.gather(1, idx)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        x, weight, idx = ctx.saved_tensors
+        dx = sparse_decode(idx, g, weight) if ctx.needs_input_grad[0] else None
+        dw = scatter_rows(idx, g, x, weight.shape[0]).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
+def select_linear(x: Tensor, weight: Tensor, idx: Tensor, full: Tensor | None = None) -> Tensor:
+    """(x Wᵀ)[b, idx[b,k]] (B, K) with a sparse backward; ``full`` = x Wᵀ if already computed."""
+    if full is None:
+        return _gather_rows(x, weight, idx)
+    return _SelectLinear.apply(x, weight, idx, full.detach())
+
+
+def _gather_rows(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
+    """(x Wᵀ)[b, idx[b,k]] by an explicit row gather (plain autograd)."""
+    return (weight[idx] * x[:, None, :]).sum(-1)
+
+
+class _ProjectParallel(torch.autograd.Function):
+    """Identity on W (M, d); backward removes from each row's gradient its component along the row."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weight)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        (weight,) = ctx.saved_tensors
+        unit = weight / weight.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+        return g - (g * unit).sum(dim=-1, keepdim=True) * unit  # g − (g·ŵ) ŵ
+
+
+class Decoder(nn.Module):
+    """Dictionary W (M, d) (one row per concept) with optional unit-norm rows, dense or sparse decode."""
+
+    def __init__(self, m: int, d: int, init: Tensor, unit_norm: bool) -> None:
+        super().__init__()
+        self.unit_norm = unit_norm
+        self.weight = nn.Parameter(init.clone())
+        if unit_norm:
+            self.normalize()
+
+    def rows(self) -> Tensor:
+        """W as used in the forward pass (gradient projected when the rows are unit-norm)."""
+        return _ProjectParallel.apply(self.weight) if self.unit_norm else self.weight
+
+    def forward(self, codes: Codes) -> Tensor:
+        """Σ_i a_i W_i for each sample (B, d): sparse codes touch only their rows."""
+        w = self.rows()
+        if codes.is_sparse:
+            return sparse_decode(codes.idx, codes.val, w)
+        return codes.dense.to(w.dtype) @ w
+
+    @torch.no_grad()
+    def normalize(self) -> None:
+        """W_i ← W_i / ‖W_i‖ (no-op for unconstrained decoders)."""
+        if self.unit_norm:
+            self.weight.div_(self.weight.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS))
+
+    def row_norms(self) -> Tensor:
+        """‖W_i‖ (M,)."""
+        return self.weight.norm(dim=-1)
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """mean_{t,i} (x̂ − x)²."""
+    return (x_hat - x).pow(2).mean()
+
+
+def norm_mse(x_hat: Tensor, x: Tensor) -> Tensor:
+    """mean_{t,i} (x̂ − x)² / ‖x_t‖ (the authors' reconstruction loss)."""
+    norms = x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return ((x_hat - x).pow(2) / norms).mean()
+
+
+LOSSES = {"mse": mse, "norm_mse": norm_mse}
+
+
+# ----------------------------------------------------------------------------- base
+
+
+class SAE(nn.Module):
+    """Base of every SAE: norm handling, forward/loss assembly, save/load, ``post_step``.
+
+    Subclasses implement ``encode_normalized`` and ``decode_normalized`` (on x or x/‖x‖) and, when the
+    objective needs intermediate values, ``forward_normalized`` returning penalties as
+    ``{name: (coefficient, value)}``.
+    """
+
+    #: The variant name this class implements.
+    variant: ClassVar[str] = ""
+    #: True for architectures that always work on x/‖x‖ and rescale by ‖x‖ (the paper's).
+    always_unit_norm: ClassVar[bool] = False
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._generator = torch.Generator().manual_seed(config.seed)
+
+    # -- init helpers
+    def randn(self, *shape: int) -> Tensor:
+        """Seeded standard normal tensor in the config dtype."""
+        return torch.randn(*shape, generator=self._generator).to(self.config.torch_dtype)
+
+    def unit_rows(self, m: int, d: int) -> Tensor:
+        """Seeded random (m, d) matrix with unit-norm rows."""
+        w = torch.randn(m, d, generator=self._generator)
+        return (w / w.norm(dim=-1, keepdim=True)).to(self.config.torch_dtype)
+
+    # -- norm side information
+    @property
+    def unit_input(self) -> bool:
+        """Whether inputs are encoded as x/‖x‖ and outputs rescaled by ‖x‖."""
+        return self.always_unit_norm or self.config.input_norm == "unit"
+
+    def split_norm(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(x/‖x‖, ‖x‖) when :attr:`unit_input`, else (x, None)."""
+        if not self.unit_input:
+            return x, None
+        norms = x.norm(dim=-1).clamp_min(NORM_EPS)
+        return x / norms[:, None], norms
+
+    def _check_input(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[-1] != self.config.d:
+            raise UserError(f"SAE input has shape {tuple(x.shape)}; a {self.variant} SAE expects (batch, "
+                            f"{self.config.d}) activations.")
+        return x.to(self.config.torch_dtype)
+
+    # -- public API
+    def encode(self, x: Tensor) -> Codes:
+        """Codes of a batch x (B, d)."""
+        xi, norms = self.split_norm(self._check_input(x))
+        codes = self.encode_normalized(xi)
+        codes.norms = norms
+        return codes
+
+    def decode(self, codes: Codes, x: Tensor | None = None) -> Tensor:
+        """x̂ (B, d) from codes; ``x`` (or ``codes.norms``) supplies ‖x‖ where the SAE needs it."""
+        y = self.decode_normalized(codes)
+        if not self.unit_input:
+            return y
+        if x is not None:
+            norms = x.to(y.dtype).norm(dim=-1).clamp_min(NORM_EPS)
+        elif codes.norms is not None:
+            norms = codes.norms
+        else:
+            raise UserError(f"this {self.variant} SAE rescales by ‖x‖; pass x to decode(codes, x) or decode "
+                            "codes returned by encode() (they carry the norms).")
+        return y * norms[:, None]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Codes, dict[str, Tensor]]:
+        """(x̂, codes, losses) with ``losses["loss"]`` the training objective."""
+        x = self._check_input(x)
+        xi, norms = self.split_norm(x)
+        codes, y, penalties = self.forward_normalized(xi)
+        codes.norms = norms
+        x_hat = y * norms[:, None] if norms is not None else y
+        recon = LOSSES[self.config.loss](x_hat, x)
+        losses: dict[str, Tensor] = {"recon": recon, "mse": mse(x_hat.detach(), x)}
+        total = recon
+        for name, (coef, value) in penalties.items():
+            losses[name] = value
+            total = total + coef * value
+        losses["loss"] = total
+        return x_hat, codes, losses
+
+    def forward_normalized(self, xi: Tensor) -> tuple[Codes, Tensor, dict[str, tuple[float, Tensor]]]:
+        """Default: encode, decode, no penalty."""
+        codes = self.encode_normalized(xi)
+        return codes, self.decode_normalized(codes), {}
+
+    def encode_normalized(self, xi: Tensor) -> Codes:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def decode_normalized(self, codes: Codes) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def post_step(self) -> None:
+        """Call after every optimiser step: renormalises unit-norm decoders."""
+        for module in self.modules():
+            if isinstance(module, Decoder):
+                module.normalize()
+
+    # -- persistence
+    def save_weights(self, url: str) -> None:
+        """Write ``<url>/sae.safetensors`` (parameters and buffers)."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        write_bytes(join(url, WEIGHTS_FILE), st_save(state, metadata={"variant": self.variant}))
+
+    def save(self, url: str) -> None:
+        """Write ``<url>/config.json`` (this SAE's config) and ``<url>/sae.safetensors``."""
+        write_bytes(join(url, CONFIG_FILE), json.dumps(self.config.model_dump(), indent=2).encode())
+        self.save_weights(url)
+
+    def load_weights(self, url: str) -> None:
+        """Load ``<url>/sae.safetensors`` into this SAE (shapes and names must match)."""
+        path = join(url, WEIGHTS_FILE)
+        state = st_load(read_bytes(path))
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        extra = sorted(set(state) - set(own))
+        if missing or extra:
+            raise UserError(f"{path} does not hold a {self.variant} SAE (missing {missing[:3]}, unexpected "
+                            f"{extra[:3]}); load it with the config it was saved with.")
+        for name, tensor in state.items():
+            if tensor.shape != own[name].shape:
+                raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)} but the config gives "
+                                f"{tuple(own[name].shape)}; the config.json and weights do not match.")
+        self.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------- I/O helpers
+
+
+def join(url: str, name: str) -> str:
+    """``url/name`` for local paths and fsspec URLs."""
+    return url.rstrip("/") + "/" + name
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write ``data`` to a local path or fsspec URL, creating parent directories."""
+    fs, path = fsspec.core.url_to_fs(url)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as fh:
+        fh.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a local path or fsspec URL; a missing file is a :class:`UserError`."""
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        with fs.open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        raise UserError(f"{url} does not exist; point at a directory written by sae.save() or a trainer "
+                        "run.") from None
+
+
+def read_json(url: str) -> dict[str, Any]:
+    """Parse a JSON object from a URL."""
+    try:
+        data = json.loads(read_bytes(url))
+    except json.JSONDecodeError:
+        raise UserError(f"{url} is not valid JSON; it should be the config.json written with the "
+                        "weights.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{url} must hold a JSON object (the SAE or run config).")
+    return data

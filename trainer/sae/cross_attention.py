@@ -1,0 +1,45 @@
+"""The cross-attention architecture of the paper, shared by ``sparsemax`` and ``attn_relu``.
+
+Parameters: concepts C ∈ R^{M×d}, W_K, W_V ∈ R^{d×d}. On x_n = x/‖x‖ (this family always works on the
+unit sphere and rescales by ‖x‖, see :class:`trainer.sae.base.SAE`):
+
+    q = x_n W_Kᵀ,   z = q Cᵀ          # = x_n (C W_K)ᵀ without forming C W_K (M×d×d)
+    x̂ = ‖x‖ · (a C) W_V              # = ‖x‖ · a (C W_V) without forming C W_V
+
+``a C`` is a sparse decode over the rows of C when the codes are sparse.
+
+Init: C rows are seeded random unit vectors (so z starts as cosine similarities), W_K = W_V = I.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from trainer.sae.base import SAE, Codes, sparse_decode
+from trainer.sae.config import SAEConfig
+
+
+class CrossAttentionSAE(SAE):
+    """Shared concepts C used as keys (through W_K) and values (through W_V)."""
+
+    always_unit_norm = True
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__(config)
+        d = config.d
+        self.C = nn.Parameter(self.unit_rows(config.m, d))
+        self.W_K = nn.Parameter(torch.eye(d, dtype=config.torch_dtype))
+        self.W_V = nn.Parameter(torch.eye(d, dtype=config.torch_dtype))
+
+    def query(self, xn: Tensor) -> Tensor:
+        """q = x_n W_Kᵀ (B, d)."""
+        return xn @ self.W_K.T
+
+    def decode_normalized(self, codes: Codes) -> Tensor:
+        """(a C) W_V on the unit sphere (the base class multiplies by ‖x‖)."""
+        if codes.is_sparse:
+            h = sparse_decode(codes.idx, codes.val, self.C)
+        else:
+            h = codes.dense.to(self.C.dtype) @ self.C
+        return h @ self.W_V

@@ -1,0 +1,95 @@
+"""The Sparsemax SAE ("Improving Sparse Autoencoder with Dynamic Attention"), DESIGN §5.
+
+On the cross-attention architecture (:mod:`trainer.sae.cross_attention`): z = (x_n W_Kᵀ) Cᵀ, sparsemax
+threshold τ(z) and support S = {m : z_m > τ} from :func:`trainer.sparsemax.sparsemax_topk`, codes
+
+* ``activation="scores"`` (authors' code): a = z ⊙ 1_S — the gradient flows through z on the
+  support, the mask held fixed;
+* ``activation="probs"``: a = max(z − τ, 0) — the sparsemax output, gradient dz = s (g − mean_S g),
+
+and x̂ = ‖x‖ · (a C) W_V decoded from the support only. Loss: reconstruction only (``norm_mse`` by
+default). z is computed once densely without autograd; the selected entries z_S are re-read through
+:func:`trainer.sae.base.select_linear`, whose backward touches only the support rows of C and
+gives dq = Σ_{j∈S} dz_j C_j (so no dense (B, M) gradient and no B×M×d backward matmul).
+
+Firing-rate mask (the authors' ``max_fire_rate``, default 0.1, ``None`` disables), exactly:
+a buffer ``fire_rate`` (M,) starts at 0; every forward in *training mode* first sets z_j = −inf for
+each concept with fire_rate_j > max_fire_rate (unless that would mask every concept), computes the
+codes, then updates fire_rate ← δ·fire_rate + (1−δ)·(samples of the batch in which j is active)/B
+with δ = ``fire_rate_decay`` (0.99). In eval mode nothing is masked and the buffer is unchanged.
+The same mask serves ``mlp_sparsemax`` (:class:`SparsemaxCoder`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from trainer.sae.base import Codes, select_linear
+from trainer.sae.config import SAEConfig
+from trainer.sae.cross_attention import CrossAttentionSAE
+from trainer.sparsemax import sparsemax_topk
+
+
+class SparsemaxCoder(nn.Module):
+    """Sparsemax codes from dense scores, with the running firing-rate mask (module docstring)."""
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__()
+        self.m = config.m
+        self.activation = config.activation
+        self.k_max = config.k_max
+        self.max_fire_rate = config.max_fire_rate
+        self.decay = config.fire_rate_decay
+        self.register_buffer("fire_rate", torch.zeros(config.m, dtype=torch.float32))
+
+    def masked(self, z: Tensor) -> Tensor:
+        """z with over-firing concepts set to −inf (training mode only)."""
+        if not self.training or self.max_fire_rate is None:
+            return z
+        over = self.fire_rate > self.max_fire_rate
+        if not bool(over.any()) or bool(over.all()):
+            return z
+        return z.masked_fill(over, float("-inf"))
+
+    def forward(self, z: Tensor, selected: Callable[[Tensor], Tensor]) -> Codes:
+        """Codes from dense scores z (B, M, no autograd) and ``selected(idx)`` = z[idx] with autograd."""
+        with torch.no_grad():
+            sup = sparsemax_topk(self.masked(z), self.k_max)
+        zs = selected(sup.idx)
+        mask = sup.mask
+        if self.activation == "scores":
+            val = torch.where(mask, zs, 0.0)  # a = z ⊙ 1_S
+        else:
+            n = mask.sum(dim=-1, keepdim=True).clamp_min(1)
+            tau = (torch.where(mask, zs, 0.0).sum(dim=-1, keepdim=True) - 1) / n  # τ = (Σ_S z − 1)/|S|
+            val = torch.where(mask, (zs - tau).clamp_min(0), 0.0)  # a = max(z − τ, 0)
+        codes = Codes(m=self.m, idx=sup.idx, val=val)
+        self.update(codes)
+        return codes
+
+    @torch.no_grad()
+    def update(self, codes: Codes) -> None:
+        """fire_rate ← δ fire_rate + (1 − δ) · fire_counts / B (training mode only)."""
+        if self.training and self.max_fire_rate is not None:
+            rate = codes.fire_counts().to(self.fire_rate.dtype) / max(codes.batch_size, 1)
+            self.fire_rate.mul_(self.decay).add_(rate, alpha=1 - self.decay)
+
+
+class SparsemaxSAE(CrossAttentionSAE):
+    """The paper's SAE: cross-attention over shared concepts with sparsemax attention."""
+
+    variant = "sparsemax"
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__(config)
+        self.coder = SparsemaxCoder(config)
+
+    def encode_normalized(self, xi: Tensor) -> Codes:
+        """Sparse codes of x_n on the sparsemax support."""
+        q = self.query(xi)
+        with torch.no_grad():
+            z = q @ self.C.T  # z = (x_n W_Kᵀ) Cᵀ
+        return self.coder(z, lambda idx: select_linear(q, self.C, idx, z))

@@ -1,0 +1,76 @@
+"""``topk``: TopK SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders").
+
+f = ReLU(TopK_K(π)), π = (x − b_dec) W_encᵀ + b_enc, x̂ = f W_dec + b_dec, K = ``k`` (32), unit-norm
+decoder rows. π is computed densely without autograd; the K selected entries are re-read through
+:func:`trainer.sae.base.select_linear` (sparse backward) and decoded sparsely.
+
+AuxK: a buffer counts tokens since each latent last fired (training mode); latents silent for
+``dead_tokens`` tokens are dead. With e = sg(x − x̂) (in the space the SAE encodes), the top
+``aux_k`` dead pre-activations give ê = Σ_{i∈aux} ReLU(π_i) W_dec,i and the loss gains
+α · mean_{t,i}(ê − e)², α = ``aux_coef`` = 1/32. The term is 0 while no latent is dead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from trainer.sae.base import Codes, mse
+from trainer.sae.config import SAEConfig
+from trainer.sae.linear import LinearSAE
+
+
+class TopKSAE(LinearSAE):
+    """TopK SAE with the AuxK loss; :class:`trainer.sae.batchtopk.BatchTopKSAE` changes the selection."""
+
+    variant = "topk"
+
+    def __init__(self, config: SAEConfig) -> None:
+        super().__init__(config)
+        self.register_buffer("tokens_since_fired", torch.zeros(config.m, dtype=torch.int64))
+
+    def select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(idx (B, K), valid mask or None when every position is selected): the per-row top K."""
+        return torch.topk(pre, min(self.config.k, self.config.m), dim=-1).indices, None
+
+    def _encode(self, xi: Tensor) -> tuple[Codes, Tensor, Tensor, Tensor]:
+        """(codes, x − b_dec, h = (x − b_dec) W_encᵀ, π) — h and π without autograd."""
+        xc, h = self.hidden(xi)
+        pre = h + self.b_enc.detach()
+        idx, valid = self.select(pre)
+        val = torch.relu(self.selected_pre(xc, h, idx))
+        if valid is not None:
+            val = torch.where(valid, val, 0.0)
+        return Codes(m=self.config.m, idx=idx, val=val), xc, h, pre
+
+    def encode_normalized(self, xi: Tensor) -> Codes:
+        """Sparse codes."""
+        return self._encode(xi)[0]
+
+    def forward_normalized(self, xi: Tensor):
+        """Codes, reconstruction and the AuxK loss."""
+        codes, xc, h, pre = self._encode(xi)
+        y = self.decode_normalized(codes)
+        self.track_dead(codes)
+        return codes, y, {"auxk": (self.config.aux_coef, self.auxk(xi, y, xc, h, pre))}
+
+    @torch.no_grad()
+    def track_dead(self, codes: Codes) -> None:
+        """tokens_since_fired += B, reset where fired (training mode only)."""
+        if self.training:
+            self.tokens_since_fired.add_(codes.batch_size)
+            self.tokens_since_fired.masked_fill_(codes.fire_counts() > 0, 0)
+
+    def auxk(self, xi: Tensor, y: Tensor, xc: Tensor, h: Tensor, pre: Tensor) -> Tensor:
+        """mean (ê − e)² over the top-aux_k dead latents (0 when none is dead or not training)."""
+        dead = self.tokens_since_fired >= self.config.dead_tokens
+        n_dead = int(dead.sum()) if self.training else 0
+        if n_dead == 0:
+            return xi.new_zeros(())
+        k_aux = min(self.config.aux_k or n_dead, n_dead)
+        idx = torch.topk(pre.masked_fill(~dead, float("-inf")), k_aux, dim=-1).indices
+        aux = Codes(m=self.config.m, idx=idx, val=torch.relu(self.selected_pre(xc, h, idx)))
+        e = (xi - y).detach()
+        return mse(self.decoder(aux), e)
+
+
