@@ -24,3 +24,34 @@ def token_contexts():
     ids = torch.randint(1, 101, (8, 12), generator=g)
     ids[:, 0] = 0
     return ids
+
+
+@pytest.fixture(scope="session")
+def tiny_clip():
+    """(model, preprocess, tokenizer): an open_clip CLIP from a custom config, random weights, 32 px images."""
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=32,
+                 vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=8, image_size=32),
+                 text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=1)).eval()
+    preprocess = open_clip.transform.image_transform(32, is_train=False)
+    return model, preprocess, open_clip.get_tokenizer("ViT-B-32")
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """ImageFolder of synthetic 32x32 PNGs: 3 classes x 6 images, each class a colour with noise."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    colours = {"red_apple": (200, 30, 30), "green_leaf": (30, 200, 30), "blue_sky": (30, 30, 200)}
+    for name, rgb in colours.items():
+        (root / name).mkdir()
+        for i in range(6):
+            noise = torch.randint(-40, 40, (32, 32, 3), generator=g)
+            arr = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root
