@@ -1,0 +1,49 @@
+"""``python -m harvester run CONFIG.yaml [--set dotted.key=value ...]``.
+
+Harvests residual-stream activations into a sealed dataset and prints a summary; the last line
+printed is the dataset URL (so ``URL=$(python -m harvester run cfg.yaml | tail -1)`` works).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from harvester.config import HarvestConfig
+from store.config import load_config
+from store.errors import run_cli
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m harvester", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="harvest activations described by a YAML config")
+    run.add_argument("config", nargs="?", help="YAML config file (optional: all keys have defaults)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set hook.layer=6 (repeatable)")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point (see module docstring); returns the exit status."""
+    args = parser().parse_args(argv)
+    cfg = load_config(HarvestConfig, args.config, args.overrides)
+    from harvester.job import harvest
+
+    result = harvest(cfg, progress=not args.no_progress)
+    if result.skipped:
+        print(f"already harvested: {result.rows:,} rows ({result.sequences:,} sequences), sealed")
+    else:
+        per_s = result.throughput
+        images = f", {result.sequences / result.seconds:,.1f} images/s" if result.unit == "img" else ""
+        resumed = f", {result.resumed_shards} committed shards reused" if result.resumed_shards else ""
+        print(f"harvested {result.rows:,} rows ({result.sequences:,} sequences) in {result.seconds:,.1f} s: "
+              f"{per_s:,.0f} rows/s{images}{resumed}")
+    print(result.url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,497 @@
+"""The harvest job: plan on the driver, compute and write shards in Ray tasks, seal.
+
+Order of work (every check that can fail on bad input runs before any worker starts):
+
+1. model: depth, width and tokenizer (text) or preprocessing and token count (images);
+   the hook layer is resolved against the real block list;
+2. sizes: rows per sequence (``context_length`` for text, tokens per image for ViTs),
+   ``chunk_rows`` (a multiple of it), ``shard_rows`` (a multiple of ``chunk_rows``);
+3. source: the first sequences are read (an empty corpus / folder fails here);
+4. the dataset group is created (or re-opened for a resume) at
+   ``<output>/<name>-<config hash>``; an output URL that cannot be written fails here;
+5. Ray (in-process when ``ray_address`` is unset) runs one streaming task per range of
+   shards; each task loads the model once per worker process, computes shard after shard and
+   writes each finished shard from a background thread while it computes the next one;
+6. the driver seals the dataset (statistics merged from the per-shard commit records).
+
+Determinism: sequence ``s`` (a context or an image) is always the ``s``-th of the source;
+shard ``k`` holds sequences ``[k·S, (k+1)·S)`` with ``S = shard_rows / rows_per_seq``, and the
+forward batches are cut inside a shard starting at its first sequence. So 1 worker and N workers,
+and a run resumed after a crash (committed shards are skipped), store the same bytes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from harvester.config import HarvestConfig, config_hash, dataset_name
+from harvester.models import ModelAdapter, ModelInfo, load_model, resolve_layer
+from harvester.sources import (
+    ImageItems,
+    TokenSpec,
+    image_items,
+    iter_documents,
+    pack_contexts,
+    source_name,
+    source_revision,
+    token_spec,
+    token_stream,
+)
+from store.errors import UserError
+
+DEFAULT_CHUNK_ROWS = 4096
+DEFAULT_SHARD_ROWS = 65536
+MAX_SHARDS_PER_TASK = 8
+
+
+def harvester_version() -> str:
+    from harvester import __version__
+
+    return __version__
+
+
+# -------------------------------------------------------------------------------- sizes
+
+def chunk_and_shard_rows(rows_per_seq: int, chunk_rows: int | None, shard_rows: int | None) -> tuple[int, int]:
+    """(chunk_rows, shard_rows): chunks hold whole sequences, shards whole chunks.
+
+    Defaults: the largest multiple of ``rows_per_seq`` not above 4,096 (at least one sequence),
+    and the largest multiple of that not above 65,536 (at least one chunk).
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, DEFAULT_CHUNK_ROWS // rows_per_seq) * rows_per_seq
+    elif chunk_rows % rows_per_seq:
+        lower = max(1, chunk_rows // rows_per_seq) * rows_per_seq
+        raise UserError(f"chunk_rows={chunk_rows} is not a multiple of the {rows_per_seq} rows per sequence "
+                        f"(context_length or tokens per image); use e.g. chunk_rows={lower}.")
+    if shard_rows is None:
+        shard_rows = max(1, DEFAULT_SHARD_ROWS // chunk_rows) * chunk_rows
+    elif shard_rows % chunk_rows:
+        lower = max(1, shard_rows // chunk_rows) * chunk_rows
+        raise UserError(f"shard_rows={shard_rows} is not a multiple of chunk_rows={chunk_rows}; "
+                        f"use e.g. shard_rows={lower}.")
+    return chunk_rows, shard_rows
+
+
+# ------------------------------------------------------------------------------ planning
+
+@dataclass
+class Plan:
+    """Everything a worker needs (picklable)."""
+
+    cfg: HarvestConfig
+    url: str
+    layer: int  # resolved, >= 0
+    d: int
+    rows_per_seq: int
+    seqs_per_shard: int
+    total_seqs: int | None = None  # None: until the text source runs out
+    class_names: list[str] | None = None
+
+
+@dataclass
+class ShardWork:
+    """One shard's input: token ids (n_seq, T) for text or image items for vision."""
+
+    index: int
+    seq_start: int
+    tokens: np.ndarray | None = None
+    items: list[Any] | None = None
+    labels: np.ndarray | None = None
+
+    @property
+    def n_seqs(self) -> int:
+        return len(self.tokens) if self.tokens is not None else len(self.items or [])
+
+
+@dataclass
+class ShardDone:
+    """What a task reports per shard."""
+
+    index: int
+    rows: int
+    seqs: int
+    compute_s: float
+
+
+@dataclass
+class Inspected:
+    """The driver's view of the model."""
+
+    info: ModelInfo
+    tokenizer: Any = None
+    spec: TokenSpec | None = None
+
+
+def inspect_model(cfg: HarvestConfig) -> Inspected:
+    """Depth, width and tokenizer of the model, loading as little as possible.
+
+    HF models: config and tokenizer only (no weights). open_clip: the model itself (small).
+    """
+    if cfg.model.kind == "open_clip":
+        adapter = load_model(cfg.model, "cpu")
+        return Inspected(adapter.info)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from harvester.models import hf_load_error, resolve_hf_source
+
+    name, gguf = resolve_hf_source(cfg.model)
+    kwargs: dict[str, Any] = {"revision": cfg.model.revision} if cfg.model.revision else {}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    try:
+        config = AutoConfig.from_pretrained(name, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
+        raise hf_load_error(cfg.model, name, err) from None
+    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not n_layers or not d:
+        raise UserError(f"model {cfg.model.name!r} ({type(config).__name__}) is not a transformer with "
+                        f"num_hidden_layers and hidden_size; choose a GPT-2, Llama-family or BERT model.")
+    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    info = ModelInfo(cfg.model.name, cfg.model.kind, int(n_layers), int(d), max_positions=max_pos)
+    return Inspected(info, tokenizer, token_spec(tokenizer, cfg.model.name))
+
+
+def text_shards(cfg: HarvestConfig, spec: TokenSpec, tokenizer: Any, seqs_per_shard: int) -> Iterator[ShardWork]:
+    """Shards of packed contexts in source order (the last one may be short)."""
+    max_contexts = None if cfg.max_tokens is None else cfg.max_tokens // cfg.context_length
+    contexts = pack_contexts(token_stream(iter_documents(cfg.source, cfg.storage_options), tokenizer, spec),
+                             cfg.context_length, spec.bos_id, max_contexts)
+    for index in itertools.count():
+        block = list(itertools.islice(contexts, seqs_per_shard))
+        if not block:
+            return
+        yield ShardWork(index, index * seqs_per_shard, tokens=np.stack(block).astype(np.int32))
+        if len(block) < seqs_per_shard:
+            return
+
+
+def image_shards(items: ImageItems, seqs_per_shard: int) -> Iterator[ShardWork]:
+    """Shards of images in the seeded order."""
+    for index, start in enumerate(range(0, len(items.items), seqs_per_shard)):
+        stop = start + seqs_per_shard
+        yield ShardWork(index, start, items=items.items[start:stop], labels=items.labels[start:stop])
+
+
+# ------------------------------------------------------------------------------- workers
+
+_ADAPTERS: dict[str, ModelAdapter] = {}
+
+
+def worker_adapter(cfg: HarvestConfig) -> ModelAdapter:
+    """The model for this worker process, loaded once and reused by later tasks."""
+    key = cfg.model.model_dump_json() + str(cfg.device)
+    if key not in _ADAPTERS:
+        _ADAPTERS.clear()
+        _ADAPTERS[key] = load_model(cfg.model, cfg.device)
+    return _ADAPTERS[key]
+
+
+def shard_inputs(plan: Plan, adapter: ModelAdapter, work: ShardWork, start: int, stop: int) -> Any:
+    """Model inputs for sequences ``[start, stop)`` of the shard."""
+    import torch
+
+    if work.tokens is not None:
+        return torch.from_numpy(work.tokens[start:stop].astype(np.int64))
+    from harvester.sources import load_images
+
+    images = load_images(plan.cfg.source, work.items[start:stop])
+    return torch.stack([adapter.preprocess(img) for img in images])
+
+
+def compute_shard(plan: Plan, adapter: ModelAdapter, work: ShardWork) -> dict[str, np.ndarray]:
+    """Activations and index columns of one shard, in the stored dtype."""
+    import torch
+
+    T, n = plan.rows_per_seq, work.n_seqs
+    acts = np.empty((n * T, plan.d), dtype=np.dtype(plan.cfg.dtype))
+    out_dtype = getattr(torch, plan.cfg.dtype)
+    for start in range(0, n, plan.cfg.batch_size):
+        stop = min(n, start + plan.cfg.batch_size)
+        x = adapter.capture(shard_inputs(plan, adapter, work, start, stop), plan.layer, plan.cfg.hook.site)
+        if x.shape[1] != T or x.shape[2] != plan.d:
+            raise RuntimeError(f"hook gave shape {tuple(x.shape)}, expected (*, {T}, {plan.d})")
+        flat = x.reshape(-1, plan.d).to(out_dtype)
+        if not bool(torch.isfinite(flat).all()):
+            raise UserError(f"the activations of shard {work.index} (sequences {work.seq_start + start}.."
+                            f"{work.seq_start + stop - 1}) hold NaN or Inf in {plan.cfg.dtype}; use dtype "
+                            f"float32 or a model dtype that does not overflow.")
+        acts[start * T:stop * T] = flat.cpu().numpy()
+    seqs = work.seq_start + np.arange(n, dtype=np.int64)
+    out = {"acts": acts, "seq_ids": np.repeat(seqs, T), "positions": np.tile(np.arange(T, dtype=np.int16), n)}
+    if work.tokens is not None:
+        out["token_ids"] = work.tokens.reshape(-1).astype(np.int32)
+    if work.labels is not None:
+        out["labels"] = np.asarray(work.labels, dtype=np.int32)
+    return out
+
+
+class BackgroundWriter:
+    """Writes shards from one background thread so the next shard's compute overlaps the write."""
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+        self.jobs: queue.Queue = queue.Queue(maxsize=1)
+        self.done: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            index, columns = job
+            try:
+                self.writer.write_shard(index, **columns)
+                self.done.put((index, None))
+            except BaseException as err:  # handed to the task thread, which re-raises it
+                self.done.put((index, err))
+
+    def submit(self, index: int, columns: dict[str, np.ndarray]) -> None:
+        self.jobs.put((index, columns))
+
+    def wait_one(self) -> int:
+        index, err = self.done.get()
+        if err is not None:
+            raise err
+        return index
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join()
+
+
+def run_shards(plan: Plan, works: list[ShardWork]) -> Iterator[ShardDone]:
+    """Compute and write ``works`` in order, yielding each shard once it is committed."""
+    import torch
+
+    from store.writer import DatasetWriter
+
+    threads = int(os.environ.get("HARVEST_THREADS", "0"))
+    if threads > 0:
+        torch.set_num_threads(threads)
+    adapter = worker_adapter(plan.cfg)
+    writer = DatasetWriter.open(plan.url, storage_options=plan.cfg.storage_options or None)
+    background = BackgroundWriter(writer)
+    pending: list[ShardDone] = []
+    try:
+        for work in works:
+            t0 = time.perf_counter()
+            columns = compute_shard(plan, adapter, work)
+            done = ShardDone(work.index, len(columns["acts"]), work.n_seqs, time.perf_counter() - t0)
+            if pending:  # the previous shard's write overlapped this compute; report it now
+                background.wait_one()
+                yield pending.pop(0)
+            background.submit(work.index, columns)
+            pending.append(done)
+        for done in pending:
+            background.wait_one()
+            yield done
+    finally:
+        background.close()
+
+
+# -------------------------------------------------------------------------------- driver
+
+@dataclass
+class HarvestResult:
+    """What :func:`harvest` returns and prints."""
+
+    url: str
+    rows: int
+    seconds: float
+    unit: str
+    sequences: int
+    resumed_shards: int = 0
+    skipped: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def throughput(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else float("nan")
+
+
+def plan_job(cfg: HarvestConfig) -> tuple[Plan, Iterator[ShardWork], dict[str, Any]]:
+    """Validate everything and return (plan, shard iterator, manifest fields) — no worker started yet."""
+    inspected = inspect_model(cfg)
+    info = inspected.info
+    layer = resolve_layer(info.n_layers, cfg.hook.layer, repr(cfg.model.name))
+    class_names = None
+    if cfg.source.is_image:
+        rows_per_seq = int(info.tokens_per_image or 0)
+        max_images = cfg.max_images if cfg.max_images is not None else (
+            None if cfg.max_tokens is None else cfg.max_tokens // rows_per_seq)
+        if max_images == 0:
+            raise UserError(f"max_tokens={cfg.max_tokens} is less than one image ({rows_per_seq} tokens); "
+                            f"raise it or set max_images.")
+        items = image_items(cfg.source, cfg.seed, max_images)
+        class_names = items.class_names
+    else:
+        rows_per_seq = cfg.context_length
+        if info.max_positions and cfg.context_length > info.max_positions:
+            raise UserError(f"context_length={cfg.context_length} exceeds the {info.max_positions} positions of "
+                            f"model {cfg.model.name!r}; lower context_length.")
+        if cfg.max_tokens is not None and cfg.max_tokens < cfg.context_length:
+            raise UserError(f"max_tokens={cfg.max_tokens} is less than one context of {cfg.context_length} "
+                            f"tokens; raise max_tokens or lower context_length.")
+    chunk_rows, shard_rows = chunk_and_shard_rows(rows_per_seq, cfg.chunk_rows, cfg.shard_rows)
+    seqs_per_shard = shard_rows // rows_per_seq
+    if cfg.source.is_image:
+        shards: Iterator[ShardWork] = image_shards(items, seqs_per_shard)
+    else:
+        shards = text_shards(cfg, inspected.spec, inspected.tokenizer, seqs_per_shard)
+    first = next(shards, None)
+    if first is None:
+        raise UserError(f"source {source_name(cfg.source)} ({cfg.source.kind}) holds fewer than "
+                        f"{cfg.context_length} tokens of text; point source at a non-empty corpus.")
+    shards = itertools.chain([first], shards)
+    url = join_output(cfg)
+    total_seqs = len(items.items) if cfg.source.is_image else (
+        None if cfg.max_tokens is None else cfg.max_tokens // cfg.context_length)
+    plan = Plan(cfg, url, layer, info.d, rows_per_seq, seqs_per_shard, total_seqs, class_names)
+    fields = {"chunk_rows": chunk_rows, "shard_rows": shard_rows}
+    return plan, shards, fields
+
+
+def join_output(cfg: HarvestConfig) -> str:
+    from store.urls import join_url
+
+    return join_url(cfg.output, dataset_name(cfg))
+
+
+def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
+    """The manifest the dataset is created with (rows and stats are filled in at seal)."""
+    from store.manifest import DatasetManifest
+
+    cfg = plan.cfg
+    files = None
+    if cfg.source.kind == "text_files":
+        from harvester.sources import expand_paths
+
+        files = expand_paths(cfg.source.paths, cfg.storage_options)
+    hook_name = f"blocks.{plan.layer}.{'input' if cfg.hook.site == 'resid_pre' else 'output'}"
+    return DatasetManifest(
+        d=plan.d, dtype=cfg.dtype, shard_rows=fields["shard_rows"], chunk_rows=fields["chunk_rows"],
+        context_length=plan.rows_per_seq,
+        model={"name": cfg.model.name, "kind": cfg.model.kind, "revision": cfg.model.revision,
+               "gguf_file": cfg.model.gguf_file, "pretrained": cfg.model.pretrained},
+        hook={"layer": cfg.hook.layer, "site": cfg.hook.site, "name": hook_name},
+        source={"name": source_name(cfg.source), "kind": cfg.source.kind,
+                "split": None if cfg.source.kind in ("python_docs", "text_files", "image_folder")
+                else cfg.source.split, "revision": source_revision(cfg.source), "files": files},
+        class_names=plan.class_names, split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
+        harvester_version=harvester_version(), config_hash=config_hash(plan.cfg),
+    )
+
+
+def ensure_ray(cfg: HarvestConfig) -> Any:
+    """Connect to ``ray_address`` or start an in-process Ray (loopback, no dashboard, short temp dir)."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    env = {"env_vars": {k: v for k, v in os.environ.items()
+                        if k.startswith(("HF_", "TRANSFORMERS_", "AWS_", "TOKENIZERS_", "HARVEST_"))}}
+    if cfg.ray_address:
+        ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=False)
+    else:
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 _temp_dir=tempfile.mkdtemp(prefix="rayh", dir="/tmp"), _node_ip_address="127.0.0.1",
+                 runtime_env=env)
+    return ray
+
+
+def task_ranges(works: Iterator[ShardWork], per_task: int) -> Iterator[list[ShardWork]]:
+    """Consecutive groups of at most ``per_task`` shards."""
+    while True:
+        group = list(itertools.islice(works, per_task))
+        if not group:
+            return
+        yield group
+
+
+def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
+    """Run (or resume, or find already done) the harvest described by ``cfg``; return the result."""
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    plan, shards, fields = plan_job(cfg)
+    writer = open_or_create(plan, build_manifest(plan, fields))
+    unit = "img" if cfg.source.is_image else "tok"
+    if writer.manifest.sealed:  # finished by an earlier run: nothing to do
+        rows = int(writer.manifest.rows or 0)
+        return HarvestResult(plan.url, rows, 0.0, unit, rows // plan.rows_per_seq, skipped=True)
+    committed = set(writer.committed())
+    ray = ensure_ray(cfg)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
+    task = ray.remote(run_shards).options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker,
+                                          runtime_env={"env_vars": {"HARVEST_THREADS": str(cpus)}})
+    total = None if plan.total_seqs is None else plan.total_seqs * plan.rows_per_seq
+    scale = 1.0 / plan.rows_per_seq if cfg.source.is_image else 1.0  # images/s for vision
+    bar = tqdm(total=None if total is None else total * scale, unit=unit, unit_scale=True, disable=not progress,
+               desc=f"harvest {dataset_name(cfg)}", smoothing=0.1)
+    counts = {"resumed": 0, "new_rows": 0, "last": -1}
+
+    def pending() -> Iterator[ShardWork]:
+        for work in shards:
+            counts["last"] = work.index
+            if work.index in committed:
+                counts["resumed"] += 1
+                bar.update(work.n_seqs * plan.rows_per_seq * scale)
+                continue
+            yield work
+
+    ranges = task_ranges(pending(), MAX_SHARDS_PER_TASK)
+    in_flight: list[Any] = []
+    t_work = time.perf_counter()
+    try:
+        while True:
+            while len(in_flight) < cfg.workers and (group := next(ranges, None)) is not None:
+                in_flight.append(task.remote(plan, group))
+            if not in_flight:
+                break
+            ready, _ = ray.wait(in_flight, num_returns=1)
+            try:
+                done: ShardDone = ray.get(next(ready[0]))
+            except StopIteration:
+                in_flight.remove(ready[0])
+                continue
+            counts["new_rows"] += done.rows
+            bar.update(done.rows * scale)
+    except ray.exceptions.RayTaskError as err:
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise
+    finally:
+        bar.close()
+    work_s = time.perf_counter() - t_work
+    manifest = writer.seal()
+    rows = int(manifest.rows)
+    return HarvestResult(plan.url, rows, time.perf_counter() - t_start, unit, rows // plan.rows_per_seq,
+                         resumed_shards=counts["resumed"],
+                         extra={"new_rows": counts["new_rows"], "work_seconds": work_s,
+                                "shards": counts["last"] + 1})
+
+
+def open_or_create(plan: Plan, manifest: Any) -> Any:
+    """A writer for the dataset: new, unfinished (resume) or already sealed (nothing to do)."""
+    from store.writer import DatasetWriter
+
+    return DatasetWriter.create(plan.url, manifest, overwrite=False,
+                                storage_options=plan.cfg.storage_options or None)
