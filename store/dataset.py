@@ -1,0 +1,299 @@
+"""Opening a dataset for reading: validation, split helpers and fast chunk reads.
+
+``open_dataset(url)`` checks the manifest against the stored arrays (d, dtype, lengths)
+and refuses an unsealed dataset unless ``allow_partial=True``. A partial dataset exposes
+exactly the rows of its committed shards (possibly with gaps); its eval split uses the
+same prefix-stable rule as the sealed dataset will (:mod:`store.split`).
+
+Reads of whole inner chunks go through :class:`ChunkReader`, which decodes the Zarr
+sharding index itself (cached per shard) and fetches each chunk with one byte-range read
+(``pread`` into the caller's buffer locally, one ranged GET on object storage). The data
+stay ordinary Zarr v3: any Zarr reader sees the same values (``Dataset.arrays``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from typing import Any
+
+import numpy as np
+import zarr
+
+from store.errors import UserError
+from store.layout import (
+    ACTS,
+    INT_DTYPES,
+    LABELS,
+    ROW_ARRAYS,
+    array_names,
+    read_commits,
+    read_manifest,
+    shard_key,
+)
+from store.manifest import CommitRecord, DatasetManifest
+from store.split import chunks_for_split, eval_chunk_mask
+from store.urls import filesystem, is_local, join_url, local_path, zarr_store
+
+EMPTY = np.uint64(2**64 - 1)
+
+
+def read_array_meta(url: str, name: str, storage_options: dict | None = None) -> dict[str, Any]:
+    """The ``zarr.json`` of array ``name`` in the dataset at ``url``."""
+    fs, path = filesystem(url, storage_options)
+    try:
+        return json.loads(fs.cat_file(join_url(path, name, "zarr.json")))
+    except FileNotFoundError:
+        raise UserError(f"array {name!r} is missing from {url}; the dataset is incomplete or corrupt, "
+                        "re-harvest it.") from None
+
+
+class ChunkReader:
+    """Reads inner chunks of one sharded row array by byte range (thread-safe)."""
+
+    def __init__(self, url: str, name: str, manifest: DatasetManifest, commits: dict[int, CommitRecord],
+                 storage_options: dict | None = None, meta: dict | None = None) -> None:
+        self.url, self.name, self.manifest, self.commits = url, name, manifest, commits
+        self.fs, self.path = filesystem(url, storage_options)
+        self.local = is_local(url)
+        self.root = local_path(url) if self.local else self.path
+        meta = meta or read_array_meta(url, name, storage_options)
+        self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
+        self.width = manifest.d if name == ACTS else 1
+        self.row_bytes = self.dtype.itemsize * self.width
+        self.cps = manifest.chunks_per_shard
+        self.zstd = self._parse_codecs(meta)
+        self._index: dict[int, np.ndarray] = {}
+        self._lock = threading.Lock()
+        self._storage_options = storage_options
+
+    def _parse_codecs(self, meta: dict) -> bool:
+        codecs = meta.get("codecs", [])
+        ok = (len(codecs) == 1 and codecs[0]["name"] == "sharding_indexed")
+        cfg = codecs[0].get("configuration", {}) if ok else {}
+        inner = [c["name"] for c in cfg.get("codecs", [])]
+        index = [c["name"] for c in cfg.get("index_codecs", [])]
+        if not ok or inner not in (["bytes"], ["bytes", "zstd"]) or index != ["bytes", "crc32c"] \
+                or cfg.get("index_location", "end") != "end" \
+                or cfg["codecs"][0].get("configuration", {}).get("endian", "little") != "little":
+            raise UserError(f"array {self.name!r} of {self.url} has codecs {codecs!r} that this store does "
+                            "not write; the dataset was not written by dynsae.")
+        return inner == ["bytes", "zstd"]
+
+    def _read_range(self, key: str, start: int, stop: int, out: memoryview | None = None) -> bytes | None:
+        """Bytes [start, stop) of object ``key``; read straight into ``out`` locally when given."""
+        if self.local:
+            fd = os.open(os.path.join(self.root, key), os.O_RDONLY)
+            try:
+                if out is not None:
+                    got = 0
+                    while got < len(out):
+                        n = os.preadv(fd, [out[got:]], start + got)
+                        if n == 0:
+                            raise UserError(f"{self.url}/{key} is shorter than its shard index says; "
+                                            "the dataset is corrupt (run `python -m store verify`).")
+                        got += n
+                    return None
+                return os.pread(fd, stop - start, start)
+            finally:
+                os.close(fd)
+        data = self.fs.cat_file(join_url(self.path, key), start=start, end=stop)
+        if out is not None:
+            out[:] = data
+            return None
+        return data
+
+    def shard_index(self, shard: int) -> np.ndarray:
+        """(chunks_per_shard, 2) uint64 [offset, nbytes] of each inner chunk of a shard."""
+        idx = self._index.get(shard)
+        if idx is not None:
+            return idx
+        key = shard_key(self.name, shard)
+        rec = self.commits.get(shard)
+        if rec is not None and self.name in rec.objects:
+            size = rec.objects[self.name].nbytes
+        elif self.local:
+            size = os.path.getsize(os.path.join(self.root, key))
+        else:
+            size = self.fs.size(join_url(self.path, key))
+        n_index = 16 * self.cps + 4  # uint64 (offset, nbytes) per chunk + crc32c
+        raw = self._read_range(key, size - n_index, size)
+        idx = np.frombuffer(raw[:-4], dtype="<u8").reshape(self.cps, 2)
+        with self._lock:
+            self._index[shard] = idx
+        return idx
+
+    def read_into(self, chunk: int, rows: int, out: np.ndarray) -> None:
+        """Read the first ``rows`` rows of inner chunk ``chunk`` into ``out`` (C-contiguous)."""
+        shard, j = divmod(chunk, self.cps)
+        offset, nbytes = (int(v) for v in self.shard_index(shard)[j])
+        if offset == int(EMPTY):
+            out[:rows] = 0 if self.name == ACTS else -1
+            return
+        key = shard_key(self.name, shard)
+        if self.zstd:
+            from numcodecs import Zstd
+
+            raw = Zstd().decode(self._read_range(key, offset, offset + nbytes))
+            out[:rows] = np.frombuffer(raw, dtype=self.dtype, count=rows * self.width).reshape(out[:rows].shape)
+            return
+        need = rows * self.row_bytes
+        if out.dtype == self.dtype and out.flags.c_contiguous:
+            self._read_range(key, offset, offset + need, memoryview(out[:rows]).cast("B"))
+        else:
+            raw = self._read_range(key, offset, offset + need)
+            out[:rows] = np.frombuffer(raw, dtype=self.dtype).reshape(out[:rows].shape)
+
+
+class Dataset:
+    """A readable dataset: manifest, arrays, chunk geometry and split helpers."""
+
+    def __init__(self, url: str, manifest: DatasetManifest, commits: dict[int, CommitRecord],
+                 storage_options: dict | None = None, metas: dict[str, dict] | None = None) -> None:
+        self.url = url
+        self.manifest = manifest
+        self.commits = commits
+        self.storage_options = storage_options
+        self._metas = metas or {}
+        self._arrays: dict[str, zarr.Array] | None = None
+        self._readers: dict[str, ChunkReader] = {}
+        m = manifest
+        if m.sealed:
+            assert m.rows is not None
+            self.num_rows = int(m.rows)
+            n_shards = -(-self.num_rows // m.shard_rows)
+            shard_rows = {s: min(m.shard_rows, self.num_rows - s * m.shard_rows) for s in range(n_shards)}
+        else:
+            shard_rows = {s: c.rows for s, c in commits.items()}
+            self.num_rows = int(sum(shard_rows.values()))
+            n_shards = max(shard_rows) + 1 if shard_rows else 0
+        self.n_chunks = n_shards * m.chunks_per_shard
+        sizes = np.zeros(self.n_chunks, dtype=np.int64)
+        for s, r in shard_rows.items():
+            j = np.arange(m.chunks_per_shard)
+            sizes[s * m.chunks_per_shard + j] = np.clip(r - j * m.chunk_rows, 0, m.chunk_rows)
+        if m.sealed:
+            self.n_chunks = int(np.count_nonzero(sizes))  # drop the unused tail of the last shard
+            sizes = sizes[:self.n_chunks]
+        self.chunk_sizes = sizes
+
+    # ---- arrays and reads --------------------------------------------------------------------
+    @property
+    def arrays(self) -> dict[str, zarr.Array]:
+        """name -> read-only zarr array (for an unsealed dataset the shape is the capacity)."""
+        if self._arrays is None:
+            store = zarr_store(self.url, self.storage_options, read_only=True)
+            self._arrays = {n: zarr.open_array(store=store, path=n, mode="r", zarr_format=3)
+                            for n in array_names(self.manifest)}
+        return self._arrays
+
+    def reader(self, name: str) -> ChunkReader:
+        """The byte-range chunk reader of row array ``name``."""
+        if name not in ROW_ARRAYS:
+            raise UserError(f"column {name!r} is not one of {list(ROW_ARRAYS)}; pick one of those.")
+        if name not in self._readers:
+            self._readers[name] = ChunkReader(self.url, name, self.manifest, self.commits,
+                                              self.storage_options, self._metas.get(name))
+        return self._readers[name]
+
+    def column_dtype(self, name: str) -> np.dtype:
+        """Stored dtype of a row array."""
+        return np.dtype(self.manifest.dtype if name == ACTS else INT_DTYPES[name])
+
+    def read_chunk(self, chunk: int, name: str = ACTS) -> np.ndarray:
+        """All rows of inner chunk ``chunk`` of array ``name``."""
+        rows = int(self.chunk_sizes[chunk])
+        shape = (rows, self.manifest.d) if name == ACTS else (rows,)
+        out = np.empty(shape, dtype=self.column_dtype(name))
+        if rows:
+            self.reader(name).read_into(chunk, rows, out)
+        return out
+
+    def read(self, start: int, stop: int, name: str = ACTS) -> np.ndarray:
+        """Rows [start, stop) of array ``name`` (through zarr)."""
+        return np.asarray(self.arrays[name][start:stop])
+
+    def labels(self) -> np.ndarray | None:
+        """Class index per image (``labels[seq_id]``), or None for datasets without classes."""
+        if self.manifest.class_names is None:
+            return None
+        return np.asarray(self.arrays[LABELS][: self.num_rows // self.manifest.context_length])
+
+    # ---- chunks and splits -------------------------------------------------------------------
+    def chunk_row_range(self, chunk: int) -> tuple[int, int]:
+        """Rows [start, stop) held by inner chunk ``chunk``."""
+        start = chunk * self.manifest.chunk_rows
+        return start, start + int(self.chunk_sizes[chunk])
+
+    def eval_mask(self) -> np.ndarray:
+        """Per chunk: True where the chunk is in the eval split (``store.split.eval_chunk_mask``)."""
+        sp = self.manifest.split
+        return eval_chunk_mask(self.n_chunks, sp.fraction, sp.seed)
+
+    def eval_chunks(self) -> np.ndarray:
+        """Indices of the (available) eval chunks."""
+        return self.split_chunks("eval")
+
+    def split_chunks(self, split: str) -> np.ndarray:
+        """Indices of the available chunks of ``split`` ∈ {"train", "eval", "all"}, ascending."""
+        sp = self.manifest.split
+        chunks = chunks_for_split(self.n_chunks, sp.fraction, sp.seed, split)
+        return chunks[self.chunk_sizes[chunks] > 0]
+
+    def split_row_ranges(self, split: str) -> list[tuple[int, int]]:
+        """Row ranges [start, stop) of ``split``, adjacent chunks merged, ascending."""
+        ranges: list[tuple[int, int]] = []
+        for c in self.split_chunks(split).tolist():
+            start, stop = self.chunk_row_range(c)
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], stop)
+            else:
+                ranges.append((start, stop))
+        return ranges
+
+    def split_rows(self, split: str) -> int:
+        """Number of rows in ``split``."""
+        return int(self.chunk_sizes[self.split_chunks(split)].sum())
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (f"Dataset({self.url!r}, rows={self.num_rows}, d={m.d}, dtype={m.dtype}, "
+                f"sealed={m.sealed})")
+
+
+def check_arrays(url: str, manifest: DatasetManifest, metas: dict[str, dict]) -> list[str]:
+    """Sentences for every disagreement between the manifest and the stored array metadata."""
+    problems = []
+    m = manifest
+    for name in array_names(m):
+        meta = metas[name]
+        shape = meta.get("shape", [])
+        want_dtype = m.dtype if name == ACTS else INT_DTYPES[name]
+        if meta.get("data_type") != want_dtype:
+            problems.append(f"array {name!r} of {url} stores {meta.get('data_type')} but the manifest "
+                            f"implies {want_dtype}; the dataset is inconsistent, re-harvest it.")
+        if name == ACTS and (len(shape) != 2 or shape[1] != m.d):
+            problems.append(f"array 'acts' of {url} has shape {shape} but the manifest says d={m.d}; "
+                            "the dataset is inconsistent, re-harvest it.")
+        if m.sealed and m.rows is not None:
+            want = m.rows // m.context_length if name == LABELS else m.rows
+            if not shape or shape[0] != want:
+                problems.append(f"array {name!r} of {url} has {shape[0] if shape else 0} rows but the "
+                                f"manifest says {want}; the arrays have different lengths, re-seal or "
+                                "re-harvest.")
+    return problems
+
+
+def open_dataset(url: str, allow_partial: bool = False, storage_options: dict | None = None) -> Dataset:
+    """Open the dataset at ``url`` for reading (UserError for anything missing or inconsistent)."""
+    manifest = read_manifest(url, storage_options)
+    commits = read_commits(url, storage_options)
+    if not manifest.sealed and not allow_partial:
+        raise UserError(f"dataset {url} is not sealed ({len(commits)} shards committed so far); finish or "
+                        "re-run the harvest to seal it, or open it with allow_partial=True.")
+    metas = {name: read_array_meta(url, name, storage_options) for name in array_names(manifest)}
+    problems = check_arrays(url, manifest, metas)
+    if problems:
+        raise UserError(problems[0])
+    return Dataset(url, manifest, commits, storage_options, metas)

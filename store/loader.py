@@ -1,0 +1,304 @@
+"""ActivationLoader: windowed block shuffle with random access by batch index (DESIGN §3).
+
+The row stream of one rank is the concatenation of epochs e = 0, 1, 2, ...; epoch e is:
+
+1. the rank's chunks of the split (split chunks ``[rank::world]`` — disjoint across ranks,
+   together covering the split; fixed, so every epoch of a rank has the same rows) in the
+   order of a permutation seeded by ``(seed, e)``;
+2. cut into windows of ``window_chunks`` consecutive chunks (the last may be smaller);
+3. the rows of each window permuted by a permutation seeded by ``(seed, e, w)``.
+
+Batch ``b`` is rows [b·B, (b+1)·B) of that stream, so it is a pure function of
+(dataset, split, seed, rank, world, window_chunks, batch_size, b): ``loader.batch(b)``
+re-reads it on demand and ``iter_batches(start=b)`` resumes exactly. Batches may straddle
+windows and epochs. Every row of the rank's split appears exactly once per epoch. With
+finite ``epochs`` the stream ends after ``epochs`` epochs and the last batch is short if
+``epochs · rows_per_epoch`` is not a multiple of B; ``len(loader)`` is then the number of
+batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` is
+``ceil(rows_per_epoch / B)``, the batches per epoch.
+
+Reading: a window's chunks are read concurrently by a thread pool (one byte-range read per
+chunk, straight into the window buffer), and the next ``prefetch`` windows are submitted
+before the current one is consumed. Batches are assembled (gather + cast to float32) by a
+background thread into a small queue, so the consumer only waits when I/O is really the
+bottleneck. Memory ≈ (prefetch + 2) × window_chunks × chunk_rows × d × itemsize.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from store.dataset import Dataset, open_dataset
+from store.errors import UserError
+from store.layout import ACTS, ROW_ARRAYS
+from store.urls import is_local
+
+WindowKey = tuple[int, int]
+Batch = torch.Tensor | dict[str, torch.Tensor]
+_DONE = object()
+
+
+class _Window:
+    """One window being fetched: per-column buffers, the chunk-read futures, its row permutation."""
+
+    def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future], perm: np.ndarray) -> None:
+        self.bufs, self.futures, self.perm = bufs, futures, perm
+
+    def wait(self) -> _Window:
+        for fut in self.futures:
+            fut.result()
+        return self
+
+
+class ActivationLoader:
+    """Shuffled float32 batches of a dataset split; see the module docstring."""
+
+    def __init__(self, url: str | Dataset, batch_size: int, split: str = "train", seed: int = 0,
+                 window_chunks: int = 64, epochs: int | None = None, columns: tuple[str, ...] | str = ("acts",),
+                 rank: int = 0, world: int = 1, prefetch: int = 2, storage_options: dict | None = None,
+                 io_threads: int | None = None, allow_partial: bool = False) -> None:
+        self.dataset = url if isinstance(url, Dataset) else open_dataset(url, allow_partial, storage_options)
+        cols = (columns,) if isinstance(columns, str) else tuple(columns)
+        bad = [c for c in cols if c not in ROW_ARRAYS]
+        if not cols or bad:
+            raise UserError(f"columns {list(cols)} must be a non-empty subset of {list(ROW_ARRAYS)}.")
+        checks = [(batch_size >= 1, f"batch_size={batch_size} must be at least 1"),
+                  (window_chunks >= 1, f"window_chunks={window_chunks} must be at least 1"),
+                  (epochs is None or epochs >= 1, f"epochs={epochs} must be None or at least 1"),
+                  (0 <= rank < world, f"rank={rank} must lie in 0..world-1 (world={world})"),
+                  (prefetch >= 0, f"prefetch={prefetch} must be at least 0")]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg + "; fix the loader settings.")
+        self.url = self.dataset.url
+        self.batch_size, self.split, self.seed = int(batch_size), split, int(seed)
+        self.window_chunks, self.epochs, self.columns = int(window_chunks), epochs, cols
+        self.rank, self.world, self.prefetch = int(rank), int(world), int(prefetch)
+        split_chunks = self.dataset.split_chunks(split)
+        self.chunks = split_chunks[rank::world]
+        if self.chunks.size == 0:
+            raise UserError(f"split {split!r} of {self.url} has {split_chunks.size} chunks, none for rank "
+                            f"{rank} of {world}; use fewer ranks, a smaller chunk_rows or more data.")
+        self.sizes = self.dataset.chunk_sizes[self.chunks]
+        self.rows_per_epoch = int(self.sizes.sum())
+        self.windows_per_epoch = math.ceil(self.chunks.size / self.window_chunks)
+        self.total_rows = None if epochs is None else epochs * self.rows_per_epoch
+        threads = io_threads or (min(8, 2 * (os.cpu_count() or 1)) if is_local(self.url) else 16)
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-io")
+        self._readers = {c: self.dataset.reader(c) for c in cols}
+        self._cache: OrderedDict[WindowKey, _Window] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._free: list[dict[str, np.ndarray]] = []
+        self._free_lock = threading.Lock()
+        self._stops: list[threading.Event] = []
+
+    # ---- the plan (pure functions of the settings) ----------------------------------------------
+    @lru_cache(maxsize=4)  # noqa: B019 - per-instance cache of small arrays; the loader lives long
+    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(chunk ids in epoch order, their sizes, row offset of each window within the epoch)."""
+        perm = np.random.default_rng([self.seed, epoch, 0xC4C4]).permutation(self.chunks.size)
+        sizes = self.sizes[perm]
+        cum = np.concatenate([[0], np.cumsum(sizes)])
+        return self.chunks[perm], sizes, cum[:: self.window_chunks]
+
+    def _window_span(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+        order, sizes, _ = self._epoch_order(epoch)
+        sl = slice(w * self.window_chunks, (w + 1) * self.window_chunks)
+        return order[sl], sizes[sl]
+
+    def _window_perm(self, epoch: int, w: int, n: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch, w, 0x5117]).permutation(n)
+
+    def _pieces(self, start: int, stop: int) -> list[tuple[WindowKey, int, int]]:
+        """Split stream rows [start, stop) into (window, lo, hi) pieces of window-local rows."""
+        out = []
+        R = self.rows_per_epoch
+        while start < stop:
+            epoch, r = divmod(start, R)
+            offsets = self._epoch_order(epoch)[2]
+            w = int(np.searchsorted(offsets, r, side="right") - 1)
+            w_end = int(offsets[w + 1]) if w + 1 < offsets.size else R
+            take = min(stop - start, w_end - r)
+            out.append(((epoch, w), r - int(offsets[w]), r - int(offsets[w]) + take))
+            start += take
+        return out
+
+    def _batch_range(self, b: int) -> tuple[int, int]:
+        start = b * self.batch_size
+        stop = start + self.batch_size
+        if self.total_rows is not None:
+            if start >= self.total_rows or b < 0:
+                raise IndexError(f"batch {b} is past the end ({len(self)} batches)")
+            stop = min(stop, self.total_rows)
+        elif b < 0:
+            raise IndexError(f"batch {b} is negative")
+        return start, stop
+
+    def __len__(self) -> int:
+        rows = self.total_rows if self.total_rows is not None else self.rows_per_epoch
+        return math.ceil(rows / self.batch_size)
+
+    # ---- fetching ---------------------------------------------------------------------------
+    def _buffers(self, n: int) -> dict[str, np.ndarray]:
+        with self._free_lock:
+            for i, bufs in enumerate(self._free):
+                if next(iter(bufs.values())).shape[0] >= n:
+                    self._free.pop(i)
+                    return {c: b[:n] for c, b in bufs.items()}
+        d = self.dataset.manifest.d
+        return {c: np.empty((n, d) if c == ACTS else (n,), dtype=self.dataset.column_dtype(c))
+                for c in self.columns}
+
+    def _recycle(self, win: _Window) -> None:
+        with self._free_lock:
+            if len(self._free) < self.prefetch + 2:
+                self._free.append({c: b.base if b.base is not None else b for c, b in win.bufs.items()})
+
+    def _fetch(self, key: WindowKey) -> _Window:
+        """Start reading window ``key`` (returns at once; ``.wait()`` for the data)."""
+        ids, sizes = self._window_span(*key)
+        n = int(sizes.sum())
+        bufs = self._buffers(n)
+        futures = []
+        offset = 0
+        for chunk, rows in zip(ids.tolist(), sizes.tolist()):
+            for c, reader in self._readers.items():
+                futures.append(self._pool.submit(reader.read_into, chunk, rows, bufs[c][offset:offset + rows]))
+            offset += rows
+        return _Window(bufs, futures, self._window_perm(key[0], key[1], n))
+
+    def _next_key(self, key: WindowKey) -> WindowKey | None:
+        epoch, w = key
+        if w + 1 < self.windows_per_epoch:
+            return epoch, w + 1
+        if self.epochs is not None and epoch + 1 >= self.epochs:
+            return None
+        return epoch + 1, 0
+
+    def _assemble(self, pieces: list[tuple[_Window, int, int]]) -> Batch:
+        out: dict[str, torch.Tensor] = {}
+        for c in self.columns:
+            parts = []
+            for win, lo, hi in pieces:
+                idx = torch.from_numpy(win.perm[lo:hi])
+                part = torch.from_numpy(win.bufs[c]).index_select(0, idx)
+                parts.append(part.float() if c == ACTS else part.long())
+            out[c] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return out[self.columns[0]] if len(self.columns) == 1 else out
+
+    # ---- random access ------------------------------------------------------------------------
+    def _cached_window(self, key: WindowKey) -> _Window:
+        with self._cache_lock:
+            win = self._cache.get(key)
+            if win is not None:
+                self._cache.move_to_end(key)
+                return win
+        win = self._fetch(key).wait()
+        with self._cache_lock:
+            self._cache[key] = win
+            while len(self._cache) > 2:
+                self._cache.popitem(last=False)
+        return win
+
+    def batch(self, b: int) -> Batch:
+        """Batch ``b`` of the stream (pure function of the settings and ``b``)."""
+        start, stop = self._batch_range(b)
+        return self._assemble([(self._cached_window(k), lo, hi) for k, lo, hi in self._pieces(start, stop)])
+
+    # ---- streaming ----------------------------------------------------------------------------
+    def _produce(self, start_batch: int, out: queue.Queue, stop: threading.Event) -> None:
+        """Background thread: keep ``prefetch`` windows in flight, assemble batches in order."""
+        inflight: OrderedDict[WindowKey, _Window] = OrderedDict()
+
+        def ensure(key: WindowKey | None) -> None:
+            for _ in range(self.prefetch + 1):
+                if key is None:
+                    return
+                if key not in inflight:
+                    inflight[key] = self._fetch(key)
+                key = self._next_key(key)
+
+        def put(item: object) -> bool:
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        try:
+            b = start_batch
+            while not stop.is_set():
+                try:
+                    start, end = self._batch_range(b)
+                except IndexError:
+                    break
+                pieces = self._pieces(start, end)
+                ensure(pieces[0][0])
+                for key, _, _ in pieces:
+                    ensure(key)
+                wins = [(inflight[k].wait(), lo, hi) for k, lo, hi in pieces]
+                batch = self._assemble(wins)
+                first = pieces[-1][0]
+                for key in list(inflight):  # drop windows the stream has passed
+                    if key < first:
+                        self._recycle(inflight.pop(key).wait())
+                ensure(first)
+                if not put(batch):
+                    return
+                b += 1
+            put(_DONE)
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer, re-raised there
+            put(err)
+        finally:
+            for win in inflight.values():
+                for fut in win.futures:
+                    fut.cancel()
+
+    def iter_batches(self, start: int = 0) -> Iterator[Batch]:
+        """Stream batches ``start, start+1, ...`` (to the end when ``epochs`` is finite)."""
+        q: queue.Queue = queue.Queue(maxsize=2)
+        stop = threading.Event()
+        self._stops.append(stop)
+        thread = threading.Thread(target=self._produce, args=(start, q, stop), daemon=True,
+                                  name="store-loader")
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if item is _DONE:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.iter_batches(0)
+
+    def close(self) -> None:
+        """Stop background threads and release buffers."""
+        for stop in self._stops:
+            stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._cache.clear()
+        self._free.clear()
+
+    def __enter__(self) -> ActivationLoader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
