@@ -9,8 +9,8 @@ Text sources yield documents (strings):
   column). Files are taken in sorted order.
 * ``python_docs``: offline, no download: the help topics bundled with Python
   (``pydoc_data.topics``, sorted by topic) followed by the docstrings of the standard library
-  (module, then public classes and functions in source order, modules sorted by name), read
-  with ``ast`` from the source files without importing anything.
+  (module, then public classes and functions, modules sorted by name), read with ``ast`` from
+  the ``.py`` files of the standard library directory without importing anything.
 
 Image sources give a list of items (path or index) plus labels and class names:
 
@@ -28,10 +28,11 @@ one when the model has a BOS token) and put BOS first.
 from __future__ import annotations
 
 import ast
-import importlib.util
 import sys
+import sysconfig
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -79,14 +80,13 @@ def python_docs() -> Iterator[str]:
 
 def module_docstrings(module: str) -> Iterator[str]:
     """Docstrings of a top-level stdlib module (module, then public defs/classes), without importing it."""
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    candidates = [stdlib / f"{module}.py", stdlib / module / "__init__.py"]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:  # a C extension module: no Python source
         return
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
-        return
     try:
-        with open(spec.origin, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8") as fh:
             tree = ast.parse(fh.read())
     except (OSError, SyntaxError, UnicodeDecodeError):
         return
@@ -284,8 +284,6 @@ class ImageItems:
 
 def image_folder(root: str) -> ImageItems:
     """``root/<class>/<image>`` files, classes and files sorted."""
-    from pathlib import Path
-
     base = Path(root)
     if not base.is_dir():
         raise UserError(f"image folder {root} does not exist; set source.path to an ImageFolder root.")
