@@ -1,0 +1,53 @@
+"""Helpers of the trainer tests: tiny synthetic stores written with the real store writer, small configs."""
+
+from __future__ import annotations
+
+import numpy as np
+
+D = 16
+CONTEXT = 8
+
+
+def make_store(url: str, *, shards: int = 4, shard_rows: int = 256, chunk_rows: int = 64, d: int = D,
+               seed: int = 0, sealed: bool = True) -> str:
+    """A sealed store of ``shards × shard_rows`` rows: sparse codes over a fixed basis + noise, each row
+    rescaled to a norm in [1, 2]; BOS rows (position 0) have norm 30 (attention-sink-like outliers), so
+    ``max_norm_multiple = 5`` drops exactly the BOS rows."""
+    from store.manifest import DatasetManifest, HookInfo, ModelInfo, SourceInfo
+    from store.stats import StatsAccumulator
+    from store.writer import DatasetWriter
+
+    manifest = DatasetManifest(d=d, dtype="float32", shard_rows=shard_rows, chunk_rows=chunk_rows,
+                               context_length=CONTEXT, model=ModelInfo(name="synthetic"),
+                               hook=HookInfo(layer=0, site="resid_post"), source=SourceInfo(name="synthetic"))
+    writer = DatasetWriter.create(url, manifest)
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(4 * d, d)).astype(np.float32)
+    stats = StatsAccumulator(d)
+    for s in range(shards):
+        codes = rng.exponential(size=(shard_rows, 4 * d)) * (rng.random((shard_rows, 4 * d)) < 0.1)
+        acts = (codes @ basis + 0.05 * rng.normal(size=(shard_rows, d))).astype(np.float32)
+        rows = np.arange(s * shard_rows, (s + 1) * shard_rows)
+        positions = (rows % CONTEXT).astype(np.int16)
+        norms = np.linalg.norm(acts, axis=1, keepdims=True)
+        acts = (acts / norms * np.where(positions[:, None] == 0, 30.0, rng.uniform(1, 2, (shard_rows, 1))))
+        acts = acts.astype(np.float32)
+        writer.write_shard(s, acts, token_ids=(rows % 97).astype(np.int32), seq_ids=(rows // CONTEXT).astype(np.int64),
+                           positions=positions)
+        stats.update(acts)
+    if sealed:
+        writer.seal(stats=stats.result())
+    return url
+
+
+def base_config(store: str, runs_root: str, **over) -> dict:
+    """A run config small enough to train in a second or two."""
+    cfg = {"dataset": store, "runs_root": runs_root, "name": "r", "sae": {"variant": "relu", "m": 32},
+           "batch_size": 64, "tokens": 64 * 24, "lr": 1e-3, "warmup_steps": 3, "checkpoint_every": 5,
+           "log_every": 2, "device": "cpu"}
+    for key, value in over.items():
+        if key == "sae":
+            cfg["sae"] = {**cfg["sae"], **value}
+        else:
+            cfg[key] = value
+    return cfg

@@ -1,0 +1,235 @@
+"""Configs of one training run (:class:`TrainConfig`) and of a sweep (:class:`SweepConfig`).
+
+Decisions written down here (DESIGN §6 is silent on them):
+
+* ``sae`` is the SAE zoo config (:class:`trainer.sae.SAEConfig`) *without* ``d``: ``d`` comes from the
+  dataset manifest and is filled in by :func:`resolve_sae`; a ``d`` given by hand must agree with it.
+* ``tokens`` is the budget in *rows drawn from the dataset*: the run takes
+  ``ceil(tokens / batch_size)`` steps, batch ``b`` of step ``b`` being ``ActivationLoader.batch(b)``.
+  Rows dropped by the row filter (``exclude_positions``, ``max_norm_multiple``) count against the
+  budget but are not trained on; ``metrics.jsonl`` reports both (``tokens`` and ``tokens_trained``).
+* ``seed`` seeds the SAE initialisation and the trainer's RNGs; ``data_seed`` seeds the loader's
+  shuffle. They are separate so a seed sweep compares initialisations on one shared batch stream
+  (which is what lets one feeder serve the whole sweep).
+* ``dead_tokens``: a concept is dead when it has not fired for that many (trained) tokens. The
+  default ``None`` means ``min(10_000_000, max(batch_size, tokens // 10))``: 10M as in the SAE
+  literature for real runs, a tenth of the budget for small ones (a 1M-token test run would otherwise
+  call every concept alive). It is also the SAE's own ``dead_tokens`` (AuxK) unless ``sae.dead_tokens``
+  is set, and ``seed`` is the SAE's initialisation seed unless ``sae.seed`` is set.
+* ``decay``: ``none`` keeps the lr flat after warm-up; ``linear`` / ``cosine`` take it to 0 over the
+  last ``decay_fraction`` of the steps. The lr is a pure function of (step, total steps).
+* ``fail_at_step`` is **for tests only** (fault injection): the first time a run reaches that step
+  its process dies with ``os._exit`` (a marker file in the run dir makes it happen once). It and
+  ``tokens`` are the only fields that may differ when an existing run is resumed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from store.config import StrictModel, set_dotted, validate
+from store.errors import UserError
+
+#: Fields that may change between the run that made a run directory and a run that resumes it.
+RESUMABLE_FIELDS = ("tokens", "fail_at_step", "storage_options", "device")
+
+DEFAULT_DEAD_TOKENS = 10_000_000
+
+
+class TrainConfig(StrictModel):
+    """One SAE training run (``python -m trainer run CONFIG.yaml``)."""
+
+    dataset: str = Field(description="URL of a sealed activation dataset (any fsspec URL).")
+    runs_root: str = Field(description="URL under which run directories live.")
+    name: str = Field(description="run name: the run directory is <runs_root>/[<sweep>/]<name>/.")
+    sweep: str | None = Field(default=None, description="sweep name (set by the sweep), a directory level.")
+    sae: dict[str, Any] = Field(description="SAE zoo config without d (variant, m, k, l1, activation, ...).")
+    batch_size: int = Field(default=4096, gt=0)
+    tokens: int = Field(gt=0, description="token budget: rows drawn from the dataset.")
+    lr: float = Field(default=3e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = Field(default=1e-8, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    decay: Literal["none", "linear", "cosine"] = "none"
+    decay_fraction: float = Field(default=0.2, gt=0, le=1)
+    seed: int = 0
+    data_seed: int = 0
+    checkpoint_every: int = Field(default=1000, gt=0, description="steps between checkpoints.")
+    log_every: int = Field(default=50, gt=0, description="steps between metrics.jsonl rows.")
+    eval_every: int | None = Field(default=None, gt=0, description="steps between eval-split fvu/l0 rows.")
+    eval_tokens: int = Field(default=65536, gt=0, description="eval-split rows scored at each eval_every.")
+    device: str = "auto"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    exclude_positions: list[int] = Field(default_factory=lambda: [0])
+    max_norm_multiple: float | None = Field(default=None, gt=0)
+    dead_tokens: int | None = Field(default=None, gt=0)
+    storage_options: dict[str, Any] | None = None
+    fail_at_step: int | None = Field(default=None, ge=0, description="TESTING ONLY: die once at this step.")
+
+    @field_validator("name", "sweep")
+    @classmethod
+    def _path_safe(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", value):
+            raise ValueError("use letters, digits and . _ = + - only (it becomes a directory name)")
+        return value
+
+    @field_validator("sae")
+    @classmethod
+    def _sae_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
+        check_sae(value)
+        return value
+
+    @property
+    def total_steps(self) -> int:
+        """Steps of the run: ceil(tokens / batch_size)."""
+        return math.ceil(self.tokens / self.batch_size)
+
+    @property
+    def resolved_dead_tokens(self) -> int:
+        """Tokens without firing after which a concept counts as dead (see module docstring)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return min(DEFAULT_DEAD_TOKENS, max(self.batch_size, self.tokens // 10))
+
+    def resolved_device(self) -> str:
+        """``auto`` -> ``cuda`` when a GPU is present, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_sae(sae: dict[str, Any], d: int = 1) -> Any:
+    """Validate an SAE section against the zoo (``d`` a stand-in when unknown); return the SAEConfig.
+
+    Raises ``ValueError`` (which pydantic turns into a located message) naming the bad key.
+    """
+    if "variant" not in sae:
+        raise ValueError("sae.variant is required (e.g. sparsemax, relu, topk)")
+    m = sae.get("m")
+    if m is None:
+        raise ValueError("sae.m (number of concepts) is required")
+    if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+        raise ValueError(f"sae.m must be a positive integer, got {m!r}")
+    from trainer.sae.config import VARIANTS, SAEConfig
+
+    variant = sae["variant"]
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown SAE variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    data = {**sae}
+    data.setdefault("d", d)
+    try:
+        return SAEConfig.model_validate(data)
+    except Exception as err:  # pydantic.ValidationError: re-raise as one located sentence
+        errors = getattr(err, "errors", None)
+        if callable(errors):
+            first = errors()[0]
+            loc = ".".join(str(x) for x in first.get("loc", ()))
+            if first.get("type") == "extra_forbidden":
+                raise ValueError(f"unknown key sae.{loc}") from None
+            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+            raise ValueError(f"sae.{loc} = {first.get('input')!r}: {msg}" if loc else msg) from None
+        raise ValueError(str(err)) from None
+
+
+def resolve_sae(cfg: TrainConfig, d: int) -> Any:
+    """The run's full :class:`trainer.sae.SAEConfig` with ``d`` from the dataset manifest."""
+    given = cfg.sae.get("d")
+    if given is not None and given != d:
+        raise UserError(f"run {cfg.name}: sae.d = {given} but dataset {cfg.dataset} has d = {d}; "
+                        "remove sae.d (it is read from the dataset).")
+    sae = {**cfg.sae, "d": d}
+    sae.setdefault("seed", cfg.seed)  # the run's seed initialises the SAE unless sae.seed is set
+    sae.setdefault("dead_tokens", cfg.resolved_dead_tokens)  # AuxK's notion of dead = the trainer's
+    try:
+        return check_sae(sae, d)
+    except ValueError as err:
+        raise UserError(f"run {cfg.name}: {err}; fix the sae section.") from None
+
+
+class RayConfig(StrictModel):
+    """Where and how the sweep's actors run."""
+
+    address: str | None = Field(default=None, description="Ray address; None = the job's cluster or local.")
+    num_cpus_per_trainer: float = Field(default=1.0, ge=0)
+    num_gpus_per_trainer: float = Field(default=0.0, ge=0)
+    max_restarts: int = Field(default=3, ge=-1)
+    max_task_retries: int = Field(default=-1, ge=-1)
+    feeder_window: int = Field(default=32, gt=0, description="batches the feeder holds in the object store.")
+    feeder_prefetch: int = Field(default=2, ge=0, description="batches the feeder reads ahead.")
+    feeder_lag_timeout_s: float = Field(default=120.0, gt=0,
+                                        description="how long a full window waits for a lagging trainer.")
+
+
+class SweepConfig(StrictModel):
+    """A grid of runs over one base run config (``python -m trainer sweep SWEEP.yaml``)."""
+
+    name: str
+    base: dict[str, Any]
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    evaluate: bool = Field(default=True, description="hand finished runs to the evaluator.")
+    eval_max_tokens: int | None = Field(default=None, gt=0, description="cap on eval-split tokens scored.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_safe(cls, value: str) -> str:
+        return TrainConfig._path_safe(value)  # type: ignore[return-value]
+
+    @model_validator(mode="after")
+    def _grid_nonempty(self) -> SweepConfig:
+        for key, values in self.grid.items():
+            if not values:
+                raise ValueError(f"grid key {key!r} has an empty list of values")
+        return self
+
+
+def run_name(assignment: dict[str, Any]) -> str:
+    """Directory name of one grid point, e.g. ``variant-relu_m-3072`` (full dotted keys if leaves clash)."""
+    leaves = [key.split(".")[-1] for key in assignment]
+    use_full = len(set(leaves)) != len(leaves)
+    parts = []
+    for key, value in assignment.items():
+        label = key.replace(".", "-") if use_full else key.split(".")[-1]
+        text = re.sub(r"[^A-Za-z0-9._+-]", "", str(value).replace(" ", ""))
+        parts.append(f"{label}-{text}")
+    return "_".join(parts) or "run"
+
+
+def expand_sweep(sweep: SweepConfig, source: str = "sweep") -> list[tuple[dict[str, Any], TrainConfig]]:
+    """Every grid point as (assignment, validated TrainConfig); any bad point is one UserError."""
+    keys = list(sweep.grid)
+    runs: list[tuple[dict[str, Any], TrainConfig]] = []
+    names: set[str] = set()
+    for values in itertools.product(*(sweep.grid[k] for k in keys)) if keys else [()]:
+        assignment = dict(zip(keys, values))
+        data = _deep_copy(sweep.base)
+        for key, value in assignment.items():
+            if key.startswith("base."):
+                key = key[len("base."):]
+            set_dotted(data, key.split("."), value)
+        base_name = data.get("name")
+        name = run_name(assignment)
+        data["name"] = f"{base_name}_{name}" if base_name and keys else (base_name or name)
+        data["sweep"] = sweep.name
+        where = f"{source} (grid point {', '.join(f'{k}={v!r}' for k, v in assignment.items()) or 'base'})"
+        cfg = validate(TrainConfig, data, source=where)
+        if cfg.name in names:
+            raise UserError(f"{source}: two grid points get the run name {cfg.name!r}; make the grid values distinct.")
+        names.add(cfg.name)
+        runs.append((assignment, cfg))
+    return runs
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data

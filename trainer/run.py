@@ -1,0 +1,428 @@
+"""One SAE training run: ``python -m trainer run CONFIG.yaml`` / :func:`train`.
+
+The loop (DESIGN §6): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
+row filter (``store.filters.RowFilter``: ``exclude_positions``, ``max_norm_multiple`` × the dataset's
+median norm), with Adam (lr warm-up, optional decay), ``sae.post_step()`` after each optimizer step,
+and dead-concept counters in tokens since last fired. Checkpoints every ``checkpoint_every`` steps and
+at the end (see :mod:`trainer.checkpoint` for the directory layout and atomicity).
+
+Exact resume: a checkpoint holds everything the next step depends on (weights, Adam moments, step,
+counters, RNG states, the data cursor = next batch index; the lr is a pure function of the step), and
+batch ``b`` is a pure function of (dataset, data_seed, b), so re-running the same command continues
+from the last checkpoint and ends with the weights an uninterrupted run ends with. Re-running with a
+larger ``tokens`` extends a finished run (the lr schedule is then that of the new budget).
+
+The same :class:`Run` is driven by the sweep's trainer actors, which take batches from the feeder
+instead of a loader of their own (``Run.fit(batches=...)``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from store.dataset import open_dataset
+from store.errors import UserError
+from store.filters import RowFilter
+from store.loader import ActivationLoader
+from store.urls import join_url
+from trainer.checkpoint import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    FAULT_MARKER,
+    RunDir,
+    rng_state,
+    set_rng_state,
+)
+from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
+
+#: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
+BATCH_COLUMNS = ("acts", "positions")
+#: Support-size quantiles logged to metrics.jsonl.
+SUPPORT_QUANTILES = (0.1, 0.5, 0.9, 0.99)
+STATE_VERSION = 1
+
+BatchSource = Callable[[int], Any]
+
+
+def run_url(cfg: TrainConfig) -> str:
+    """``<runs_root>/[<sweep>/]<name>``."""
+    parts = [cfg.sweep, cfg.name] if cfg.sweep else [cfg.name]
+    return join_url(cfg.runs_root, *parts)
+
+
+def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    """Learning rate of step ``step`` (0-based) of ``total``.
+
+    warm-up: lr·(step+1)/W for step < W; decay over the last D = ceil(f·total) steps, with
+    u = (step − (total − D) + 1)/D ∈ (0, 1]: linear lr·(1 − u), cosine lr·½(1 + cos πu).
+    """
+    factor = 1.0
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        factor = (step + 1) / cfg.warmup_steps
+    if cfg.decay != "none":
+        span = max(1, math.ceil(cfg.decay_fraction * total))
+        start = total - span
+        if step >= start:
+            u = (step - start + 1) / span
+            decay = 1.0 - u if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * u))
+            factor = min(factor, decay)
+    return cfg.lr * factor
+
+
+def as_batch(obj: Any) -> tuple[Tensor, Tensor | None]:
+    """(acts float32 (B, d), positions (B,) or None) from a loader batch, a dict, or numpy arrays."""
+    if isinstance(obj, dict):
+        acts, positions = obj["acts"], obj.get("positions")
+    else:
+        acts, positions = obj, None
+    if isinstance(acts, np.ndarray):  # from the object store: read-only, so copy
+        acts = torch.from_numpy(np.array(acts, dtype=np.float32))
+    if isinstance(positions, np.ndarray):
+        positions = torch.from_numpy(np.array(positions, dtype=np.int64))
+    return acts.to(torch.float32), positions
+
+
+class SumsOfSquares:
+    """Float64 sums for fvu = Σ‖x − x̂‖² / Σ‖x − μ‖² with Σ‖x − μ‖² = Q − ‖S‖²/N."""
+
+    def __init__(self) -> None:
+        self.n, self.sse, self.q, self.s = 0, 0.0, 0.0, None
+
+    def update(self, x: Tensor, x_hat: Tensor) -> None:
+        x64, xh64 = x.detach().double().cpu(), x_hat.detach().double().cpu()
+        self.n += x64.shape[0]
+        self.sse += float(((x64 - xh64) ** 2).sum())
+        self.q += float((x64**2).sum())  # Q = Σ‖x‖²
+        s = x64.sum(0)  # S = Σx
+        self.s = s if self.s is None else self.s + s
+
+    def fvu(self) -> float:
+        if self.n == 0 or self.s is None:
+            return float("nan")
+        denom = self.q - float((self.s**2).sum()) / self.n  # Σ‖x − μ‖²
+        return self.sse / denom if denom > 0 else float("nan")
+
+
+def support_stats(sizes: Tensor) -> dict[str, float]:
+    """l0 = mean support size and its quantiles (the sparsemax SAE's "dynamic K")."""
+    if sizes.numel() == 0:
+        return {"l0": float("nan")}
+    s = sizes.detach().double().cpu()
+    out = {"l0": float(s.mean())}
+    qs = torch.quantile(s, torch.tensor(SUPPORT_QUANTILES, dtype=torch.float64))
+    out.update({f"support_q{q:g}": float(v) for q, v in zip(SUPPORT_QUANTILES, qs)})
+    return out
+
+
+class Prefetcher:
+    """Reads ``source(b)`` for b = start .. stop-1 in a background thread, ``depth`` batches ahead."""
+
+    def __init__(self, source: BatchSource, start: int, stop: int, depth: int = 2) -> None:
+        self.source, self.next, self.stop, self.depth = source, start, stop, max(1, depth)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="dynsae-prefetch")
+        self.pending: dict[int, Future] = {}
+
+    def get(self, b: int) -> Any:
+        for i in range(b, min(b + self.depth + 1, self.stop)):
+            if i not in self.pending:
+                self.pending[i] = self.pool.submit(self.source, i)
+        return self.pending.pop(b).result()
+
+    def close(self) -> None:
+        for fut in self.pending.values():
+            fut.cancel()
+        self.pool.shutdown(wait=True)
+
+
+class RunPlan:
+    """Everything about a run that is known before any weight exists: URL, dataset, resolved SAE config,
+    row filter, and the ``config.json`` record. Cheap; the sweep builds one per run to validate up front."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.url = run_url(cfg)
+        self.dir = RunDir(self.url, cfg.storage_options)
+        self.dataset = open_dataset(cfg.dataset, storage_options=cfg.storage_options)
+        manifest = self.dataset.manifest
+        if not getattr(manifest, "sealed", True):
+            raise UserError(f"dataset {cfg.dataset} is not sealed (its harvest has not finished); "
+                            "finish the harvest or point dataset at a sealed one.")
+        self.sae_cfg = resolve_sae(cfg, manifest.d)
+        self.row_filter = RowFilter(exclude_positions=cfg.exclude_positions,
+                                    max_norm_multiple=cfg.max_norm_multiple)
+        self.median_norm: float | None = None
+        if cfg.max_norm_multiple is not None:
+            if manifest.stats is None:
+                raise UserError(f"dataset {cfg.dataset} has no norm statistics, so max_norm_multiple cannot "
+                                "be applied; re-seal it with stats or drop max_norm_multiple.")
+            self.median_norm = float(manifest.stats.median_norm)
+        self.manifest_hash = manifest.manifest_hash()
+        self.total_steps = cfg.total_steps
+        self.dead_tokens = cfg.resolved_dead_tokens
+
+    def config_record(self) -> dict[str, Any]:
+        """What ``config.json`` holds: the run config with the resolved sae, filter and dataset hash."""
+        record = self.cfg.model_dump(mode="json")
+        record["sae"] = self.sae_cfg.model_dump(mode="json")
+        if record.get("storage_options"):  # may hold credentials: keep the keys, never the values
+            record["storage_options"] = {k: "<redacted>" for k in record["storage_options"]}
+        record["filter"] = {
+            "exclude_positions": list(self.cfg.exclude_positions),
+            "max_norm_multiple": self.cfg.max_norm_multiple,
+            "median_norm": self.median_norm,
+            "description": self.row_filter.describe(),
+        }
+        record["dataset_manifest_hash"] = self.manifest_hash
+        record["total_steps"] = self.total_steps
+        record["dead_tokens_resolved"] = self.dead_tokens
+        return record
+
+    def check_existing(self) -> None:
+        """Refuse a run directory made by a different config (only tokens and the like may differ)."""
+        new = self.config_record()
+        old = self.dir.read_json(CONFIG_FILE)
+        if old is None:
+            return
+        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved"}
+        if self.cfg.dead_tokens is None:  # derived from tokens, and so is the SAE's dead_tokens
+            old = {**old, "sae": {**old.get("sae", {}), "dead_tokens": None}}
+            new = {**new, "sae": {**new["sae"], "dead_tokens": None}}
+        diffs = sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+        if diffs:
+            key = diffs[0]
+            raise UserError(
+                f"run directory {self.url} was made by a different config ({key}: {old.get(key)!r} there, "
+                f"{new.get(key)!r} now); use another name or runs_root, or restore the old value.")
+
+
+class Run(RunPlan):
+    """A training run bound to its run directory; creating it resumes from the last checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+        super().__init__(cfg)
+        self.progress = progress
+        self.device = torch.device(cfg.resolved_device())
+
+        from trainer.sae import build
+
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.sae = build(self.sae_cfg).to(self.device)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        self.step = 0
+        self.tokens = 0
+        self.tokens_trained = 0
+        self.since_fired = torch.zeros(self.sae_cfg.m, dtype=torch.int64, device=self.device)
+        self.metrics: list[dict[str, Any]] = []
+        self.finished = False
+        self._t0 = time.perf_counter()
+        self._tokens_at_t0 = 0
+        self.check_existing()
+        self.dir.write_json(CONFIG_FILE, self.config_record())
+        self._resume()
+
+    def _resume(self) -> None:
+        state = self.dir.load_state()
+        if state is None:
+            self.dir.write_metrics([])
+            return
+        self.sae.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.tokens = int(state["tokens"])
+        self.tokens_trained = int(state["tokens_trained"])
+        self.since_fired = state["since_fired"].to(self.device)
+        set_rng_state(state["rng"])
+        if int(state["data_cursor"]) != self.step:
+            raise UserError(f"checkpoint {self.dir.file_url('trainer_state.pt')} is inconsistent "
+                            "(data cursor != step); delete the run directory to start over.")
+        self.metrics = [row for row in self.dir.read_metrics() if row.get("step", 0) <= self.step]
+        self.finished = self.step >= self.total_steps
+        self._tokens_at_t0 = self.tokens
+
+    def checkpoint(self) -> None:
+        """Weights, metrics, then the state record (the commit point), each written atomically."""
+        self.dir.save_weights(self.sae)
+        self.dir.write_metrics(self.metrics)
+        self.dir.save_state({
+            "version": STATE_VERSION,
+            "step": self.step,
+            "tokens": self.tokens,
+            "tokens_trained": self.tokens_trained,
+            "data_cursor": self.step,
+            "model": {k: v.detach().cpu() for k, v in self.sae.state_dict().items()},
+            "optimizer": self.opt.state_dict(),
+            "since_fired": self.since_fired.cpu(),
+            "rng": rng_state(),
+            "scheduler": {"kind": self.cfg.decay, "warmup_steps": self.cfg.warmup_steps,
+                          "decay_fraction": self.cfg.decay_fraction, "total_steps": self.total_steps},
+            "finished": self.step >= self.total_steps,
+        })
+
+    # ----------------------------------------------------------------- training
+    def train_step(self, batch: Any) -> dict[str, Any] | None:
+        """One optimizer step on batch ``self.step``; returns the metrics row if this step logs one."""
+        acts, positions = as_batch(batch)
+        acts = acts.to(self.device, non_blocking=True)
+        if positions is not None:
+            positions = positions.to(self.device)
+        keep = self.row_filter.keep_mask(acts, positions, self.median_norm)
+        x = acts[keep]
+        n = int(x.shape[0])
+        lr = lr_at(self.cfg, self.step, self.total_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        row = None
+        if n > 0:
+            autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16)
+                        if self.cfg.dtype == "bfloat16" else nullcontext())
+            with autocast:
+                x_hat, codes, losses = self.sae(x)
+            self.opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            self.opt.step()
+            self.sae.post_step()
+            fired = codes.fire_counts() > 0
+            self.since_fired += n  # tokens since last fired, then reset where it fired
+            self.since_fired[fired] = 0
+        self.step += 1
+        self.tokens += int(acts.shape[0])
+        self.tokens_trained += n
+        if n > 0 and (self.step % self.cfg.log_every == 0 or self.step == self.total_steps):
+            row = self._metrics_row(x, x_hat.float(), codes, losses, lr)
+            self.metrics.append(row)
+        return row
+
+    def _metrics_row(self, x: Tensor, x_hat: Tensor, codes: Any, losses: dict[str, Tensor],
+                     lr: float) -> dict[str, Any]:
+        sums = SumsOfSquares()
+        sums.update(x, x_hat)
+        elapsed = max(time.perf_counter() - self._t0, 1e-9)
+        row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "tokens_trained": self.tokens_trained,
+                               "lr": lr, "fvu": sums.fvu(),
+                               "dead_frac": float((self.since_fired >= self.dead_tokens).double().mean()),
+                               "tokens_per_s": (self.tokens - self._tokens_at_t0) / elapsed}
+        row.update({k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1})
+        row.update(support_stats(codes.support_sizes()))
+        return row
+
+    def evaluate(self, max_tokens: int | None = None) -> dict[str, Any]:
+        """fvu / l0 / dead fraction on the eval split (the sweep's built-in fallback evaluator)."""
+        return evaluate_fvu_l0(self.sae, self.cfg, self.row_filter, self.median_norm, self.device, max_tokens)
+
+    def fit(self, batches: BatchSource | None = None) -> str:
+        """Train to the budget from wherever the run stands; returns the run URL."""
+        if self.step >= self.total_steps:
+            if not self.finished or self.dir.load_state() is None:
+                self.checkpoint()
+            self.finished = True
+            return self.url
+        loader = fetch = None
+        if batches is None:  # our own loader: its sequential iterator prefetches whole windows
+            loader = ActivationLoader(self.cfg.dataset, self.cfg.batch_size, split="train", seed=self.cfg.data_seed,
+                                      columns=BATCH_COLUMNS, storage_options=self.cfg.storage_options)
+            stream = loader.iter_batches(start=self.step)
+        else:
+            fetch = Prefetcher(batches, self.step, self.total_steps)
+            stream = (fetch.get(b) for b in range(self.step, self.total_steps))
+        bar = self._progress_bar()
+        self._t0, self._tokens_at_t0 = time.perf_counter(), self.tokens
+        try:
+            while self.step < self.total_steps:
+                self._maybe_fail()
+                row = self.train_step(next(stream))
+                bar.update(self.cfg.batch_size)
+                if row is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
+                                    refresh=False)
+                if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    ev = self.evaluate(self.cfg.eval_tokens)
+                    self.metrics.append({"step": self.step, "tokens": self.tokens,
+                                         **{f"eval_{k}": v for k, v in ev.items() if not isinstance(v, dict)}})
+                if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
+                    self.checkpoint()
+        finally:
+            bar.close()
+            if fetch is not None:
+                fetch.close()
+            if loader is not None:
+                loader.close()
+        self.finished = True
+        return self.url
+
+    def _progress_bar(self) -> Any:
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.total_steps * self.cfg.batch_size, initial=self.step * self.cfg.batch_size,
+                    unit="tok", unit_scale=True, desc=self.cfg.name, disable=not self.progress,
+                    dynamic_ncols=True, mininterval=1.0)
+
+    def _maybe_fail(self) -> None:
+        """Fault injection for tests (``fail_at_step``): die once, for real, at that step."""
+        at = self.cfg.fail_at_step
+        if at is None or self.step != at or self.dir.exists(FAULT_MARKER):
+            return
+        self.dir.write_bytes(FAULT_MARKER, f"{at}\n".encode())
+        os._exit(17)
+
+
+def evaluate_fvu_l0(sae: torch.nn.Module, cfg: TrainConfig, row_filter: RowFilter, median_norm: float | None,
+                    device: torch.device, max_tokens: int | None = None) -> dict[str, Any]:
+    """fvu (centred, float64), l0 and support quantiles, dead fraction over the eval split's filtered rows."""
+    loader = ActivationLoader(cfg.dataset, cfg.batch_size, split="eval", seed=0, epochs=1,
+                              columns=BATCH_COLUMNS, storage_options=cfg.storage_options)
+    sums = SumsOfSquares()
+    sizes: list[Tensor] = []
+    fired = torch.zeros(sae.config.m, dtype=torch.bool)
+    seen = 0
+    was_training = sae.training
+    sae.eval()
+    with torch.no_grad():
+        for raw in loader:
+            acts, positions = as_batch(raw)
+            acts = acts.to(device)
+            keep = row_filter.keep_mask(acts, positions.to(device) if positions is not None else None, median_norm)
+            x = acts[keep]
+            if x.shape[0] == 0:
+                continue
+            if max_tokens is not None:
+                x = x[: max(0, max_tokens - seen)]
+            codes = sae.encode(x)
+            x_hat = sae.decode(codes, x)
+            sums.update(x, x_hat)
+            sizes.append(codes.support_sizes().cpu())
+            fired |= (codes.fire_counts() > 0).cpu()
+            seen += int(x.shape[0])
+            if max_tokens is not None and seen >= max_tokens:
+                break
+    sae.train(was_training)
+    loader.close()
+    out: dict[str, Any] = {"fvu": sums.fvu(), "tokens": seen,
+                           "dead_frac": float((~fired).double().mean())}
+    out.update(support_stats(torch.cat(sizes) if sizes else torch.zeros(0)))
+    return out
+
+
+def train(cfg: TrainConfig, *, progress: bool = True, batches: BatchSource | None = None) -> str:
+    """Run (or resume, or extend) one training run to its token budget; returns the run URL."""
+    return Run(cfg, progress=progress).fit(batches)
+
+
+def write_builtin_eval(run_cfg: TrainConfig, max_tokens: int | None = None) -> dict[str, Any]:
+    """Score a finished run with :func:`evaluate_fvu_l0` and write ``eval.json`` (no evaluator package)."""
+    run = Run(run_cfg, progress=False)
+    report = run.evaluate(max_tokens)
+    report.update({"evaluator": "trainer.builtin", "run_url": run.url, "dataset": run_cfg.dataset,
+                   "dataset_manifest_hash": run.manifest_hash, "filter": run.config_record()["filter"]})
+    run.dir.write_json(EVAL_FILE, report)
+    return report
