@@ -178,7 +178,9 @@ class DatasetWriter:
     # ---- writing ---------------------------------------------------------------------------
     def _array(self, name: str) -> zarr.Array:
         if name not in self._arrays:
-            self._arrays[name] = zarr.open_array(store=self._hstore, path=name, mode="r+", zarr_format=3)
+            # write_empty_chunks is a runtime setting: every shard is one object with every chunk stored
+            arr = zarr.open_array(store=self._hstore, path=name, mode="r+", zarr_format=3)
+            self._arrays[name] = arr.with_config({"write_empty_chunks": True})
         return self._arrays[name]
 
     def committed(self) -> set[int]:
@@ -202,7 +204,8 @@ class DatasetWriter:
         if rows % m.context_length:
             raise UserError(f"{where}: {rows} rows is not a whole number of sequences of "
                             f"context_length={m.context_length}; pass whole sequences.")
-        x = x.astype(m.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = x.astype(m.dtype, copy=False)
         if not np.isfinite(x).all():
             raise UserError(f"{where}: acts contain NaN or Inf (in {m.dtype}); fix the model/hook "
                             "or store float32.")

@@ -1,0 +1,164 @@
+"""ActivationLoader: exactly-once, shuffling, determinism of batch(b), ranks, splits, S3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from store_testdata import CHUNK_ROWS, build_dataset, shard_data
+
+from store import ActivationLoader, UserError, open_dataset
+from store.split import eval_chunk_mask
+
+TOTAL = 9 * 64 + 40  # 10 shards, 39 chunks, last chunk has 8 rows
+
+
+@pytest.fixture(scope="module")
+def ds_url(tmp_path_factory):
+    url = str(tmp_path_factory.mktemp("loader") / "ds")
+    build_dataset(url, TOTAL)
+    return url
+
+
+def token_stream(loader, n_batches=None) -> np.ndarray:
+    out = []
+    for i, batch in enumerate(loader):
+        out.append((batch["token_ids"] if isinstance(batch, dict) else batch).numpy())
+        if n_batches is not None and i + 1 >= n_batches:
+            break
+    return np.concatenate(out)
+
+
+def split_tokens(url: str, split: str) -> np.ndarray:
+    ds = open_dataset(url)
+    return np.concatenate([np.arange(a, b) for a, b in ds.split_row_ranges(split)])
+
+
+@pytest.mark.parametrize("split", ["train", "eval", "all"])
+def test_every_row_exactly_once_per_epoch_and_shuffled(ds_url, split):
+    loader = ActivationLoader(ds_url, batch_size=50, split=split, seed=7, window_chunks=4, epochs=2,
+                              columns=("acts", "token_ids"))
+    rows = loader.rows_per_epoch
+    expect = split_tokens(ds_url, split)
+    assert rows == expect.size
+    tokens = token_stream(loader)
+    assert tokens.size == 2 * rows
+    assert len(loader) == -(-2 * rows // 50)
+    for e in range(2):
+        epoch = tokens[e * rows:(e + 1) * rows]
+        assert np.array_equal(np.sort(epoch), expect)
+    assert not np.array_equal(tokens[:rows], expect)  # shuffled
+    assert not np.array_equal(tokens[:rows], tokens[rows:])  # a fresh order per epoch
+    # rows from different chunks are interleaved inside a batch (row-level shuffle in the window)
+    first = tokens[:50] // CHUNK_ROWS
+    assert np.unique(first).size >= 3
+
+
+def test_acts_match_the_stored_rows(ds_url):
+    loader = ActivationLoader(ds_url, batch_size=64, split="all", seed=1, window_chunks=5, epochs=1,
+                              columns=("acts", "token_ids", "seq_ids", "positions"))
+    stored = np.concatenate([shard_data(s, min(64, TOTAL - 64 * s))["acts"] for s in range(10)])
+    stored = torch.from_numpy(stored.astype(np.float16).astype(np.float32))
+    for batch in loader:
+        tok = batch["token_ids"]
+        assert batch["acts"].dtype == torch.float32 and batch["acts"].shape[1] == 16
+        assert torch.equal(batch["acts"], stored[tok])
+        assert torch.equal(batch["seq_ids"], tok // 8) and torch.equal(batch["positions"], tok % 8)
+        assert batch["token_ids"].dtype == torch.int64
+
+
+def test_last_batch_is_short_with_finite_epochs(ds_url):
+    loader = ActivationLoader(ds_url, batch_size=100, split="all", epochs=1, columns="token_ids")
+    sizes = [b.shape[0] for b in loader]
+    assert sizes == [100] * 6 + [16] and len(loader) == 7
+    with pytest.raises(IndexError):
+        loader.batch(7)
+
+
+def test_batch_b_is_a_pure_function_and_streams_resume(ds_url):
+    kw = dict(batch_size=37, split="train", seed=11, window_chunks=3, columns=("acts", "token_ids"))
+    a = ActivationLoader(ds_url, prefetch=2, **kw)
+    b = ActivationLoader(ds_url, prefetch=0, io_threads=1, **kw)
+    streamed = []
+    for i, batch in enumerate(a):  # endless: crosses epoch boundaries
+        streamed.append(batch)
+        if i == 40:
+            break
+    for i in [40, 0, 17, 3, 29, 12]:
+        assert torch.equal(b.batch(i)["acts"], streamed[i]["acts"])
+        assert torch.equal(b.batch(i)["token_ids"], streamed[i]["token_ids"])
+    resumed = b.iter_batches(start=25)
+    for i in range(25, 32):
+        assert torch.equal(next(resumed)["token_ids"], streamed[i]["token_ids"])
+    resumed.close()
+    a.close()
+    b.close()
+
+
+def test_seed_changes_order_but_not_content(ds_url):
+    kw = dict(batch_size=64, split="all", window_chunks=4, epochs=1, columns="token_ids")
+    t1 = token_stream(ActivationLoader(ds_url, seed=1, **kw))
+    t2 = token_stream(ActivationLoader(ds_url, seed=2, **kw))
+    assert not np.array_equal(t1, t2)
+    assert np.array_equal(np.sort(t1), np.sort(t2))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_are_disjoint_and_cover_the_split(ds_url, world):
+    parts = []
+    for rank in range(world):
+        loader = ActivationLoader(ds_url, batch_size=32, split="train", seed=5, window_chunks=2, epochs=1,
+                                  columns="token_ids", rank=rank, world=world)
+        parts.append(np.concatenate([b.numpy() for b in loader]))
+    joined = np.concatenate(parts)
+    assert joined.size == np.unique(joined).size
+    assert np.array_equal(np.sort(joined), split_tokens(ds_url, "train"))
+
+
+def test_train_and_eval_are_disjoint_whole_chunks(ds_url):
+    ds = open_dataset(ds_url)
+    train, ev = split_tokens(ds_url, "train"), split_tokens(ds_url, "eval")
+    assert np.intersect1d(train, ev).size == 0
+    assert np.array_equal(np.sort(np.concatenate([train, ev])), np.arange(TOTAL))
+    assert ds.eval_chunks().size == eval_chunk_mask(39, 0.25, 3).sum() >= 9
+    seq_train, seq_eval = set((train // 8).tolist()), set((ev // 8).tolist())
+    assert not seq_train & seq_eval  # no sequence straddles the split
+
+
+def test_bad_loader_settings(ds_url):
+    with pytest.raises(UserError, match="columns"):
+        ActivationLoader(ds_url, batch_size=8, columns=("nope",))
+    with pytest.raises(UserError, match="rank=2"):
+        ActivationLoader(ds_url, batch_size=8, rank=2, world=2)
+    with pytest.raises(UserError, match="split 'dev'"):
+        ActivationLoader(ds_url, batch_size=8, split="dev")
+    with pytest.raises(UserError, match="none for rank"):
+        ActivationLoader(ds_url, batch_size=8, split="eval", rank=20, world=21)
+
+
+def test_loader_on_s3_matches_local(s3_bucket, ds_url):
+    url = f"{s3_bucket}/ds"
+    build_dataset(url, TOTAL)
+    kw = dict(batch_size=40, split="train", seed=2, window_chunks=3, epochs=1, columns=("acts", "token_ids"))
+    remote = list(ActivationLoader(url, **kw))
+    local = list(ActivationLoader(ds_url, **kw))
+    assert len(remote) == len(local)
+    for r, l_ in zip(remote, local):
+        assert torch.equal(r["acts"], l_["acts"]) and torch.equal(r["token_ids"], l_["token_ids"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 400), m=st.integers(0, 400), fraction=st.floats(0.01, 0.99), seed=st.integers(0, 2**31))
+def test_eval_mask_is_deterministic_prefix_stable_and_sized(n, m, fraction, seed):
+    a = eval_chunk_mask(n, fraction, seed)
+    assert np.array_equal(a, eval_chunk_mask(n, fraction, seed))
+    lo, hi = min(n, m), max(n, m)
+    if lo >= 2 and eval_chunk_mask(lo, fraction, seed).sum() > 0 and lo * fraction >= 1:
+        assert np.array_equal(eval_chunk_mask(hi, fraction, seed)[:lo], eval_chunk_mask(lo, fraction, seed))
+    if n >= 2:
+        assert a.any()
+        assert a.sum() <= np.ceil(n * fraction) + 1
+        if fraction <= 0.5:
+            assert a.sum() >= np.floor(n * fraction) - 1
