@@ -1,9 +1,11 @@
-"""Fixtures for the evaluator tests: a tiny random GPT-2 built in the test (offline)."""
+"""Fixtures for the evaluator tests: tiny random GPT-2 / open_clip built in the test (offline), a tiny
+store dataset, really trained tiny SAEs."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from ev_helpers import train_sae, write_text_dataset
 
 
 @pytest.fixture(scope="session")
@@ -55,3 +57,32 @@ def image_folder(tmp_path_factory):
             arr = (torch.tensor(rgb) + noise).clamp(0, 255).to(torch.uint8).numpy()
             Image.fromarray(arr).save(root / name / f"{i}.png")
     return root
+
+
+# ---- a tiny text dataset in the real store, and run directories with really trained SAEs --------
+
+@pytest.fixture(scope="session")
+def lm_folder(tmp_path_factory, tiny_gpt2):
+    """The tiny GPT-2 saved with a word-level tokenizer trained in the test (loadable by harvester)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    vocab = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, 101)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                            unk_token="<|endoftext|>").save_pretrained(folder)
+    tiny_gpt2.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def text_dataset(tmp_path_factory, tiny_gpt2, lm_folder):
+    """URL of a sealed tiny text dataset whose model is the saved tiny GPT-2 (CE can load it)."""
+    return write_text_dataset(str(tmp_path_factory.mktemp("data") / "tiny"), tiny_gpt2, lm_folder)
+
+
+@pytest.fixture(scope="session")
+def trained_relu(text_dataset):
+    return train_sae(text_dataset, {"variant": "relu", "m": 32})

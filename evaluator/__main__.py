@@ -1,0 +1,93 @@
+"""``python -m evaluator run RUN_URL... [--json]``, ``report SWEEP_URL``, ``concepts ...``.
+
+* ``run``: evaluate each run directory on its dataset's eval split; writes ``<run>/eval.json``
+  and prints one line per run (or the reports as JSON with ``--json``).
+* ``report``: write ``<sweep>/report.md`` and its PNG plots from the runs' eval.json files.
+* ``concepts``: the concept browser (:mod:`evaluator.concepts`), arguments passed through.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from store.errors import UserError, run_cli
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from evaluator.evaluate import evaluate_run
+    from evaluator.zeroshot import ZeroShotConfig
+    from store.config import load_config
+
+    zeroshot = load_config(ZeroShotConfig, args.zeroshot, args.set) if args.zeroshot else None
+    cache: dict = {}
+    reports = []
+    for url in args.runs:
+        report = evaluate_run(url, max_tokens=args.max_tokens, ce_contexts=args.ce_contexts, device=args.device,
+                              batch_size=args.batch_size, zeroshot=zeroshot, model_cache=cache,
+                              progress=not args.json)
+        reports.append(report.model_dump(mode="json"))
+        if not args.json:
+            ce = (f"ce_degradation {_fmt(report.ce_degradation)} nats, ce_recovered {_fmt(report.ce_recovered)}"
+                  if report.ce_skipped is None else f"CE skipped: {report.ce_skipped}")
+            print(f"{url}: fvu {_fmt(report.fvu)} (unfiltered {_fmt(report.fvu_unfiltered)}), "
+                  f"l0 {_fmt(report.l0, '.1f')}, dead {_fmt(report.dead_frac, '.3f')}, {ce}; "
+                  f"{report.tokens.kept} tokens -> {url.rstrip('/')}/eval.json")
+    if args.json:
+        print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from evaluator.report import write_report
+
+    url = write_report(args.sweep)
+    print(url)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m evaluator", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="evaluate run directories, writing eval.json")
+    run.add_argument("runs", nargs="+", metavar="RUN_URL")
+    run.add_argument("--json", action="store_true", help="print the reports as JSON")
+    run.add_argument("--max-tokens", type=int, default=None, help="cap on eval-split rows (default: all)")
+    run.add_argument("--ce-contexts", type=int, default=64, help="eval contexts for CE (0 skips CE)")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--batch-size", type=int, default=4096)
+    run.add_argument("--zeroshot", default=None, metavar="CONFIG.yaml",
+                     help="zero-shot concept classification datasets (vision runs)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the zero-shot config")
+    run.set_defaults(func=cmd_run)
+    report = sub.add_parser("report", help="write report.md + plots for a sweep directory")
+    report.add_argument("sweep", metavar="SWEEP_URL")
+    report.set_defaults(func=cmd_report)
+    sub.add_parser("concepts", help="concept browser (see python -m evaluator concepts --help)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "concepts":
+        try:
+            module = importlib.import_module("evaluator.concepts.__main__")
+        except ModuleNotFoundError as err:
+            raise UserError(f"the concept browser is not available in this build ({err.name} is missing).") from None
+        return int(module.main(args[1:]) or 0)
+    parsed = build_parser().parse_args(args)
+    if getattr(parsed, "max_tokens", None) is not None and parsed.max_tokens <= 0:
+        raise UserError(f"--max-tokens {parsed.max_tokens} must be positive; omit it to use the whole eval split.")
+    return parsed.func(parsed)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

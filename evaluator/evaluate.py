@@ -1,0 +1,454 @@
+"""Score one trainer run on its dataset's held-out ``eval`` split and write ``<run>/eval.json``.
+
+What is measured (definitions in :mod:`evaluator.metrics`, DESIGN §7):
+
+* Reconstruction (fvu, nmse_uncentered, explained_variance) on the rows the run's row filter
+  keeps (``exclude_positions``, ``max_norm_multiple`` — the same :class:`store.filters.RowFilter`
+  the trainer used) — these are the headline numbers — and on *all* eval rows
+  (``*_unfiltered``), so the effect of the filter is visible.
+* Sparsity on the kept rows: l0, the support-size histogram and quantiles, dead/dense
+  fractions, correlation of the support size with ‖x‖ and with the position; and the TopK K
+  suggested by the support distribution.
+* Downstream CE when the dataset's model is an HF causal LM that loads
+  (:func:`harvester.models.load_model` from the manifest's model fields): ``ce_contexts``
+  eval contexts (rows grouped by ``seq_id``, positions 0..T−1), the SAE spliced at the
+  dataset's hook at every position except 0 and the run's excluded positions; rows the
+  norm filter would drop pass through unmodified. Otherwise skipped with the reason
+  recorded in ``ce_skipped``.
+* Zero-shot concept classification (vision) when a :class:`~evaluator.zeroshot.ZeroShotConfig`
+  is given and the dataset's model is open_clip.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from evaluator.ce import splice_ce
+from evaluator.metrics import METRICS_VERSION, ReconstructionAccumulator, SparsityAccumulator, suggest_topk
+from store.config import StrictModel
+from store.errors import UserError
+from store.filters import RowFilter
+
+EVAL_FILE = "eval.json"
+CONFIG_FILE = "config.json"
+DEFAULT_CE_CONTEXTS = 64
+
+
+class FilterInfo(StrictModel):
+    """The row filter the evaluation applied (the run's own)."""
+
+    description: str
+    exclude_positions: list[int]
+    max_norm_multiple: float | None
+    median_norm: float | None
+
+
+class TokenCounts(StrictModel):
+    """Eval-split rows read, kept by the row filter, dropped by it; CE tokens scored."""
+
+    eval_rows: int
+    kept: int
+    dropped: int
+    ce_tokens: int = 0
+
+
+class EvalReport(StrictModel):
+    """Everything ``eval.json`` holds. Scalars at the top level (the sweep summary picks them up)."""
+
+    metrics_version: str = METRICS_VERSION
+    evaluator: str = "evaluator"
+    package_version: str | None
+    git_commit: str | None
+    created: str
+    run_url: str
+    dataset_url: str
+    dataset_manifest_hash: str
+    model: str | None
+    hook_layer: int
+    hook_site: str
+    variant: str
+    m: int
+    d: int
+    input_norm: str
+    device: str
+    filter: FilterInfo
+    tokens: TokenCounts
+    # headline metrics (kept rows)
+    fvu: float | None
+    nmse_uncentered: float | None
+    explained_variance: float | None
+    l0: float | None
+    dead_frac: float
+    dense_frac: float
+    support_median: float | None
+    support_norm_corr: float | None
+    support_position_corr: float | None
+    # the same reconstruction metrics over every eval row, filtered ones included
+    fvu_unfiltered: float | None
+    nmse_uncentered_unfiltered: float | None
+    explained_variance_unfiltered: float | None
+    # downstream CE (None with ce_skipped set when not computed)
+    ce_clean: float | None = None
+    ce_sae: float | None = None
+    ce_zero: float | None = None
+    ce_degradation: float | None = None
+    ce_recovered: float | None = None
+    kl: float | None = None
+    ce_skipped: str | None = None
+    # details
+    reconstruction: dict[str, dict[str, Any]] = Field(description="'kept' and 'all' rows.")
+    sparsity: dict[str, Any] = Field(description="l0, histogram, quantiles, dead/dense, correlations.")
+    suggested_topk: dict[str, Any]
+    ce: dict[str, Any] | None = None
+    zeroshot: dict[str, Any] | None = None
+    zeroshot_skipped: str | None = None
+
+
+# ---- small helpers ---------------------------------------------------------------------------
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def package_version() -> str | None:
+    """Installed version of the ``dynsae`` distribution."""
+    try:
+        return importlib.metadata.version("dynsae")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    """Commit of the checkout this package runs from (suffix ``-dirty`` with local changes), or None."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if dirty else head
+
+
+def read_json_url(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A JSON object at ``url`` (any fsspec URL), or None if the file does not exist."""
+    from store.urls import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    try:
+        with fs.open(path, "rb") as fh:
+            data = json.loads(fh.read())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        raise UserError(f"{url} is not valid JSON; it may be truncated — re-create it.") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{url} must hold a JSON object.")
+    return data
+
+
+def write_json_url(url: str, data: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``data`` as JSON to ``url``: to a temporary name first, then moved into place."""
+    from store.urls import filesystem
+
+    fs, path = filesystem(url, storage_options)
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with fs.open(tmp, "wb") as fh:
+        fh.write(json.dumps(data, indent=2, allow_nan=False).encode())
+    fs.mv(tmp, path)
+
+
+def read_run_config(run_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The run's ``config.json`` (the trainer's run record with an ``sae`` section)."""
+    from store.urls import join_url
+
+    cfg = read_json_url(join_url(run_url, CONFIG_FILE), storage_options)
+    if cfg is None:
+        raise UserError(f"{run_url} has no {CONFIG_FILE}; point at a trainer run directory "
+                        "(<runs_root>/<sweep>/<run>).")
+    for key in ("dataset", "sae"):
+        if key not in cfg:
+            raise UserError(f"{join_url(run_url, CONFIG_FILE)} has no {key!r} key; it is not a trainer run "
+                            "config (an SAE saved on its own has no dataset to evaluate on).")
+    return cfg
+
+
+def run_filter(cfg: dict[str, Any]) -> RowFilter:
+    """The run's row filter (trainer defaults where the run config is silent)."""
+    return RowFilter(exclude_positions=list(cfg.get("exclude_positions", [0])),
+                     max_norm_multiple=cfg.get("max_norm_multiple"))
+
+
+def codes_rows(codes: Any, mask: Tensor) -> Any:
+    """The rows of a ``Codes`` object selected by a bool mask (B,)."""
+    def pick(t: Tensor | None) -> Tensor | None:
+        return None if t is None else t[mask]
+
+    return type(codes)(m=codes.m, idx=pick(codes.idx), val=pick(codes.val), dense=pick(codes.dense),
+                       norms=pick(codes.norms))
+
+
+# ---- the eval-split pass ---------------------------------------------------------------------
+
+
+class EvalAccumulators:
+    """Reconstruction over kept and over all rows, sparsity over kept rows."""
+
+    def __init__(self, m: int) -> None:
+        self.kept = ReconstructionAccumulator()
+        self.all = ReconstructionAccumulator()
+        self.sparsity = SparsityAccumulator(m)
+
+    def update(self, x: Tensor, x_hat: Tensor, codes: Any, keep: Tensor, positions: Tensor | None) -> None:
+        """One batch: rows ``x``, reconstructions, their codes and the filter's keep mask."""
+        self.all.update(x, x_hat)
+        self.kept.update(x[keep], x_hat[keep])
+        kept_codes = codes_rows(codes, keep)
+        self.sparsity.update(kept_codes.support_sizes(), kept_codes.fire_counts(),
+                             torch.linalg.vector_norm(x[keep].float(), dim=-1),
+                             None if positions is None else positions[keep])
+
+
+def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilter, median_norm: float | None, *,
+                     max_tokens: int | None, batch_size: int, device: str,
+                     storage_options: dict[str, Any] | None = None, progress: bool = True) -> EvalAccumulators:
+    """Stream the eval split through the SAE (no grad) into :class:`EvalAccumulators`."""
+    from store import ActivationLoader
+
+    loader = ActivationLoader(dataset_url, batch_size, split="eval", seed=0, epochs=1,
+                              columns=("acts", "positions"), storage_options=storage_options)
+    acc = EvalAccumulators(sae.config.m)
+    total = loader.rows_per_epoch if max_tokens is None else min(max_tokens, loader.rows_per_epoch)
+    if total == 0:
+        raise UserError(f"dataset {dataset_url} has no rows in its eval split; harvest with a non-zero "
+                        "eval fraction (split.fraction) to evaluate on it.")
+    bar = tqdm(total=total, desc="eval", unit="tok", unit_scale=True, disable=not progress)
+    seen = 0
+    with torch.no_grad():
+        for batch in loader:
+            x, positions = batch["acts"], batch["positions"]
+            if max_tokens is not None:
+                x, positions = x[: max_tokens - seen], positions[: max_tokens - seen]
+            x, positions = x.to(device), positions.to(device)
+            keep = row_filter.keep_mask(x, positions, median_norm)
+            codes = sae.encode(x)
+            x_hat = sae.decode(codes, x)
+            acc.update(x, x_hat, codes, keep, positions)
+            seen += x.shape[0]
+            bar.update(x.shape[0])
+            if max_tokens is not None and seen >= max_tokens:
+                break
+    bar.close()
+    return acc
+
+
+# ---- CE ----------------------------------------------------------------------------------------
+
+
+def eval_contexts(dataset: Any, n_contexts: int) -> Tensor:
+    """(n, T) token ids of the first ``n_contexts`` complete eval sequences (rows grouped by seq_id,
+    positions 0..T−1, T = the manifest's context_length)."""
+    import numpy as np
+
+    t = dataset.manifest.context_length
+    arrays = dataset.arrays
+    if "token_ids" not in arrays:
+        raise UserError(f"dataset {dataset.url} has no token_ids array; CE needs a text dataset.")
+    out: list[np.ndarray] = []
+    for start, stop in dataset.split_row_ranges("eval"):
+        ids = np.asarray(arrays["token_ids"][start:stop]).astype(np.int64)
+        seq = np.asarray(arrays["seq_ids"][start:stop])
+        pos = np.asarray(arrays["positions"][start:stop]).astype(np.int64)
+        for s in np.unique(seq):
+            rows = seq == s
+            if rows.sum() != t:
+                continue
+            order = np.argsort(pos[rows], kind="stable")
+            if not np.array_equal(pos[rows][order], np.arange(t)):
+                continue
+            out.append(ids[rows][order])
+            if len(out) >= n_contexts:
+                return torch.from_numpy(np.stack(out))
+    if not out:
+        raise UserError(f"dataset {dataset.url} has no complete eval sequence of {t} tokens to compute CE on.")
+    return torch.from_numpy(np.stack(out))
+
+
+def sae_reconstruct(sae: torch.nn.Module, row_filter: RowFilter, median_norm: float | None):
+    """rows -> x̂ for splicing; rows the norm filter drops pass through unmodified."""
+    norm_only = RowFilter(exclude_positions=[], max_norm_multiple=row_filter.max_norm_multiple)
+
+    def reconstruct(rows: Tensor) -> Tensor:
+        dev = next(sae.parameters()).device
+        x = rows.to(dev)
+        x_hat = sae.decode(sae.encode(x), x).float()
+        keep = norm_only.keep_mask(x, None, median_norm)
+        return torch.where(keep[:, None], x_hat, x.float()).to(rows.device)
+
+    return reconstruct
+
+
+def load_dataset_model(model_info: Any, device: str, cache: dict[str, Any] | None = None) -> Any:
+    """The dataset's model as a harvester ``ModelAdapter`` (:func:`harvester.models.load_model` from the
+    manifest's model fields), cached by those fields and the device."""
+    from harvester.config import ModelConfig
+    from harvester.models import load_model
+
+    fields = {k: v for k, v in model_info.model_dump().items() if v is not None and k in ModelConfig.model_fields}
+    key = json.dumps({**fields, "device": device}, sort_keys=True)
+    if cache is not None and key in cache:
+        return cache[key]
+    adapter = load_model(ModelConfig(**fields), device)
+    if cache is not None:
+        cache[key] = adapter
+    return adapter
+
+
+def ce_section(dataset: Any, sae: torch.nn.Module, row_filter: RowFilter, median_norm: float | None,
+               ce_contexts: int, device: str, batch_size: int, model_cache: dict[str, Any] | None,
+               progress: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """(CE result, None) or (None, the reason it was skipped)."""
+    info = dataset.manifest.model
+    if ce_contexts <= 0:
+        return None, "ce_contexts = 0"
+    if info.kind != "hf_causal_lm":
+        return None, f"model {info.name!r} is of kind {info.kind!r}, not an HF causal LM"
+    if "token_ids" not in dataset.arrays:
+        return None, f"dataset {dataset.url} stores no token_ids"
+    try:
+        model = load_dataset_model(info, device, model_cache).model
+    except Exception as err:  # any load failure is recorded, not fatal
+        return None, f"cannot load model {info.name!r}: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    ids = eval_contexts(dataset, ce_contexts)
+    skip = sorted({0, *row_filter.exclude_positions})
+    res = splice_ce(model, ids, dataset.manifest.hook.layer, dataset.manifest.hook.site,
+                    sae_reconstruct(sae, row_filter, median_norm), batch_size=batch_size,
+                    skip_positions=skip, progress=progress)
+    res["norm_filter_passthrough"] = row_filter.max_norm_multiple
+    return res, None
+
+
+# ---- the whole evaluation ----------------------------------------------------------------------
+
+
+def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: int = DEFAULT_CE_CONTEXTS,
+                 device: str = "cpu", batch_size: int = 4096, ce_batch_size: int = 8,
+                 zeroshot: Any | None = None, storage_options: dict[str, Any] | None = None,
+                 model_cache: dict[str, Any] | None = None, write: bool = True,
+                 progress: bool = True) -> EvalReport:
+    """Evaluate the run at ``run_url`` on its dataset's eval split; writes ``<run_url>/eval.json``.
+
+    ``max_tokens`` caps the eval rows read (None: the whole split); ``ce_contexts`` eval contexts
+    are used for CE (0 skips it); ``zeroshot`` (a :class:`evaluator.zeroshot.ZeroShotConfig`) adds
+    zero-shot concept classification for open_clip datasets; ``model_cache`` keeps loaded models
+    between calls (the evaluator actor passes one).
+    """
+    from store import open_dataset
+    from store.urls import join_url
+    from trainer.sae import load
+
+    cfg = read_run_config(run_url, storage_options)
+    dataset_url = cfg["dataset"]
+    dataset = open_dataset(dataset_url, storage_options=storage_options)
+    manifest = dataset.manifest
+    sae = load(run_url).to(device).eval()
+    if sae.config.d != manifest.d:
+        raise UserError(f"run {run_url} has an SAE of d = {sae.config.d} but its dataset {dataset_url} has "
+                        f"d = {manifest.d}; the run config points at the wrong dataset.")
+    row_filter = run_filter(cfg)
+    median_norm = manifest.stats.median_norm if manifest.stats is not None else None
+    acc = score_eval_split(sae, dataset_url, row_filter, median_norm, max_tokens=max_tokens,
+                           batch_size=batch_size, device=device, storage_options=storage_options,
+                           progress=progress)
+    kept, everything, sparsity = acc.kept.result(), acc.all.result(), acc.sparsity.result()
+    ce, ce_skipped = ce_section(dataset, sae, row_filter, median_norm, ce_contexts, device, ce_batch_size,
+                                model_cache, progress)
+    zs, zs_skipped = zeroshot_section(manifest, sae, row_filter, zeroshot, device, model_cache)
+    ce = ce or {}
+    report = EvalReport.model_validate(_clean({
+        "package_version": package_version(),
+        "git_commit": git_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "run_url": run_url,
+        "dataset_url": dataset_url,
+        "dataset_manifest_hash": manifest.manifest_hash(),
+        "model": manifest.model.name,
+        "hook_layer": manifest.hook.layer,
+        "hook_site": manifest.hook.site,
+        "variant": sae.config.variant,
+        "m": sae.config.m,
+        "d": sae.config.d,
+        "input_norm": "unit (always: cross-attention family)" if getattr(sae, "always_unit_norm", False)
+        else sae.config.input_norm,
+        "device": device,
+        "filter": {"description": row_filter.describe(), "exclude_positions": row_filter.exclude_positions,
+                   "max_norm_multiple": row_filter.max_norm_multiple, "median_norm": median_norm},
+        "tokens": {"eval_rows": everything["rows"], "kept": kept["rows"],
+                   "dropped": everything["rows"] - kept["rows"], "ce_tokens": ce.get("tokens", 0)},
+        "fvu": kept["fvu"], "nmse_uncentered": kept["nmse_uncentered"],
+        "explained_variance": kept["explained_variance"],
+        "fvu_unfiltered": everything["fvu"], "nmse_uncentered_unfiltered": everything["nmse_uncentered"],
+        "explained_variance_unfiltered": everything["explained_variance"],
+        "l0": sparsity["l0"], "dead_frac": sparsity["dead_frac"], "dense_frac": sparsity["dense_frac"],
+        "support_median": sparsity["support_median"], "support_norm_corr": sparsity["support_norm_corr"],
+        "support_position_corr": sparsity["support_position_corr"],
+        **{k: ce.get(k) for k in ("ce_clean", "ce_sae", "ce_zero", "ce_degradation", "ce_recovered", "kl")},
+        "ce_skipped": ce_skipped,
+        "reconstruction": {"kept": kept, "all": everything},
+        "sparsity": sparsity,
+        "suggested_topk": suggest_topk(sparsity),
+        "ce": ce or None,
+        "zeroshot": zs,
+        "zeroshot_skipped": zs_skipped,
+    }))
+    if write:
+        write_json_url(join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
+    return report
+
+
+def zeroshot_section(manifest: Any, sae: torch.nn.Module, row_filter: RowFilter, config: Any, device: str,
+                     model_cache: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """Zero-shot results for open_clip datasets when a config is given; else (None, reason)."""
+    if config is None or not config.datasets:
+        return None, "no zero-shot datasets configured"
+    if manifest.model.kind != "open_clip":
+        return None, f"model {manifest.model.name!r} is not an open_clip model"
+    from evaluator.zeroshot import zeroshot_eval
+
+    model, preprocess, tokenizer = load_clip(manifest.model, device, model_cache)
+    res = zeroshot_eval(model, preprocess, tokenizer, sae, manifest.hook.layer, manifest.hook.site, config,
+                        skip_positions=row_filter.exclude_positions)
+    return res, None
+
+
+def load_clip(model_info: Any, device: str, cache: dict[str, Any] | None = None) -> tuple[Any, Any, Any]:
+    """(model, preprocess, tokenizer) of the open_clip model named in a manifest (cached)."""
+    import open_clip
+
+    from harvester.models import open_clip_name
+
+    adapter = load_dataset_model(model_info, device, cache)
+    return adapter.model, adapter.preprocess, open_clip.get_tokenizer(open_clip_name(model_info))

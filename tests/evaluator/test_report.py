@@ -1,0 +1,86 @@
+"""report.md + plots from a tiny sweep of really trained SAEs (relu and sparsemax at two sizes)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from ev_helpers import make_run, train_sae
+
+from evaluator.__main__ import main
+from evaluator.evaluate import evaluate_run
+from evaluator.report import write_report
+from store.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory, text_dataset):
+    root = tmp_path_factory.mktemp("runs") / "sweep1"
+    reports = {}
+    for variant in ("relu", "sparsemax"):
+        for m in (16, 32):
+            name = f"variant-{variant}_m-{m}"
+            sae = train_sae(text_dataset, {"variant": variant, "m": m}, steps=30)
+            run = make_run(str(root / name), text_dataset, sae)
+            reports[name] = evaluate_run(run, ce_contexts=2 if m == 16 else 0, progress=False)
+    # one run that was never evaluated
+    make_run(str(root / "variant-topk_m-16"), text_dataset,
+             train_sae(text_dataset, {"variant": "topk", "m": 16, "k": 4}, steps=2))
+    return root, reports
+
+
+def test_report_renders_every_section(tiny_sweep):
+    root, reports = tiny_sweep
+    url = write_report(str(root))
+    text = Path(url).read_text()
+    for heading in ("## fvu / ce_degradation by variant and dictionary size", "## Runs",
+                    "## fvu vs dictionary size", "## L0–fvu frontier",
+                    "## Support size of the sparsemax runs (dynamic K) and the suggested TopK K"):
+        assert heading in text
+    # paper table: rows variants, columns sizes, cells fvu / ce_degradation
+    assert "| variant | M = 16 | M = 32 |" in text
+    r16, r32 = reports["variant-relu_m-16"], reports["variant-relu_m-32"]
+    assert f"| relu | {r16.fvu:.4f} / {r16.ce_degradation:.4f} | {r32.fvu:.4f} / – |" in text
+    s16 = reports["variant-sparsemax_m-16"]
+    assert f"| sparsemax | {s16.fvu:.4f} / {s16.ce_degradation:.4f} |" in text
+    # the unevaluated run is listed, not dropped
+    assert re.search(r"\| variant-topk_m-16 \| topk \| 16 \| none \| not evaluated \|", text)
+    assert "CE not computed: ce_contexts = 0." in text
+    # suggested K per sparsemax run, from the mean support size
+    for name in ("variant-sparsemax_m-16", "variant-sparsemax_m-32"):
+        rep = reports[name]
+        assert f"| {name} | {rep.m} | {max(1, round(rep.l0))} | {rep.l0:.2f} |" in text
+        assert f"![support size of {name}](support_{name}.png)" in text
+    assert "K = round(mean support size" in text
+    for png in ("fvu_vs_m.png", "l0_fvu.png", "support_variant-sparsemax_m-16.png",
+                "support_variant-sparsemax_m-32.png"):
+        assert (root / png).read_bytes()[:8] == PNG_MAGIC
+        assert f"({png})" in text
+    assert not (root / "support_variant-relu_m-16.png").exists()
+
+
+def test_report_follows_summary_json_and_cli(tiny_sweep, capsys):
+    root, _ = tiny_sweep
+    summary = {"sweep": "sweep1", "runs": [{"name": "variant-relu_m-32",
+                                            "run_url": str(root / "variant-relu_m-32")}]}
+    (root / "summary.json").write_text(json.dumps(summary))
+    try:
+        assert main(["report", str(root)]) == 0
+        assert capsys.readouterr().out.strip() == str(root / "report.md")
+        text = (root / "report.md").read_text()
+        assert "from 1 runs (1 evaluated)" in text and "variant-relu_m-16" not in text
+        assert "No sparsemax-family run in this sweep." in text
+    finally:
+        (root / "summary.json").unlink()
+
+
+def test_report_bad_inputs(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        write_report(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no run directories"):
+        write_report(str(tmp_path / "empty"))
