@@ -18,7 +18,7 @@ from evaluator.concepts.cards import (
 from evaluator.concepts.data import RunInfo, open_run
 from evaluator.concepts.images import thumbnails
 from evaluator.concepts.page import publish, staging_dir, write_site
-from evaluator.concepts.tokens import load_tokenizer, token_decoder
+from evaluator.concepts.tokens import load_tokenizer, token_decoder, token_joiner
 from store.urls import join_url
 
 TOP_IMAGES = 5  # images with a thumbnail per vision card
@@ -34,7 +34,7 @@ def build_cards(run: RunInfo, *, units: int, top: int, window: int, split: str, 
     """Index and cards of a run (thumbnails for vision are written into ``out``)."""
     res = stream_stats(run, units, top, split)
     ex = collect_examples(run, res.top, window)
-    note = None
+    note, joiner = None, ""
     if run.is_vision:
         labels = run.dataset.labels()
         first = ex.rows[:, :TOP_IMAGES, 0]
@@ -48,6 +48,7 @@ def build_cards(run: RunInfo, *, units: int, top: int, window: int, split: str, 
         tokenizer, reason = load_tokenizer(run.manifest.model)
         if tokenizer is None:
             note = f"Tokens are shown as ids (#id) because {reason}."
+        joiner = token_joiner(tokenizer)
         cards, tops = text_cards(run, res, ex, window, token_decoder(tokenizer))
     cols = summary(res.stats)
     for c, (card, hist) in enumerate(zip(cards, histograms(res.stats, range(run.m)))):
@@ -72,6 +73,7 @@ def build_cards(run: RunInfo, *, units: int, top: int, window: int, split: str, 
         "window": window,
         "images": TOP_IMAGES,
         "tokenizer_note": note,
+        "token_joiner": joiner,
         "concepts": dict(cols, top=tops),
     }
     return index, cards

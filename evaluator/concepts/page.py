@@ -10,7 +10,7 @@ Layout of ``<run_dir>/concepts/`` (open ``index.html`` from disk, no server, no 
     images/<seq>.jpg    (vision) square thumbnails of the top images, cropped as the model saw them
 
 Index: ``{"version", "title", "kind": "text"|"vision", "run", "dataset", "model", "split", "filter",
-"m", "rows", "units", "top", "window", "images", "shard_size", "tokenizer_note",
+"m", "rows", "units", "top", "window", "images", "shard_size", "tokenizer_note", "token_joiner",
 "concepts": {"freq": [M], "fires": [M], "mean": [M], "max": [M], "top": [M × [str]]}}``
 (columnar, one entry per concept id). Card: ``{"id", "freq", "fires", "mean", "max", "hist":
 [[lo, hi, count], ...], "top_tokens", "examples": [...], "logit_lens"?}`` with text examples

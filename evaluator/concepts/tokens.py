@@ -50,3 +50,19 @@ def token_decoder(tokenizer: Any | None) -> Decoder:
         return out
 
     return decode
+
+
+def token_joiner(tokenizer: Any | None) -> str:
+    """What to put between decoded tokens: ``" "`` when single-token decodes drop the spaces
+    (word-level tokenizers), ``""`` when the tokens carry them (byte-level BPE, SentencePiece)."""
+    if tokenizer is None:
+        return " "
+    try:
+        ids = tokenizer("the cat sat", add_special_tokens=False)["input_ids"]
+        if len(ids) < 2:
+            return ""
+        alone = "".join(tokenizer.decode([i], clean_up_tokenization_spaces=False) for i in ids)
+        together = tokenizer.decode(ids, clean_up_tokenization_spaces=False)
+        return " " if " " in together and " " not in alone else ""
+    except Exception:  # a tokenizer that cannot encode plain text: keep tokens apart
+        return " "

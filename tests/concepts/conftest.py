@@ -6,7 +6,7 @@
   ``store.DatasetWriter`` (several shards, 25% eval chunks) and sealed.
 * ``text_runs``: two run directories (topk k=4 and sparsemax, m = 40) with a trainer-style
   config.json (``"sae"`` + ``"dataset"`` + ``exclude_positions``) and random SAE weights.
-* ``vision_dataset`` / ``vision_run``: 12 synthetic images in an ImageFolder, 197 rows per image
+* ``vision_dataset`` / ``vision_run``: 12 synthetic images (a circle or a square) in an ImageFolder, 197 rows per image
   (CLS + 14×14 patches, synthetic activations), labels and class names; a topk run on it.
 * ``chromium``: headless Debian Chromium driven from the command line (``--dump-dom`` and
   ``--screenshot``); skips with the reason when /usr/bin/chromium is missing.
@@ -118,7 +118,7 @@ def text_runs(tmp_path_factory, text_dataset):
 @pytest.fixture(scope="session")
 def vision_dataset(tmp_path_factory):
     """12 synthetic images (2 classes) and a sealed dataset of 197 synthetic rows per image (d = 8)."""
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     from store import DatasetWriter
 
@@ -130,9 +130,13 @@ def vision_dataset(tmp_path_factory):
     for i in range(12):
         cls = classes[i % 2]
         (folder / cls).mkdir(parents=True, exist_ok=True)
-        arr = g.integers(0, 255, (40, 56, 3), dtype=np.uint8)
+        img = Image.new("RGB", (56, 40), tuple(int(v) for v in g.integers(120, 255, 3)))
+        box = (8 + i, 6, 32 + i, 30)
+        colour = tuple(int(v) for v in g.integers(0, 120, 3))
+        draw = ImageDraw.Draw(img)
+        (draw.ellipse if cls == "circle" else draw.rectangle)(box, fill=colour)
         path = folder / cls / f"{i}.png"
-        Image.fromarray(arr).save(path)
+        img.save(path)
         files.append(str(path))
     ctx = 197
     acts = g.standard_normal((12 * ctx, 8)).astype(np.float32)

@@ -8,6 +8,7 @@
   var IDX = window.__index;
   var C = IDX.concepts;
   var ROW_H = 28;
+  var DIM = 0.75;        // opacity of the dark veil over a patch where the concept is silent
   var state = { concept: null, q: "", sort: "freq", view: "list" };
   var order = [];        // concept ids currently listed (filtered + sorted)
   var cursor = 0;        // index into order of the selected row
@@ -171,6 +172,7 @@
       var ctx = el("span", { "class": "ctx", "aria-label": "context of sequence " + ex.seq + " position " + ex.pos });
       ex.toks.forEach(function (t, i) {
         var v = ex.acts[i];
+        if (i && IDX.token_joiner) { ctx.appendChild(document.createTextNode(IDX.token_joiner)); }
         var s = el("span", { "class": "tok" + (i === ex.center ? " center" : "") + (v === null ? " excluded" : ""),
                              "data-act": v === null ? "" : String(v),
                              title: v === null ? "excluded by the run's row filter" : "activation " + fmt(v) }, t);
@@ -192,14 +194,15 @@
       var svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
       var gw = ex.grid[1], gh = ex.grid[0];
       svg.setAttribute("viewBox", "0 0 " + gw + " " + gh); svg.setAttribute("preserveAspectRatio", "none");
-      svg.setAttribute("class", "mask"); svg.setAttribute("aria-hidden", "true");
+      svg.setAttribute("class", "mask"); svg.setAttribute("aria-hidden", "true"); svg.setAttribute("shape-rendering", "crispEdges");
       ex.mask.forEach(function (v, i) {
         var r = document.createElementNS(svg.namespaceURI, "rect");
         r.setAttribute("x", i % gw); r.setAttribute("y", Math.floor(i / gw)); r.setAttribute("width", 1); r.setAttribute("height", 1);
         r.setAttribute("class", "patch"); r.setAttribute("data-act", String(v));
-        var bg = shade(v, scale);
-        r.setAttribute("fill", bg ? bg.replace(/, [0-9.]+\)$/, ", 1)") : "none");
-        r.setAttribute("fill-opacity", bg ? (0.75 * Math.min(1, Math.abs(v) / scale)).toFixed(3) : "0");
+        // mask: patches are dimmed by 1 - |activation| / max, so the activating patches stay bright
+        var a = scale ? Math.min(1, Math.abs(v) / scale) : 0;
+        r.setAttribute("fill", "rgb(0, 0, 0)");
+        r.setAttribute("fill-opacity", (DIM * (1 - a)).toFixed(3));
         svg.appendChild(r);
       });
       frame.appendChild(svg);
