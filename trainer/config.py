@@ -176,6 +176,9 @@ class SweepConfig(StrictModel):
     ray: RayConfig = Field(default_factory=RayConfig)
     evaluate: bool = Field(default=True, description="hand finished runs to the evaluator.")
     eval_max_tokens: int | None = Field(default=None, gt=0, description="cap on eval-split tokens scored.")
+    evaluator_options: dict[str, Any] = Field(
+        default_factory=dict, description="extra keyword arguments of evaluator.actor.EvaluatorActor "
+                                          "(e.g. ce_contexts, zeroshot, device, batch_size).")
 
     @field_validator("name")
     @classmethod

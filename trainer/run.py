@@ -372,7 +372,7 @@ class Run(RunPlan):
         at = self.cfg.fail_at_step
         if at is None or self.step != at or self.dir.exists(FAULT_MARKER):
             return
-        self.dir.write_bytes(FAULT_MARKER, f"{at}\n".encode())
+        self.dir.write_bytes(FAULT_MARKER, f"{at} {os.getpid()}\n".encode())
         os._exit(17)
 
 
