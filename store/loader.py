@@ -190,8 +190,8 @@ class ActivationLoader:
         for c in self.columns:
             parts = []
             for win, lo, hi in pieces:
-                idx = torch.from_numpy(win.perm[lo:hi])
-                part = torch.from_numpy(win.bufs[c]).index_select(0, idx)
+                # numpy's gather into fresh memory is several times faster than index_select here
+                part = torch.from_numpy(np.take(win.bufs[c], win.perm[lo:hi], axis=0))
                 parts.append(part.float() if c == ACTS else part.long())
             out[c] = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out[self.columns[0]] if len(self.columns) == 1 else out

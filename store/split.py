@@ -9,7 +9,8 @@ seeded by ``seed``; chunk ``floor(t_j)`` is an eval chunk. Properties:
 * deterministic in ``(n_chunks, fraction, seed)``;
 * prefix-stable: the mask of the first m chunks does not depend on how many chunks
   follow (a partial dataset agrees with the sealed one);
-* the eval share is ``fraction`` up to one chunk, spread evenly over the dataset
+* the eval share is ``fraction`` up to about one chunk (two draws landing in the same
+  chunk push the later one to the next chunk), spread evenly over the dataset
   (harvest order follows the corpus, so a contiguous eval block would be biased);
 * at least one eval chunk when ``fraction > 0`` and there are ≥ 2 chunks.
 """
@@ -34,7 +35,9 @@ def eval_chunk_mask(n_chunks: int, fraction: float, seed: int) -> np.ndarray:
     n_points = int(math.ceil(n_chunks * fraction)) + 1
     u = np.random.default_rng([int(seed), 0x5E7A1]).random(n_points)
     t = (np.arange(n_points) + u) / fraction  # t_j = (j + u_j) / fraction
-    idx = np.floor(t).astype(np.int64)
+    j = np.arange(n_points)
+    # distinct chunks: idx_j = max(floor(t_j), idx_{j-1} + 1) (depends only on earlier points)
+    idx = j + np.maximum.accumulate(np.floor(t).astype(np.int64) - j)
     mask[idx[idx < n_chunks]] = True
     if not mask.any() and n_chunks >= 2:
         mask[min(int(idx[0]), n_chunks - 1)] = True

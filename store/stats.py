@@ -79,13 +79,14 @@ class StatsAccumulator:
             raise ValueError(f"expected activations of shape (n, d), got {x.shape}")
         if x.shape[0] == 0:
             return self
-        x64 = x.astype(np.float64, copy=False)
         if self.sum is None:
             self.sum = np.zeros(x.shape[1], dtype=np.float64)
         if self.sum.shape[0] != x.shape[1]:
             raise ValueError(f"expected d={self.sum.shape[0]}, got rows of width {x.shape[1]}")
-        self.sum += x64.sum(axis=0)
-        norms = np.sqrt(np.einsum("ij,ij->i", x64, x64))  # ‖x‖₂ per row
+        self.sum += x.sum(axis=0, dtype=np.float64)  # float64 accumulator, no float64 copy of x
+        xf = x if x.dtype in (np.float32, np.float64) else x.astype(np.float32)
+        # ‖x‖₂ per row: squares summed in the row's float32 (relative error ~1e-7·√d), then float64
+        norms = np.sqrt(np.einsum("ij,ij->i", xf, xf).astype(np.float64))
         self.rows += x.shape[0]
         self.norm_sum += float(norms.sum())
         self.norm_min = min(self.norm_min, float(norms.min()))

@@ -1,0 +1,202 @@
+"""Store bench: ActivationLoader throughput vs a raw sequential read of the same bytes.
+
+Run: ``.venv/bin/python -m bench.store_bench [--quick]`` (or ``bench/store_bench.py``).
+Everything is timed side by side in this process:
+
+* **local** (page cache): a float32 dataset (d = 512, chunk 4,096 rows, shard 65,536 rows,
+  512 MiB) is written with :class:`store.DatasetWriter` (write MB/s vs ``ndarray.tofile`` of
+  the same bytes + fsync), read once to warm the page cache, then read by
+  (a) the baseline: a raw sequential ``readinto`` of every shard object in 16 MiB blocks, and
+  (b) ``ActivationLoader(split="all", epochs=1, batch_size=4096)`` for several
+  ``window_chunks`` × ``prefetch`` settings (full shuffle: random chunk order, row-level
+  permutation within each window, float32 torch batches).
+* **s3** (moto server on 127.0.0.1, started here): a 128 MiB float32 dataset; baseline is
+  s3fs ``cat_file`` of every shard object one after the other; loader as above.
+
+Reported: rows/s, MB/s (acts bytes delivered) and the ratio to the baseline (best of
+``reps`` runs each). Results go to bench/results/store.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from store import ActivationLoader, DatasetManifest, DatasetWriter, open_dataset  # noqa: E402
+from store.urls import filesystem, join_url  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "store.json"
+D = 512
+CHUNK = 4096
+
+
+def manifest(shard_rows: int) -> DatasetManifest:
+    return DatasetManifest(d=D, dtype="float32", shard_rows=shard_rows, chunk_rows=CHUNK, context_length=128,
+                           model={"name": "bench"}, hook={"layer": 0, "site": "resid_post"},
+                           source={"name": "gaussian"}, split={"fraction": 0.0, "seed": 0})
+
+
+def write_dataset(url: str, shards: int, shard_rows: int, storage_options=None) -> dict:
+    """Write ``shards`` full shards; returns write timing."""
+    w = DatasetWriter.create(url, manifest(shard_rows), overwrite=True, storage_options=storage_options)
+    data = np.random.default_rng(0).standard_normal((shard_rows, D), dtype=np.float32)
+    t0 = time.perf_counter()
+    for s in range(shards):
+        data[0, 0] = s
+        w.write_shard(s, data)
+    w.seal()
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "MB_s": shards * data.nbytes / secs / 1e6, "data": data}
+
+
+def raw_write_local(dirpath: str, data: np.ndarray, shards: int) -> float:
+    """Baseline write: ``tofile`` + fsync of the same bytes; MB/s."""
+    os.makedirs(dirpath, exist_ok=True)
+    t0 = time.perf_counter()
+    for s in range(shards):
+        p = os.path.join(dirpath, f"{s}.bin")
+        with open(p, "wb") as fh:
+            data.tofile(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return shards * data.nbytes / (time.perf_counter() - t0) / 1e6
+
+
+def shard_paths(url: str, storage_options=None) -> tuple[object, list[str], int]:
+    ds = open_dataset(url, storage_options=storage_options)
+    fs, path = filesystem(url, storage_options)
+    paths = [join_url(path, c.objects["acts"].key) for _, c in sorted(ds.commits.items())]
+    return fs, paths, ds.num_rows * D * 4
+
+
+def raw_read_local(paths: list[str]) -> float:
+    """Sequential readinto of every shard file in 16 MiB blocks; seconds."""
+    buf = bytearray(16 << 20)
+    mv = memoryview(buf)
+    t0 = time.perf_counter()
+    for p in paths:
+        with open(p, "rb", buffering=0) as fh:
+            while fh.readinto(mv):
+                pass
+    return time.perf_counter() - t0
+
+
+def raw_read_remote(fs, paths: list[str]) -> float:
+    """One ``cat_file`` per shard object, one after the other; seconds."""
+    t0 = time.perf_counter()
+    for p in paths:
+        fs.cat_file(p)
+    return time.perf_counter() - t0
+
+
+def loader_read(url: str, window: int, prefetch: int, storage_options=None) -> tuple[float, int]:
+    """One epoch of the full shuffle; (seconds, rows)."""
+    loader = ActivationLoader(url, batch_size=4096, split="all", seed=0, window_chunks=window, epochs=1,
+                              prefetch=prefetch, storage_options=storage_options)
+    rows = 0
+    t0 = time.perf_counter()
+    for batch in loader:
+        rows += batch.shape[0]
+    secs = time.perf_counter() - t0
+    loader.close()
+    return secs, rows
+
+
+def bench_reads(name: str, url: str, raw: callable, nbytes: int, settings: list[tuple[int, int]], reps: int,
+                storage_options=None) -> dict:
+    raw_s = min(raw() for _ in range(reps))
+    rows_total = nbytes // (D * 4)
+    out = {"bytes": nbytes, "rows": rows_total, "baseline": {"seconds": raw_s, "MB_s": nbytes / raw_s / 1e6,
+                                                             "rows_s": rows_total / raw_s}, "loader": []}
+    for window, prefetch in settings:
+        secs, rows = min(loader_read(url, window, prefetch, storage_options) for _ in range(reps))
+        assert rows == rows_total
+        out["loader"].append({"window_chunks": window, "prefetch": prefetch, "seconds": secs,
+                              "rows_s": rows / secs, "MB_s": nbytes / secs / 1e6, "ratio": raw_s / secs})
+        print(f"{name:5s} W={window:3d} prefetch={prefetch}: {nbytes / secs / 1e6:8.0f} MB/s "
+              f"({rows / secs:,.0f} rows/s) = {raw_s / secs:.2f} x raw ({nbytes / raw_s / 1e6:.0f} MB/s)",
+              flush=True)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller data, fewer settings")
+    args = ap.parse_args(argv)
+    reps = 1 if args.quick else 2
+    local_shards = 2 if args.quick else 4
+    results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+                     "d": D, "dtype": "float32", "chunk_rows": CHUNK}
+    tmp = tempfile.mkdtemp(prefix="storebench", dir="/tmp")
+    try:
+        # ---- local ---------------------------------------------------------------------------
+        url = os.path.join(tmp, "local")
+        wr = write_dataset(url, local_shards, 65536)
+        raw_w = raw_write_local(os.path.join(tmp, "raw"), wr.pop("data"), local_shards)
+        shutil.rmtree(os.path.join(tmp, "raw"))
+        results["local_write"] = {**wr, "baseline_MB_s": raw_w, "ratio": wr["MB_s"] / raw_w}
+        print(f"local write: {wr['MB_s']:.0f} MB/s vs raw {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x",
+              flush=True)
+        _, paths, nbytes = shard_paths(url)
+        raw_read_local(paths)  # warm the page cache
+        settings = [(8, 2), (64, 2)] if args.quick else [(8, 0), (8, 2), (32, 2), (64, 0), (64, 2)]
+        results["local_read"] = bench_reads("local", url, lambda: raw_read_local(paths), nbytes, settings, reps)
+        shutil.rmtree(url)
+        # ---- S3 on loopback ---------------------------------------------------------------------
+        from moto.server import ThreadedMotoServer
+
+        port = free_port()
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        try:
+            endpoint = f"http://127.0.0.1:{port}"
+            os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+            import boto3
+
+            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+            s3url = "s3://bench/ds"
+            s3_shards = 2 if args.quick else 4
+            wr = write_dataset(s3url, s3_shards, 16384)
+            data = wr.pop("data")
+            fs, s3paths, nbytes = shard_paths(s3url)
+            t0 = time.perf_counter()
+            for s in range(s3_shards):
+                fs.pipe_file(f"bench/raw/{s}.bin", data.tobytes())
+            raw_w = s3_shards * data.nbytes / (time.perf_counter() - t0) / 1e6
+            results["s3_write"] = {**wr, "baseline_MB_s": raw_w, "ratio": wr["MB_s"] / raw_w}
+            print(f"s3 write: {wr['MB_s']:.0f} MB/s vs raw put {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x",
+                  flush=True)
+            s3_settings = [(8, 2)] if args.quick else [(8, 0), (8, 2), (16, 2)]
+            results["s3_read"] = bench_reads("s3", s3url, lambda: raw_read_remote(fs, s3paths), nbytes,
+                                             s3_settings, reps)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
