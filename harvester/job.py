@@ -97,6 +97,7 @@ class Plan:
     seqs_per_shard: int
     total_seqs: int | None = None  # None: until the text source runs out
     class_names: list[str] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # applied in the worker (see worker_env)
 
 
 @dataclass
@@ -278,8 +279,9 @@ def run_shards(plan: Plan, works: list[ShardWork]) -> Iterator[ShardDone]:
     """Compute and write ``works`` in order, yielding each shard once it is committed."""
     import torch
 
-    from store.writer import DatasetWriter
+    from store import DatasetWriter
 
+    os.environ.update(plan.env)
     threads = int(os.environ.get("HARVEST_THREADS", "0"))
     if threads > 0:
         torch.set_num_threads(threads)
@@ -374,7 +376,7 @@ def join_output(cfg: HarvestConfig) -> str:
 
 def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
     """The manifest the dataset is created with (rows and stats are filled in at seal)."""
-    from store.manifest import DatasetManifest
+    from store import DatasetManifest
 
     cfg = plan.cfg
     files = None
@@ -405,15 +407,26 @@ def ensure_ray(cfg: HarvestConfig) -> Any:
         return ray
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    env = {"env_vars": {k: v for k, v in os.environ.items()
-                        if k.startswith(("HF_", "TRANSFORMERS_", "AWS_", "TOKENIZERS_", "HARVEST_"))}}
     if cfg.ray_address:
-        ray.init(address=cfg.ray_address, runtime_env=env, log_to_driver=False)
+        ray.init(address=cfg.ray_address, log_to_driver=False)
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="rayh", dir="/tmp"), _node_ip_address="127.0.0.1",
-                 runtime_env=env)
+                 _temp_dir=tempfile.mkdtemp(prefix="rayh", dir="/tmp"), _node_ip_address="127.0.0.1")
     return ray
+
+
+WORKER_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_", "TOKENIZERS_")
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """Environment for the tasks: the driver's HF_* / AWS_* settings (offline mode, S3 endpoint and
+    credentials, as the user set them) and the torch thread count matching the task's CPUs.
+
+    It travels in the plan and is applied at task start (not as a Ray runtime_env, which would start
+    fresh worker processes for every distinct environment)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
+    env["HARVEST_THREADS"] = str(threads)
+    return env
 
 
 def task_ranges(works: Iterator[ShardWork], per_task: int) -> Iterator[list[ShardWork]]:
@@ -439,8 +452,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     committed = set(writer.committed())
     ray = ensure_ray(cfg)
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
-    task = ray.remote(run_shards).options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker,
-                                          runtime_env={"env_vars": {"HARVEST_THREADS": str(cpus)}})
+    plan.env = worker_env(cpus)
+    task = ray.remote(run_shards).options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker)
     total = None if plan.total_seqs is None else plan.total_seqs * plan.rows_per_seq
     scale = 1.0 / plan.rows_per_seq if cfg.source.is_image else 1.0  # images/s for vision
     bar = tqdm(total=None if total is None else total * scale, unit=unit, unit_scale=True, disable=not progress,
@@ -491,7 +504,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
 
 def open_or_create(plan: Plan, manifest: Any) -> Any:
     """A writer for the dataset: new, unfinished (resume) or already sealed (nothing to do)."""
-    from store.writer import DatasetWriter
+    from store import DatasetWriter
 
     return DatasetWriter.create(plan.url, manifest, overwrite=False,
                                 storage_options=plan.cfg.storage_options or None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests_harvester_helpers import manual_vit_tokens
 
 from harvester.config import ModelConfig
 from harvester.models import (
@@ -93,21 +94,6 @@ def test_llama_and_bert_capture_with_bare_tensor_blocks(tmp_path):
         torch.testing.assert_close(adapter.capture(ids, 0, "resid_post"), hs[1], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(adapter.capture(ids, 1, "resid_pre"), hs[1], rtol=1e-5, atol=1e-6)
         assert adapter.info.d == 16 and adapter.info.n_layers == len(hs) - 1
-
-
-def manual_vit_tokens(visual: torch.nn.Module, images: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """Independent ViT forward: patch embedding, CLS, positions, ln_pre, then the first n_blocks blocks."""
-    x = visual.conv1(images)  # (B, width, g, g)
-    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (B, g*g, width)
-    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
-    x = visual.ln_pre(x)
-    batch_first = getattr(visual.transformer, "batch_first", True)
-    if not batch_first:
-        x = x.permute(1, 0, 2)
-    for block in visual.transformer.resblocks[:n_blocks]:
-        x = block(x)
-    return x if batch_first else x.permute(1, 0, 2)
 
 
 def test_open_clip_capture_equals_manual_forward(tiny_clip):

@@ -1,0 +1,203 @@
+"""The harvest job end to end on a real local Ray: values, determinism, resume after SIGKILL, S3, bad input."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from harvester.__main__ import main
+from harvester.config import HarvestConfig
+from harvester.job import harvest, join_output
+from store import open_dataset
+from store.errors import run_cli
+from store.layout import read_commits
+
+REPO = Path(__file__).resolve().parents[2]
+N_SHARDS = 20  # 8 contexts of 32 tokens per shard
+
+
+def text_cfg(model: Path, output: Path | str, shards: int = N_SHARDS, **extra) -> HarvestConfig:
+    data = {"output": str(output), "source": {"kind": "python_docs"},
+            "model": {"kind": "hf_causal_lm", "name": str(model)}, "hook": {"layer": 1, "site": "resid_pre"},
+            "context_length": 32, "max_tokens": 256 * shards, "chunk_rows": 64, "shard_rows": 256,
+            "batch_size": 2, "eval_fraction": 0.25}
+    data.update(extra)
+    return HarvestConfig.model_validate(data)
+
+
+def digests(url: str) -> dict[int, dict[str, str]]:
+    """sha256 of every stored shard object, per shard (from the commit records)."""
+    return {s: {k: o.sha256 for k, o in rec.objects.items()} for s, rec in read_commits(url).items()}
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tiny_gpt2, tmp_path_factory):
+    """One uninterrupted 1-worker text harvest (the reference bytes)."""
+    cfg = text_cfg(tiny_gpt2, tmp_path_factory.mktemp("ref"))
+    result = harvest(cfg, progress=False)
+    return cfg, result
+
+
+def test_text_rows_equal_an_independent_forward_pass(reference, tiny_gpt2):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    from harvester.sources import python_docs
+
+    cfg, result = reference
+    ds = open_dataset(result.url)
+    m = ds.manifest
+    assert m.sealed and ds.num_rows == result.rows == 256 * N_SHARDS and m.dtype == "float16" and m.d == 64
+    assert (m.context_length, m.chunk_rows, m.shard_rows) == (32, 64, 256)
+    assert (m.hook.layer, m.hook.site, m.model.kind) == (1, "resid_pre", "hf_causal_lm")
+    assert m.split.fraction == 0.25 and 0 < len(ds.eval_chunks()) < ds.num_rows // 64
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    # independent packing: docs joined by <|endoftext|>, 31 tokens per context after BOS
+    stream: list[int] = []
+    for doc in python_docs():
+        stream += tok(doc, add_special_tokens=False).input_ids + [eot]
+        if len(stream) > 31 * 8 * N_SHARDS:
+            break
+    expected = np.array([[eot] + stream[i * 31:(i + 1) * 31] for i in range(8 * N_SHARDS)])
+    token_ids = ds.read(0, ds.num_rows, "token_ids").reshape(-1, 32)
+    np.testing.assert_array_equal(token_ids, expected)
+    np.testing.assert_array_equal(ds.read(0, ds.num_rows, "seq_ids"), np.repeat(np.arange(8 * N_SHARDS), 32))
+    np.testing.assert_array_equal(ds.read(0, ds.num_rows, "positions"), np.tile(np.arange(32), 8 * N_SHARDS))
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    picks = [0, 9, 8 * N_SHARDS - 1]
+    with torch.no_grad():
+        hs = model(torch.from_numpy(expected[picks]), output_hidden_states=True).hidden_states[1]
+    acts = ds.read(0, ds.num_rows).reshape(-1, 32, 64)[picks]
+    torch.testing.assert_close(torch.from_numpy(acts).float(), hs.half().float(), rtol=2e-3, atol=2e-3)
+    all_acts = ds.read(0, ds.num_rows).astype(np.float64)
+    np.testing.assert_allclose(m.stats.mean, all_acts.mean(0), rtol=1e-9, atol=1e-12)
+    assert m.stats.mean_norm == pytest.approx(np.linalg.norm(all_acts, axis=1).mean(), rel=1e-9)
+
+
+def test_two_workers_write_the_same_bytes_as_one(reference, tmp_path):
+    cfg, result = reference
+    two = harvest(cfg.model_copy(update={"output": str(tmp_path), "workers": 2}), progress=False)
+    assert Path(two.url).name == Path(result.url).name  # same config -> same dataset name
+    assert digests(two.url) == digests(result.url)
+    assert len(digests(two.url)) == N_SHARDS
+
+
+def test_rerun_after_sigkill_resumes_to_the_same_bytes(reference, tiny_gpt2, tmp_path):
+    cfg, result = reference
+    out = tmp_path / "killed"
+    url = join_output(cfg.model_copy(update={"output": str(out)}))
+    commits = Path(url) / "commits"
+    args = [sys.executable, "-m", "harvester", "run", "--no-progress"]
+    for key, value in (("output", out), ("source.kind", "python_docs"), ("model.kind", "hf_causal_lm"),
+                       ("model.name", tiny_gpt2), ("hook.layer", 1), ("context_length", 32),
+                       ("max_tokens", 256 * N_SHARDS), ("chunk_rows", 64), ("shard_rows", 256), ("batch_size", 2),
+                       ("eval_fraction", 0.25)):
+        args += ["--set", f"{key}={value}"]
+    proc = subprocess.Popen(args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 150
+        while not (commits.is_dir() and any(commits.glob("*.json"))):
+            assert proc.poll() is None, "the harvest subprocess exited before its first commit"
+            assert time.time() < deadline, "no shard was committed in time"
+            time.sleep(0.01)
+        driver = psutil.Process(proc.pid)
+        family = [driver, *driver.children(recursive=True)]  # driver, Ray, its workers
+        os.killpg(proc.pid, signal.SIGKILL)
+        for p in family:  # anything outside the process group is killed by its own id
+            if p.is_running():
+                p.kill()
+        psutil.wait_procs(family, timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done_before = set(int(p.stem) for p in commits.glob("*.json"))
+    assert 1 <= len(done_before) < N_SHARDS, "the kill must land mid-harvest"
+    with pytest.raises(Exception, match="unsealed|not sealed|partial"):
+        open_dataset(url)
+    resumed = harvest(cfg.model_copy(update={"output": str(out)}), progress=False)
+    assert resumed.url == url and resumed.resumed_shards == len(done_before)
+    assert digests(url) == digests(result.url)
+    np.testing.assert_array_equal(open_dataset(url).read(0, 256 * N_SHARDS),
+                                  open_dataset(result.url).read(0, 256 * N_SHARDS))
+    again = harvest(cfg.model_copy(update={"output": str(out)}), progress=False)
+    assert again.skipped and again.rows == 256 * N_SHARDS
+
+
+def test_harvest_to_s3_on_loopback(reference, tiny_gpt2, s3_bucket):
+    cfg, result = reference
+    s3 = harvest(text_cfg(tiny_gpt2, f"{s3_bucket}/acts", shards=3), progress=False)
+    assert s3.url.startswith(f"{s3_bucket}/acts/") and s3.rows == 3 * 256
+    ds = open_dataset(s3.url)
+    assert ds.manifest.sealed and ds.num_rows == 768
+    ref = digests(result.url)
+    assert digests(s3.url) == {s: ref[s] for s in range(3)}  # the same shards as the longer local run
+
+
+def test_vision_rows_labels_and_values(ray_local, tiny_clip, tmp_path):
+    import open_clip
+    from PIL import Image
+    from tests_harvester_helpers import manual_vit_tokens
+
+    cfg = HarvestConfig.model_validate({
+        "output": str(tmp_path), "source": {"kind": "image_folder", "path": str(tiny_clip["images"])},
+        "model": {"kind": "open_clip", "name": str(tiny_clip["config"]), "pretrained": str(tiny_clip["ckpt"])},
+        "hook": {"layer": -2, "site": "resid_post"}, "max_images": 20, "chunk_rows": 34, "shard_rows": 102,
+        "batch_size": 4, "dtype": "float32", "seed": 3})
+    result = harvest(cfg, progress=False)
+    ds = open_dataset(result.url)
+    m = ds.manifest
+    assert result.rows == ds.num_rows == 20 * 17 and m.context_length == 17 and m.class_names == ["cat", "dog", "eel"]
+    files = sorted(str(p) for p in tiny_clip["images"].rglob("*.png"))
+    order = np.random.default_rng(3).permutation(len(files))[:20]
+    np.testing.assert_array_equal(ds.labels(), [m.class_names.index(files[i].split("/")[-2]) for i in order])
+    np.testing.assert_array_equal(ds.read(0, ds.num_rows, "token_ids"), -1)
+    np.testing.assert_array_equal(ds.read(0, ds.num_rows, "positions"), np.tile(np.arange(17), 20))
+    model, _, preprocess = open_clip.create_model_and_transforms("tiny-vit-test", pretrained=str(tiny_clip["ckpt"]))
+    images = torch.stack([preprocess(Image.open(files[i]).convert("RGB")) for i in order])
+    with torch.no_grad():
+        expected = manual_vit_tokens(model.eval().visual, images, 2)  # output of block 1 = layer -2 of 3
+    stored = torch.from_numpy(ds.read(0, ds.num_rows).reshape(20, 17, 32))
+    torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-5)
+
+
+def cli_error(args: list[str]) -> str:
+    err = io.StringIO()
+    with redirect_stderr(err):
+        assert run_cli(main, ["run", "--no-progress", *args]) == 2
+    return err.getvalue().strip()
+
+
+def test_bad_input_is_one_sentence_before_any_work(tiny_gpt2, tiny_clip, tmp_path):
+    base = ["--set", f"output={tmp_path / 'out'}", "--set", "source.kind=python_docs", "--set", "max_tokens=512",
+            "--set", "context_length=32", "--set", f"model.name={tiny_gpt2}", "--set", "hook.layer=1"]
+    msg = cli_error(base + ["--set", "model.name=./no/such/model"])
+    assert msg == "error: model folder ./no/such/model does not exist; check model.name."
+    msg = cli_error(base + ["--set", "hook.layer=5"])
+    assert "layer 5 is out of range for" in msg and "2 blocks" in msg and "-2 to 1" in msg
+    assert "HF_HUB_OFFLINE=1 forbids downloading" in cli_error(base + ["--set", "model.name=gpt2"])
+    (tmp_path / "empty.txt").write_text("")
+    msg = cli_error(base + ["--set", "source.kind=text_files", "--set", f"source.paths=[{tmp_path / 'empty.txt'}]"])
+    assert "holds fewer than 32 tokens of text" in msg
+    vision = ["--set", f"output={tmp_path / 'out'}", "--set", "source.kind=image_folder",
+              "--set", "model.kind=open_clip", "--set", f"model.name={tiny_clip['config']}", "--set", "hook.layer=-2",
+              "--set", f"model.pretrained={tiny_clip['ckpt']}"]
+    assert "holds no images" in cli_error(vision + ["--set", f"source.path={tiny_clip['empty']}"])
+    assert "open_clip has no model 'ViT-Nope'" in cli_error(vision + ["--set", "model.name=ViT-Nope"])
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    msg = cli_error(base + ["--set", f"output={blocker}"])
+    assert msg.startswith("error: cannot") and f"{blocker}/" in msg and msg.count("\n") == 0
+    assert "unknown key 'max_tokenz'" in cli_error(base + ["--set", "max_tokenz=5"])
+    assert not (tmp_path / "out").exists()  # nothing was written for any of these
