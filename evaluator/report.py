@@ -264,7 +264,7 @@ def write_report(sweep_url: str) -> str:
         lines += ["K = round(mean support size over the eval tokens): a TopK (or BatchTopK) SAE with this K "
                   "spends as many active concepts per token on average as the sparsemax SAE chose; the "
                   "median and the 10–90% range show how much the per-token support varies.", "",
-                  "| run | M | suggested K | mean | median | p10–p90 | corr(|S|, ‖x‖) | corr(|S|, position) |",
+                  "| run | M | suggested K | mean | median | p10–p90 | corr(support size, ‖x‖) | corr(support size, position) |",
                   "|---|---|---|---|---|---|---|---|"]
         images = []
         for r in sparse_runs:

@@ -127,3 +127,20 @@ def test_actor_evaluates_and_caches_model(ray_local, relu_run):
     assert first["ce_skipped"] is None
     assert len(ray_local.get(actor.cached_models.remote())) == 1
     ray_local.kill(actor)
+
+
+def test_run_written_by_the_trainer(tmp_path, text_dataset):
+    """A run directory made by trainer.run.train evaluates; fvu/l0 agree with the trainer's own built-in eval."""
+    from trainer.config import TrainConfig
+    from trainer.run import train, write_builtin_eval
+
+    cfg = TrainConfig(dataset=text_dataset, runs_root=str(tmp_path), name="sm", sweep="s",
+                      sae={"variant": "sparsemax", "m": 24}, batch_size=64, tokens=64 * 20, lr=3e-3,
+                      device="cpu", checkpoint_every=1000)
+    url = train(cfg, progress=False)
+    builtin = write_builtin_eval(cfg)
+    report = evaluate_run(url, ce_contexts=2, progress=False)
+    assert report.fvu == pytest.approx(builtin["fvu"], rel=1e-6)
+    assert report.tokens.kept == builtin["tokens"]
+    assert report.variant == "sparsemax" and report.input_norm.startswith("unit")
+    assert json.loads((Path(url) / "eval.json").read_text())["evaluator"] == "evaluator"
