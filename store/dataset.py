@@ -14,6 +14,7 @@ stay ordinary Zarr v3: any Zarr reader sees the same values (``Dataset.arrays``)
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import threading
 from typing import Any
@@ -123,6 +124,32 @@ class ChunkReader:
         with self._lock:
             self._index[shard] = idx
         return idx
+
+    @property
+    def can_map(self) -> bool:
+        """True when chunks can be memory-mapped (local file, no compression)."""
+        return self.local and not self.zstd
+
+    def map_chunk(self, chunk: int, rows: int) -> np.ndarray:
+        """Read-only view of the first ``rows`` rows of a chunk, memory-mapped from the page cache.
+
+        The mapping is populated up front (``MAP_POPULATE``) so that gathers from it never
+        page-fault; it stays valid for as long as the returned array is referenced.
+        """
+        shard, j = divmod(chunk, self.cps)
+        offset, _ = (int(v) for v in self.shard_index(shard)[j])
+        shape = (rows, self.width) if self.name == ACTS else (rows,)
+        if offset == int(EMPTY):
+            return np.zeros(shape, dtype=self.dtype)
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        length = offset - start + rows * self.row_bytes
+        fd = os.open(os.path.join(self.root, shard_key(self.name, shard)), os.O_RDONLY)
+        try:
+            mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
+                           prot=mmap.PROT_READ, offset=start)
+        finally:
+            os.close(fd)
+        return np.frombuffer(mm, dtype=self.dtype, count=rows * self.width, offset=offset - start).reshape(shape)
 
     def read_into(self, chunk: int, rows: int, out: np.ndarray) -> None:
         """Read the first ``rows`` rows of inner chunk ``chunk`` into ``out`` (C-contiguous)."""

@@ -17,8 +17,10 @@ finite ``epochs`` the stream ends after ``epochs`` epochs and the last batch is 
 batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` is
 ``ceil(rows_per_epoch / B)``, the batches per epoch.
 
-Reading: a window's chunks are read concurrently by a thread pool (one byte-range read per
-chunk, straight into the window buffer), and the next ``prefetch`` windows are submitted
+Reading: a window's chunks are read concurrently by a thread pool — on object storage one
+byte-range GET per chunk straight into the window buffer; for local uncompressed ``acts``
+each chunk is memory-mapped (populated) so batches are gathered straight from the page
+cache with no intermediate copy (``use_mmap=False`` reads into buffers instead) — and the next ``prefetch`` windows are submitted
 before the current one is consumed. Batches are assembled (gather + cast to float32) by a
 background thread into a small queue, so the consumer only waits when I/O is really the
 bottleneck. Memory ≈ (prefetch + 2) × window_chunks × chunk_rows × d × itemsize.
@@ -49,15 +51,37 @@ _DONE = object()
 
 
 class _Window:
-    """One window being fetched: per-column buffers, the chunk-read futures, its row permutation."""
+    """One window being fetched: per-column buffers (or memory-mapped chunk views), the read
+    futures, the row offset of each chunk within the window and the window's row permutation."""
 
-    def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future], perm: np.ndarray) -> None:
-        self.bufs, self.futures, self.perm = bufs, futures, perm
+    def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future], perm: np.ndarray,
+                 offsets: np.ndarray, mapped: dict[str, list[Future]]) -> None:
+        self.bufs, self.futures, self.perm, self.offsets, self.mapped = bufs, futures, perm, offsets, mapped
 
     def wait(self) -> _Window:
         for fut in self.futures:
             fut.result()
+        for futs in self.mapped.values():
+            for fut in futs:
+                fut.result()
         return self
+
+    def gather(self, column: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``perm[lo:hi]`` of the window for one column (a fresh array)."""
+        p = self.perm[lo:hi]
+        if column in self.bufs:
+            return np.take(self.bufs[column], p, axis=0)
+        views = [f.result() for f in self.mapped[column]]
+        k = np.searchsorted(self.offsets, p, side="right") - 1  # chunk of each row
+        r = p - self.offsets[k]  # row within that chunk
+        order = np.argsort(k, kind="stable")
+        ks = k[order]
+        cuts = np.flatnonzero(np.diff(ks)) + 1
+        out = np.empty((p.size,) + views[0].shape[1:], dtype=views[0].dtype)
+        for sel in np.split(order, cuts):
+            if sel.size:
+                out[sel] = views[int(k[sel[0]])][r[sel]]
+        return out
 
 
 class ActivationLoader:
@@ -66,7 +90,7 @@ class ActivationLoader:
     def __init__(self, url: str | Dataset, batch_size: int, split: str = "train", seed: int = 0,
                  window_chunks: int = 64, epochs: int | None = None, columns: tuple[str, ...] | str = ("acts",),
                  rank: int = 0, world: int = 1, prefetch: int = 2, storage_options: dict | None = None,
-                 io_threads: int | None = None, allow_partial: bool = False) -> None:
+                 io_threads: int | None = None, allow_partial: bool = False, use_mmap: bool = True) -> None:
         self.dataset = url if isinstance(url, Dataset) else open_dataset(url, allow_partial, storage_options)
         cols = (columns,) if isinstance(columns, str) else tuple(columns)
         bad = [c for c in cols if c not in ROW_ARRAYS]
@@ -84,6 +108,7 @@ class ActivationLoader:
         self.batch_size, self.split, self.seed = int(batch_size), split, int(seed)
         self.window_chunks, self.epochs, self.columns = int(window_chunks), epochs, cols
         self.rank, self.world, self.prefetch = int(rank), int(world), int(prefetch)
+        self.use_mmap = bool(use_mmap)
         split_chunks = self.dataset.split_chunks(split)
         self.chunks = split_chunks[rank::world]
         if self.chunks.size == 0:
@@ -149,17 +174,21 @@ class ActivationLoader:
         return math.ceil(rows / self.batch_size)
 
     # ---- fetching ---------------------------------------------------------------------------
-    def _buffers(self, n: int) -> dict[str, np.ndarray]:
+    def _buffers(self, n: int, cols: list[str]) -> dict[str, np.ndarray]:
+        if not cols:
+            return {}
         with self._free_lock:
             for i, bufs in enumerate(self._free):
-                if next(iter(bufs.values())).shape[0] >= n:
+                if set(bufs) == set(cols) and next(iter(bufs.values())).shape[0] >= n:
                     self._free.pop(i)
                     return {c: b[:n] for c, b in bufs.items()}
         d = self.dataset.manifest.d
         return {c: np.empty((n, d) if c == ACTS else (n,), dtype=self.dataset.column_dtype(c))
-                for c in self.columns}
+                for c in cols}
 
     def _recycle(self, win: _Window) -> None:
+        if not win.bufs:
+            return
         with self._free_lock:
             if len(self._free) < self.prefetch + 2:
                 self._free.append({c: b.base if b.base is not None else b for c, b in win.bufs.items()})
@@ -168,14 +197,21 @@ class ActivationLoader:
         """Start reading window ``key`` (returns at once; ``.wait()`` for the data)."""
         ids, sizes = self._window_span(*key)
         n = int(sizes.sum())
-        bufs = self._buffers(n)
+        mapped_cols = [c for c, r in self._readers.items() if self.use_mmap and r.can_map]
+        bufs = self._buffers(n, [c for c in self.columns if c not in mapped_cols])
+        mapped: dict[str, list[Future]] = {c: [] for c in mapped_cols}
         futures = []
         offset = 0
         for chunk, rows in zip(ids.tolist(), sizes.tolist()):
             for c, reader in self._readers.items():
-                futures.append(self._pool.submit(reader.read_into, chunk, rows, bufs[c][offset:offset + rows]))
+                if c in mapped:
+                    mapped[c].append(self._pool.submit(reader.map_chunk, chunk, rows))
+                else:
+                    futures.append(self._pool.submit(reader.read_into, chunk, rows,
+                                                     bufs[c][offset:offset + rows]))
             offset += rows
-        return _Window(bufs, futures, self._window_perm(key[0], key[1], n))
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        return _Window(bufs, futures, self._window_perm(key[0], key[1], n), offsets, mapped)
 
     def _next_key(self, key: WindowKey) -> WindowKey | None:
         epoch, w = key
@@ -191,7 +227,7 @@ class ActivationLoader:
             parts = []
             for win, lo, hi in pieces:
                 # numpy's gather into fresh memory is several times faster than index_select here
-                part = torch.from_numpy(np.take(win.bufs[c], win.perm[lo:hi], axis=0))
+                part = torch.from_numpy(win.gather(c, lo, hi))
                 parts.append(part.float() if c == ACTS else part.long())
             out[c] = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out[self.columns[0]] if len(self.columns) == 1 else out
