@@ -176,3 +176,27 @@ def test_cli_errors_are_one_sentence(tiny_store, tmp_path, capsys):
     good = write_yaml(tmp_path / "good.yaml", base_config(str(tmp_path / "missing"), str(tmp_path)))
     assert run_cli(main, ["run", good]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
+
+
+def test_builtin_eval_matches_evaluator_metrics(tiny_store, tmp_path):
+    """The sweep's fallback evaluator writes eval.json whose fvu/l0 agree with evaluator.metrics computed
+    independently over the same filtered eval rows."""
+    from evaluator.metrics import fvu, l0
+
+    from store.loader import ActivationLoader
+    from trainer.run import write_builtin_eval
+    from trainer.sae import load
+
+    cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), tokens=64 * 6))
+    url = train(cfg, progress=False)
+    report = write_builtin_eval(cfg)
+    assert json.loads(Path(url, "eval.json").read_text())["fvu"] == report["fvu"]
+    loader = ActivationLoader(tiny_store, 64, split="eval", epochs=1, columns=("acts", "positions"))
+    x = torch.cat([b["acts"][b["positions"] != 0] for b in loader])
+    sae = load(url).eval()
+    with torch.no_grad():
+        codes = sae.encode(x)
+        x_hat = sae.decode(codes, x)
+    assert report["tokens"] == x.shape[0] == loader.rows_per_epoch * (CONTEXT - 1) // CONTEXT
+    assert report["fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-9)
+    assert report["l0"] == pytest.approx(l0(codes), rel=1e-9)

@@ -1,0 +1,115 @@
+"""`ray job submit --working-dir <repo> -- python -m trainer sweep X.yaml` against a real head node on
+127.0.0.1 that this test starts (its own ports and temp dir) and stops (only its own processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from trainer_testkit import base_config
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not answer within {seconds}s")
+        time.sleep(1)
+
+
+def pids_using(temp_dir: str) -> list[int]:
+    """Processes whose command line mentions ``temp_dir`` (the head's own raylet, GCS, workers...)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if temp_dir in cmd:
+                out.append(int(entry.name))
+    return out
+
+
+def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
+    """Terminate the head's process group, then any process still running from its temp dir."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            head.wait(timeout=20)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    for pid in pids_using(temp_dir):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
+    temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
+    port, dash = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
+    env.pop("RAY_ADDRESS", None)
+    base = base_config(tiny_store, str(tmp_path / "runs"), tokens=64 * 6)
+    base.pop("name")
+    sweep = {"name": "job", "base": base, "grid": {"sae.variant": ["relu", "topk"]},
+             "ray": {"num_cpus_per_trainer": 0.5}}
+    sweep_path = tmp_path / "sweep.yaml"
+    sweep_path.write_text(yaml.safe_dump(sweep))
+    log = open(tmp_path / "head.log", "wb")
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
+         "--temp-dir", temp_dir, "--disable-usage-stats", "--num-cpus", "2"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
+        job = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+             "--", "python", "-m", "trainer", "sweep", str(sweep_path), "--no-progress"],
+            env=env, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert "succeeded" in (job.stdout + job.stderr).lower()
+        summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
+        assert [r["status"] for r in summary["runs"]] == ["finished", "finished"]
+        for name in ("variant-relu", "variant-topk"):
+            for f in ("config.json", "sae.safetensors", "trainer_state.pt", "metrics.jsonl", "eval.json"):
+                assert (tmp_path / "runs" / "job" / name / f).exists(), (name, f)
+        assert (tmp_path / "runs" / "job" / "summary.csv").exists()
+    finally:
+        stop_head(head, temp_dir)
+        log.close()
+        assert not pids_using(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
