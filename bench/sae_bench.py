@@ -1,0 +1,173 @@
+"""SAE train-step benchmark (DESIGN §9): one step (forward + backward + Adam + post_step) of every
+variant of the zoo at d = 768, M ∈ {3072, 24576}, B = 1024, CPU fp32, 2 threads.
+
+Baselines timed in the same process:
+* ``topk`` (K = 32) of the zoo at the same M — goal: sparsemax step ≤ 1.5× topk step;
+* ``authors`` — the authors' formulation of the Sparsemax SAE, written here as a plain reference:
+  C W_K and C W_V formed every step, dense scores, full-sort sparsemax (:func:`sparsemax_sort`),
+  dense decoder, same loss — goal: the zoo's sparsemax step ≥ 3× faster.
+
+Inputs are a fixed Gaussian batch with a shared mean direction (so norms and cosines vary like
+residual-stream activations). Each timing is the median of ``--reps`` steps after one warm-up step.
+Writes ``bench/results/sae.json``; ``--quick`` runs a small configuration for smoke checks.
+
+    .venv/bin/python bench/sae_bench.py [--reps 2] [--sizes 3072 24576] [--out bench/results/sae.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import trainer.sae as sae_zoo
+from trainer.sparsemax import sparsemax_sort
+
+D, BATCH, K = 768, 1024, 32
+
+
+class AuthorsSparsemaxSAE(nn.Module):
+    """The authors' formulation (reference): x̂ = ‖x‖ · (z ⊙ 1_S) (C W_V), z = x_n (C W_K)ᵀ, forming both
+    products every step, a dense (B, M) code matrix and a full sort for sparsemax."""
+
+    def __init__(self, m: int, d: int, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        c = torch.randn(m, d, generator=gen)
+        self.C = nn.Parameter(c / c.norm(dim=-1, keepdim=True))
+        self.W_K = nn.Parameter(torch.eye(d))
+        self.W_V = nn.Parameter(torch.eye(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """The authors' loss mean_{t,i}(x̂ − x)²/‖x_t‖."""
+        norms = x.norm(dim=-1, keepdim=True)
+        z = (x / norms) @ (self.C @ self.W_K).T  # z = x_n (C W_K)ᵀ
+        support = sparsemax_sort(z) > 0
+        a = z * support  # a = z ⊙ 1_S
+        x_hat = norms * (a @ (self.C @ self.W_V))  # x̂ = ‖x‖ a (C W_V)
+        return ((x_hat - x).pow(2) / norms).mean()
+
+
+def make_batch(b: int, d: int, seed: int = 0) -> Tensor:
+    """Gaussian activations with a shared mean direction and varying norms."""
+    gen = torch.Generator().manual_seed(seed)
+    mean = torch.randn(d, generator=gen)
+    scale = 0.5 + torch.rand(b, 1, generator=gen) * 1.5
+    return scale * (torch.randn(b, d, generator=gen) + 0.5 * mean)
+
+
+def time_steps(step: Callable[[], None], reps: int) -> float:
+    """Median seconds of ``reps`` calls after one warm-up call."""
+    step()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def zoo_step(sae: sae_zoo.SAE, x: Tensor) -> tuple[Callable[[], None], dict]:
+    """A train step closure for a zoo SAE and a dict that records the last step's mean support size."""
+    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+    info: dict = {}
+
+    def step() -> None:
+        _, codes, losses = sae(x)
+        opt.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        opt.step()
+        sae.post_step()
+        info["l0"] = float(codes.support_sizes().float().mean())
+
+    return step, info
+
+
+def authors_step(model: AuthorsSparsemaxSAE, x: Tensor) -> Callable[[], None]:
+    """A train step closure for the reference formulation."""
+    opt = torch.optim.Adam(model.parameters(), lr=3e-4, betas=(0.9, 0.99))
+
+    def step() -> None:
+        loss = model(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def run(sizes: list[int], reps: int, d: int, batch: int) -> dict:
+    """Time every variant and the authors' formulation at each M; ratios against topk and authors."""
+    x = make_batch(batch, d)
+    results: dict = {}
+    variants = list(sae_zoo.VARIANTS) + ["authors"]
+    bar = tqdm(total=len(sizes) * len(variants), desc="sae train step", unit="cfg")
+    for m in sizes:
+        row: dict = {}
+        for variant in variants:
+            bar.set_postfix_str(f"M={m} {variant}")
+            if variant == "authors":
+                seconds = time_steps(authors_step(AuthorsSparsemaxSAE(m, d), x), reps)
+                row[variant] = {"seconds": seconds}
+            else:
+                sae = sae_zoo.build({"variant": variant, "d": d, "m": m, "k": K})
+                step, info = zoo_step(sae, x)
+                seconds = time_steps(step, reps)
+                row[variant] = {"seconds": seconds, "l0": info["l0"]}
+                del sae, step
+            bar.update(1)
+        for entry in row.values():
+            entry["vs_topk"] = entry["seconds"] / row["topk"]["seconds"]
+        row["sparsemax"]["speedup_vs_authors"] = row["authors"]["seconds"] / row["sparsemax"]["seconds"]
+        results[str(m)] = row
+    bar.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write the JSON results."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[3072, 24576])
+    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="d=64, B=128, M=256: a smoke run")
+    parser.add_argument("--out", default="bench/results/sae.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    d, batch, sizes = (64, 128, [256]) if args.quick else (D, BATCH, args.sizes)
+    results = run(sizes, args.reps, d, batch)
+    goals = {
+        m: {
+            "sparsemax_vs_topk": row["sparsemax"]["vs_topk"],
+            "sparsemax_vs_topk_goal_le_1.5": row["sparsemax"]["vs_topk"] <= 1.5,
+            "speedup_vs_authors": row["sparsemax"]["speedup_vs_authors"],
+            "speedup_vs_authors_goal_ge_3": row["sparsemax"]["speedup_vs_authors"] >= 3,
+        }
+        for m, row in results.items()
+    }
+    out = {
+        "bench": "sae_train_step",
+        "d": d, "batch": batch, "k": K, "dtype": "float32", "threads": args.threads, "reps": args.reps,
+        "torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
+        "step": "forward + backward + Adam + post_step",
+        "results": results, "goals": goals,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    for m, row in results.items():
+        for name, entry in row.items():
+            extra = f" speedup vs authors {entry['speedup_vs_authors']:.2f}x" if "speedup_vs_authors" in entry else ""
+            print(f"M={m:>6} {name:<14} {entry['seconds'] * 1e3:9.1f} ms  {entry['vs_topk']:5.2f}x topk{extra}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
