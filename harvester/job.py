@@ -471,6 +471,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
 
     ranges = task_ranges(pending(), MAX_SHARDS_PER_TASK)
     in_flight: list[Any] = []
+    arrivals: list[tuple[float, int]] = []  # (time, rows) per shard finished in this run
     t_work = time.perf_counter()
     try:
         while True:
@@ -485,6 +486,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
                 in_flight.remove(ready[0])
                 continue
             counts["new_rows"] += done.rows
+            arrivals.append((time.perf_counter(), done.rows))
             bar.update(done.rows * scale)
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
@@ -499,7 +501,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     return HarvestResult(plan.url, rows, time.perf_counter() - t_start, unit, rows // plan.rows_per_seq,
                          resumed_shards=counts["resumed"],
                          extra={"new_rows": counts["new_rows"], "work_seconds": work_s,
-                                "shards": counts["last"] + 1})
+                                "shards": counts["last"] + 1, "arrivals": arrivals})
 
 
 def open_or_create(plan: Plan, manifest: Any) -> Any:
