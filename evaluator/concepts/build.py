@@ -33,14 +33,15 @@ def build_cards(run: RunInfo, *, units: int, top: int, window: int, split: str, 
                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Index and cards of a run (thumbnails for vision are written into ``out``)."""
     res = stream_stats(run, units, top, split)
-    ex = collect_examples(run, res.top, window)
+    # vision: masks (and thumbnails) for the first TOP_IMAGES images of each concept only
+    ex = collect_examples(run, res.top.ids[:, :TOP_IMAGES] if run.is_vision else res.top.ids, window)
     note, joiner = None, ""
     if run.is_vision:
         labels = run.dataset.labels()
-        first = ex.rows[:, :TOP_IMAGES, 0]
-        seqs = ex.column("seq_ids", first)
-        paths = thumbnails(run.manifest, {int(s) for s in seqs[seqs >= 0].tolist()}, out)
-        if not paths and (seqs >= 0).any():
+        first = ex.where[:, :, 0]                               # each shown image's first row
+        seqs = set(ex.columns["seq_ids"][first[first >= 0]].tolist())
+        paths = thumbnails(run.manifest, seqs, out)
+        if not paths and seqs:
             note = (f"The images of source {run.manifest.source.name!r} were not found on this machine; "
                     "the masks are shown without their images.")
         cards, tops = vision_cards(run, res, ex, labels, paths.get)
@@ -51,7 +52,7 @@ def build_cards(run: RunInfo, *, units: int, top: int, window: int, split: str, 
         joiner = token_joiner(tokenizer)
         cards, tops = text_cards(run, res, ex, window, token_decoder(tokenizer))
     cols = summary(res.stats)
-    for c, (card, hist) in enumerate(zip(cards, histograms(res.stats, range(run.m)))):
+    for c, (card, hist) in enumerate(zip(cards, histograms(res.stats))):
         card.update(freq=cols["freq"][c], fires=cols["fires"][c], mean=cols["mean"][c], max=cols["max"][c],
                     hist=hist)
     man = run.manifest

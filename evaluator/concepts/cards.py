@@ -15,6 +15,7 @@ Rows that the run's filter excludes (BOS, attention sinks) show no activation (`
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +33,7 @@ from evaluator.concepts.data import (
     read_rows,
     split_ranges,
 )
-from evaluator.concepts.stats import ConceptStats, TopN, display_histogram
+from evaluator.concepts.stats import ConceptStats, TopN, display_histograms
 from store.errors import UserError
 
 
@@ -58,13 +59,8 @@ class Examples:
     acts: torch.Tensor
     columns: dict[str, np.ndarray] = field(default_factory=dict)  # per unique row: token_ids, seq_ids, positions
     unique_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    where: np.ndarray = field(default_factory=lambda: np.zeros((0, 0, 0), np.int64))  # rows -> unique index
 
-    def column(self, name: str, rows: torch.Tensor) -> np.ndarray:
-        """``name`` at the given global rows (which must be among the window rows; -1 gives -1)."""
-        r = rows.numpy()
-        pos = np.searchsorted(self.unique_rows, np.maximum(r, 0))
-        out = self.columns[name][np.minimum(pos, len(self.unique_rows) - 1)].astype(np.int64)
-        return np.where(r >= 0, out, -1)
 
 
 def unit_rows(run: RunInfo) -> int:
@@ -139,28 +135,31 @@ def window_rows(run: RunInfo, top_ids: torch.Tensor, window: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def collect_examples(run: RunInfo, top: TopN, window: int, max_elems: int = 1 << 25) -> Examples:
-    """Pass 2: encode the unique window rows and gather each concept's activation on its windows."""
-    rows = window_rows(run, top.ids, window)
+def collect_examples(run: RunInfo, ids: torch.Tensor, window: int, max_elems: int = 1 << 25) -> Examples:
+    """Pass 2: encode the unique window rows of the examples ``ids`` (M, n) (-1 = none) and gather
+    each concept's activation on its windows."""
+    rows = window_rows(run, ids, window)
     m, n, length = rows.shape
     flat = rows.reshape(-1)
     valid = flat >= 0
     uniq = torch.unique(flat[valid]).numpy()
     names = ["seq_ids", "positions"] + ([] if run.is_vision else ["token_ids"])
     columns = {name: read_rows(run.dataset, uniq, name) for name in names}
-    # same-sequence check: a window row must belong to the example's sequence
-    ex = Examples(rows=rows, acts=torch.full((m, n, length), math.nan), columns=columns, unique_rows=uniq)
-    centre = (top.ids if not run.is_vision else top.ids).clamp_min(0)
-    seq_centre = torch.from_numpy(ex.column("seq_ids", centre))
-    seq_rows = torch.from_numpy(ex.column("seq_ids", rows))
-    rows = torch.where((seq_rows == seq_centre[:, :, None]) & (rows >= 0), rows, -1)
-    ex.rows = rows
+    where = np.where(rows.numpy() >= 0, np.searchsorted(uniq, np.maximum(rows.numpy(), 0)), -1)
+    # same-sequence check: a window row must belong to the example's sequence (the centre's
+    # window slot is W for text, 0 = the image's first row for vision)
+    seqs = np.where(where >= 0, columns["seq_ids"][np.maximum(where, 0)], -1)
+    centre = seqs[:, :, 0 if run.is_vision else window]
+    where = np.where((seqs == centre[:, :, None]) & (where >= 0), where, -1)
+    rows = torch.where(torch.from_numpy(where >= 0), rows, -1)
+    ex = Examples(rows=rows, acts=torch.full((m, n, length), math.nan), columns=columns, unique_rows=uniq,
+                  where=where)
     flat = rows.reshape(-1)
     valid_idx = (flat >= 0).nonzero().flatten()
     if valid_idx.numel() == 0:
         return ex
     # entry e needs codes[row_e, concept_e]; sort entries by unique-row position to walk rows in order
-    upos = torch.from_numpy(np.searchsorted(uniq, flat[valid_idx].numpy()))
+    upos = torch.from_numpy(where.reshape(-1)[valid_idx.numpy()])
     concept = valid_idx // (n * length)
     order = torch.argsort(upos, stable=True)
     upos, concept, valid_idx = upos[order], concept[order], valid_idx[order]
@@ -182,17 +181,19 @@ def collect_examples(run: RunInfo, top: TopN, window: int, max_elems: int = 1 <<
     return ex
 
 
+def round_array(values: np.ndarray, digits: int = 4) -> np.ndarray:
+    """Values rounded to ``digits`` significant digits (vectorised; NaN/inf kept)."""
+    v = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.floor(np.log10(np.abs(v)))
+        scale = np.where(np.isfinite(mag), 10.0 ** (digits - 1 - np.nan_to_num(mag, posinf=0, neginf=0)), 1.0)
+        return np.where(np.isfinite(mag), np.round(v * scale) / scale, v)
+
+
 def round_sig(values: np.ndarray, digits: int = 4) -> list[float | None]:
     """Values rounded to ``digits`` significant digits for compact JSON (NaN -> None)."""
-    out: list[float | None] = []
-    for v in values.tolist():
-        if v is None or not math.isfinite(v):
-            out.append(None)
-        elif v == 0:
-            out.append(0.0)
-        else:
-            out.append(float(f"{v:.{digits}g}"))
-    return out
+    r = round_array(values, digits)
+    return [x if math.isfinite(x) else None for x in r.tolist()]
 
 
 def summary(stats: ConceptStats) -> dict[str, list]:
@@ -205,18 +206,15 @@ def summary(stats: ConceptStats) -> dict[str, list]:
     }
 
 
-def histograms(stats: ConceptStats, concepts: range) -> list[list[list[float]]]:
-    """Display histograms of the given concepts."""
-    return [[[float(f"{lo:.3g}"), float(f"{hi:.3g}"), c] for lo, hi, c in display_histogram(stats.hist[i])]
-            for i in concepts]
+def histograms(stats: ConceptStats) -> list[list[list[float]]]:
+    """Display histograms of all concepts (bar edges to 3 significant digits)."""
+    return [[[float(f"{lo:.3g}"), float(f"{hi:.3g}"), c] for lo, hi, c in bars]
+            for bars in display_histograms(stats.hist)]
 
 
 def most_common(items: list[str], k: int) -> list[str]:
     """The k most frequent items (ties by first appearance)."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return [s for s, _ in sorted(counts.items(), key=lambda kv: -kv[1])[:k]]
+    return [item for item, _count in Counter(items).most_common(k)] if items else []
 
 
 def text_cards(run: RunInfo, res: StreamResult, ex: Examples, window: int,
@@ -226,74 +224,83 @@ def text_cards(run: RunInfo, res: StreamResult, ex: Examples, window: int,
     ``decode(ids) -> list[str]`` maps token ids to display strings.
     """
     m, n, length = ex.rows.shape
-    token_ids = ex.column("token_ids", ex.rows)             # (M, n, L)
-    positions = ex.column("positions", ex.rows)
-    seq_ids = ex.column("seq_ids", ex.rows)
-    uniq_tokens = np.unique(token_ids[token_ids >= 0])
+    finite = np.isfinite(res.top.values.numpy())
+    cs, js = finite.nonzero()                               # the K real examples, concept-major
+    where = ex.where[cs, js]                                # (K, L) index into the unique rows
+    present = where >= 0
+
+    def col(name: str) -> np.ndarray:
+        return np.where(present, ex.columns[name][np.maximum(where, 0)], -1)
+
+    token_ids = col("token_ids")
+    centre_pos = col("positions")[:, window].tolist()
+    centre_seq = col("seq_ids")[:, window].tolist()
+    rows = ex.rows.numpy()[cs, js, window].tolist()
+    uniq_tokens = np.unique(token_ids[present])
     strings = dict(zip(uniq_tokens.tolist(), decode(uniq_tokens.tolist())))
-    values = res.top.values.numpy()
-    acts = ex.acts.numpy()
-    cards, tops = [], []
-    for c in range(m):
-        examples, centres = [], []
-        for j in range(n):
-            if not math.isfinite(values[c, j]):
-                break
-            present = ex.rows[c, j].numpy() >= 0
-            toks = [strings[t] for t in token_ids[c, j][present].tolist()]
-            centre = window - int((~present[:window]).sum())
-            centres.append(toks[centre])
-            examples.append({
-                "act": round_sig(values[c, j:j + 1])[0],
-                "seq": int(seq_ids[c, j][window]),
-                "pos": int(positions[c, j][window]),
-                "row": int(ex.rows[c, j, window]),
-                "center": centre,
-                "toks": toks,
-                "acts": round_sig(acts[c, j][present], 3),
-            })
-        top_tokens = most_common(centres, 3)
-        tops.append(top_tokens)
-        cards.append({"id": c, "examples": examples, "top_tokens": top_tokens})
+    values = round_sig(res.top.values.numpy()[cs, js])
+    centres = (window - (~present[:, :window]).sum(1)).tolist()   # centre index after clipping
+    acts = round_array(ex.acts.numpy()[cs, js], 3)
+    toks_all, acts_all, present_all = token_ids.tolist(), acts.tolist(), present.tolist()
+    cards: list[dict[str, Any]] = [{"id": c, "examples": [], "top_tokens": []} for c in range(m)]
+    centre_strings: list[list[str]] = [[] for _ in range(m)]
+    for e, c in enumerate(cs.tolist()):
+        keep = present_all[e]
+        toks = [strings[t] for t, k in zip(toks_all[e], keep) if k]
+        centre_strings[c].append(toks[centres[e]])
+        cards[c]["examples"].append({
+            "act": values[e],
+            "seq": centre_seq[e],
+            "pos": centre_pos[e],
+            "row": rows[e],
+            "center": centres[e],
+            "toks": toks,
+            "acts": [None if a != a else a for a, k in zip(acts_all[e], keep) if k],  # NaN -> null
+        })
+    tops = []
+    for card, strs in zip(cards, centre_strings):
+        card["top_tokens"] = most_common(strs, 3)
+        tops.append(card["top_tokens"])
     return cards, tops
 
 
 def vision_cards(run: RunInfo, res: StreamResult, ex: Examples, labels: np.ndarray | None,
                  image_path: Any) -> tuple[list[dict[str, Any]], list[list[str]]]:
-    """Per-concept card dicts (vision): image id, label, score and the patch-grid mask (CLS excluded).
+    """Per-concept card dicts (vision): image id, label, score; the first examples (those in ``ex``)
+    also carry the patch-grid mask (CLS excluded) and their thumbnail.
 
     ``image_path(seq_id) -> str | None`` gives the thumbnail's relative path in the output.
     """
-    m, n, length = ex.rows.shape
+    m, n = res.top.ids.shape
+    length = ex.rows.shape[2]
     class_names = run.manifest.class_names or []
     patches = length - 1                      # position 0 is CLS
     side = int(round(math.sqrt(patches)))
     if side * side != patches:
         raise UserError(f"dataset {run.dataset.url} has {length} rows per image, which is not 1 + a square "
                         f"patch grid; the concept browser expects a ViT with a CLS token.")
-    seq_ids = ex.column("seq_ids", ex.rows[:, :, 0].clamp_min(-1))
-    values = res.top.values.numpy()
-    acts = ex.acts.numpy()
-    cards, tops = [], []
-    for c in range(m):
-        examples, names = [], []
-        for j in range(n):
-            if not math.isfinite(values[c, j]):
-                break
-            seq = int(seq_ids[c, j])
-            label_idx = int(labels[seq]) if labels is not None and 0 <= seq < len(labels) else -1
-            label = class_names[label_idx] if 0 <= label_idx < len(class_names) else None
-            if label is not None:
-                names.append(label)
-            examples.append({
-                "act": round_sig(values[c, j:j + 1])[0],
-                "seq": seq,
-                "label": label,
-                "img": image_path(seq),
-                "grid": [side, side],
-                "mask": round_sig(np.nan_to_num(acts[c, j, 1:], nan=0.0), 3),
-            })
-        top_labels = most_common(names, 3)
-        tops.append(top_labels)
-        cards.append({"id": c, "examples": examples, "top_tokens": top_labels})
+    ids = res.top.ids.numpy()
+    uniq = np.unique(ids[ids >= 0])
+    seq_of = dict(zip(uniq.tolist(), read_rows(run.dataset, uniq, "seq_ids").tolist()))
+    cs, js = np.isfinite(res.top.values.numpy()).nonzero()     # the K real examples, concept-major
+    values = round_sig(res.top.values.numpy()[cs, js])
+    with_mask = ex.acts.shape[1]
+    masked = js < with_mask
+    masks = iter(round_array(np.nan_to_num(ex.acts.numpy()[cs[masked], js[masked], 1:], nan=0.0), 3).tolist())
+    cards: list[dict[str, Any]] = [{"id": c, "examples": [], "top_tokens": []} for c in range(m)]
+    names: list[list[str]] = [[] for _ in range(m)]
+    for e, (c, j) in enumerate(zip(cs.tolist(), js.tolist())):
+        seq = int(seq_of[int(ids[c, j])])
+        label_idx = int(labels[seq]) if labels is not None and 0 <= seq < len(labels) else -1
+        label = class_names[label_idx] if 0 <= label_idx < len(class_names) else None
+        if label is not None:
+            names[c].append(label)
+        example = {"act": values[e], "seq": seq, "label": label}
+        if j < with_mask:
+            example.update(img=image_path(seq), grid=[side, side], mask=next(masks))
+        cards[c]["examples"].append(example)
+    tops = []
+    for card, strs in zip(cards, names):
+        card["top_tokens"] = most_common(strs, 3)
+        tops.append(card["top_tokens"])
     return cards, tops

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -88,28 +89,43 @@ class ConceptStats:
         return torch.where(self.fires > 0, self.maxs, 0.0)
 
 
-def display_histogram(hist_row: Tensor, max_bars: int = DISPLAY_BINS) -> list[list[float]]:
-    """The card's bars ``[[lo, hi, count], ...]`` (ascending values) from one concept's global-grid row.
+def display_histograms(hist: Tensor, max_bars: int = DISPLAY_BINS) -> list[list[list[float]]]:
+    """The cards' bars ``[[lo, hi, count], ...]`` (ascending values) from global-grid rows (M, 2·HALF_BINS).
 
-    Only the span of occupied bins is kept; adjacent bins are merged so at most ``max_bars``
-    bars remain per sign. Negative bars (if any) come first, with lo < hi < 0.
+    Per concept and sign, only the span of occupied bins is kept and it is cut into at most
+    ``max_bars`` groups of ``width = ceil(span / max_bars)`` adjacent bins (vectorised over
+    concepts with a cumulative sum). Negative bars (if any) come first, with lo < hi < 0.
     """
-    edges = bin_edges()
-    bars: list[list[float]] = []
-    for sign, part in ((-1.0, hist_row[HALF_BINS:]), (1.0, hist_row[:HALF_BINS])):
-        occupied = (part > 0).nonzero().flatten()
-        if occupied.numel() == 0:
-            continue
-        first, last = int(occupied[0]), int(occupied[-1]) + 1
-        width = max(1, math.ceil((last - first) / max_bars))
-        group: list[list[float]] = []
-        for start in range(first, last, width):
-            stop = min(start + width, last)
-            count = int(part[start:stop].sum())
-            lo, hi = float(edges[start]), float(edges[stop])
-            group.append([lo, hi, count] if sign > 0 else [-hi, -lo, count])
-        bars.extend(reversed(group) if sign < 0 else group)
-    return bars
+    edges = bin_edges().numpy()
+    h = hist.numpy().astype(np.int64)
+    m = h.shape[0]
+    steps = np.arange(max_bars + 1)
+    per_sign = []
+    for part in (h[:, HALF_BINS:], h[:, :HALF_BINS]):              # negative, then positive
+        occupied = part > 0
+        has = occupied.any(1)
+        first = occupied.argmax(1)
+        last = HALF_BINS - occupied[:, ::-1].argmax(1)                 # one past the last occupied bin
+        width = np.maximum(1, -(-(last - first) // max_bars))
+        bounds = np.minimum(first[:, None] + steps[None, :] * width[:, None], last[:, None])  # (M, B+1)
+        cum = np.concatenate([np.zeros((m, 1), np.int64), part.cumsum(1)], axis=1)
+        counts = np.take_along_axis(cum, bounds[:, 1:], 1) - np.take_along_axis(cum, bounds[:, :-1], 1)
+        real = (bounds[:, 1:] > bounds[:, :-1]) & has[:, None]
+        per_sign.append((edges[bounds[:, :-1]], edges[bounds[:, 1:]], counts, real))
+    out: list[list[list[float]]] = []
+    (nlo, nhi, ncount, nreal), (plo, phi, pcount, preal) = per_sign
+    for c in range(m):
+        neg = [[-float(hi), -float(lo), int(k)] for lo, hi, k in zip(nlo[c][nreal[c]], nhi[c][nreal[c]],
+                                                                   ncount[c][nreal[c]])][::-1]
+        pos = [[float(lo), float(hi), int(k)] for lo, hi, k in zip(plo[c][preal[c]], phi[c][preal[c]],
+                                                                 pcount[c][preal[c]])]
+        out.append(neg + pos)
+    return out
+
+
+def display_histogram(hist_row: Tensor, max_bars: int = DISPLAY_BINS) -> list[list[float]]:
+    """:func:`display_histograms` of one concept's row."""
+    return display_histograms(hist_row[None], max_bars)[0]
 
 
 class TopN:

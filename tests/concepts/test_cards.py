@@ -139,7 +139,7 @@ def test_window_activations_equal_encoding_the_window(text_runs):
     run = open_run(text_runs[0])
     res = stream_stats(run, units=10**6, top_n=3)
     w = 4
-    ex = collect_examples(run, res.top, w, max_elems=40 * 8)
+    ex = collect_examples(run, res.top.ids, w, max_elems=40 * 8)
     ctx = run.manifest.context_length
     checked = 0
     for c in range(run.m):
