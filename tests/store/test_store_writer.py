@@ -58,7 +58,7 @@ def test_round_trip_values_lengths_and_commits(tmp_path):
     assert st.rows == total
     np.testing.assert_allclose(st.mean, ref.mean, rtol=1e-12)
     norms = np.linalg.norm(expect.astype(np.float16).astype(np.float64), axis=1)
-    assert st.mean_norm == pytest.approx(norms.mean(), rel=1e-12)
+    assert st.mean_norm == pytest.approx(norms.mean(), rel=1e-6)  # per-row norms in float32
     assert st.median_norm == pytest.approx(np.quantile(norms, 0.5, method="lower"), rel=0.003)
 
 
