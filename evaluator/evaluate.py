@@ -247,7 +247,7 @@ def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilt
                         "eval fraction (split.fraction) to evaluate on it.")
     bar = tqdm(total=total, desc="eval", unit="tok", unit_scale=True, disable=not progress)
     seen = 0
-    with torch.no_grad():
+    with loader, torch.no_grad():
         for batch in loader:
             x, positions = batch["acts"], batch["positions"]
             if max_tokens is not None:

@@ -144,3 +144,11 @@ def test_run_written_by_the_trainer(tmp_path, text_dataset):
     assert report.tokens.kept == builtin["tokens"]
     assert report.variant == "sparsemax" and report.input_norm.startswith("unit")
     assert json.loads((Path(url) / "eval.json").read_text())["evaluator"] == "evaluator"
+
+
+def test_cli_routes_concepts_and_rejects_bad_flags(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["concepts", "--help"])
+    assert exc.value.code == 0 and "usage" in capsys.readouterr().out.lower()
+    assert run_cli(main, ["run", "x", "--max-tokens", "0"]) == 2
+    assert "--max-tokens 0 must be positive" in capsys.readouterr().err
