@@ -16,7 +16,7 @@ not dilute the differences. Reported:
     ce_recovered   = (ce_zero − ce_sae) / (ce_zero − ce_clean)
     kl             = mean_t Σ_v p_clean(v) (log p_clean(v) − log p_sae(v))
 
-All sums are float64. An identity ``reconstruct`` gives bit-identical logits, hence
+Sums over tokens are float64 (per-token sums over the vocabulary float32). An identity ``reconstruct`` gives bit-identical logits, hence
 ce_degradation = 0 and kl = 0 exactly; a zero ``reconstruct`` gives ce_sae = ce_zero.
 """
 
@@ -54,9 +54,10 @@ def _nll_sum(logp: Tensor, targets: Tensor) -> float:
 
 
 def _kl_sum(logp_clean: Tensor, logp_other: Tensor) -> float:
-    """Σ_t Σ_v p_clean (log p_clean − log p_other), in float64."""
-    lc, lo = logp_clean.to(torch.float64), logp_other.to(torch.float64)
-    return float((lc.exp() * (lc - lo)).sum())
+    """Σ_t Σ_v p_clean (log p_clean − log p_other): per-token sums in float32 (no float64 copy of the
+    (B, T, V) logits), the sum over tokens in float64."""
+    per_token = (logp_clean.exp() * (logp_clean - logp_other)).sum(-1)
+    return float(per_token.to(torch.float64).sum())
 
 
 def splice_ce(model: Any, input_ids: Tensor, layer: int, site: str, reconstruct: Edit, *,
