@@ -9,13 +9,17 @@ Layout of ``<run_dir>/concepts/`` (open ``index.html`` from disk, no server, no 
                         per shard, loaded by a script tag when a concept of that shard is opened
     images/<seq>.jpg    (vision) square thumbnails of the top images, cropped as the model saw them
 
-Index: ``{"version", "title", "kind": "text"|"vision", "run", "dataset", "model", "split", "filter",
-"m", "rows", "units", "top", "window", "images", "shard_size", "tokenizer_note", "token_joiner",
+Index: ``{"version", "title", "kind": "text"|"vision", "run", "dataset", "model", "hook", "sae"
+(variant, m, k, activation, input_norm), "split", "filter", "m", "rows" (kept rows), "units"
+(tokens or images streamed), "top", "window", "images" (vision: images shown per card),
+"shard_size", "shards", "tokenizer_note" (why tokens are ids, or null), "token_joiner",
 "concepts": {"freq": [M], "fires": [M], "mean": [M], "max": [M], "top": [M × [str]]}}``
 (columnar, one entry per concept id). Card: ``{"id", "freq", "fires", "mean", "max", "hist":
 [[lo, hi, count], ...], "top_tokens", "examples": [...], "logit_lens"?}`` with text examples
 ``{"act", "seq", "pos", "row", "center", "toks": [str], "acts": [float|null]}`` and vision
-examples ``{"act", "seq", "label", "img", "grid": [h, w], "mask": [h·w floats]}``.
+examples ``{"act", "seq", "label"}``, the first ``images`` of them also ``{"img", "grid": [h, w],
+"mask": [h·w floats]}``. Activations are rounded to 4 (scores) or 3 (contexts, masks)
+significant digits; ``null`` marks a row excluded by the run's filter.
 """
 
 from __future__ import annotations

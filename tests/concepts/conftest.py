@@ -9,7 +9,8 @@
 * ``vision_dataset`` / ``vision_run``: 12 synthetic images (a circle or a square) in an ImageFolder, 197 rows per image
   (CLS + 14×14 patches, synthetic activations), labels and class names; a topk run on it.
 * ``chromium``: headless Debian Chromium driven from the command line (``--dump-dom`` and
-  ``--screenshot``); skips with the reason when /usr/bin/chromium is missing.
+  ``--screenshot``); skips with the reason when /usr/bin/chromium is missing. ``devtools``: a page
+  driven over the DevTools protocol on ``--remote-debugging-pipe`` (real key presses).
 """
 
 from __future__ import annotations
@@ -187,6 +188,80 @@ class Chromium:
         return path
 
 
+class DevTools:
+    """A page driven over the Chrome DevTools protocol on ``--remote-debugging-pipe`` (fds 3/4, NUL-framed
+    JSON): no websocket package needed. ``evaluate`` runs JS, ``key`` sends a real key press."""
+
+    def __init__(self, binary: str, profile: Path, url: str) -> None:
+        import fcntl
+
+        def high(fd: int) -> int:                  # keep our pipe ends off fds 3 and 4
+            moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)
+            os.close(fd)
+            return moved
+
+        cmd_r, cmd_w = (high(f) for f in os.pipe())
+        res_r, res_w = (high(f) for f in os.pipe())
+        self.proc = subprocess.Popen(
+            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-pipe", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--window-size=1280,900", "about:blank"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=False,
+            preexec_fn=lambda: (os.dup2(cmd_r, 3), os.dup2(res_w, 4)))
+        os.close(cmd_r)
+        os.close(res_w)
+        self.out, self.inp = os.fdopen(cmd_w, "wb", buffering=0), os.fdopen(res_r, "rb", buffering=0)
+        self.buf, self.n, self.session = b"", 0, None
+        target = self.send("Target.createTarget", {"url": url})["targetId"]
+        self.session = self.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        self.wait_for("document.readyState === 'complete' && !!window.__index")
+
+    def send(self, method: str, params: dict | None = None) -> dict:
+        self.n += 1
+        msg = {"id": self.n, "method": method, "params": params or {}}
+        if self.session:
+            msg["sessionId"] = self.session
+        self.out.write(json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buf:
+                chunk = self.inp.read(1 << 16)
+                assert chunk, "chromium closed the DevTools pipe"
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.n:
+                assert "error" not in reply, reply["error"]
+                return reply["result"]
+
+    def evaluate(self, expr: str):
+        return self.send("Runtime.evaluate", {"expression": expr, "returnByValue": True})["result"].get("value")
+
+    def wait_for(self, expr: str, timeout: float = 20.0):
+        import time
+
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            value = self.evaluate(expr)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {expr}")
+
+    def key(self, key: str, code: str, text: str | None = None) -> None:
+        down = {"type": "keyDown", "key": key, "code": code, **({"text": text} if text else {})}
+        self.send("Input.dispatchKeyEvent", down)
+        self.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": key, "code": code})
+
+    def type_text(self, text: str) -> None:
+        self.send("Input.insertText", {"text": text})
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=30)
+        self.out.close()
+        self.inp.close()
+
+
 @pytest.fixture(scope="session")
 def chromium(tmp_path_factory):
     """A :class:`Chromium`; skips where /usr/bin/chromium is missing (install: apt-get install chromium)."""
@@ -195,3 +270,17 @@ def chromium(tmp_path_factory):
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install -y chromium) to run "
                     "the browser tests")
     return Chromium(binary, tmp_path_factory.mktemp("chromium-profile"))
+
+
+@pytest.fixture
+def devtools(chromium, tmp_path):
+    """Open a page under the DevTools protocol: ``devtools(url) -> DevTools`` (closed after the test)."""
+    pages: list[DevTools] = []
+
+    def open_page(url: str) -> DevTools:
+        pages.append(DevTools(chromium.binary, tmp_path / f"profile{len(pages)}", url))
+        return pages[-1]
+
+    yield open_page
+    for page in pages:
+        page.close()

@@ -215,3 +215,23 @@ def test_vision_mask_equals_patch_activations(vision_run, tmp_path):
             assert ex["img"] == f"images/{seq}.jpg" and (out / ex["img"]).is_file()
             checked += 1
     assert checked > 5
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-1e3, 1e3, allow_nan=False).filter(lambda v: abs(v) > 1e-5), min_size=1, max_size=60),
+       st.integers(1, 10))
+def test_display_histogram_bars_partition_the_values(values, max_bars):
+    s = ConceptStats(1)
+    s.update(torch.tensor(values, dtype=torch.float32).reshape(-1, 1))
+    bars = display_histogram(s.hist[0], max_bars=max_bars)
+    assert sum(b[2] for b in bars) == len(values)
+    neg = [b for b in bars if b[1] <= 0]
+    pos = [b for b in bars if b[0] > 0]
+    assert len(neg) + len(pos) == len(bars) and len(neg) <= max_bars and len(pos) <= max_bars
+    assert bars == sorted(bars)                                    # ascending, no overlap
+    for group in (neg, pos):
+        assert all(a[1] == pytest.approx(b[0]) for a, b in zip(group, group[1:]))   # contiguous
+    for v in values:                                               # every value falls in a bar that counts it
+        v32 = float(np.float32(v))
+        assert any(lo * (1 - 1e-6) <= v32 <= hi * (1 + 1e-6) if v32 > 0 else lo * (1 + 1e-6) <= v32 <= hi
+                   * (1 - 1e-6) for lo, hi, _ in bars)

@@ -162,3 +162,29 @@ def test_compare_counts_active_concepts_per_token(text_runs, tmp_path):
     out2 = write_compare(text_runs[0], text_runs[1], text=text, out=str(tmp_path / "cmp2.html"))
     cells2 = ["".join(x) for t, _a, x in Elements(Path(out2).read_text()).items if t == "td"]
     assert [int(c) for c in cells2[3::6]] == counts[1]
+
+
+def test_keyboard_navigation(text_site, devtools):
+    index = load_js(text_site.parent / "index.js")
+    freq = index["concepts"]["freq"]
+    by_freq = sorted(range(index["m"]), key=lambda i: (-freq[i], i))
+    page = devtools(text_site.as_uri())
+    page.evaluate("document.getElementById('list').focus()")
+    for key, code, text in (("j", "KeyJ", "j"), ("j", "KeyJ", "j"), ("ArrowDown", "ArrowDown", None),
+                            ("k", "KeyK", "k")):
+        page.key(key, code, text)
+    selected = page.evaluate("document.querySelector('.row[aria-selected=true]').dataset.id")
+    assert int(selected) == by_freq[2]
+    assert page.evaluate("document.getElementById('list').getAttribute('aria-activedescendant')") == \
+        f"opt-{by_freq[2]}"
+    page.key("Enter", "Enter", "\r")
+    assert page.wait_for("document.getElementById('card-title') && "
+                         "document.getElementById('card-title').textContent") == f"Concept {by_freq[2]}"
+    assert f"concept={by_freq[2]}" in page.evaluate("location.hash")
+    assert page.evaluate("document.querySelectorAll('#card .tok').length") > 0
+    page.key("/", "Slash", "/")
+    assert page.evaluate("document.activeElement.id") == "search"
+    page.type_text("#7")
+    assert page.evaluate("document.getElementById('count').textContent").startswith("1 concept")
+    page.key("Escape", "Escape")
+    assert page.evaluate("document.activeElement.id") == "list"
