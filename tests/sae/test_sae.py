@@ -285,3 +285,17 @@ def test_unit_input_norm_is_positively_homogeneous_and_decode_needs_norms() -> N
 def test_bad_input_shape_is_a_user_error() -> None:
     with pytest.raises(UserError, match=r"expects \(batch, 16\)"):
         make("topk").encode(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("m", [64, 4096])  # dense and sparse weight-gradient paths (DENSE_RATIO · 6 = 1536)
+def test_sparse_ops_gradients_on_both_paths(m: int) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(8, D, generator=gen, requires_grad=True)
+    w = torch.randn(m, D, generator=gen, requires_grad=True)
+    idx = torch.rand(8, m, generator=gen).topk(6, dim=-1).indices
+    val = torch.randn(8, 6, generator=gen, requires_grad=True)
+    out = select_linear(x, w, idx, (x @ w.T).detach()) + sparse_decode(idx, val, w).sum(-1, keepdim=True)
+    ref = (x @ w.T).gather(1, idx) + (torch.zeros(8, m).scatter_add(1, idx, val) @ w).sum(-1, keepdim=True)
+    g = torch.randn(8, 6, generator=gen)
+    for a, b in zip(torch.autograd.grad(out, (x, w, val), g), torch.autograd.grad(ref, (x, w, val), g)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -12,7 +12,7 @@ Shared decisions (written once here, used by every variant):
   :func:`sparse_decode` is ``embedding_bag(idx, W, per_sample_weights=val, mode="sum")``: forward and
   backward only touch the K rows per sample. :func:`select_linear` returns (x Wᵀ)[b, idx[b, k]] from
   an already computed dense product with a *sparse backward* (dx by embedding_bag, dW by a sparse
-  COO matmul): the encoders of the sparse variants compute their dense pre-activations once without
+  COO matmul, formed densely when M < DENSE_RATIO·K where that is faster on CPU): the encoders of the sparse variants compute their dense pre-activations once without
   autograd and backpropagate only through the selected entries, which is exactly their gradient
   (the selection mask is held fixed, as for TopK/sparsemax).
 * **Unit-norm decoder** (topk, batchtopk, gated, jumprelu): rows of W_dec are renormalised in
@@ -113,17 +113,48 @@ def padded_from_dense(acts: Tensor, m: int, dense_fraction: float) -> Codes:
 # ----------------------------------------------------------------------------- sparse ops
 
 
+#: Below M < DENSE_RATIO · K the weight gradient of the sparse ops is formed densely (a (B, M)
+#: scatter then one matmul): on CPU the index sort behind a sparse scatter costs more than the dense
+#: matmul at small M (measured: M = 3072 dense wins, M = 24576 sparse wins, K = 32, d = 768).
+DENSE_RATIO = 256
+
+
+def use_dense_grad(m: int, k: int) -> bool:
+    """Whether a (B, K)-sparse weight gradient over M rows is cheaper formed densely."""
+    return m < DENSE_RATIO * k
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x̂_b = Σ_k val[b,k] W[idx[b,k]]; backward: dval = g_b · W[idx], dW[idx] += val ⊗ g."""
+
+    @staticmethod
+    def forward(ctx, idx: Tensor, val: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(idx, val, weight)
+        return F.embedding_bag(idx, weight, per_sample_weights=val, mode="sum")
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        idx, val, weight = ctx.saved_tensors
+        dval = torch.bmm(weight[idx], g[:, :, None])[:, :, 0] if ctx.needs_input_grad[1] else None
+        dw = scatter_rows(idx, val, g, weight.shape[0]).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return None, dval, dw
+
+
 def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor) -> Tensor:
     """x̂_b = Σ_k val[b,k] · W[idx[b,k]]  (B, d); forward and backward touch only the indexed rows."""
-    return F.embedding_bag(idx, weight, per_sample_weights=val.to(weight.dtype), mode="sum")
+    return _SparseDecode.apply(idx, val.to(weight.dtype), weight)
 
 
 def scatter_rows(idx: Tensor, coef: Tensor, x: Tensor, m: int) -> Tensor:
-    """dW (M, d) with dW[j] = Σ_{b,k: idx[b,k]=j} coef[b,k] · x[b], by a sparse (M × B) @ (B × d) matmul."""
+    """dW (M, d) with dW[j] = Σ_{b,k: idx[b,k]=j} coef[b,k] · x[b]: a sparse (M × B) @ (B × d) matmul,
+    or a dense one when M is small (:func:`use_dense_grad`)."""
     b, k = idx.shape
+    coef = coef.to(x.dtype)
+    if use_dense_grad(m, k):
+        return x.new_zeros(b, m).scatter_add_(1, idx, coef).T @ x
     rows = idx.reshape(-1)
     cols = torch.arange(b, device=idx.device).repeat_interleave(k)
-    sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), coef.reshape(-1).to(x.dtype), (m, b),
+    sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), coef.reshape(-1), (m, b),
                                      check_invariants=False)
     return torch.sparse.mm(sparse, x)
 
