@@ -67,7 +67,9 @@ class FeederCore:
         self.requests = 0
         self.forced_evictions = 0
         self.cond = threading.Condition()
-        self.pool = ThreadPoolExecutor(max(1, prefetch), thread_name_prefix="feeder")
+        # one reader thread: batches are read in order (the loader reads each window's chunks in
+        # parallel itself); concurrent batch() calls could fetch the same window twice
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="feeder")
 
     def _read(self, b: int) -> Any:
         """Read batch ``b`` from the store (counted) and put it in the object store."""

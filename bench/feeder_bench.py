@@ -1,0 +1,196 @@
+"""Feeder sharing: N trainers fed by one feeder actor vs N trainers with their own loaders.
+
+Setup: a synthetic local store (float32), N ∈ {1, 4, 8} consumer actors on a local Ray instance,
+each consuming the same T batches and doing a fixed amount of "training" work per batch
+(an (B, d) @ (d, M) matmul + ReLU). Two modes, timed side by side in the same run:
+
+* ``shared`` (baseline of the comparison): one :class:`trainer.sweep.FeederCore` actor reads each batch
+  once with ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
+* ``independent``: each consumer has its own ``ActivationLoader`` and calls ``batch(b)`` itself.
+
+Bytes read from the store are counted in the processes that read (the feeder, or each consumer) by a
+counter around the loader's window fetch (``ActivationLoader._fetch``: rows of the window × stored
+bytes per row of the columns read), installed by this bench only. ``/proc/<pid>/io`` would be the
+natural probe, but local chunks are memory-mapped and this sandbox does not account reads made by
+worker threads. Wall time is the consuming phase only (actors are started and
+warmed up before the clock starts). Results: ``bench/results/feeder.json``.
+
+Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from trainer.sweep import FeederCore
+
+RESULTS = Path(__file__).resolve().parent / "results" / "feeder.json"
+
+
+_BYTES = [0]
+
+
+def install_read_counter() -> None:
+    """Count the stored bytes of every window the store's loader fetches in this process."""
+    from store.loader import ActivationLoader
+
+    original = ActivationLoader._fetch
+    if getattr(original, "counted", False):
+        return
+
+    def counted(self: Any, key: Any) -> Any:
+        win = original(self, key)
+        ds = self.dataset
+        row_bytes = sum(ds.column_dtype(c).itemsize * (ds.manifest.d if c == "acts" else 1) for c in self.columns)
+        _BYTES[0] += len(win.perm) * row_bytes
+        return win
+
+    counted.counted = True  # type: ignore[attr-defined]
+    ActivationLoader._fetch = counted
+
+
+def rchar() -> int:
+    """Store bytes read by this process so far."""
+    return _BYTES[0]
+
+
+@ray.remote(num_cpus=0, max_concurrency=64)
+class BenchFeeder(FeederCore):
+    """The sweep's feeder plus an I/O probe of its own process."""
+
+    def __init__(self, *args: Any) -> None:
+        install_read_counter()
+        super().__init__(*args)
+
+    def io(self) -> int:
+        return rchar()
+
+
+@ray.remote(num_cpus=0.2)
+class Consumer:
+    """A stand-in trainer: fetches batch b (from the feeder or its own loader) and does fixed work."""
+
+    def __init__(self, name: str, store: str, batch_size: int, m: int, feeder: Any = None) -> None:
+        from store.loader import ActivationLoader
+
+        install_read_counter()
+        torch.set_num_threads(1)
+        torch.manual_seed(0)  # same work matrix in every consumer, so checksums must agree
+        self.name, self.feeder = name, feeder
+        self.loader = None if feeder is not None else ActivationLoader(store, batch_size, seed=0,
+                                                                         columns=("acts", "positions"))
+        self.w = None
+        self.m = m
+
+    def io(self) -> int:
+        return rchar()
+
+    def run(self, batches: int) -> float:
+        checksum = 0.0
+        for b in range(batches):
+            if self.feeder is not None:
+                acts = torch.from_numpy(ray.get(ray.get(self.feeder.get.remote(b, self.name)))["acts"].copy())
+            else:
+                acts = self.loader.batch(b)["acts"]
+            if self.w is None:
+                self.w = torch.randn(acts.shape[1], self.m) / acts.shape[1] ** 0.5
+            checksum += float(torch.relu(acts @ self.w).sum())
+        return checksum
+
+
+def make_bench_store(url: str, rows: int, d: int) -> str:
+    """A float32 store of ``rows`` random rows (the bench's own synthetic data)."""
+    from store.manifest import DatasetManifest, HookInfo, ModelInfo, SourceInfo
+    from store.stats import StatsAccumulator
+    from store.writer import DatasetWriter
+
+    shard_rows = 8192
+    manifest = DatasetManifest(d=d, dtype="float32", shard_rows=shard_rows, chunk_rows=1024, context_length=128,
+                               model=ModelInfo(name="synthetic"), hook=HookInfo(layer=0, site="resid_post"),
+                               source=SourceInfo(name="synthetic"))
+    writer = DatasetWriter.create(url, manifest)
+    rng = np.random.default_rng(0)
+    stats = StatsAccumulator(d)
+    for s in range(rows // shard_rows):
+        acts = rng.normal(size=(shard_rows, d)).astype(np.float32)
+        idx = np.arange(s * shard_rows, (s + 1) * shard_rows)
+        writer.write_shard(s, acts, token_ids=(idx % 1000).astype(np.int32), seq_ids=(idx // 128).astype(np.int64),
+                           positions=(idx % 128).astype(np.int16))
+        stats.update(acts)
+    writer.seal(stats=stats.result())
+    return url
+
+
+def trial(store: str, n: int, batches: int, batch_size: int, m: int, shared: bool) -> dict[str, Any]:
+    """One mode at one N: bytes read by the reading processes and wall time of the consuming phase."""
+    names = [f"c{i}" for i in range(n)]
+    feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0) if shared else None
+    consumers = [Consumer.remote(name, store, batch_size, m, feeder) for name in names]
+    ray.get([c.io.remote() for c in consumers])
+    readers = [feeder] if shared else consumers
+    before = ray.get([r.io.remote() for r in readers])
+    t0 = time.perf_counter()
+    sums = ray.get([c.run.remote(batches) for c in consumers])
+    wall = time.perf_counter() - t0
+    after = ray.get([r.io.remote() for r in readers])
+    out = {"bytes_read": int(sum(a - b for a, b in zip(after, before))), "wall_s": wall}
+    if shared:
+        stats = ray.get(feeder.reads.remote())
+        out.update(feeder_reads=stats["reads"], feeder_rereads=stats["rereads"])
+        assert len(set(round(s, 3) for s in sums)) == 1, "consumers saw different batches"
+    for actor in consumers + ([feeder] if shared else []):
+        ray.kill(actor)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=65536)
+    parser.add_argument("--d", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--m", type=int, default=1024)
+    parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
+    args = parser.parse_args(argv)
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    tmp = tempfile.mkdtemp(prefix="fbench", dir="/tmp")
+    store = make_bench_store(os.path.join(tmp, "store"), args.rows, args.d)
+    from store.loader import ActivationLoader
+
+    batches = len(ActivationLoader(store, args.batch, seed=0))
+    payload = batches * args.batch * (args.d * 4 + 8)  # acts float32 + positions int64 per row (logical)
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(tmp, "ray"), log_to_driver=False,
+             _node_ip_address="127.0.0.1")
+    results = []
+    try:
+        for n in args.ns:
+            indep = trial(store, n, batches, args.batch, args.m, shared=False)
+            shared = trial(store, n, batches, args.batch, args.m, shared=True)
+            row = {"n_trainers": n, "batches": batches, "logical_batch_bytes": payload,
+                   "shared": shared, "independent": indep,
+                   "bytes_ratio_independent_over_shared": indep["bytes_read"] / max(shared["bytes_read"], 1),
+                   "wall_ratio_independent_over_shared": indep["wall_s"] / shared["wall_s"]}
+            results.append(row)
+            print(json.dumps(row))
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "shared (one feeder)",
+                                   "rows": args.rows, "d": args.d, "batch_size": args.batch, "m": args.m,
+                                   "torch_threads": 1, "cpus": 2, "results": results}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
