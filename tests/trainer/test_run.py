@@ -182,7 +182,6 @@ def test_builtin_eval_matches_evaluator_metrics(tiny_store, tmp_path):
     """The sweep's fallback evaluator writes eval.json whose fvu/l0 agree with evaluator.metrics computed
     independently over the same filtered eval rows."""
     from evaluator.metrics import fvu, l0
-
     from store.loader import ActivationLoader
     from trainer.run import write_builtin_eval
     from trainer.sae import load
