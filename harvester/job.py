@@ -18,6 +18,11 @@ Determinism: sequence ``s`` (a context or an image) is always the ``s``-th of th
 shard ``k`` holds sequences ``[k·S, (k+1)·S)`` with ``S = shard_rows / rows_per_seq``, and the
 forward batches are cut inside a shard starting at its first sequence. So 1 worker and N workers,
 and a run resumed after a crash (committed shards are skipped), store the same bytes.
+
+Text is tokenized and packed on the driver (it must be, for a streaming source to be cut
+deterministically); the driver keeps one range more in flight than there are workers so that
+tokenizing overlaps compute. A fast tokenizer does ~1M tokens/s per core, so with many GPU
+workers the driver can become the limit; raise ``batch_size`` / shard sizes or split the corpus.
 """
 
 from __future__ import annotations

@@ -82,7 +82,8 @@ def test_text_rows_equal_an_independent_forward_pass(reference, tiny_gpt2):
     torch.testing.assert_close(torch.from_numpy(acts).float(), hs.half().float(), rtol=2e-3, atol=2e-3)
     all_acts = ds.read(0, ds.num_rows).astype(np.float64)
     np.testing.assert_allclose(m.stats.mean, all_acts.mean(0), rtol=1e-9, atol=1e-12)
-    assert m.stats.mean_norm == pytest.approx(np.linalg.norm(all_acts, axis=1).mean(), rel=1e-9)
+    # the store sums squares in float32 per row (relative error ~1e-7·√d), then float64
+    assert m.stats.mean_norm == pytest.approx(np.linalg.norm(all_acts, axis=1).mean(), rel=1e-6)
 
 
 def test_two_workers_write_the_same_bytes_as_one(reference, tmp_path):
