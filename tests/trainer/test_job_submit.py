@@ -76,6 +76,20 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             pass
 
 
+def submit_when_agent_ready(cmd: list[str], env: dict[str, str], seconds: float = 120) -> subprocess.CompletedProcess:
+    """Run ``ray job submit``; while the head's job agent has not registered yet (the dashboard
+    answers before it does, more so on a loaded machine) Ray says "No available agent ... try
+    again later": do exactly that, for up to ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while True:
+        job = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        if job.returncode == 0 or "No available agent" not in job.stdout + job.stderr:
+            return job
+        if time.monotonic() > deadline:
+            return job
+        time.sleep(3)
+
+
 def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
     port, dash = free_port(), free_port()
@@ -96,10 +110,9 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        job = subprocess.run(
+        job = submit_when_agent_ready(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--", "python", "-m", "trainer", "sweep", str(sweep_path), "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=300)
+             "--", "python", "-m", "trainer", "sweep", str(sweep_path), "--no-progress"], env)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
