@@ -11,7 +11,7 @@ report`` call — so the demo exercises exactly the code path of the real jobs:
 3. :func:`evaluator.report.write_report` on the sweep root, then a short "About this run" section
    (date, machine, budgets, wall times) is put at the top of ``report.md``.
 
-The default config is ``dynsae/configs/demo.yaml``; ``--config`` takes another and ``--set``
+The default config is ``dynsae/configs/demo.yaml``; ``dynsae demo OTHER.yaml`` takes another and ``--set``
 overrides any key (``--set sweep.base.tokens=2048``). Every step resumes: a re-run reuses the
 sealed dataset and finished runs.
 """
@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import Field
 
-from store.config import StrictModel, load_config, validate
+from store.config import StrictModel, add_config_arguments, load_config, validate
 from store.errors import UserError, run_cli
 from store.urls import filesystem, join_url
 
@@ -149,16 +149,13 @@ def build_concepts(summary: dict[str, Any], tokens: int) -> str | None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dynsae demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo YAML (default: %(default)s)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key, e.g. --set sweep.base.tokens=4096 (repeatable)")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_config_arguments(p, config_required=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = load_config(DemoConfig, args.config, args.overrides)
+    cfg = load_config(DemoConfig, args.config or DEFAULT_CONFIG, args.overrides)
     t0 = time.perf_counter()
     out = run_demo(cfg, progress=not args.no_progress)
     runs = out["summary"].get("runs", [])

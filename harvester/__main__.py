@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from harvester.config import HarvestConfig
-from store.config import load_config
+from store.config import add_config_arguments, load_config
 from store.errors import run_cli
 
 
@@ -19,10 +19,7 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="harvest activations described by a YAML config")
-    run.add_argument("config", nargs="?", help="YAML config file (optional: all keys have defaults)")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set hook.layer=6 (repeatable)")
-    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_arguments(run, config_required=False)  # every key has a default
     return p
 
 

@@ -127,3 +127,12 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
         data.update(read_yaml(path))
     apply_overrides(data, overrides)
     return validate(model, data, source=str(path) if path is not None else "config")
+
+
+def add_config_arguments(parser: Any, config_required: bool = True) -> None:
+    """The arguments every config-driven command shares: CONFIG, ``--set KEY=VALUE``, ``--no-progress``."""
+    parser.add_argument("config", nargs=None if config_required else "?",
+                        help="YAML config (local path or fsspec URL)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value (dotted key, YAML value, e.g. --set sae.m=4096); repeatable")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from store.config import load_config
+from store.config import add_config_arguments, load_config
 from store.errors import run_cli
 
 
@@ -20,11 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (("run", "train one SAE from a run config"),
                             ("sweep", "run a grid of SAEs on Ray from a sweep config")):
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("config", help="YAML config (local path or fsspec URL)")
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value (dotted key, YAML value); repeatable")
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        add_config_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 

@@ -10,14 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog. " * 3,
-    "def add(a, b):\n    return a + b\n",
-    "Sparse autoencoders find features in the residual stream of a transformer.",
-    "Pack the documents into contexts, join them with the end of text token.",
-    "import numpy as np\nx = np.arange(10)\nprint(x.sum())\n",
-]
+from tiny_models import CORPUS, build_tiny_gpt2
 
 
 def write_corpus(folder: Path, n_docs: int = 60) -> list[Path]:
@@ -40,23 +33,7 @@ def write_corpus(folder: Path, n_docs: int = 60) -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tmp_path_factory) -> Path:
     """A 2-block GPT-2 (n_embd=64) with a byte-level BPE tokenizer trained on a tiny corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tiny_gpt2")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=tok.get_vocab_size(), n_positions=64, n_embd=64, n_layer=2, n_head=4,
-                        bos_token_id=0, eos_token_id=0)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    fast.save_pretrained(folder)
-    return folder
+    return build_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
 @pytest.fixture(scope="session")
