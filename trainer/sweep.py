@@ -60,7 +60,10 @@ class FeederCore:
                                        columns=BATCH_COLUMNS, storage_options=storage_options)
         self.total = total_batches
         self.window, self.prefetch, self.lag_timeout_s = window, prefetch, lag_timeout_s
-        self.cursors: dict[str, int] = dict.fromkeys(trainers, 0)  # next batch each live trainer needs
+        # next batch each *live* trainer needs. A trainer becomes live with its first request: one
+        # that Ray has not scheduled yet (more runs than slots) must not pin the window, or the
+        # running trainers would stall on it; when it starts late it re-reads what left the window.
+        self.cursors: dict[str, int] = {}
         self.held: dict[int, Future] = {}  # b -> future of the batch's ObjectRef
         self.read_counts: Counter[int] = Counter()
         self.bytes_read = 0

@@ -108,6 +108,22 @@ def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
     ray.kill(feeder)
 
 
+def test_unscheduled_trainers_do_not_pin_the_window(tiny_store):
+    """More runs than Ray slots: trainers that have not started yet must not hold the window, or the
+    running ones would wait out the lag timeout on every batch. The first trainer streams through a
+    2-batch window with no forced eviction; the late one re-reads what left the window."""
+    from trainer.sweep import FeederCore
+
+    total = 8
+    feeder = FeederCore(tiny_store, 64, 0, total, ["early", "late"], window=2, prefetch=0, lag_timeout_s=0.2)
+    for b in range(total):
+        feeder.get(b, "early")
+    assert feeder.reads()["forced_evictions"] == 0
+    assert feeder.reads()["reads"] == total
+    feeder.get(0, "late")
+    assert feeder.reads()["rereads"] == 1
+
+
 def write_yaml(path: Path, data: dict) -> str:
     path.write_text(yaml.safe_dump(data))
     return str(path)
