@@ -260,13 +260,18 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True) 
             result = ray.get(done[0])
             row.update({"status": "finished", "run_url": result["run_url"]})
             row.update({k: result["metrics"].get(k) for k in SUMMARY_METRICS})
-            if sweep.evaluate:
-                ref = (evaluator.evaluate.remote(result["run_url"]) if evaluator is not None else
-                       actors[cfg.name].evaluate_builtin.remote(sweep.eval_max_tokens))
+            if sweep.evaluate and evaluator is not None:
+                evals[evaluator.evaluate.remote(result["run_url"])] = cfg.name
+            elif sweep.evaluate:  # built-in fvu/l0 on the trainer actor, before it goes
+                ref = actors[cfg.name].evaluate_builtin.remote(sweep.eval_max_tokens)
+                ray.wait([ref])
                 evals[ref] = cfg.name
         except (ray.exceptions.RayError, UserError) as err:
             ray.get(feeders[stream_key(cfg)].done.remote(cfg.name))
             row.update({"status": "failed", "error": _one_line(err)})
+        # free its CPU/GPU slot now: with more runs than slots the queued trainers (and the
+        # evaluator) only start when finished ones are gone
+        ray.kill(actors.pop(cfg.name))
         rows[cfg.name] = row
         bar.update(1)
     bar.close()

@@ -69,6 +69,18 @@ def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
     assert json.loads((tmp_path / "sw" / "summary.json").read_text())["runs"][0]["name"] == "variant-relu"
 
 
+@pytest.mark.timeout(300)
+def test_more_runs_than_slots_finish(ray_local, tiny_store, tmp_path):
+    """Three runs of one CPU each (and the evaluator) on a 2-CPU Ray: finished trainers must give
+    their slot back, or the third run and the evaluator never start."""
+    data = sweep_dict(tiny_store, str(tmp_path))
+    data["ray"] = {"num_cpus_per_trainer": 1.0, "feeder_window": 64}
+    summary = run_sweep(SweepConfig.model_validate(data), progress=False)
+    assert [r["status"] for r in summary["runs"]] == ["finished"] * 3
+    assert all(r["eval_l0"] > 0 for r in summary["runs"])
+    assert next(iter(summary["feeder_reads"].values()))["reads"] == STEPS  # late run served from the window
+
+
 def _straight_config(run_dir: Path, runs_root: Path) -> TrainConfig:
     """The run's config.json as an uninterrupted, stand-alone run under another root."""
     record = json.loads((run_dir / "config.json").read_text())
