@@ -68,6 +68,9 @@ class TrainConfig(StrictModel):
     exclude_positions: list[int] = Field(default_factory=lambda: [0])
     max_norm_multiple: float | None = Field(default=None, gt=0)
     dead_tokens: int | None = Field(default=None, gt=0)
+    scale_activations: bool = Field(default=True, description=(
+        "train on x/s with s = median‖x‖/√d from the dataset statistics (sae.input_scale), as SAELens does: "
+        "L1/L0 coefficients and learning rates then mean the same on every model and layer."))
     storage_options: dict[str, Any] | None = None
     fail_at_step: int | None = Field(default=None, ge=0, description="TESTING ONLY: die once at this step.")
 
@@ -138,8 +141,10 @@ def check_sae(sae: dict[str, Any], d: int = 1) -> Any:
         raise ValueError(str(err)) from None
 
 
-def resolve_sae(cfg: TrainConfig, d: int) -> Any:
-    """The run's full :class:`trainer.sae.SAEConfig` with ``d`` from the dataset manifest."""
+def resolve_sae(cfg: TrainConfig, d: int, typical_norm: float | None = None) -> Any:
+    """The run's full :class:`trainer.sae.SAEConfig` with ``d`` from the dataset manifest (and, with
+    ``scale_activations``, ``input_scale`` = typical_norm/√d unless sae.input_scale is set; the trainer
+    passes the dataset's *median* norm, which attention-sink rows with 50-80x the norm cannot skew)."""
     given = cfg.sae.get("d")
     if given is not None and given != d:
         raise UserError(f"run {cfg.name}: sae.d = {given} but dataset {cfg.dataset} has d = {d}; "
@@ -147,6 +152,8 @@ def resolve_sae(cfg: TrainConfig, d: int) -> Any:
     sae = {**cfg.sae, "d": d}
     sae.setdefault("seed", cfg.seed)  # the run's seed initialises the SAE unless sae.seed is set
     sae.setdefault("dead_tokens", cfg.resolved_dead_tokens)  # AuxK's notion of dead = the trainer's
+    if cfg.scale_activations and typical_norm and "input_scale" not in sae:
+        sae["input_scale"] = float(typical_norm) / math.sqrt(d)
     try:
         return check_sae(sae, d)
     except ValueError as err:

@@ -157,7 +157,8 @@ class RunPlan:
         if not getattr(manifest, "sealed", True):
             raise UserError(f"dataset {cfg.dataset} is not sealed (its harvest has not finished); "
                             "finish the harvest or point dataset at a sealed one.")
-        self.sae_cfg = resolve_sae(cfg, manifest.d)
+        stats = manifest.stats
+        self.sae_cfg = resolve_sae(cfg, manifest.d, stats.median_norm if stats is not None else None)
         self.row_filter = RowFilter(exclude_positions=cfg.exclude_positions,
                                     max_norm_multiple=cfg.max_norm_multiple)
         self.median_norm: float | None = None

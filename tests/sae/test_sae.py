@@ -299,3 +299,22 @@ def test_sparse_ops_gradients_on_both_paths(m: int) -> None:
     g = torch.randn(8, 6, generator=gen)
     for a, b in zip(torch.autograd.grad(out, (x, w, val), g), torch.autograd.grad(ref, (x, w, val), g)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["relu", "topk", "sparsemax", "jumprelu"])
+def test_input_scale_is_a_change_of_units(variant: str) -> None:
+    """An SAE with input_scale s on x is the same SAE (same weights) on x/s, with x̂ multiplied by s and
+    the losses unchanged: the scale only changes units, so λ keeps its meaning across models."""
+    s = 7.5
+    plain, scaled = make(variant), make(variant, input_scale=s)
+    scaled.load_state_dict(plain.state_dict())
+    x = batch() * s
+    plain.eval(), scaled.eval()
+    with torch.no_grad():
+        xh1, codes1, losses1 = plain(x / s)
+        xh2, codes2, losses2 = scaled(x)
+        assert torch.allclose(xh2, xh1 * s, rtol=1e-5, atol=1e-5)
+        assert torch.equal(codes1.to_dense(), codes2.to_dense())
+        assert torch.allclose(losses1["loss"], losses2["loss"], rtol=1e-5)
+        assert torch.allclose(scaled.decode(scaled.encode(x)), xh2, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(scaled.decode(scaled.encode(x), x), xh2, rtol=1e-5, atol=1e-5)

@@ -59,6 +59,11 @@ def test_run_dir_contents_and_bos_filter(tiny_store, tmp_path):
     record = json.loads(Path(url, "config.json").read_text())
     assert record["sae"]["d"] == 16 and record["sae"]["m"] == 32 and record["sae"]["variant"] == "relu"
     assert record["filter"]["exclude_positions"] == [0] and "drop positions [0]" in record["filter"]["description"]
+    # scale_activations: the SAE works on x/s with s = median‖x‖/√d of the dataset
+    from store import open_dataset
+
+    median = open_dataset(tiny_store).manifest.stats.median_norm
+    assert record["sae"]["input_scale"] == pytest.approx(median / 4.0)  # √16
     state = torch.load(Path(url, "trainer_state.pt"), weights_only=False)
     assert state["step"] == steps and state["data_cursor"] == steps and state["finished"]
     assert state["tokens"] == tokens

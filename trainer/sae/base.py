@@ -6,7 +6,8 @@ Shared decisions (written once here, used by every variant):
   x_n = x/‖x‖) encodes x/‖x‖ and multiplies the reconstruction by ‖x‖. The norms travel in
   ``Codes.norms``, so ``decode(codes)`` works without ``x``; ``decode(codes, x)`` takes ‖x‖ from x.
 * **Losses.** ``mse`` = mean_{t,i}(x̂−x)²; ``norm_mse`` = mean_{t,i}(x̂−x)²/‖x_t‖ (the authors' code).
-  Both are computed in the original activation space. ``losses["loss"]`` = reconstruction term
+  Both are computed in the SAE's units x/s, s = ``input_scale`` (1 unless the trainer sets it to
+  E‖x‖/√d, SAELens-style, so that λ and lr transfer between models); x̂ is returned in activation units. ``losses["loss"]`` = reconstruction term
   + Σ coefficient × penalty; the raw penalties are reported under their own names.
 * **Sparse codes.** Padded (idx, val) of shape (B, K): padding has val = 0 (idx is any valid index).
   :func:`sparse_decode` is ``embedding_bag(idx, W, per_sample_weights=val, mode="sum")``: forward and
@@ -289,17 +290,23 @@ class SAE(nn.Module):
         return self.always_unit_norm or self.config.input_norm == "unit"
 
     def split_norm(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(x/‖x‖, ‖x‖) when :attr:`unit_input`, else (x, None)."""
+        """(x/‖x‖, ‖x‖) when :attr:`unit_input`, else (x, None); ``x`` already divided by input_scale."""
         if not self.unit_input:
             return x, None
         norms = x.norm(dim=-1).clamp_min(NORM_EPS)
         return x / norms[:, None], norms
 
     def _check_input(self, x: Tensor) -> Tensor:
+        """Validated input in the SAE's own units: x / s (s = ``input_scale``)."""
         if x.dim() != 2 or x.shape[-1] != self.config.d:
             raise UserError(f"SAE input has shape {tuple(x.shape)}; a {self.variant} SAE expects (batch, "
                             f"{self.config.d}) activations.")
-        return x.to(self.config.torch_dtype)
+        x = x.to(self.config.torch_dtype)
+        return x if self.config.input_scale == 1.0 else x / self.config.input_scale
+
+    def _unscale(self, y: Tensor) -> Tensor:
+        """Back to activation units: s · y."""
+        return y if self.config.input_scale == 1.0 else y * self.config.input_scale
 
     # -- public API
     def encode(self, x: Tensor) -> Codes:
@@ -313,18 +320,21 @@ class SAE(nn.Module):
         """x̂ (B, d) from codes; ``x`` (or ``codes.norms``) supplies ‖x‖ where the SAE needs it."""
         y = self.decode_normalized(codes)
         if not self.unit_input:
-            return y
+            return self._unscale(y)
         if x is not None:
-            norms = x.to(y.dtype).norm(dim=-1).clamp_min(NORM_EPS)
+            norms = self._check_input(x).norm(dim=-1).clamp_min(NORM_EPS)
         elif codes.norms is not None:
             norms = codes.norms
         else:
             raise UserError(f"this {self.variant} SAE rescales by ‖x‖; pass x to decode(codes, x) or decode "
                             "codes returned by encode() (they carry the norms).")
-        return y * norms[:, None]
+        return self._unscale(y * norms[:, None])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Codes, dict[str, Tensor]]:
-        """(x̂, codes, losses) with ``losses["loss"]`` the training objective."""
+        """(x̂, codes, losses) with ``losses["loss"]`` the training objective.
+
+        Losses are in the SAE's units (x/s, ``input_scale``); x̂ is returned in activation units.
+        """
         x = self._check_input(x)
         xi, norms = self.split_norm(x)
         codes, y, penalties = self.forward_normalized(xi)
@@ -337,7 +347,7 @@ class SAE(nn.Module):
             losses[name] = value
             total = total + coef * value
         losses["loss"] = total
-        return x_hat, codes, losses
+        return self._unscale(x_hat), codes, losses
 
     def forward_normalized(self, xi: Tensor) -> tuple[Codes, Tensor, dict[str, tuple[float, Tensor]]]:
         """Default: encode, decode, no penalty."""

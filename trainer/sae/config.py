@@ -45,6 +45,9 @@ class SAEConfig(StrictModel):
     activation: Literal["scores", "probs"] = Field(
         default="scores", description="sparsemax codes: z on the support (authors) or max(z−τ, 0).")
     input_norm: Literal["none", "unit"] = Field(default="none", description="x/‖x‖ in, ×‖x‖ out.")
+    input_scale: float = Field(default=1.0, gt=0, description=(
+        "fixed activation scale s: the SAE works on x/s and returns s·x̂ (the trainer sets s = E‖x‖/√d "
+        "from the dataset statistics, so λ and lr mean the same on every model)."))
     max_fire_rate: float | None = Field(default=None, gt=0, le=1,
                                         description="mask concepts whose running firing rate exceeds this.")
     fire_rate_decay: float = Field(default=0.99, gt=0, lt=1, description="EMA decay of the firing rate.")
