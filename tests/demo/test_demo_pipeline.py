@@ -40,6 +40,7 @@ def demo_out(tmp_path_factory, ray_local):
         "sweep.base.sae.m": 64,
         "sweep.eval_max_tokens": 1024,
         "sweep.evaluator_options.ce_contexts": 4,
+        "sweep.ray.feeder_window": 192,  # as in the demo: the window holds every batch of the run
     }
     argv = [str(DEFAULT_CONFIG), "--no-progress"]
     for key, value in overrides.items():

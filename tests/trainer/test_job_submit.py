@@ -106,7 +106,12 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1",
          "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--include-dashboard", "true",
-         "--temp-dir", temp_dir, "--disable-usage-stats", "--num-cpus", "2"],
+         "--temp-dir", temp_dir, "--disable-usage-stats", "--num-cpus", "2",
+         # its own agent ports: the session's in-process Ray (ray_local) already holds the defaults,
+         # and a head whose dashboard agent cannot bind never accepts a job
+         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
+         "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
+         "--min-worker-port", "20000", "--max-worker-port", "20999"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
