@@ -166,9 +166,14 @@ def plot_fvu_vs_m(runs: list[RunRecord], url: str) -> None:
         ms = sorted(points)
         ax.plot(ms, [_mean(points[m]) for m in ms], marker="o", label=label)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("dictionary size M")
-    ax.set_ylabel("fvu (eval split)")
-    ax.set_title("fvu vs dictionary size")
+    _finish(fig, ax, "dictionary size M", "fvu (eval split)", "fvu vs dictionary size", url)
+
+
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, url: str) -> None:
+    """Labels, grid, legend; write the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save(fig, url)
@@ -187,12 +192,7 @@ def plot_l0_fvu(runs: list[RunRecord], url: str) -> None:
         for l0v, fvu, m in pts:
             ax.annotate(f"M={m}", (l0v, fvu), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("l0 (mean active concepts per token)")
-    ax.set_ylabel("fvu")
-    ax.set_title("L0–fvu frontier")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save(fig, url)
+    _finish(fig, ax, "l0 (mean active concepts per token)", "fvu", "L0–fvu frontier", url)
 
 
 def plot_support(run: RunRecord, url: str) -> dict[str, Any]:

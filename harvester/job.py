@@ -73,19 +73,20 @@ def chunk_and_shard_rows(rows_per_seq: int, chunk_rows: int | None, shard_rows: 
     Defaults: the largest multiple of ``rows_per_seq`` not above 4,096 (at least one sequence),
     and the largest multiple of that not above 65,536 (at least one chunk).
     """
-    if chunk_rows is None:
-        chunk_rows = max(1, DEFAULT_CHUNK_ROWS // rows_per_seq) * rows_per_seq
-    elif chunk_rows % rows_per_seq:
-        lower = max(1, chunk_rows // rows_per_seq) * rows_per_seq
-        raise UserError(f"chunk_rows={chunk_rows} is not a multiple of the {rows_per_seq} rows per sequence "
-                        f"(context_length or tokens per image); use e.g. chunk_rows={lower}.")
-    if shard_rows is None:
-        shard_rows = max(1, DEFAULT_SHARD_ROWS // chunk_rows) * chunk_rows
-    elif shard_rows % chunk_rows:
-        lower = max(1, shard_rows // chunk_rows) * chunk_rows
-        raise UserError(f"shard_rows={shard_rows} is not a multiple of chunk_rows={chunk_rows}; "
-                        f"use e.g. shard_rows={lower}.")
+    chunk_rows = multiple_of(chunk_rows, rows_per_seq, DEFAULT_CHUNK_ROWS, "chunk_rows",
+                             f"the {rows_per_seq} rows per sequence (context_length or tokens per image)")
+    shard_rows = multiple_of(shard_rows, chunk_rows, DEFAULT_SHARD_ROWS, "shard_rows", f"chunk_rows={chunk_rows}")
     return chunk_rows, shard_rows
+
+
+def multiple_of(value: int | None, unit: int, default: int, key: str, unit_name: str) -> int:
+    """``value`` checked to be a multiple of ``unit``; None -> the largest multiple ≤ ``default`` (≥ unit)."""
+    if value is None:
+        return max(1, default // unit) * unit
+    if value % unit:
+        lower = max(1, value // unit) * unit
+        raise UserError(f"{key}={value} is not a multiple of {unit_name}; use e.g. {key}={lower}.")
+    return value
 
 
 # ------------------------------------------------------------------------------ planning
