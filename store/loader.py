@@ -8,7 +8,9 @@ The row stream of one rank is the concatenation of epochs e = 0, 1, 2, ...; epoc
 2. cut into windows of ``window_chunks`` consecutive chunks (the last may be smaller);
 3. the rows of each window permuted by a permutation seeded by ``(seed, e, w)``.
 
-Batch ``b`` is rows [b·B, (b+1)·B) of that stream, so it is a pure function of
+Batch ``b`` is rows [b·B, (b+1)·B) of that stream (within a batch, each window's rows come in
+window order: the shuffle decides which rows share a batch, and a sorted gather is one sequential
+pass), so it is a pure function of
 (dataset, split, seed, rank, world, window_chunks, batch_size, b): ``loader.batch(b)``
 re-reads it on demand and ``iter_batches(start=b)`` resumes exactly. Batches may straddle
 windows and epochs. Every row of the rank's split appears exactly once per epoch. With
@@ -67,21 +69,58 @@ class _Window:
         return self
 
     def gather(self, column: str, lo: int, hi: int) -> np.ndarray:
-        """Rows ``perm[lo:hi]`` of the window for one column (a fresh array)."""
-        p = self.perm[lo:hi]
+        """The rows ``perm[lo:hi]`` of the window for one column (a fresh array), in window order.
+
+        The shuffle decides *which* rows form a batch; within the batch they come sorted by their
+        place in the window. Order inside a batch does not change a mean loss, and sorted rows make
+        the gather one forward pass with one copy per byte (per chunk: a ``take`` straight into a
+        contiguous slice of the output) instead of a gather followed by a scatter.
+        """
+        p = np.sort(self.perm[lo:hi])
         if column in self.bufs:
-            return np.take(self.bufs[column], p, axis=0)
+            src = self.bufs[column]
+            out = np.empty((p.size,) + src.shape[1:], dtype=src.dtype)
+            parallel_take([(src, p, 0, p.size)], out)
+            return out
         views = [f.result() for f in self.mapped[column]]
-        k = np.searchsorted(self.offsets, p, side="right") - 1  # chunk of each row
+        k = np.searchsorted(self.offsets, p, side="right") - 1  # chunk of each row (non-decreasing)
         r = p - self.offsets[k]  # row within that chunk
-        order = np.argsort(k, kind="stable")
-        ks = k[order]
-        cuts = np.flatnonzero(np.diff(ks)) + 1
         out = np.empty((p.size,) + views[0].shape[1:], dtype=views[0].dtype)
-        for sel in np.split(order, cuts):
-            if sel.size:
-                out[sel] = views[int(k[sel[0]])][r[sel]]
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        ends = np.r_[starts[1:], p.size]
+        parallel_take([(views[int(k[a])], r, int(a), int(b)) for a, b in zip(starts, ends)], out)
         return out
+
+
+GATHER_THREADS = max(1, min(4, os.cpu_count() or 1))
+_gather_pool: ThreadPoolExecutor | None = None
+_gather_lock = threading.Lock()
+
+
+def parallel_take(segments: list[tuple[np.ndarray, np.ndarray, int, int]], out: np.ndarray) -> None:
+    """``out[a:b] = src[rows[a:b]]`` for every (src, rows, a, b), the output rows split evenly across
+    :data:`GATHER_THREADS` threads (``np.take`` releases the GIL: on 2 cores this nearly doubles a
+    page-cache gather)."""
+    global _gather_pool
+    n = out.shape[0]
+    if GATHER_THREADS == 1 or n < 1024:
+        for src, rows, a, b in segments:
+            np.take(src, rows[a:b], axis=0, out=out[a:b])
+        return
+    with _gather_lock:
+        if _gather_pool is None:
+            _gather_pool = ThreadPoolExecutor(GATHER_THREADS, thread_name_prefix="gather")
+    cuts = [n * i // GATHER_THREADS for i in range(GATHER_THREADS + 1)]
+
+    def part(lo: int, hi: int) -> None:
+        for src, rows, a, b in segments:
+            a2, b2 = max(a, lo), min(b, hi)
+            if a2 < b2:
+                np.take(src, rows[a2:b2], axis=0, out=out[a2:b2])
+
+    futures = [_gather_pool.submit(part, cuts[i], cuts[i + 1]) for i in range(GATHER_THREADS)]
+    for fut in futures:
+        fut.result()
 
 
 class ActivationLoader:
