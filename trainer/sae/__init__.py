@@ -6,8 +6,9 @@
 ``save_weights(url)``. See :mod:`trainer.sae.base` for the shared decisions.
 """
 
-from trainer.sae.base import SAE, Codes, sparse_decode
+from trainer.sae.base import SAE, Codes
 from trainer.sae.config import SAEConfig
 from trainer.sae.registry import VARIANTS, build, load
+from trainer.sae.sparse_ops import sparse_decode
 
 __all__ = ["SAE", "VARIANTS", "Codes", "SAEConfig", "build", "load", "sparse_decode"]

@@ -7,15 +7,15 @@ Shared decisions (written once here, used by every variant):
   ``Codes.norms``, so ``decode(codes)`` works without ``x``; ``decode(codes, x)`` takes ‖x‖ from x.
 * **Losses.** ``mse`` = mean_{t,i}(x̂−x)²; ``norm_mse`` = mean_{t,i}(x̂−x)²/‖x_t‖ (the authors' code).
   Both are computed in the SAE's units x/s, s = ``input_scale`` (1 unless the trainer sets it to
-  E‖x‖/√d, SAELens-style, so that λ and lr transfer between models); x̂ is returned in activation units. ``losses["loss"]`` = reconstruction term
-  + Σ coefficient × penalty; the raw penalties are reported under their own names.
+  E‖x‖/√d, SAELens-style, so that λ and lr transfer between models); x̂ is returned in activation
+  units. ``losses["loss"]`` = reconstruction term + Σ coefficient × penalty; the raw penalties are reported under their own names.
 * **Sparse codes.** Padded (idx, val) of shape (B, K): padding has val = 0 (idx is any valid index).
-  :func:`sparse_decode` is ``embedding_bag(idx, W, per_sample_weights=val, mode="sum")``: forward and
-  backward only touch the K rows per sample. :func:`select_linear` returns (x Wᵀ)[b, idx[b, k]] from
-  an already computed dense product with a *sparse backward* (dx by embedding_bag, dW by a sparse
-  COO matmul, formed densely when M < DENSE_RATIO·K where that is faster on CPU): the encoders of the sparse variants compute their dense pre-activations once without
-  autograd and backpropagate only through the selected entries, which is exactly their gradient
-  (the selection mask is held fixed, as for TopK/sparsemax).
+  The products with them live in :mod:`trainer.sae.sparse_ops`: :func:`sparse_decode` touches only
+  the K rows per sample, forward and backward; :func:`select_linear` returns (x Wᵀ)[b, idx[b, k]]
+  from an already computed dense product with a *sparse backward*: the encoders of the sparse
+  variants compute their dense pre-activations once without autograd and backpropagate only through
+  the selected entries, which is exactly their gradient (the selection mask is held fixed, as for
+  TopK/sparsemax).
 * **Unit-norm decoder** (topk, batchtopk, gated, jumprelu): rows of W_dec are renormalised in
   :meth:`SAE.post_step` (call after every optimiser step) and the gradient component parallel to
   each row is removed in backward (as SAELens / sparsify do), by an identity autograd function.
@@ -31,13 +31,13 @@ from typing import Any, ClassVar
 
 import fsspec
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
 from store.errors import UserError
 from trainer.sae.config import SAEConfig
+from trainer.sae.sparse_ops import select_linear, sparse_decode  # noqa: F401 (re-exported)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -111,81 +111,7 @@ def padded_from_dense(acts: Tensor, m: int, dense_fraction: float) -> Codes:
     return Codes(m=m, idx=idx, val=val)
 
 
-# ----------------------------------------------------------------------------- sparse ops
-
-
-#: Below M < DENSE_RATIO · K the weight gradient of the sparse ops is formed densely (a (B, M)
-#: scatter then one matmul): on CPU the index sort behind a sparse scatter costs more than the dense
-#: matmul at small M (measured: M = 3072 dense wins, M = 24576 sparse wins, K = 32, d = 768).
-DENSE_RATIO = 256
-
-
-def use_dense_grad(m: int, k: int) -> bool:
-    """Whether a (B, K)-sparse weight gradient over M rows is cheaper formed densely."""
-    return m < DENSE_RATIO * k
-
-
-class _SparseDecode(torch.autograd.Function):
-    """x̂_b = Σ_k val[b,k] W[idx[b,k]]; backward: dval = g_b · W[idx], dW[idx] += val ⊗ g."""
-
-    @staticmethod
-    def forward(ctx, idx: Tensor, val: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(idx, val, weight)
-        return F.embedding_bag(idx, weight, per_sample_weights=val, mode="sum")
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        idx, val, weight = ctx.saved_tensors
-        dval = torch.bmm(weight[idx], g[:, :, None])[:, :, 0] if ctx.needs_input_grad[1] else None
-        dw = scatter_rows(idx, val, g, weight.shape[0]).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return None, dval, dw
-
-
-def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor) -> Tensor:
-    """x̂_b = Σ_k val[b,k] · W[idx[b,k]]  (B, d); forward and backward touch only the indexed rows."""
-    return _SparseDecode.apply(idx, val.to(weight.dtype), weight)
-
-
-def scatter_rows(idx: Tensor, coef: Tensor, x: Tensor, m: int) -> Tensor:
-    """dW (M, d) with dW[j] = Σ_{b,k: idx[b,k]=j} coef[b,k] · x[b]: a sparse (M × B) @ (B × d) matmul,
-    or a dense one when M is small (:func:`use_dense_grad`)."""
-    b, k = idx.shape
-    coef = coef.to(x.dtype)
-    if use_dense_grad(m, k):
-        return x.new_zeros(b, m).scatter_add_(1, idx, coef).T @ x
-    rows = idx.reshape(-1)
-    cols = torch.arange(b, device=idx.device).repeat_interleave(k)
-    sparse = torch.sparse_coo_tensor(torch.stack([rows, cols]), coef.reshape(-1), (m, b),
-                                     check_invariants=False)
-    return torch.sparse.mm(sparse, x)
-
-
-class _SelectLinear(torch.autograd.Function):
-    """s[b,k] = (x Wᵀ)[b, idx[b,k]] read from ``full``; backward: dx = Σ_k g W[idx], dW[idx] += g x."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, idx: Tensor, full: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x, weight, idx)
-        return full.gather(1, idx)
-
-    @staticmethod
-    def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, weight, idx = ctx.saved_tensors
-        dx = sparse_decode(idx, g, weight) if ctx.needs_input_grad[0] else None
-        dw = scatter_rows(idx, g, x, weight.shape[0]).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None
-
-
-def select_linear(x: Tensor, weight: Tensor, idx: Tensor, full: Tensor | None = None) -> Tensor:
-    """(x Wᵀ)[b, idx[b,k]] (B, K) with a sparse backward; ``full`` = x Wᵀ if already computed."""
-    if full is None:
-        return _gather_rows(x, weight, idx)
-    return _SelectLinear.apply(x, weight, idx, full.detach())
-
-
-def _gather_rows(x: Tensor, weight: Tensor, idx: Tensor) -> Tensor:
-    """(x Wᵀ)[b, idx[b,k]] by an explicit row gather (plain autograd)."""
-    return (weight[idx] * x[:, None, :]).sum(-1)
+# ----------------------------------------------------------------------------- unit-norm rows
 
 
 class _ProjectParallel(torch.autograd.Function):

@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainer.sae.base import SAE, Codes, sparse_decode
+from trainer.sae.base import SAE, Codes
 from trainer.sae.config import SAEConfig
+from trainer.sae.sparse_ops import sparse_decode
 
 
 class CrossAttentionSAE(SAE):

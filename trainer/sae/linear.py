@@ -15,8 +15,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from trainer.sae.base import SAE, Codes, Decoder, select_linear
+from trainer.sae.base import SAE, Codes, Decoder
 from trainer.sae.config import SAEConfig
+from trainer.sae.sparse_ops import select_linear
 
 
 class LinearSAE(SAE):

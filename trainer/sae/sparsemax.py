@@ -9,7 +9,7 @@ threshold τ(z) and support S = {m : z_m > τ} from :func:`trainer.sparsemax.spa
 
 and x̂ = ‖x‖ · (a C) W_V decoded from the support only. Loss: reconstruction only (``norm_mse`` by
 default). z is computed once densely without autograd; the selected entries z_S are re-read through
-:func:`trainer.sae.base.select_linear`, whose backward touches only the support rows of C and
+:func:`trainer.sae.sparse_ops.select_linear`, whose backward touches only the support rows of C and
 gives dq = Σ_{j∈S} dz_j C_j (so no dense (B, M) gradient and no B×M×d backward matmul).
 
 Firing-rate mask (the authors' ``max_fire_rate``, default 0.1, ``None`` disables), exactly:
@@ -27,9 +27,10 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from trainer.sae.base import Codes, select_linear
+from trainer.sae.base import Codes
 from trainer.sae.config import SAEConfig
 from trainer.sae.cross_attention import CrossAttentionSAE
+from trainer.sae.sparse_ops import select_linear
 from trainer.sparsemax import sparsemax_topk
 
 

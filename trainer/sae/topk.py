@@ -2,7 +2,7 @@
 
 f = ReLU(TopK_K(π)), π = (x − b_dec) W_encᵀ + b_enc, x̂ = f W_dec + b_dec, K = ``k`` (32), unit-norm
 decoder rows. π is computed densely without autograd; the K selected entries are re-read through
-:func:`trainer.sae.base.select_linear` (sparse backward) and decoded sparsely.
+:func:`trainer.sae.sparse_ops.select_linear` (sparse backward) and decoded sparsely.
 
 AuxK: a buffer counts tokens since each latent last fired (training mode); latents silent for
 ``dead_tokens`` tokens are dead. With e = sg(x − x̂) (in the space the SAE encodes), the top
