@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from store.errors import UserError
 from trainer.sae.config import SAEConfig
-from trainer.sae.sparse_ops import select_linear, sparse_decode  # noqa: F401 (re-exported)
+from trainer.sae.sparse_ops import SupportPattern, sparse_decode
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
@@ -52,7 +52,9 @@ class Codes:
     """Concept activations of a batch: padded sparse (``idx``, ``val``) or ``dense`` (B, M).
 
     ``norms`` (B,) holds ‖x‖ when the SAE scales its output by it (input_norm "unit" or the
-    cross-attention family); ``decode`` uses it when ``x`` is not given.
+    cross-attention family); ``decode`` uses it when ``x`` is not given. ``pattern`` is the
+    :class:`~trainer.sae.sparse_ops.SupportPattern` of ``idx``, shared by every sparse product with it
+    (built on first use by :meth:`support_pattern`).
     """
 
     m: int
@@ -60,6 +62,13 @@ class Codes:
     val: Tensor | None = None
     dense: Tensor | None = None
     norms: Tensor | None = None
+    pattern: SupportPattern | None = None
+
+    def support_pattern(self) -> SupportPattern:
+        """The shared index structure of sparse codes (created once)."""
+        if self.pattern is None:
+            self.pattern = SupportPattern(self.idx, self.m)
+        return self.pattern
 
     @property
     def is_sparse(self) -> bool:
@@ -98,6 +107,7 @@ class Codes:
             val=None if self.val is None else self.val.detach(),
             dense=None if self.dense is None else self.dense.detach(),
             norms=None if self.norms is None else self.norms.detach(),
+            pattern=self.pattern,
         )
 
 
@@ -147,7 +157,7 @@ class Decoder(nn.Module):
         """Σ_i a_i W_i for each sample (B, d): sparse codes touch only their rows."""
         w = self.rows()
         if codes.is_sparse:
-            return sparse_decode(codes.idx, codes.val, w)
+            return sparse_decode(codes.idx, codes.val, w, codes.support_pattern())
         return codes.dense.to(w.dtype) @ w
 
     @torch.no_grad()

@@ -40,7 +40,7 @@ class CrossAttentionSAE(SAE):
     def decode_normalized(self, codes: Codes) -> Tensor:
         """(a C) W_V on the unit sphere (the base class multiplies by ‖x‖)."""
         if codes.is_sparse:
-            h = sparse_decode(codes.idx, codes.val, self.C)
+            h = sparse_decode(codes.idx, codes.val, self.C, codes.support_pattern())
         else:
             h = codes.dense.to(self.C.dtype) @ self.C
         return h @ self.W_V

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from trainer.sae.base import SAE, Codes, Decoder
 from trainer.sae.config import SAEConfig
-from trainer.sae.sparse_ops import select_linear
+from trainer.sae.sparse_ops import SupportPattern, select_linear
 
 
 class LinearSAE(SAE):
@@ -52,9 +52,9 @@ class LinearSAE(SAE):
             h = xc @ self.W_enc.T
         return xc, h
 
-    def selected_pre(self, xc: Tensor, h: Tensor, idx: Tensor) -> Tensor:
+    def selected_pre(self, xc: Tensor, h: Tensor, idx: Tensor, pattern: SupportPattern | None = None) -> Tensor:
         """π[b, idx[b,k]] with a sparse backward to W_enc, b_enc and b_dec (B, K)."""
-        return select_linear(xc, self.W_enc, idx, h) + self.b_enc[idx]
+        return select_linear(xc, self.W_enc, idx, h, pattern) + self.b_enc[idx]
 
     def decode_normalized(self, codes: Codes) -> Tensor:
         """x̂ = Σ_i f_i W_dec,i + b_dec."""

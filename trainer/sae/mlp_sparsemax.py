@@ -30,4 +30,4 @@ class MLPSparsemaxSAE(LinearSAE):
         """Sparse codes on the sparsemax support of π."""
         xc, h = self.hidden(xi)
         pre = h + self.b_enc.detach()
-        return self.coder(pre, lambda idx: self.selected_pre(xc, h, idx))
+        return self.coder(pre, lambda idx, pattern: self.selected_pre(xc, h, idx, pattern))

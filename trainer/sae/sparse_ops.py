@@ -33,7 +33,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sampled_dot", "scatter_rows", "select_linear", "sparse_decode"]
+__all__ = ["SupportPattern", "sampled_dot", "scatter_rows", "select_linear", "sparse_decode"]
+
+
+class SupportPattern:
+    """The index structure of padded codes idx (B, K) over M concepts, built lazily once and shared by
+    every sparse product with the same idx (an encoder's selected scores and the decoder, forward and
+    backward), so the sort behind the weight scatter runs once per batch."""
+
+    def __init__(self, idx: Tensor, m: int) -> None:
+        self.idx = idx
+        self.m = m
+        self._by_concept: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def by_concept(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(crow (M+1,), sample (B·K,), order (B·K,)): the entries of idx grouped by concept j (a stable
+        sort), as the row pointers and column (= sample b) indices of a (M × B) CSR matrix."""
+        if self._by_concept is None:
+            k = self.idx.shape[1]
+            flat = self.idx.reshape(-1)
+            order = torch.argsort(flat, stable=True)
+            crow = torch.zeros(self.m + 1, dtype=torch.int64, device=flat.device)
+            crow[1:] = torch.bincount(flat, minlength=self.m).cumsum(0)
+            self._by_concept = (crow, order // k, order)
+        return self._by_concept
 
 
 def _uses_csr(t: Tensor) -> bool:
@@ -73,21 +96,25 @@ def sampled_dot_gather(idx: Tensor, y: Tensor, weight: Tensor) -> Tensor:
     return torch.bmm(weight[idx], y[:, :, None].to(weight.dtype))[:, :, 0].to(y.dtype)
 
 
-def scatter_rows(idx: Tensor, coef: Tensor, y: Tensor, m: int) -> Tensor:
-    """dW (M, d), dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b: a (M × B) sparse matrix times y."""
-    return (scatter_rows_csr if _uses_csr(y) else scatter_rows_coo)(idx, coef, y, m)
+def scatter_rows(idx: Tensor, coef: Tensor, y: Tensor, m: int, pattern: SupportPattern | None = None) -> Tensor:
+    """dW (M, d), dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b: a (M × B) sparse matrix times y.
+
+    ``pattern`` (of this idx) reuses the grouping by concept of an earlier product."""
+    if not _uses_csr(y):
+        return scatter_rows_coo(idx, coef, y, m)
+    return scatter_rows_csr(idx, coef, y, m, pattern)
 
 
-def scatter_rows_csr(idx: Tensor, coef: Tensor, y: Tensor, m: int) -> Tensor:
-    """:func:`scatter_rows` with a CSR matrix whose rows are the concepts (one stable sort of idx)."""
-    b, k = idx.shape
-    flat = idx.reshape(-1)
+def scatter_rows_csr(idx: Tensor, coef: Tensor, y: Tensor, m: int, pattern: SupportPattern | None = None) -> Tensor:
+    """:func:`scatter_rows` with a CSR matrix whose rows are the concepts, multiplied straight into a
+    fresh (M, d) result (``addmm`` with β = 0 and ``out=``: no zero fill, no copy)."""
+    b = idx.shape[0]
     dtype = _csr_dtype(y.dtype)
-    order = torch.argsort(flat, stable=True)  # entries grouped by concept j
-    crow = torch.zeros(m + 1, dtype=torch.int64, device=idx.device)
-    crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
-    sparse = _csr(crow, order // k, coef.reshape(-1)[order].to(dtype), (m, b))  # column = sample b
-    return (sparse @ y.to(dtype)).to(y.dtype)
+    crow, sample, order = (pattern or SupportPattern(idx, m)).by_concept()
+    sparse = _csr(crow, sample, coef.reshape(-1)[order].to(dtype), (m, b))
+    out = y.new_empty(m, y.shape[1], dtype=dtype)
+    torch.addmm(out, sparse, y.to(dtype), beta=0.0, out=out)  # β = 0: out's contents are ignored
+    return out.to(y.dtype)
 
 
 def scatter_rows_coo(idx: Tensor, coef: Tensor, y: Tensor, m: int) -> Tensor:
@@ -103,41 +130,47 @@ class _SparseDecode(torch.autograd.Function):
     """x̂_b = Σ_k val[b,k] W[idx[b,k]]; backward: dval[b,k] = ⟨g_b, W[idx[b,k]]⟩, dW[idx] += val ⊗ g."""
 
     @staticmethod
-    def forward(ctx, idx: Tensor, val: Tensor, weight: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, idx: Tensor, val: Tensor, weight: Tensor, pattern: SupportPattern | None) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(idx, val, weight)
+        ctx.pattern = pattern
         return F.embedding_bag(idx, weight, per_sample_weights=val, mode="sum")
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         idx, val, weight = ctx.saved_tensors
         dval = sampled_dot(idx, g, weight).to(val.dtype) if ctx.needs_input_grad[1] else None
-        dw = scatter_rows(idx, val, g, weight.shape[0]).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return None, dval, dw
+        dw = scatter_rows(idx, val, g, weight.shape[0], ctx.pattern).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        return None, dval, dw, None
 
 
-def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor) -> Tensor:
-    """x̂_b = Σ_k val[b,k] · W[idx[b,k]]  (B, d); forward and backward touch only the indexed rows."""
-    return _SparseDecode.apply(idx, val.to(weight.dtype), weight)
+def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor, pattern: SupportPattern | None = None) -> Tensor:
+    """x̂_b = Σ_k val[b,k] · W[idx[b,k]]  (B, d); forward and backward touch only the indexed rows.
+    ``pattern``: the :class:`SupportPattern` of idx when another product shares it."""
+    return _SparseDecode.apply(idx, val.to(weight.dtype), weight, pattern)
 
 
 class _SelectLinear(torch.autograd.Function):
     """s[b,k] = (x Wᵀ)[b, idx[b,k]] read from ``full``; backward: dx = Σ_k g W[idx], dW[idx] += g x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, idx: Tensor, full: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, weight: Tensor, idx: Tensor, full: Tensor,  # type: ignore[override]
+                pattern: SupportPattern | None) -> Tensor:
         ctx.save_for_backward(x, weight, idx)
+        ctx.pattern = pattern
         return full.gather(1, idx)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         x, weight, idx = ctx.saved_tensors
-        dx = sparse_decode(idx, g, weight) if ctx.needs_input_grad[0] else None
-        dw = scatter_rows(idx, g, x, weight.shape[0]).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None
+        dx = F.embedding_bag(idx, weight, per_sample_weights=g.to(weight.dtype), mode="sum") if ctx.needs_input_grad[0] else None
+        dw = scatter_rows(idx, g, x, weight.shape[0], ctx.pattern).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None
 
 
-def select_linear(x: Tensor, weight: Tensor, idx: Tensor, full: Tensor | None = None) -> Tensor:
-    """(x Wᵀ)[b, idx[b,k]] (B, K) with a sparse backward; ``full`` = x Wᵀ if already computed."""
+def select_linear(x: Tensor, weight: Tensor, idx: Tensor, full: Tensor | None = None,
+                  pattern: SupportPattern | None = None) -> Tensor:
+    """(x Wᵀ)[b, idx[b,k]] (B, K) with a sparse backward; ``full`` = x Wᵀ if already computed;
+    ``pattern``: the :class:`SupportPattern` of idx when another product shares it."""
     if full is None:
         return (weight[idx] * x[:, None, :]).sum(-1)  # explicit row gather, plain autograd
-    return _SelectLinear.apply(x, weight, idx, full.detach())
+    return _SelectLinear.apply(x, weight, idx, full.detach(), pattern)

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from trainer.sae.base import Codes
 from trainer.sae.config import SAEConfig
 from trainer.sae.cross_attention import CrossAttentionSAE
-from trainer.sae.sparse_ops import select_linear
+from trainer.sae.sparse_ops import SupportPattern, select_linear
 from trainer.sparsemax import sparsemax_topk
 
 
@@ -55,11 +55,12 @@ class SparsemaxCoder(nn.Module):
             return z
         return z.masked_fill(over, float("-inf"))
 
-    def forward(self, z: Tensor, selected: Callable[[Tensor], Tensor]) -> Codes:
-        """Codes from dense scores z (B, M, no autograd) and ``selected(idx)`` = z[idx] with autograd."""
+    def forward(self, z: Tensor, selected: Callable[[Tensor, SupportPattern], Tensor]) -> Codes:
+        """Codes from dense scores z (B, M, no autograd) and ``selected(idx, pattern)`` = z[idx] with autograd."""
         with torch.no_grad():
             sup = sparsemax_topk(self.masked(z), self.k_max)
-        zs = selected(sup.idx)
+        pattern = SupportPattern(sup.idx, self.m)  # shared by the score selection and the decoder
+        zs = selected(sup.idx, pattern)
         mask = sup.mask
         if self.activation == "scores":
             val = torch.where(mask, zs, 0.0)  # a = z ⊙ 1_S
@@ -67,7 +68,7 @@ class SparsemaxCoder(nn.Module):
             n = mask.sum(dim=-1, keepdim=True).clamp_min(1)
             tau = (torch.where(mask, zs, 0.0).sum(dim=-1, keepdim=True) - 1) / n  # τ = (Σ_S z − 1)/|S|
             val = torch.where(mask, (zs - tau).clamp_min(0), 0.0)  # a = max(z − τ, 0)
-        codes = Codes(m=self.m, idx=sup.idx, val=val)
+        codes = Codes(m=self.m, idx=sup.idx, val=val, pattern=pattern)
         self.update(codes)
         return codes
 
@@ -93,4 +94,4 @@ class SparsemaxSAE(CrossAttentionSAE):
         q = self.query(xi)
         with torch.no_grad():
             z = q @ self.C.T  # z = (x_n W_Kᵀ) Cᵀ
-        return self.coder(z, lambda idx: select_linear(q, self.C, idx, z))
+        return self.coder(z, lambda idx, pattern: select_linear(q, self.C, idx, z, pattern))

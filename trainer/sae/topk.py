@@ -18,6 +18,7 @@ from torch import Tensor
 from trainer.sae.base import Codes, mse
 from trainer.sae.config import SAEConfig
 from trainer.sae.linear import LinearSAE
+from trainer.sae.sparse_ops import SupportPattern
 
 
 class TopKSAE(LinearSAE):
@@ -38,10 +39,11 @@ class TopKSAE(LinearSAE):
         xc, h = self.hidden(xi)
         pre = h + self.b_enc.detach()
         idx, valid = self.select(pre)
-        val = torch.relu(self.selected_pre(xc, h, idx))
+        pattern = SupportPattern(idx, self.config.m)  # shared by the encoder's and decoder's backward
+        val = torch.relu(self.selected_pre(xc, h, idx, pattern))
         if valid is not None:
             val = torch.where(valid, val, 0.0)
-        return Codes(m=self.config.m, idx=idx, val=val), xc, h, pre
+        return Codes(m=self.config.m, idx=idx, val=val, pattern=pattern), xc, h, pre
 
     def encode_normalized(self, xi: Tensor) -> Codes:
         """Sparse codes."""
@@ -69,7 +71,8 @@ class TopKSAE(LinearSAE):
             return xi.new_zeros(())
         k_aux = min(self.config.aux_k or n_dead, n_dead)
         idx = torch.topk(pre.masked_fill(~dead, float("-inf")), k_aux, dim=-1).indices
-        aux = Codes(m=self.config.m, idx=idx, val=torch.relu(self.selected_pre(xc, h, idx)))
+        pattern = SupportPattern(idx, self.config.m)
+        aux = Codes(m=self.config.m, idx=idx, val=torch.relu(self.selected_pre(xc, h, idx, pattern)), pattern=pattern)
         e = (xi - y).detach()
         return mse(self.decoder(aux), e)
 
