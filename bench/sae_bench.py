@@ -8,10 +8,13 @@ Baselines timed in the same process:
   dense decoder, same loss — goal: the zoo's sparsemax step ≥ 3× faster.
 
 Inputs are a fixed Gaussian batch with a shared mean direction (so norms and cosines vary like
-residual-stream activations). Each timing is the median of ``--reps`` steps after one warm-up step.
+residual-stream activations). Steps are timed **interleaved**: each round runs one step of every
+variant and of the authors' formulation in turn, ``--reps`` rounds after a warm-up round, and each
+timing is the median over rounds — on a shared virtual machine whose speed drifts, a slow spell then
+hits every variant alike instead of whichever happened to run during it.
 Writes ``bench/results/sae.json``; ``--quick`` runs a small configuration for smoke checks.
 
-    .venv/bin/python bench/sae_bench.py [--reps 2] [--sizes 3072 24576] [--out bench/results/sae.json]
+    .venv/bin/python bench/sae_bench.py [--reps 7] [--sizes 3072 24576] [--out bench/results/sae.json]
 """
 
 from __future__ import annotations
@@ -64,15 +67,18 @@ def make_batch(b: int, d: int, seed: int = 0) -> Tensor:
     return scale * (torch.randn(b, d, generator=gen) + 0.5 * mean)
 
 
-def time_steps(step: Callable[[], None], reps: int) -> float:
-    """Median seconds of ``reps`` calls after one warm-up call."""
-    step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, bar: tqdm) -> dict[str, float]:
+    """Median seconds per step of each closure over ``reps`` rounds, after one warm-up round; every round
+    runs each closure once in turn, so a slow spell of the (shared, virtual) machine hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_ in range(reps + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+            bar.update(1)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def zoo_step(sae: sae_zoo.SAE, x: Tensor) -> tuple[Callable[[], None], dict]:
@@ -105,29 +111,28 @@ def authors_step(model: AuthorsSparsemaxSAE, x: Tensor) -> Callable[[], None]:
 
 
 def run(sizes: list[int], reps: int, d: int, batch: int) -> dict:
-    """Time every variant and the authors' formulation at each M; ratios against topk and authors."""
+    """Time every variant and the authors' formulation at each M, interleaved; ratios against topk and
+    authors."""
     x = make_batch(batch, d)
     results: dict = {}
-    variants = list(sae_zoo.VARIANTS) + ["authors"]
-    bar = tqdm(total=len(sizes) * len(variants), desc="sae train step", unit="cfg")
+    variants = list(sae_zoo.VARIANTS)
+    bar = tqdm(total=len(sizes) * (len(variants) + 1) * (reps + 1), desc="sae train steps", unit="step")
     for m in sizes:
-        row: dict = {}
+        bar.set_postfix_str(f"M={m}")
+        saes = {variant: sae_zoo.build({"variant": variant, "d": d, "m": m, "k": K}) for variant in variants}
+        steps, infos = {}, {}
+        for variant, sae in saes.items():
+            steps[variant], infos[variant] = zoo_step(sae, x)
+        steps["authors"] = authors_step(AuthorsSparsemaxSAE(m, d), x)
+        seconds = time_interleaved(steps, reps, bar)
+        row: dict = {name: {"seconds": value} for name, value in seconds.items()}
         for variant in variants:
-            bar.set_postfix_str(f"M={m} {variant}")
-            if variant == "authors":
-                seconds = time_steps(authors_step(AuthorsSparsemaxSAE(m, d), x), reps)
-                row[variant] = {"seconds": seconds}
-            else:
-                sae = sae_zoo.build({"variant": variant, "d": d, "m": m, "k": K})
-                step, info = zoo_step(sae, x)
-                seconds = time_steps(step, reps)
-                row[variant] = {"seconds": seconds, "l0": info["l0"]}
-                del sae, step
-            bar.update(1)
+            row[variant]["l0"] = infos[variant]["l0"]
         for entry in row.values():
             entry["vs_topk"] = entry["seconds"] / row["topk"]["seconds"]
         row["sparsemax"]["speedup_vs_authors"] = row["authors"]["seconds"] / row["sparsemax"]["seconds"]
         results[str(m)] = row
+        del saes, steps
     bar.close()
     return results
 
@@ -136,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the JSON results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[3072, 24576])
-    parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="d=64, B=128, M=256: a smoke run")
     parser.add_argument("--out", default="bench/results/sae.json")

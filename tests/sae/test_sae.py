@@ -304,29 +304,59 @@ def test_sparse_ops_gradients_match_dense_autograd(m: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_sparse_kernels_csr_and_generic_paths_agree_with_dense(dtype: torch.dtype) -> None:
-    """The CPU CSR kernels and the generic (gather / COO) kernels both equal the dense formulas,
-    with repeated indices inside a row (padding) and unsorted rows."""
+@pytest.mark.parametrize("masked", [False, True])
+def test_sparse_kernels_csr_and_generic_paths_agree_with_dense(dtype: torch.dtype, masked: bool) -> None:
+    """The CPU CSR kernels and the generic (gather / COO) kernels both equal the dense formulas over the
+    pattern's entries, with repeated indices inside a row and unsorted rows; with a mask, only the
+    masked positions are entries (one row has none)."""
     gen = torch.Generator().manual_seed(5)
-    m, b = 50, 7
+    m, b, k = 50, 7, 9
     w = torch.randn(m, D, generator=gen).to(dtype)
     y = torch.randn(b, D, generator=gen).to(dtype)
-    idx = torch.randint(0, m, (b, 9), generator=gen)
-    idx[:, -3:] = idx[:, -4:-3]  # a repeated padding index
-    coef = torch.randn(b, 9, generator=gen).to(dtype)
+    idx = torch.randint(0, m, (b, k), generator=gen)
+    idx[:, -3:] = idx[:, -4:-3]  # repeated indices
+    coef = torch.randn(b, k, generator=gen).to(dtype)
+    mask = torch.ones(b, k, dtype=torch.bool)
+    if masked:
+        mask = torch.rand(b, k, generator=gen) < 0.6
+        mask[2] = False  # a sample without entries
+    pattern = sparse_ops.SupportPattern(idx, m, mask if masked else None)
+    kept = torch.where(mask, coef.double(), 0.0)
     dense_dot = (y.double() @ w.double().T).gather(1, idx)  # ⟨y_b, W[idx]⟩
-    dense_dw = torch.zeros(b, m, dtype=torch.float64).scatter_add(1, idx, coef.double()).T @ y.double()
+    dense_dw = torch.zeros(b, m, dtype=torch.float64).scatter_add(1, idx, kept).T @ y.double()
     tol = {"rtol": 2e-2, "atol": 2e-1} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-4}
     for dot in (sparse_ops.sampled_dot_csr, sparse_ops.sampled_dot_gather):
-        out = dot(idx, y, w)
-        assert out.dtype == dtype and out.shape == (b, 9)
-        torch.testing.assert_close(out.double(), dense_dot, **tol)
+        out = dot(pattern, y, w)
+        assert out.dtype == dtype and out.shape == (int(mask.sum()),)
+        torch.testing.assert_close(out.double(), dense_dot[mask], **tol)
     for scatter in (sparse_ops.scatter_rows_csr, sparse_ops.scatter_rows_coo):
         if dtype == torch.bfloat16 and scatter is sparse_ops.scatter_rows_coo:
             continue  # COO sparse.mm has no bfloat16 CPU kernel; on CPU the CSR path serves half types
-        out = scatter(idx, coef, y, m)
+        out = scatter(pattern, pattern.flat(coef), y)
         assert out.dtype == dtype and out.shape == (m, D)
         torch.testing.assert_close(out.double(), dense_dw, **tol)
+    padded = pattern.padded(pattern.flat(coef))
+    assert torch.equal(padded, torch.where(mask, coef, 0))
+
+
+def test_masked_pattern_ops_ignore_padding_exactly() -> None:
+    """With a mask, decode and select_linear equal the dense formulas on the masked entries: padding
+    (whatever its index and value) adds nothing, reads as 0 and gets no gradient."""
+    gen = torch.Generator().manual_seed(6)
+    m, b, k = 40, 6, 5
+    x = torch.randn(b, D, generator=gen, requires_grad=True)
+    w = torch.randn(m, D, generator=gen, requires_grad=True)
+    idx = torch.randint(0, m, (b, k), generator=gen)
+    val = torch.randn(b, k, generator=gen, requires_grad=True)  # non-zero in the padding too
+    mask = torch.arange(k)[None, :] < torch.tensor([5, 3, 0, 1, 4, 2])[:, None]
+    pattern = sparse_ops.SupportPattern(idx, m, mask)
+    out = sparse_decode(idx, val, w, pattern) + select_linear(x, w, idx, (x @ w.T).detach(), pattern).sum(-1)[:, None]
+    dense_val = torch.zeros(b, m).scatter_add(1, idx, torch.where(mask, val, 0.0))
+    ref = dense_val @ w + torch.where(mask, (x @ w.T).gather(1, idx), 0.0).sum(-1)[:, None]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn(b, D, generator=gen)
+    for a, r in zip(torch.autograd.grad(out, (x, w, val), g), torch.autograd.grad(ref, (x, w, val), g)):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("variant", ["relu", "topk", "sparsemax", "jumprelu"])

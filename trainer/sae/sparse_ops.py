@@ -2,27 +2,33 @@
 
 Three products cover every sparse variant of the zoo:
 
-* :func:`sparse_decode` — x̂_b = Σ_k val[b,k] · W[idx[b,k]]: ``embedding_bag`` (only the K indexed rows
-  per sample are read).
+* :func:`sparse_decode` — x̂_b = Σ_k val[b,k] · W[idx[b,k]]: ``embedding_bag`` (only the indexed rows
+  are read).
 * :func:`sampled_dot` — s[b,k] = ⟨y_b, W[idx[b,k]]⟩ = (y Wᵀ)[b, idx[b,k]], the "sampled dense-dense
-  matmul" (SDDMM) behind ∂/∂val of a decode and the selected encoder scores.
+  matmul" (SDDMM) behind ∂/∂val of a decode and ∂/∂x of the selected encoder scores' input.
 * :func:`scatter_rows` — dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b, the weight gradient of both.
 
 :func:`select_linear` (s = (x Wᵀ)[b, idx], read from an already computed dense x Wᵀ) and
 :func:`sparse_decode` are autograd functions built from them, so the backward of a sparse encoder or
 decoder costs O(B·K·d), never O(B·M·d).
 
-Kernels (measured at B = 1024, d = 768, K ∈ {32, 60} on the 2-core CPU, fp32, 2 threads): on CPU
-both :func:`sampled_dot` and :func:`scatter_rows` run as MKL sparse CSR products —
-``torch.sparse.sampled_addmm`` over the (B × M) pattern of idx (4–13 ms, against 45–95 ms for a
-``W[idx]`` gather + ``bmm``, which copies B·K·d floats, and 17–20 ms for the dense (y Wᵀ) + gather at
-M = 3072), and a (M × B) CSR matrix (rows = concepts, built by one sort of the B·K indices) times
-y (4–7 ms at M = 3072 against 20–35 ms dense and 9–13 ms COO; at M = 24576 all sparse forms take
-~60 ms, a third of it the zero fill of the (M, d) result). Half types are computed in float32
-(MKL's CSR kernels take float32/float64 only). Other devices use the generic forms (row gather +
-``bmm``; COO ``sparse.mm``), whose kernels exist everywhere.
+Entries and padding. A :class:`SupportPattern` is the index structure of one batch's idx, built once
+and shared by every product with that idx (the encoder's selected scores and the decoder, forward and
+backward). It may carry a ``mask`` (B, K) of the real entries (sparsemax pads every row to the
+largest support in the batch): products then run over the **masked entries only** — a ragged list of
+Σ_b |S_b| entries instead of B·K_max — padding decodes to nothing, ``select_linear`` returns 0 there,
+and no gradient reaches or leaves a padded position. Without a mask every position is an entry
+(padding must then carry val = 0; any valid index, repeats allowed).
 
-Padding entries carry coef/val = 0 and any valid index (repeats allowed), so they add nothing.
+Kernels (measured at B = 1024, d = 768, K ∈ {32, 60} on the 2-core CPU, fp32, 2 threads): on CPU
+:func:`sampled_dot` and :func:`scatter_rows` run as MKL sparse CSR products —
+``torch.sparse.sampled_addmm`` over the (B × M) pattern of the entries (4–13 ms, against 45–95 ms for
+a ``W[idx]`` gather + ``bmm``, which copies B·K·d floats, and 17–20 ms for the dense (y Wᵀ) + gather
+at M = 3072), and a (M × B) CSR matrix (rows = concepts, built by one stable sort of the entries'
+concepts) multiplied straight into a fresh result with ``addmm(β=0, out=)`` (3 ms at M = 3072,
+against 20–35 ms dense, 9–13 ms COO, and 10 ms for ``csr @ y``, which zero-fills and copies its
+result). Half types are computed in float32 (MKL's CSR kernels take float32/float64 only). Other
+devices use the generic forms (row gather + sum; COO ``sparse.mm``), whose kernels exist everywhere.
 """
 
 from __future__ import annotations
@@ -37,26 +43,63 @@ __all__ = ["SupportPattern", "sampled_dot", "scatter_rows", "select_linear", "sp
 
 
 class SupportPattern:
-    """The index structure of padded codes idx (B, K) over M concepts, built lazily once and shared by
-    every sparse product with the same idx (an encoder's selected scores and the decoder, forward and
-    backward), so the sort behind the weight scatter runs once per batch."""
+    """The entries of padded codes idx (B, K) over M concepts (all positions, or those where ``mask``
+    is True), with the index structures the sparse products need, each built once on first use."""
 
-    def __init__(self, idx: Tensor, m: int) -> None:
+    def __init__(self, idx: Tensor, m: int, mask: Tensor | None = None) -> None:
         self.idx = idx
         self.m = m
-        self._by_concept: tuple[Tensor, Tensor, Tensor] | None = None
+        self.mask = mask
+        self._rows: tuple[Tensor, Tensor, Tensor] | None = None
+        self._by_concept: tuple[Tensor, Tensor] | None = None
 
-    def by_concept(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(crow (M+1,), sample (B·K,), order (B·K,)): the entries of idx grouped by concept j (a stable
-        sort), as the row pointers and column (= sample b) indices of a (M × B) CSR matrix."""
+    @property
+    def batch_size(self) -> int:
+        """Number of samples B."""
+        return self.idx.shape[0]
+
+    def rows(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(concept (E,), sample (E,), crow (B+1,)): each entry's concept j and sample b in row-major
+        order, and the row pointers of the (B × M) CSR matrix of the entries."""
+        if self._rows is None:
+            b, k = self.idx.shape
+            device = self.idx.device
+            if self.mask is None:
+                concept = self.idx.reshape(-1)
+                crow = torch.arange(0, b * k + 1, k, device=device)
+                sample = torch.arange(b, device=device).repeat_interleave(k)
+            else:
+                concept = self.idx[self.mask]
+                lengths = self.mask.sum(dim=1)
+                crow = torch.zeros(b + 1, dtype=torch.int64, device=device)
+                crow[1:] = lengths.cumsum(0)
+                sample = torch.arange(b, device=device).repeat_interleave(lengths, output_size=concept.numel())
+            self._rows = (concept, sample, crow)
+        return self._rows
+
+    def by_concept(self) -> tuple[Tensor, Tensor]:
+        """(crow (M+1,), order (E,)): the entries grouped by concept j (a stable sort) as the row
+        pointers of a (M × B) CSR matrix and the permutation of the entries into that order."""
         if self._by_concept is None:
-            k = self.idx.shape[1]
-            flat = self.idx.reshape(-1)
-            order = torch.argsort(flat, stable=True)
-            crow = torch.zeros(self.m + 1, dtype=torch.int64, device=flat.device)
-            crow[1:] = torch.bincount(flat, minlength=self.m).cumsum(0)
-            self._by_concept = (crow, order // k, order)
+            concept = self.rows()[0]
+            order = torch.argsort(concept, stable=True)
+            crow = torch.zeros(self.m + 1, dtype=torch.int64, device=concept.device)
+            crow[1:] = torch.bincount(concept, minlength=self.m).cumsum(0)
+            self._by_concept = (crow, order)
         return self._by_concept
+
+    def flat(self, values: Tensor) -> Tensor:
+        """(B, K) values → (E,) values of the entries."""
+        return values.reshape(-1) if self.mask is None else values[self.mask]
+
+    def padded(self, entries: Tensor) -> Tensor:
+        """(E,) values of the entries → (B, K), 0 at padding."""
+        if self.mask is None:
+            return entries.view(self.idx.shape)
+        return entries.new_zeros(self.idx.shape).masked_scatter_(self.mask, entries)
+
+
+# ----------------------------------------------------------------------------- kernels
 
 
 def _uses_csr(t: Tensor) -> bool:
@@ -76,101 +119,123 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
         return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
-def sampled_dot(idx: Tensor, y: Tensor, weight: Tensor) -> Tensor:
-    """s[b,k] = ⟨y_b, W[idx[b,k]]⟩  (B, K), in y's dtype."""
-    return (sampled_dot_csr if _uses_csr(y) else sampled_dot_gather)(idx, y, weight)
-
-
-def sampled_dot_csr(idx: Tensor, y: Tensor, weight: Tensor) -> Tensor:
-    """:func:`sampled_dot` as an MKL SDDMM: (y Wᵀ) evaluated only on the (B × M) CSR pattern of idx."""
-    b, k = idx.shape
+def sampled_dot_csr(pattern: SupportPattern, y: Tensor, weight: Tensor) -> Tensor:
+    """(E,) ⟨y_b, W_j⟩ per entry as an MKL SDDMM: (y Wᵀ) evaluated only on the (B × M) entry pattern."""
+    concept, _, crow = pattern.rows()
     dtype = _csr_dtype(y.dtype)
-    crow = torch.arange(0, b * k + 1, k, device=idx.device)  # row b holds entries [bK, (b+1)K)
-    pattern = _csr(crow, idx.reshape(-1), y.new_zeros(b * k, dtype=dtype), (b, weight.shape[0]))
-    out = torch.sparse.sampled_addmm(pattern, y.to(dtype), weight.T.to(dtype), beta=0.0)
-    return out.values().view(b, k).to(y.dtype)
+    csr = _csr(crow, concept, y.new_zeros(concept.numel(), dtype=dtype), (pattern.batch_size, weight.shape[0]))
+    out = torch.sparse.sampled_addmm(csr, y.to(dtype), weight.T.to(dtype), beta=0.0)
+    return out.values().to(y.dtype)
 
 
-def sampled_dot_gather(idx: Tensor, y: Tensor, weight: Tensor) -> Tensor:
-    """:func:`sampled_dot` by a row gather W[idx] (B, K, d) and a batched matrix-vector product."""
-    return torch.bmm(weight[idx], y[:, :, None].to(weight.dtype))[:, :, 0].to(y.dtype)
+def sampled_dot_gather(pattern: SupportPattern, y: Tensor, weight: Tensor) -> Tensor:
+    """(E,) ⟨y_b, W_j⟩ per entry by gathering the rows W_j and y_b (E × d each)."""
+    concept, sample, _ = pattern.rows()
+    return (weight[concept] * y[sample].to(weight.dtype)).sum(-1).to(y.dtype)
 
 
-def scatter_rows(idx: Tensor, coef: Tensor, y: Tensor, m: int, pattern: SupportPattern | None = None) -> Tensor:
-    """dW (M, d), dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b: a (M × B) sparse matrix times y.
-
-    ``pattern`` (of this idx) reuses the grouping by concept of an earlier product."""
-    if not _uses_csr(y):
-        return scatter_rows_coo(idx, coef, y, m)
-    return scatter_rows_csr(idx, coef, y, m, pattern)
-
-
-def scatter_rows_csr(idx: Tensor, coef: Tensor, y: Tensor, m: int, pattern: SupportPattern | None = None) -> Tensor:
-    """:func:`scatter_rows` with a CSR matrix whose rows are the concepts, multiplied straight into a
-    fresh (M, d) result (``addmm`` with β = 0 and ``out=``: no zero fill, no copy)."""
-    b = idx.shape[0]
+def scatter_rows_csr(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
+    """(M, d) Σ_entries coef · y_b into row j: a (M × B) CSR matrix (rows = concepts) times y,
+    multiplied straight into a fresh result (``addmm`` with β = 0 and ``out=``: no zero fill, no copy)."""
+    _, sample, _ = pattern.rows()
+    crow, order = pattern.by_concept()
     dtype = _csr_dtype(y.dtype)
-    crow, sample, order = (pattern or SupportPattern(idx, m)).by_concept()
-    sparse = _csr(crow, sample, coef.reshape(-1)[order].to(dtype), (m, b))
-    out = y.new_empty(m, y.shape[1], dtype=dtype)
-    torch.addmm(out, sparse, y.to(dtype), beta=0.0, out=out)  # β = 0: out's contents are ignored
+    csr = _csr(crow, sample[order], coef[order].to(dtype), (pattern.m, pattern.batch_size))
+    out = y.new_empty(pattern.m, y.shape[1], dtype=dtype)
+    torch.addmm(out, csr, y.to(dtype), beta=0.0, out=out)  # β = 0: out's contents are ignored
     return out.to(y.dtype)
 
 
-def scatter_rows_coo(idx: Tensor, coef: Tensor, y: Tensor, m: int) -> Tensor:
-    """:func:`scatter_rows` with an uncoalesced COO matrix and ``torch.sparse.mm``."""
-    b, k = idx.shape
-    cols = torch.arange(b, device=idx.device).repeat_interleave(k)
-    sparse = torch.sparse_coo_tensor(torch.stack([idx.reshape(-1), cols]), coef.reshape(-1).to(y.dtype), (m, b),
-                                     check_invariants=False)
-    return torch.sparse.mm(sparse, y)
+def scatter_rows_coo(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
+    """(M, d) Σ_entries coef · y_b into row j with an uncoalesced COO matrix and ``torch.sparse.mm``."""
+    concept, sample, _ = pattern.rows()
+    coo = torch.sparse_coo_tensor(torch.stack([concept, sample]), coef.to(y.dtype), (pattern.m, pattern.batch_size),
+                                  check_invariants=False)
+    return torch.sparse.mm(coo, y)
+
+
+def _entries_dot(pattern: SupportPattern, y: Tensor, weight: Tensor) -> Tensor:
+    return (sampled_dot_csr if _uses_csr(y) else sampled_dot_gather)(pattern, y, weight)
+
+
+def _entries_scatter(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
+    return (scatter_rows_csr if _uses_csr(y) else scatter_rows_coo)(pattern, coef, y)
+
+
+def _entries_decode(pattern: SupportPattern, coef: Tensor, weight: Tensor) -> Tensor:
+    """(B, d) Σ_entries coef · W_j per sample: ``embedding_bag`` over the entries (one bag per sample)."""
+    concept, _, crow = pattern.rows()
+    return F.embedding_bag(concept, weight, crow[:-1], per_sample_weights=coef.to(weight.dtype), mode="sum")
+
+
+def sampled_dot(idx: Tensor, y: Tensor, weight: Tensor, pattern: SupportPattern | None = None) -> Tensor:
+    """s[b,k] = ⟨y_b, W[idx[b,k]]⟩  (B, K), in y's dtype (0 at masked-out padding)."""
+    pattern = pattern or SupportPattern(idx, weight.shape[0])
+    return pattern.padded(_entries_dot(pattern, y, weight))
+
+
+def scatter_rows(idx: Tensor, coef: Tensor, y: Tensor, m: int, pattern: SupportPattern | None = None) -> Tensor:
+    """dW (M, d), dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b over the entries: a (M × B) sparse
+    matrix times y."""
+    pattern = pattern or SupportPattern(idx, m)
+    return _entries_scatter(pattern, pattern.flat(coef), y)
+
+
+# ----------------------------------------------------------------------------- autograd
 
 
 class _SparseDecode(torch.autograd.Function):
     """x̂_b = Σ_k val[b,k] W[idx[b,k]]; backward: dval[b,k] = ⟨g_b, W[idx[b,k]]⟩, dW[idx] += val ⊗ g."""
 
     @staticmethod
-    def forward(ctx, idx: Tensor, val: Tensor, weight: Tensor, pattern: SupportPattern | None) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(idx, val, weight)
+    def forward(ctx, val: Tensor, weight: Tensor, pattern: SupportPattern) -> Tensor:  # type: ignore[override]
+        entries = pattern.flat(val)
+        ctx.save_for_backward(entries, weight)
         ctx.pattern = pattern
-        return F.embedding_bag(idx, weight, per_sample_weights=val, mode="sum")
+        return _entries_decode(pattern, entries, weight)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        idx, val, weight = ctx.saved_tensors
-        dval = sampled_dot(idx, g, weight).to(val.dtype) if ctx.needs_input_grad[1] else None
-        dw = scatter_rows(idx, val, g, weight.shape[0], ctx.pattern).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        return None, dval, dw, None
+        entries, weight = ctx.saved_tensors
+        pattern: SupportPattern = ctx.pattern
+        dval = pattern.padded(_entries_dot(pattern, g, weight)).to(entries.dtype) if ctx.needs_input_grad[0] else None
+        dw = _entries_scatter(pattern, entries, g).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dval, dw, None
 
 
 def sparse_decode(idx: Tensor, val: Tensor, weight: Tensor, pattern: SupportPattern | None = None) -> Tensor:
     """x̂_b = Σ_k val[b,k] · W[idx[b,k]]  (B, d); forward and backward touch only the indexed rows.
-    ``pattern``: the :class:`SupportPattern` of idx when another product shares it."""
-    return _SparseDecode.apply(idx, val.to(weight.dtype), weight, pattern)
+    ``pattern``: the :class:`SupportPattern` of idx when another product shares it (its mask, if any,
+    decides which positions are entries)."""
+    pattern = pattern or SupportPattern(idx, weight.shape[0])
+    return _SparseDecode.apply(val.to(weight.dtype), weight, pattern)
 
 
 class _SelectLinear(torch.autograd.Function):
     """s[b,k] = (x Wᵀ)[b, idx[b,k]] read from ``full``; backward: dx = Σ_k g W[idx], dW[idx] += g x."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, idx: Tensor, full: Tensor,  # type: ignore[override]
-                pattern: SupportPattern | None) -> Tensor:
-        ctx.save_for_backward(x, weight, idx)
+    def forward(ctx, x: Tensor, weight: Tensor, full: Tensor, pattern: SupportPattern) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
         ctx.pattern = pattern
-        return full.gather(1, idx)
+        selected = full.gather(1, pattern.idx)
+        return selected if pattern.mask is None else torch.where(pattern.mask, selected, 0.0)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
-        x, weight, idx = ctx.saved_tensors
-        dx = F.embedding_bag(idx, weight, per_sample_weights=g.to(weight.dtype), mode="sum") if ctx.needs_input_grad[0] else None
-        dw = scatter_rows(idx, g, x, weight.shape[0], ctx.pattern).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw, None, None, None
+        x, weight = ctx.saved_tensors
+        pattern: SupportPattern = ctx.pattern
+        entries = pattern.flat(g)
+        dx = _entries_decode(pattern, entries, weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = _entries_scatter(pattern, entries, x).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
 
 
 def select_linear(x: Tensor, weight: Tensor, idx: Tensor, full: Tensor | None = None,
                   pattern: SupportPattern | None = None) -> Tensor:
     """(x Wᵀ)[b, idx[b,k]] (B, K) with a sparse backward; ``full`` = x Wᵀ if already computed;
-    ``pattern``: the :class:`SupportPattern` of idx when another product shares it."""
+    ``pattern``: the :class:`SupportPattern` of idx when another product shares it (0 and no gradient
+    at positions its mask excludes)."""
     if full is None:
         return (weight[idx] * x[:, None, :]).sum(-1)  # explicit row gather, plain autograd
-    return _SelectLinear.apply(x, weight, idx, full.detach(), pattern)
+    return _SelectLinear.apply(x, weight, full.detach(), pattern or SupportPattern(idx, weight.shape[0]))

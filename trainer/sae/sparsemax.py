@@ -47,19 +47,20 @@ class SparsemaxCoder(nn.Module):
         self.register_buffer("fire_rate", torch.zeros(config.m, dtype=torch.float32))
 
     def masked(self, z: Tensor) -> Tensor:
-        """z with over-firing concepts set to −inf (training mode only)."""
+        """z with over-firing concepts set to −inf **in place** (training mode only)."""
         if not self.training or self.max_fire_rate is None:
             return z
         over = self.fire_rate > self.max_fire_rate
         if not bool(over.any()) or bool(over.all()):
             return z
-        return z.masked_fill(over, float("-inf"))
+        return z.masked_fill_(over, float("-inf"))
 
     def forward(self, z: Tensor, selected: Callable[[Tensor, SupportPattern], Tensor]) -> Codes:
-        """Codes from dense scores z (B, M, no autograd) and ``selected(idx, pattern)`` = z[idx] with autograd."""
+        """Codes from dense scores z (B, M, no autograd; consumed: masked concepts are overwritten with −inf)
+        and ``selected(idx, pattern)`` = z[idx] with autograd (read on the support only)."""
         with torch.no_grad():
             sup = sparsemax_topk(self.masked(z), self.k_max)
-        pattern = SupportPattern(sup.idx, self.m)  # shared by the score selection and the decoder
+        pattern = SupportPattern(sup.idx, self.m, sup.mask)  # shared by the selection and the decoder
         zs = selected(sup.idx, pattern)
         mask = sup.mask
         if self.activation == "scores":
