@@ -367,9 +367,13 @@ def sparsemax_topk(z: Tensor, k_max: int | None = None) -> SparsemaxSupport:
     width = max(1, cert.max_support) if k_max is None else max(min(k_max, m), cert.max_support)
     idx = cert.idx[:, :width]
     prefix = cert.prefix
-    zk = zc.gather(1, idx)
-    probs = _SupportProbs.apply(zk, prefix)
-    mask = torch.arange(width, device=z.device)[None, :] < prefix.kstar[:, None]
+    if zc.requires_grad:
+        zk = zc.gather(1, idx)
+        probs = _SupportProbs.apply(zk, prefix)
+        mask = torch.arange(width, device=z.device)[None, :] < prefix.kstar[:, None]
+    else:  # no autograd: the candidates already hold z at idx
+        zk = cert.vals[:, :width]
+        probs, mask = _support_probs(zk, prefix)
     scores = torch.where(mask, zk, 0.0)
     lead = moved_shape[:-1]
     return SparsemaxSupport(

@@ -181,11 +181,19 @@ def mse(x_hat: Tensor, x: Tensor) -> Tensor:
 
 def norm_mse(x_hat: Tensor, x: Tensor) -> Tensor:
     """mean_{t,i} (x̂ − x)² / ‖x_t‖ (the authors' reconstruction loss)."""
-    norms = x.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-    return ((x_hat - x).pow(2) / norms).mean()
+    return reconstruction(x_hat, x, "norm_mse")[0]
 
 
-LOSSES = {"mse": mse, "norm_mse": norm_mse}
+def reconstruction(x_hat: Tensor, x: Tensor, loss: str, norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(the ``loss`` term, plain mse without gradient) from one pass of squared errors; ``norms`` (B,)
+    = ‖x‖ when already known."""
+    sq = (x_hat - x).square()
+    plain = sq.detach().mean()
+    if loss == "mse":
+        return sq.mean(), plain
+    if norms is None:
+        norms = x.norm(dim=-1).clamp_min(NORM_EPS)
+    return (sq / norms[:, None]).mean(), plain  # mean_{t,i} (x̂ − x)² / ‖x_t‖
 
 
 # ----------------------------------------------------------------------------- base
@@ -276,8 +284,8 @@ class SAE(nn.Module):
         codes, y, penalties = self.forward_normalized(xi)
         codes.norms = norms
         x_hat = y * norms[:, None] if norms is not None else y
-        recon = LOSSES[self.config.loss](x_hat, x)
-        losses: dict[str, Tensor] = {"recon": recon, "mse": mse(x_hat.detach(), x)}
+        recon, plain_mse = reconstruction(x_hat, x, self.config.loss, norms)
+        losses: dict[str, Tensor] = {"recon": recon, "mse": plain_mse}
         total = recon
         for name, (coef, value) in penalties.items():
             losses[name] = value
