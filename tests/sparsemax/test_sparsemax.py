@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from store.errors import UserError
+from trainer import sparsemax_cpu
 from trainer.sparsemax import (
     AdaptiveK,
     adaptive_state,
@@ -252,7 +253,8 @@ def test_topk_width_is_k_max_when_supports_fit():
     torch.testing.assert_close(out.tau, sparsemax_threshold(z)[0])
 
 
-def test_adaptive_state_follows_support_sizes():
+def test_adaptive_state_follows_support_sizes(monkeypatch):
+    monkeypatch.setattr(sparsemax_cpu, "available", lambda z: False)  # the torch.topk candidate path
     state = AdaptiveK()
     assert state.propose(10_000) == 64 and state.propose(10) == 10
     state.observe(100)
