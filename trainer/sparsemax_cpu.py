@@ -1,31 +1,38 @@
 """CPU candidate search for :mod:`trainer.sparsemax`: the top entries of each row without ``torch.topk``.
 
 ``torch.topk`` with the k ≈ 100 candidates a sparsemax support needs runs ``std::nth_element`` over
-every row (k·64 > M selects it over a partial sort), ~25 ms for 1,024 × 3,072 on the 2-core CPU — the
-largest cost of a Sparsemax-SAE step after the matmuls. This module finds the same candidates in
-two linear passes per row, compiled with numba and parallel over rows:
+every row (k·64 > M selects it over a partial sort), ~20–25 ms for 1,024 × 3,072 on the 2-core CPU —
+the largest cost of a Sparsemax-SAE step after the matmuls. This module finds the same candidates
+with **one** pass over each row, compiled with numba:
 
-1. **Threshold estimate** — Condat's algorithm ("Fast projection onto the simplex and the l1 ball",
-   Math. Program. 2016, Fig. 2) computes ρ ≈ τ in one pass plus a short clean-up, accumulating in
-   float64. −inf entries (masked concepts) are skipped; an all −inf row gets ρ = +inf.
-2. **Candidates** — U = {z > ρ − margin} sorted descending, followed by the largest entry outside U
-   (the "extra"; −inf if only −inf entries remain), padded with −inf to a common width.
+1. **Group maxima** — the row is cut into G ≈ 512 strided groups (entry j in group j mod G); their
+   maxima come from an element-wise max of the row's contiguous blocks of G entries (one pass).
+2. **Threshold bound** — for any subset T of a row with |T| = r, (Σ_T z − 1)/r ≤ (c_r − 1)/r ≤ τ.
+   Michelot's iteration on the maxima (ρ ← (Σ_{y > ρ} y − 1)/#{y > ρ}, from ρ = max − 1, float64
+   sums; −inf entries, i.e. masked concepts, never count; all −inf gives +inf) produces such
+   bounds, increasing to the sparsemax threshold of the maxima, which is tight: most support
+   entries are the maxima of their groups.
+3. **Candidates** — U = {z > ρ − margin} can only lie in groups whose maximum exceeds the bound,
+   so only those groups (about |S| of them) are read again. U is sorted descending and followed by
+   the largest entry outside U (the "extra": the larger of the best non-candidate in those groups
+   and the largest maximum of the other groups; −inf if only −inf entries remain), then padded with
+   −inf to a common width.
 
-The caller never trusts ρ: U ∪ {extra} are exactly the first |U| + 1 entries of the row's full sort
-(ties aside, which do not change values), so running the sort formula on them and checking the
-certificate k̂ < |U| + 1 (or |U| = M) is the same proof :func:`trainer.sparsemax._certified_topk`
+The caller never trusts the bound: U ∪ {extra} are exactly the first |U| + 1 entries of the row's
+full sort (ties aside, which do not change values), so running the sort formula on them and checking
+the certificate k̂ < |U| + 1 (or |U| = M) is the same proof :func:`trainer.sparsemax._certified_topk`
 uses for ``torch.topk`` candidates; a row that fails goes through the usual exact fallback. The
-margin (1e-4 + 16·|S|·ε of the dtype, in the units of z) only makes such failures rare.
+margin (1e-4 + 16·|v|·ε of the dtype, in the units of z) only absorbs rounding in ρ.
 
-Used for float32/float64 CPU tensors when numba is importable and the caller did not fix k
-(:func:`available`); otherwise ``torch.topk`` serves. Kernels compile on first use (cached on disk
-by numba) and run serially per row range, on ``torch.get_num_threads()`` plain threads (they
-release the GIL): a numba OpenMP pool measured slower here, its spinning threads competing with
-torch's on 2 cores, and it is not fork-safe.
-"""
+Used for float32/float64 CPU tensors when numba is importable, the caller did not fix k and
+``DYNSAE_SPARSEMAX_CPU`` is not ``0`` (:func:`available`); otherwise ``torch.topk`` serves. Kernels
+compile on first use (cached on disk by numba) and run serially per row range on
+``torch.get_num_threads()`` plain threads (they release the GIL): a numba OpenMP pool measured
+slower here, its spinning threads competing with torch's on 2 cores, and it is not fork-safe."""
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -37,110 +44,108 @@ try:  # numba is a dependency, but a missing or broken install must not break sp
 except ImportError:  # pragma: no cover - exercised only without numba
     numba = None
 
-__all__ = ["available", "candidates"]
+__all__ = ["ENABLED", "available", "candidates"]
 
-TARGET_GROUPS = 512  # rows are cut into ≈ this many groups of ≥ 8 entries for the threshold estimate
+#: The numba path is on when numba imports and ``DYNSAE_SPARSEMAX_CPU`` is not "0".
+ENABLED = numba is not None and os.environ.get("DYNSAE_SPARSEMAX_CPU", "1") != "0"
+
+TARGET_GROUPS = 512  # strided groups per row for the threshold bound (fewer when M is smaller)
 
 
 def available(z: Tensor) -> bool:
-    """Whether :func:`candidates` serves this (N, M) tensor."""
-    return numba is not None and z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
+    """Whether :func:`candidates` serves this (N, M) tensor (``DYNSAE_SPARSEMAX_CPU=0`` turns it off)."""
+    return ENABLED and z.device.type == "cpu" and z.dtype in (torch.float32, torch.float64)
 
 
 if numba is not None:
 
-    @numba.njit(cache=True, nogil=True)
-    def _condat_threshold(y):  # pragma: no cover - compiled
-        """ρ ≈ τ with Σ max(y − τ, 0) = 1 (Condat 2016, Fig. 2, a = 1) and the size of its set v."""
-        n = y.shape[0]
-        first = 0
-        while first < n and y[first] == -np.inf:
-            first += 1
-        if first == n:
+    @numba.njit(cache=True, nogil=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
+    def _subset_bound(y):  # pragma: no cover - compiled
+        """A lower bound ρ ≤ τ(y) by Michelot's iteration ρ ← (Σ_{y > ρ} y − 1)/#{y > ρ} from
+        ρ = max(y) − 1: every iterate is (Σ_T y − 1)/|T| for a subset T, hence ≤ τ, and they increase
+        to τ(y) in finitely many steps (at most 16 here; any iterate is a valid bound). Returns
+        (ρ, |T|); all −inf gives (+inf, 0)."""
+        top = -np.inf
+        for g in range(y.shape[0]):
+            top = max(top, y[g])
+        if top == -np.inf:
             return np.inf, 0
-        v = np.empty(n, np.float64)
-        spill = np.empty(n, np.float64)
-        v[0] = y[first]
-        nv = 1
-        ns = 0
-        rho = v[0] - 1.0
-        for j in range(first + 1, n):  # step 2: one pass
-            yj = np.float64(y[j])
-            if yj > rho:
-                rho += (yj - rho) / (nv + 1)
-                if rho > yj - 1.0:
-                    v[nv] = yj
-                    nv += 1
-                else:
-                    spill[ns:ns + nv] = v[:nv]
-                    ns += nv
-                    v[0] = yj
-                    nv = 1
-                    rho = yj - 1.0
-        for t in range(ns):  # step 3: re-admit spilled entries above ρ
-            if spill[t] > rho:
-                v[nv] = spill[t]
-                nv += 1
-                rho += (spill[t] - rho) / nv
-        changed = True
-        while changed:  # step 4: drop entries at or below ρ until stable
-            changed = False
-            t = 0
-            while t < nv:
-                if v[t] <= rho and nv > 1:
-                    gone = v[t]
-                    nv -= 1
-                    v[t] = v[nv]
-                    rho += (rho - gone) / nv
-                    changed = True
-                else:
-                    t += 1
-        return rho, nv
+        rho = np.float64(top) - 1.0
+        n = 0
+        for _ in range(16):
+            total = 0.0
+            n = 0
+            for g in range(y.shape[0]):  # branch-free, so the loop vectorises
+                above = y[g] > rho
+                total += np.float64(y[g]) if above else 0.0
+                n += above
+            new = (total - 1.0) / n
+            if new <= rho:
+                break
+            rho = new
+        return rho, n
 
     @numba.njit(nogil=True, cache=True, fastmath={"nsz", "arcp", "contract", "afn", "reassoc"})
-    def _bounds(z, group, eps, bound, count, lo_row, hi_row):  # pragma: no cover - compiled
-        """Rows [lo_row, hi_row): the candidate bound ρ − margin, ρ = τ of the row's group maxima (a
-        subset of the row, so ρ ≤ τ), and |U| = #{z > bound}."""
+    def _bounds(z, maxima, eps, bound, count, lo_row, hi_row):  # pragma: no cover - compiled
+        """Rows [lo_row, hi_row): the strided group maxima (into ``maxima``), the bound ρ − margin with
+        ρ the sparsemax threshold of the maxima (≤ τ), and |U| = #{z > bound} read from the groups
+        whose maximum exceeds the bound."""
         m = z.shape[1]
-        n_groups = (m + group - 1) // group
+        n_groups = maxima.shape[1]
         for b in range(lo_row, hi_row):
             row = z[b]
-            maxima = np.empty(n_groups, np.float64)
+            mx = maxima[b]
             for g in range(n_groups):
-                lo = g * group
-                hi = min(lo + group, m)
-                best = row[lo]
-                for j in range(lo + 1, hi):
-                    best = max(best, row[j])
-                maxima[g] = best
-            rho, nv = _condat_threshold(maxima)
+                mx[g] = row[g]
+            for start in range(n_groups, m, n_groups):  # element-wise max of contiguous blocks
+                stop = min(start + n_groups, m)
+                for g in range(stop - start):
+                    mx[g] = max(mx[g], row[start + g])
+            rho, nv = _subset_bound(mx)
             lb = rho - (1e-4 + 16.0 * nv * eps)
             c = 0
-            for j in range(m):
-                c += row[j] > lb
+            for g in range(n_groups):
+                if mx[g] > lb:
+                    for j in range(g, m, n_groups):
+                        c += row[j] > lb
             bound[b] = lb
             count[b] = c
 
     @numba.njit(nogil=True, cache=True)
-    def _fill(z, bound, count, width, vals, idx, lo_row, hi_row):  # pragma: no cover - compiled
+    def _fill(z, maxima, bound, count, width, vals, idx, lo_row, hi_row):  # pragma: no cover - compiled
         """Rows [lo_row, hi_row): U sorted descending, then the extra entry, then −inf padding (index
-        repeated)."""
+        repeated); only the groups whose maximum exceeds the bound are read."""
         m = z.shape[1]
+        n_groups = maxima.shape[1]
+        scratch_idx = np.empty(width, np.int64)
+        scratch_val = np.empty(width, z.dtype)
         for b in range(lo_row, hi_row):
-            c = count[b]
+            row = z[b]
+            mx = maxima[b]
             lb = bound[b]
-            cand_idx = np.empty(c, np.int64)
-            cand_val = np.empty(c, z.dtype)
+            c = count[b]
+            cand_idx = scratch_idx[:c]
+            cand_val = scratch_val[:c]
             k = 0
-            extra = -1
-            for j in range(m):
-                zj = z[b, j]
-                if zj > lb:
-                    cand_idx[k] = j
-                    cand_val[k] = zj
-                    k += 1
-                elif extra < 0 or zj > z[b, extra]:
-                    extra = j
+            extra = -1  # best non-candidate inside the active groups
+            other = -1  # inactive group with the largest maximum
+            for g in range(n_groups):
+                if mx[g] > lb:
+                    for j in range(g, m, n_groups):
+                        zj = row[j]
+                        if zj > lb:
+                            cand_idx[k] = j
+                            cand_val[k] = zj
+                            k += 1
+                        elif extra < 0 or zj > row[extra]:
+                            extra = j
+                elif other < 0 or mx[g] > mx[other]:
+                    other = g
+            if other >= 0 and (extra < 0 or mx[other] > row[extra]):
+                extra = other
+                for j in range(other, m, n_groups):  # where that maximum sits
+                    if row[j] > row[extra]:
+                        extra = j
             order = np.argsort(-cand_val)
             for r in range(c):
                 vals[b, r] = cand_val[order[r]]
@@ -148,7 +153,7 @@ if numba is not None:
             last = cand_idx[order[c - 1]] if c > 0 else 0
             pos = c
             if extra >= 0:
-                vals[b, pos] = z[b, extra]
+                vals[b, pos] = row[extra]
                 idx[b, pos] = extra
                 last = extra
                 pos += 1
@@ -186,13 +191,13 @@ def candidates(z: Tensor, min_width: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     array = z.detach().contiguous().numpy()
     n_rows, m = array.shape
     eps = float(np.finfo(array.dtype).eps)
-    group = max(8, -(-m // TARGET_GROUPS))
+    maxima = np.empty((n_rows, min(m, TARGET_GROUPS)), array.dtype)
     bound = np.empty(n_rows, np.float64)
     count = np.empty(n_rows, np.int64)
-    _run_rows(_bounds, n_rows, array, group, eps, bound, count)
+    _run_rows(_bounds, n_rows, array, maxima, eps, bound, count)
     widths = np.minimum(count + 1, m)
     width = int(max(int(widths.max()) if n_rows else 1, min(min_width, m)))
     vals = np.empty((n_rows, width), dtype=array.dtype)
     idx = np.empty((n_rows, width), dtype=np.int64)
-    _run_rows(_fill, n_rows, array, bound, count, width, vals, idx)
+    _run_rows(_fill, n_rows, array, maxima, bound, count, width, vals, idx)
     return torch.from_numpy(vals), torch.from_numpy(idx), torch.from_numpy(widths)
