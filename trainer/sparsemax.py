@@ -26,6 +26,13 @@ Fallback for failing rows (exact, usually one extra step)
     k = n + 1 is certified. If rounding ever defeats that bound, k doubles; k = M is a
     full sort and always certified. Only the failing rows are redone.
 
+Linear-time candidates on CPU
+    For float32/float64 CPU rows, when the caller does not fix ``k``, the candidates come from
+    :mod:`trainer.sparsemax_cpu` instead of ``torch.topk``: a lower bound of τ from the row's group
+    maxima, then exactly the entries above it plus the largest one below, sorted. They are the first
+    w entries of the full sort, so the same certificate (k̂ < w, or w = M) and the same fallback
+    apply. It is 2–3× faster than ``torch.topk`` with k ≈ 100 (``std::nth_element`` per row).
+
 Choosing k adaptively
     Unless the caller passes ``k``, an :class:`AdaptiveK` per (M, device type) in a
     module-level cache proposes k from a decaying maximum of the support sizes seen in

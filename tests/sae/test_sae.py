@@ -266,7 +266,7 @@ def test_topk_auxk_trains_dead_latents() -> None:
     sae(x)  # every latent not fired in this batch is now dead
     codes = sae.encode(x)
     _, _, losses = sae(x)
-    assert float(losses["auxk"]) > 0
+    assert float(losses["auxk"].detach()) > 0
     (grad,) = torch.autograd.grad(losses["auxk"], sae.W_enc)
     live = codes.fire_counts() > 0
     assert float(grad[~live].abs().sum()) > 0 and float(grad[live].abs().sum()) == 0
