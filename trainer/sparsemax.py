@@ -70,6 +70,7 @@ API
     * :func:`sparsemax` — dense p, same shape/dtype as z, custom backward.
     * :func:`sparsemax_threshold` — (tau, support_size), ``dim`` removed; no gradient.
     * :func:`sparsemax_support` — (idx, val) padded to width K over the last dim.
+    * :func:`sparsemax_mask` — (idx, mask) of the padded support, no values (what the SAE uses).
     * :func:`sparsemax_topk` — :class:`SparsemaxSupport` (idx, probs, scores, tau,
       support_size, mask) for the SAE: ``probs`` = max(z − τ, 0) on idx with the custom
       backward, ``scores`` = z on the support (mask held fixed, plain gather gradient).
@@ -100,6 +101,7 @@ __all__ = [
     "AdaptiveK",
     "SparsemaxSupport",
     "sparsemax",
+    "sparsemax_mask",
     "sparsemax_sort",
     "sparsemax_support",
     "sparsemax_threshold",
@@ -260,10 +262,10 @@ def _refine(z: Tensor, vals: Tensor, idx: Tensor, prefix: _Prefix, failed: Tenso
     return all_vals, all_idx, _Prefix(kstar, tau_shift, zmax), int(kstar.max())
 
 
-def _support_probs(vals: Tensor, prefix: _Prefix) -> tuple[Tensor, Tensor]:
+def _support_probs(vals: Tensor, prefix: _Prefix, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(probs, mask) on sorted candidates: p_r = (v_r − z_max) − τ̂ for r ≤ k*, else 0."""
-    positions = torch.arange(vals.shape[1], device=vals.device)
-    mask = positions[None, :] < prefix.kstar[:, None]
+    if mask is None:
+        mask = torch.arange(vals.shape[1], device=vals.device)[None, :] < prefix.kstar[:, None]
     probs = ((vals - prefix.zmax[:, None]) - prefix.tau_shift[:, None]).clamp_min(0)  # max(z − τ, 0)
     return torch.where(mask, probs, 0.0), mask
 
@@ -365,29 +367,51 @@ class SparsemaxSupport(NamedTuple):
     mask: Tensor
 
 
+class _PaddedSupport(NamedTuple):
+    rows: Tensor  # (N, M) z in the compute dtype
+    cert: _Certified
+    width: int
+    mask: Tensor  # (N, width) True on the support
+    moved_shape: torch.Size
+
+
+def _padded_support(z: Tensor, k_max: int | None) -> _PaddedSupport:
+    """Certified candidates of z's rows (last dim) and the padded support's width and mask."""
+    _check_k(k_max, "k_max")
+    rows, moved_shape = _rows(z, -1)
+    zc = rows.to(_compute_dtype(z.dtype))
+    with torch.no_grad():
+        cert = _certified_topk(zc.detach(), k_max, min_width=k_max or 1)
+    m = zc.shape[1]
+    width = max(1, cert.max_support) if k_max is None else max(min(k_max, m), cert.max_support)
+    mask = torch.arange(width, device=z.device)[None, :] < cert.prefix.kstar[:, None]
+    return _PaddedSupport(zc, cert, width, mask, moved_shape)
+
+
+def sparsemax_mask(z: Tensor, k_max: int | None = None) -> tuple[Tensor, Tensor]:
+    """(idx, mask) (..., K): the padded support of sparsemax over the last dim, without its values —
+    what an SAE needs to read its own differentiable scores there. Same width and order as
+    :func:`sparsemax_topk`; no gradient."""
+    sup = _padded_support(z, k_max)
+    shape = (*sup.moved_shape[:-1], sup.width)
+    return sup.cert.idx[:, : sup.width].reshape(shape), sup.mask.reshape(shape)
+
+
 def sparsemax_topk(z: Tensor, k_max: int | None = None) -> SparsemaxSupport:
     """Sparsemax over the last dim of ``z`` returned on its padded support (see module docstring).
 
     Width K = ``k_max`` if every support fits in it, else the smallest certified width
     (never truncated); ``k_max=None``: K = the largest support size in the batch.
     """
-    _check_k(k_max, "k_max")
-    cdtype = _compute_dtype(z.dtype)
-    rows, moved_shape = _rows(z, -1)
-    zc = rows.to(cdtype)
-    with torch.no_grad():
-        cert = _certified_topk(zc.detach(), k_max, min_width=k_max or 1)
-    m = zc.shape[1]
-    width = max(1, cert.max_support) if k_max is None else max(min(k_max, m), cert.max_support)
+    zc, cert, width, mask, moved_shape = _padded_support(z, k_max)
     idx = cert.idx[:, :width]
     prefix = cert.prefix
     if zc.requires_grad:
         zk = zc.gather(1, idx)
         probs = _SupportProbs.apply(zk, prefix)
-        mask = torch.arange(width, device=z.device)[None, :] < prefix.kstar[:, None]
     else:  # no autograd: the candidates already hold z at idx
         zk = cert.vals[:, :width]
-        probs, mask = _support_probs(zk, prefix)
+        probs = _support_probs(zk, prefix, mask)[0]
     scores = torch.where(mask, zk, 0.0)
     lead = moved_shape[:-1]
     return SparsemaxSupport(

@@ -15,6 +15,7 @@ from trainer.sparsemax import (
     AdaptiveK,
     adaptive_state,
     sparsemax,
+    sparsemax_mask,
     sparsemax_sort,
     sparsemax_support,
     sparsemax_threshold,
@@ -143,6 +144,8 @@ def test_matches_reference_float64(case):
     dense = torch.zeros_like(z).scatter(1, out.idx, out.probs)
     torch.testing.assert_close(dense, ref, rtol=0, atol=1e-9)
     assert torch.equal(out.support_size, size) and torch.equal(out.mask.sum(-1), size)
+    idx, mask = sparsemax_mask(z, k)
+    assert torch.equal(idx, out.idx) and torch.equal(mask, out.mask)
     torch.testing.assert_close(out.scores, torch.where(out.mask, z.gather(1, out.idx), 0.0))
     # τ reproduces p on the support (large offsets make τ itself lose absolute precision)
     torch.testing.assert_close(

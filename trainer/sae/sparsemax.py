@@ -1,7 +1,7 @@
 """The Sparsemax SAE ("Improving Sparse Autoencoder with Dynamic Attention"), DESIGN §5.
 
 On the cross-attention architecture (:mod:`trainer.sae.cross_attention`): z = (x_n W_Kᵀ) Cᵀ, sparsemax
-threshold τ(z) and support S = {m : z_m > τ} from :func:`trainer.sparsemax.sparsemax_topk`, codes
+threshold τ(z) and support S = {m : z_m > τ} from :func:`trainer.sparsemax.sparsemax_mask`, codes
 
 * ``activation="scores"`` (authors' code): a = z ⊙ 1_S — the gradient flows through z on the
   support, the mask held fixed;
@@ -31,7 +31,7 @@ from trainer.sae.base import Codes
 from trainer.sae.config import SAEConfig
 from trainer.sae.cross_attention import CrossAttentionSAE
 from trainer.sae.sparse_ops import SupportPattern, select_linear
-from trainer.sparsemax import sparsemax_topk
+from trainer.sparsemax import sparsemax_mask
 
 
 class SparsemaxCoder(nn.Module):
@@ -59,17 +59,16 @@ class SparsemaxCoder(nn.Module):
         """Codes from dense scores z (B, M, no autograd; consumed: masked concepts are overwritten with −inf)
         and ``selected(idx, pattern)`` = z[idx] with autograd (read on the support only)."""
         with torch.no_grad():
-            sup = sparsemax_topk(self.masked(z), self.k_max)
-        pattern = SupportPattern(sup.idx, self.m, sup.mask)  # shared by the selection and the decoder
-        zs = selected(sup.idx, pattern)
-        mask = sup.mask
+            idx, mask = sparsemax_mask(self.masked(z), self.k_max)
+        pattern = SupportPattern(idx, self.m, mask)  # shared by the selection and the decoder
+        zs = selected(idx, pattern)
         if self.activation == "scores":
             val = torch.where(mask, zs, 0.0)  # a = z ⊙ 1_S
         else:
             n = mask.sum(dim=-1, keepdim=True).clamp_min(1)
             tau = (torch.where(mask, zs, 0.0).sum(dim=-1, keepdim=True) - 1) / n  # τ = (Σ_S z − 1)/|S|
             val = torch.where(mask, (zs - tau).clamp_min(0), 0.0)  # a = max(z − τ, 0)
-        codes = Codes(m=self.m, idx=sup.idx, val=val, pattern=pattern)
+        codes = Codes(m=self.m, idx=idx, val=val, pattern=pattern)
         self.update(codes)
         return codes
 
