@@ -9,9 +9,10 @@ Baselines timed in the same process:
 
 Inputs are a fixed Gaussian batch with a shared mean direction (so norms and cosines vary like
 residual-stream activations). Steps are timed **interleaved**: each round runs one step of every
-variant and of the authors' formulation in turn, ``--reps`` rounds after a warm-up round, and each
-timing is the median over rounds — on a shared virtual machine whose speed drifts, a slow spell then
-hits every variant alike instead of whichever happened to run during it.
+variant and of the authors' formulation in turn (sparsemax, topk and authors first, back to back),
+``--reps`` rounds after a warm-up round. Times are medians over rounds; ratios are medians of the
+per-round ratios (paired) — on a shared virtual machine whose speed drifts by ±20 % over minutes, a
+slow spell then hits both sides of a ratio alike.
 Writes ``bench/results/sae.json``; ``--quick`` runs a small configuration for smoke checks.
 
     .venv/bin/python bench/sae_bench.py [--reps 7] [--sizes 3072 24576] [--out bench/results/sae.json]
@@ -67,9 +68,10 @@ def make_batch(b: int, d: int, seed: int = 0) -> Tensor:
     return scale * (torch.randn(b, d, generator=gen) + 0.5 * mean)
 
 
-def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, bar: tqdm) -> dict[str, float]:
-    """Median seconds per step of each closure over ``reps`` rounds, after one warm-up round; every round
-    runs each closure once in turn, so a slow spell of the (shared, virtual) machine hits all alike."""
+def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, bar: tqdm) -> dict[str, list[float]]:
+    """Seconds per step of each closure in each of ``reps`` rounds, after one warm-up round; every round
+    runs each closure once in turn, so a slow spell of the (shared, virtual) machine hits neighbours
+    alike."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_ in range(reps + 1):
         for name, step in steps.items():
@@ -78,7 +80,12 @@ def time_interleaved(steps: dict[str, Callable[[], None]], reps: int, bar: tqdm)
             if round_:
                 times[name].append(time.perf_counter() - start)
             bar.update(1)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the per-round time ratio (a paired comparison: both steps ran back to back)."""
+    return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
 def zoo_step(sae: sae_zoo.SAE, x: Tensor) -> tuple[Callable[[], None], dict]:
@@ -115,24 +122,25 @@ def run(sizes: list[int], reps: int, d: int, batch: int) -> dict:
     authors."""
     x = make_batch(batch, d)
     results: dict = {}
-    variants = list(sae_zoo.VARIANTS)
+    leading = ["sparsemax", "topk"]  # timed back to back, then "authors", at the head of each round
+    variants = leading + [v for v in sae_zoo.VARIANTS if v not in leading]
     bar = tqdm(total=len(sizes) * (len(variants) + 1) * (reps + 1), desc="sae train steps", unit="step")
     for m in sizes:
         bar.set_postfix_str(f"M={m}")
-        saes = {variant: sae_zoo.build({"variant": variant, "d": d, "m": m, "k": K}) for variant in variants}
         steps, infos = {}, {}
-        for variant, sae in saes.items():
-            steps[variant], infos[variant] = zoo_step(sae, x)
-        steps["authors"] = authors_step(AuthorsSparsemaxSAE(m, d), x)
-        seconds = time_interleaved(steps, reps, bar)
-        row: dict = {name: {"seconds": value} for name, value in seconds.items()}
+        for variant in variants:
+            steps[variant], infos[variant] = zoo_step(sae_zoo.build({"variant": variant, "d": d, "m": m, "k": K}), x)
+            if variant == "topk":
+                steps["authors"] = authors_step(AuthorsSparsemaxSAE(m, d), x)
+        times = time_interleaved(steps, reps, bar)
+        row: dict = {name: {"seconds": statistics.median(values)} for name, values in times.items()}
         for variant in variants:
             row[variant]["l0"] = infos[variant]["l0"]
-        for entry in row.values():
-            entry["vs_topk"] = entry["seconds"] / row["topk"]["seconds"]
-        row["sparsemax"]["speedup_vs_authors"] = row["authors"]["seconds"] / row["sparsemax"]["seconds"]
+        for name, entry in row.items():
+            entry["vs_topk"] = paired_ratio(times[name], times["topk"])
+        row["sparsemax"]["speedup_vs_authors"] = paired_ratio(times["authors"], times["sparsemax"])
         results[str(m)] = row
-        del saes, steps
+        del steps
     bar.close()
     return results
 
