@@ -359,6 +359,37 @@ def test_masked_pattern_ops_ignore_padding_exactly() -> None:
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_decode_equals_select_then_decode(dtype: torch.dtype) -> None:
+    """The fused op (one dW for the shared W) equals select_linear → activation → sparse_decode: outputs
+    and the gradients to x, W and through the returned codes."""
+    gen = torch.Generator().manual_seed(7)
+    m, b, k = 30, 6, 5
+    idx = torch.rand(b, m, generator=gen).topk(k, dim=-1).indices
+    mask = torch.arange(k)[None, :] < torch.tensor([5, 3, 1, 0, 4, 2])[:, None]
+    pattern = sparse_ops.SupportPattern(idx, m, mask)
+
+    def activation(s: torch.Tensor) -> torch.Tensor:  # probs-like: depends on the whole row
+        tau = (torch.where(mask, s, 0.0).sum(-1, keepdim=True) - 1) / mask.sum(-1, keepdim=True).clamp_min(1)
+        return torch.where(mask, (s - tau).clamp_min(0) + 0.1 * s, 0.0)
+
+    outs = []
+    for fused in (True, False):
+        g2 = torch.Generator().manual_seed(8)
+        x = torch.randn(b, D, generator=g2, dtype=dtype, requires_grad=True)
+        w = torch.randn(m, D, generator=g2, dtype=dtype, requires_grad=True)
+        full = (x @ w.T).detach()
+        if fused:
+            h, val = sparse_ops.select_decode(x, w, full, pattern, activation)
+        else:
+            val = activation(select_linear(x, w, idx, full, pattern))
+            h = sparse_decode(idx, val, w, pattern)
+        loss = (h * torch.linspace(-1, 1, D, dtype=dtype)).sum() + val.pow(2).sum()
+        outs.append((h.detach(), val.detach(), *torch.autograd.grad(loss, (x, w))))
+    for a, r in zip(*outs):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("variant", ["relu", "topk", "sparsemax", "jumprelu"])
 def test_input_scale_is_a_change_of_units(variant: str) -> None:
     """An SAE with input_scale s on x is the same SAE (same weights) on x/s, with x̂ multiplied by s and

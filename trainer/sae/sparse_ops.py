@@ -34,12 +34,13 @@ devices use the generic forms (row gather + sum; COO ``sparse.mm``), whose kerne
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SupportPattern", "sampled_dot", "scatter_rows", "select_linear", "sparse_decode"]
+__all__ = ["SupportPattern", "sampled_dot", "scatter_rows", "select_decode", "select_linear", "sparse_decode"]
 
 
 class SupportPattern:
@@ -146,6 +147,14 @@ def scatter_rows_csr(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor
     return out.to(y.dtype)
 
 
+def scatter_rows_csr_into(out: Tensor, pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
+    """``out`` += Σ_entries coef · y_b into row j (CSR, in place; CPU float32/float64)."""
+    _, sample, _ = pattern.rows()
+    crow, order = pattern.by_concept()
+    csr = _csr(crow, sample[order], coef[order].to(out.dtype), (pattern.m, pattern.batch_size))
+    return torch.addmm(out, csr, y.to(out.dtype), out=out)
+
+
 def scatter_rows_coo(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
     """(M, d) Σ_entries coef · y_b into row j with an uncoalesced COO matrix and ``torch.sparse.mm``."""
     concept, sample, _ = pattern.rows()
@@ -160,6 +169,14 @@ def _entries_dot(pattern: SupportPattern, y: Tensor, weight: Tensor) -> Tensor:
 
 def _entries_scatter(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
     return (scatter_rows_csr if _uses_csr(y) else scatter_rows_coo)(pattern, coef, y)
+
+
+def _entries_scatter_pair(pattern: SupportPattern, coef: Tensor, y: Tensor, coef2: Tensor, y2: Tensor) -> Tensor:
+    """Σ_entries coef · y_b + coef2 · y2_b into row j: on CPU the second product accumulates into the
+    first's result (one (M, d) allocation, no separate sum)."""
+    if _uses_csr(y) and y.dtype == _csr_dtype(y.dtype) and y2.dtype == y.dtype:
+        return scatter_rows_csr_into(scatter_rows_csr(pattern, coef, y), pattern, coef2, y2)
+    return _entries_scatter(pattern, coef, y) + _entries_scatter(pattern, coef2, y2)
 
 
 def _entries_decode(pattern: SupportPattern, coef: Tensor, weight: Tensor) -> Tensor:
@@ -239,3 +256,49 @@ def select_linear(x: Tensor, weight: Tensor, idx: Tensor, full: Tensor | None = 
     if full is None:
         return (weight[idx] * x[:, None, :]).sum(-1)  # explicit row gather, plain autograd
     return _SelectLinear.apply(x, weight, full.detach(), pattern or SupportPattern(idx, weight.shape[0]))
+
+
+class _SelectDecode(torch.autograd.Function):
+    """h = Σ_k a[b,k] W[idx[b,k]] with a = f(s), s[b,k] = (x Wᵀ)[b, idx[b,k]] read from ``full``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, full: Tensor, pattern: SupportPattern,  # type: ignore[override]
+                activation: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+        selected = full.gather(1, pattern.idx)
+        if pattern.mask is not None:
+            selected = torch.where(pattern.mask, selected, 0.0)
+        with torch.enable_grad():
+            scores = selected.detach().requires_grad_(True)
+            val = activation(scores)  # the small (B, K) graph, differentiated in backward
+        entries = pattern.flat(val.detach()).to(weight.dtype)
+        ctx.save_for_backward(x, weight, entries)
+        ctx.pattern, ctx.scores, ctx.val = pattern, scores, val
+        return _entries_decode(pattern, entries, weight), val.detach()
+
+    @staticmethod
+    def backward(ctx, gh: Tensor, gval: Tensor | None):  # type: ignore[override]
+        x, weight, entries = ctx.saved_tensors
+        pattern: SupportPattern = ctx.pattern
+        dval = pattern.padded(_entries_dot(pattern, gh, weight)).to(ctx.val.dtype)  # ⟨g_b, W_j⟩
+        if gval is not None:
+            dval = dval + gval
+        (ds,) = torch.autograd.grad(ctx.val, ctx.scores, dval)
+        ds_entries = pattern.flat(ds)
+        dx = _entries_decode(pattern, ds_entries, weight).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:  # dW_j = Σ a g_b (decoder) + Σ ds x_b (encoder)
+            dw = _entries_scatter_pair(pattern, entries, gh, ds_entries, x).to(weight.dtype)
+        return dx, dw, None, None, None
+
+
+def select_decode(x: Tensor, weight: Tensor, full: Tensor, pattern: SupportPattern,
+                  activation: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
+    """(h, a) for an encoder and a decoder that share W (the cross-attention SAE's concepts, keys and
+    values at once): s = (x Wᵀ)[b, idx] read from ``full`` on the pattern's entries (0 at padding),
+    a = ``activation``(s) (small differentiable (B, K) ops), h = Σ_k a[b,k] W[idx[b,k]].
+
+    Equal to ``sparse_decode(idx, activation(select_linear(x, W, idx, full, pattern)), W, pattern)``,
+    as one autograd node whose backward writes dW once: the decoder's and the encoder's contributions
+    go into one (M, d) result (the second CSR product accumulates into the first)."""
+    return _SelectDecode.apply(x, weight, full.detach(), pattern, activation)
+

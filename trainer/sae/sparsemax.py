@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from trainer.sae.base import Codes
 from trainer.sae.config import SAEConfig
 from trainer.sae.cross_attention import CrossAttentionSAE
-from trainer.sae.sparse_ops import SupportPattern, select_linear
+from trainer.sae.sparse_ops import SupportPattern, select_decode, select_linear
 from trainer.sparsemax import sparsemax_mask
 
 
@@ -55,20 +55,27 @@ class SparsemaxCoder(nn.Module):
             return z
         return z.masked_fill_(over, float("-inf"))
 
-    def forward(self, z: Tensor, selected: Callable[[Tensor, SupportPattern], Tensor]) -> Codes:
-        """Codes from dense scores z (B, M, no autograd; consumed: masked concepts are overwritten with −inf)
-        and ``selected(idx, pattern)`` = z[idx] with autograd (read on the support only)."""
+    def support(self, z: Tensor) -> SupportPattern:
+        """The sparsemax support of dense scores z (B, M, no autograd; consumed: over-firing concepts
+        are overwritten with −inf) as a masked :class:`SupportPattern`."""
         with torch.no_grad():
             idx, mask = sparsemax_mask(self.masked(z), self.k_max)
-        pattern = SupportPattern(idx, self.m, mask)  # shared by the selection and the decoder
-        zs = selected(idx, pattern)
+        return SupportPattern(idx, self.m, mask)
+
+    def values(self, zs: Tensor, mask: Tensor) -> Tensor:
+        """Codes on the support from the selected scores zs (B, K), differentiably."""
         if self.activation == "scores":
-            val = torch.where(mask, zs, 0.0)  # a = z ⊙ 1_S
-        else:
-            n = mask.sum(dim=-1, keepdim=True).clamp_min(1)
-            tau = (torch.where(mask, zs, 0.0).sum(dim=-1, keepdim=True) - 1) / n  # τ = (Σ_S z − 1)/|S|
-            val = torch.where(mask, (zs - tau).clamp_min(0), 0.0)  # a = max(z − τ, 0)
-        codes = Codes(m=self.m, idx=idx, val=val, pattern=pattern)
+            return torch.where(mask, zs, 0.0)  # a = z ⊙ 1_S
+        n = mask.sum(dim=-1, keepdim=True).clamp_min(1)
+        tau = (torch.where(mask, zs, 0.0).sum(dim=-1, keepdim=True) - 1) / n  # τ = (Σ_S z − 1)/|S|
+        return torch.where(mask, (zs - tau).clamp_min(0), 0.0)  # a = max(z − τ, 0)
+
+    def forward(self, z: Tensor, selected: Callable[[Tensor, SupportPattern], Tensor]) -> Codes:
+        """Codes from dense scores z (B, M, no autograd; consumed, see :meth:`support`) and
+        ``selected(idx, pattern)`` = z[idx] with autograd (read on the support only)."""
+        pattern = self.support(z)  # shared by the selection and the decoder
+        val = self.values(selected(pattern.idx, pattern), pattern.mask)
+        codes = Codes(m=self.m, idx=pattern.idx, val=val, pattern=pattern)
         self.update(codes)
         return codes
 
@@ -89,9 +96,23 @@ class SparsemaxSAE(CrossAttentionSAE):
         super().__init__(config)
         self.coder = SparsemaxCoder(config)
 
-    def encode_normalized(self, xi: Tensor) -> Codes:
-        """Sparse codes of x_n on the sparsemax support."""
+    def scores(self, xi: Tensor) -> tuple[Tensor, Tensor]:
+        """(q, z): q = x_n W_Kᵀ with autograd, z = q Cᵀ (B, M) without."""
         q = self.query(xi)
         with torch.no_grad():
             z = q @ self.C.T  # z = (x_n W_Kᵀ) Cᵀ
+        return q, z
+
+    def encode_normalized(self, xi: Tensor) -> Codes:
+        """Sparse codes of x_n on the sparsemax support."""
+        q, z = self.scores(xi)
         return self.coder(z, lambda idx, pattern: select_linear(q, self.C, idx, z, pattern))
+
+    def forward_normalized(self, xi: Tensor):
+        """Codes and (a C) W_V with selection and decode fused (:func:`select_decode`: one dC)."""
+        q, z = self.scores(xi)
+        pattern = self.coder.support(z)
+        h, val = select_decode(q, self.C, z, pattern, lambda zs: self.coder.values(zs, pattern.mask))
+        codes = Codes(m=self.config.m, idx=pattern.idx, val=val, pattern=pattern)
+        self.coder.update(codes)
+        return codes, h @ self.W_V, {}
