@@ -8,9 +8,10 @@ Three products cover every sparse variant of the zoo:
   matmul" (SDDMM) behind ∂/∂val of a decode and ∂/∂x of the selected encoder scores' input.
 * :func:`scatter_rows` — dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b, the weight gradient of both.
 
-:func:`select_linear` (s = (x Wᵀ)[b, idx], read from an already computed dense x Wᵀ) and
-:func:`sparse_decode` are autograd functions built from them, so the backward of a sparse encoder or
-decoder costs O(B·K·d), never O(B·M·d).
+:func:`select_linear` (s = (x Wᵀ)[b, idx], read from an already computed dense x Wᵀ),
+:func:`sparse_decode` and :func:`select_decode` (both at once for a W shared by encoder and decoder)
+are autograd functions built from them, so the backward of a sparse encoder or decoder costs
+O(B·K·d), never O(B·M·d).
 
 Entries and padding. A :class:`SupportPattern` is the index structure of one batch's idx, built once
 and shared by every product with that idx (the encoder's selected scores and the decoder, forward and

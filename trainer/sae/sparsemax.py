@@ -8,9 +8,11 @@ threshold τ(z) and support S = {m : z_m > τ} from :func:`trainer.sparsemax.spa
 * ``activation="probs"``: a = max(z − τ, 0) — the sparsemax output, gradient dz = s (g − mean_S g),
 
 and x̂ = ‖x‖ · (a C) W_V decoded from the support only. Loss: reconstruction only (``norm_mse`` by
-default). z is computed once densely without autograd; the selected entries z_S are re-read through
-:func:`trainer.sae.sparse_ops.select_linear`, whose backward touches only the support rows of C and
-gives dq = Σ_{j∈S} dz_j C_j (so no dense (B, M) gradient and no B×M×d backward matmul).
+default). z is computed once densely without autograd; the selected entries z_S are re-read with a
+backward that touches only the support rows of C and gives dq = Σ_{j∈S} dz_j C_j (no dense (B, M)
+gradient, no B×M×d backward matmul): :func:`trainer.sae.sparse_ops.select_linear` in ``encode``,
+and in training (``forward``) :func:`trainer.sae.sparse_ops.select_decode`, which also decodes and
+writes C's two gradient contributions (as keys and as values) into one tensor.
 
 Firing-rate mask (the authors' ``max_fire_rate``, default 0.1, ``None`` disables), exactly:
 a buffer ``fire_rate`` (M,) starts at 0; every forward in *training mode* first sets z_j = −inf for
