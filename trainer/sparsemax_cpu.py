@@ -176,6 +176,7 @@ def _run_rows(kernel, n_rows: int, *args) -> None:
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the parent's threads
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:

@@ -75,3 +75,25 @@ def test_sparsemax_is_exact_on_both_candidate_paths(path: str, monkeypatch) -> N
     p = sparsemax(zf)
     assert torch.equal(p, sparsemax_sort(zf))  # same float32 arithmetic on the same sorted prefix
     assert torch.equal(sparsemax_threshold(zf)[1], (p > 0).sum(-1))
+
+
+def _child_sparsemax(queue) -> None:
+    z = torch.randn(64, 500, generator=torch.Generator().manual_seed(14))
+    queue.put(bool(torch.equal(sparsemax(z), sparsemax_sort(z))))
+
+
+def test_forked_child_after_parent_used_the_kernel() -> None:
+    """The kernel's thread pool is per process: a fork() child (DataLoader workers, multiprocessing)
+    gets fresh threads instead of waiting forever on the parent's."""
+    import multiprocessing
+
+    sparsemax(torch.randn(64, 500))  # the parent's pool now has threads
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_child_sparsemax, args=(queue,))
+    child.start()
+    child.join(timeout=120)
+    if child.is_alive():  # hung: do not leave it behind
+        child.kill()
+        child.join()
+    assert child.exitcode == 0 and queue.get(timeout=5) is True
