@@ -15,7 +15,7 @@ per-round ratios (paired) — on a shared virtual machine whose speed drifts by 
 slow spell then hits both sides of a ratio alike.
 Writes ``bench/results/sae.json``; ``--quick`` runs a small configuration for smoke checks.
 
-    .venv/bin/python bench/sae_bench.py [--reps 7] [--sizes 3072 24576] [--out bench/results/sae.json]
+    .venv/bin/python bench/sae_bench.py [--reps 11] [--sizes 3072 24576] [--out bench/results/sae.json]
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write the JSON results."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[3072, 24576])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="d=64, B=128, M=256: a smoke run")
     parser.add_argument("--out", default="bench/results/sae.json")
