@@ -216,6 +216,9 @@ def test_sparsemax_sae_equals_authors_dense_formula(activation: str) -> None:
     theirs = torch.autograd.grad(ref_loss, params)
     for g1, g2 in zip(ours, theirs):
         torch.testing.assert_close(g1, g2, rtol=1e-3, atol=1e-6)
+    again = torch.autograd.grad(losses["loss"], params)  # the retained graph differentiates twice
+    for g1, g2 in zip(again, ours):
+        torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
 def test_sparsemax_fire_rate_mask_and_update() -> None:

@@ -283,7 +283,10 @@ class _SelectDecode(torch.autograd.Function):
         dval = pattern.padded(_entries_dot(pattern, gh, weight)).to(ctx.val.dtype)  # ⟨g_b, W_j⟩
         if gval is not None:
             dval = dval + gval
-        (ds,) = torch.autograd.grad(ctx.val, ctx.scores, dval)
+        # retain_graph: the outer graph may be differentiated more than once (retain_graph there too)
+        (ds,) = torch.autograd.grad(ctx.val, ctx.scores, dval, retain_graph=True, allow_unused=True)
+        if ds is None:  # an activation that ignores the scores
+            ds = torch.zeros_like(ctx.scores)
         ds_entries = pattern.flat(ds)
         dx = _entries_decode(pattern, ds_entries, weight).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = None
