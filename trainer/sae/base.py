@@ -8,7 +8,8 @@ Shared decisions (written once here, used by every variant):
 * **Losses.** ``mse`` = mean_{t,i}(x̂−x)²; ``norm_mse`` = mean_{t,i}(x̂−x)²/‖x_t‖ (the authors' code).
   Both are computed in the SAE's units x/s, s = ``input_scale`` (1 unless the trainer sets it to
   E‖x‖/√d, SAELens-style, so that λ and lr transfer between models); x̂ is returned in activation
-  units. ``losses["loss"]`` = reconstruction term + Σ coefficient × penalty; the raw penalties are reported under their own names.
+  units. ``losses["loss"]`` = reconstruction term + Σ coefficient × penalty; the raw penalties are
+  reported under their own names.
 * **Sparse codes.** Padded (idx, val) of shape (B, K): padding has val = 0 (idx is any valid index).
   The products with them live in :mod:`trainer.sae.sparse_ops`: :func:`sparse_decode` touches only
   the K rows per sample, forward and backward; :func:`select_linear` returns (x Wᵀ)[b, idx[b, k]]
