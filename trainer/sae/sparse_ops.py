@@ -4,9 +4,10 @@ Three products cover every sparse variant of the zoo:
 
 * :func:`sparse_decode` — x̂_b = Σ_k val[b,k] · W[idx[b,k]]: ``embedding_bag`` (only the indexed rows
   are read).
-* :func:`sampled_dot` — s[b,k] = ⟨y_b, W[idx[b,k]]⟩ = (y Wᵀ)[b, idx[b,k]], the "sampled dense-dense
-  matmul" (SDDMM) behind ∂/∂val of a decode and ∂/∂x of the selected encoder scores' input.
-* :func:`scatter_rows` — dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b, the weight gradient of both.
+* sampled dot (:func:`sampled_dot_csr`) — s[b,k] = ⟨y_b, W[idx[b,k]]⟩ = (y Wᵀ)[b, idx[b,k]], the
+  "sampled dense-dense matmul" (SDDMM) behind ∂/∂val of a decode.
+* row scatter (:func:`scatter_rows_csr`) — dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b, the
+  weight gradient of both a decode and a selection.
 
 :func:`select_linear` (s = (x Wᵀ)[b, idx], read from an already computed dense x Wᵀ),
 :func:`sparse_decode` and :func:`select_decode` (both at once for a W shared by encoder and decoder)
@@ -22,7 +23,7 @@ and no gradient reaches or leaves a padded position. Without a mask every positi
 (padding must then carry val = 0; any valid index, repeats allowed).
 
 Kernels (measured at B = 1024, d = 768, K ∈ {32, 60} on the 2-core CPU, fp32, 2 threads): on CPU
-:func:`sampled_dot` and :func:`scatter_rows` run as MKL sparse CSR products —
+the sampled dot and the row scatter run as MKL sparse CSR products —
 ``torch.sparse.sampled_addmm`` over the (B × M) pattern of the entries (4–13 ms, against 45–95 ms for
 a ``W[idx]`` gather + ``bmm``, which copies B·K·d floats, and 17–20 ms for the dense (y Wᵀ) + gather
 at M = 3072), and a (M × B) CSR matrix (rows = concepts, built by one stable sort of the entries'
@@ -41,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SupportPattern", "sampled_dot", "scatter_rows", "select_decode", "select_linear", "sparse_decode"]
+__all__ = ["SupportPattern", "select_decode", "select_linear", "sparse_decode"]
 
 
 class SupportPattern:
@@ -139,21 +140,17 @@ def sampled_dot_gather(pattern: SupportPattern, y: Tensor, weight: Tensor) -> Te
 def scatter_rows_csr(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
     """(M, d) Σ_entries coef · y_b into row j: a (M × B) CSR matrix (rows = concepts) times y,
     multiplied straight into a fresh result (``addmm`` with β = 0 and ``out=``: no zero fill, no copy)."""
-    _, sample, _ = pattern.rows()
-    crow, order = pattern.by_concept()
-    dtype = _csr_dtype(y.dtype)
-    csr = _csr(crow, sample[order], coef[order].to(dtype), (pattern.m, pattern.batch_size))
-    out = y.new_empty(pattern.m, y.shape[1], dtype=dtype)
-    torch.addmm(out, csr, y.to(dtype), beta=0.0, out=out)  # β = 0: out's contents are ignored
-    return out.to(y.dtype)
+    out = y.new_empty(pattern.m, y.shape[1], dtype=_csr_dtype(y.dtype))
+    return scatter_rows_csr_into(out, pattern, coef, y, beta=0.0).to(y.dtype)  # β = 0: out is ignored
 
 
-def scatter_rows_csr_into(out: Tensor, pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
-    """``out`` += Σ_entries coef · y_b into row j (CSR, in place; CPU float32/float64)."""
+def scatter_rows_csr_into(out: Tensor, pattern: SupportPattern, coef: Tensor, y: Tensor,
+                          beta: float = 1.0) -> Tensor:
+    """``out`` ← β·out + Σ_entries coef · y_b into row j (CSR, in place; CPU float32/float64)."""
     _, sample, _ = pattern.rows()
     crow, order = pattern.by_concept()
     csr = _csr(crow, sample[order], coef[order].to(out.dtype), (pattern.m, pattern.batch_size))
-    return torch.addmm(out, csr, y.to(out.dtype), out=out)
+    return torch.addmm(out, csr, y.to(out.dtype), beta=beta, out=out)
 
 
 def scatter_rows_coo(pattern: SupportPattern, coef: Tensor, y: Tensor) -> Tensor:
@@ -186,20 +183,13 @@ def _entries_decode(pattern: SupportPattern, coef: Tensor, weight: Tensor) -> Te
     return F.embedding_bag(concept, weight, crow[:-1], per_sample_weights=coef.to(weight.dtype), mode="sum")
 
 
-def sampled_dot(idx: Tensor, y: Tensor, weight: Tensor, pattern: SupportPattern | None = None) -> Tensor:
-    """s[b,k] = ⟨y_b, W[idx[b,k]]⟩  (B, K), in y's dtype (0 at masked-out padding)."""
-    pattern = pattern or SupportPattern(idx, weight.shape[0])
-    return pattern.padded(_entries_dot(pattern, y, weight))
-
-
-def scatter_rows(idx: Tensor, coef: Tensor, y: Tensor, m: int, pattern: SupportPattern | None = None) -> Tensor:
-    """dW (M, d), dW[j] = Σ_{(b,k): idx[b,k]=j} coef[b,k] · y_b over the entries: a (M × B) sparse
-    matrix times y."""
-    pattern = pattern or SupportPattern(idx, m)
-    return _entries_scatter(pattern, pattern.flat(coef), y)
-
-
 # ----------------------------------------------------------------------------- autograd
+
+
+def _selected(full: Tensor, pattern: SupportPattern) -> Tensor:
+    """full[b, idx[b,k]] (B, K), 0 where the pattern's mask excludes the position."""
+    selected = full.gather(1, pattern.idx)
+    return selected if pattern.mask is None else torch.where(pattern.mask, selected, 0.0)
 
 
 class _SparseDecode(torch.autograd.Function):
@@ -236,8 +226,7 @@ class _SelectLinear(torch.autograd.Function):
     def forward(ctx, x: Tensor, weight: Tensor, full: Tensor, pattern: SupportPattern) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(x, weight)
         ctx.pattern = pattern
-        selected = full.gather(1, pattern.idx)
-        return selected if pattern.mask is None else torch.where(pattern.mask, selected, 0.0)
+        return _selected(full, pattern)
 
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
@@ -265,11 +254,8 @@ class _SelectDecode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, full: Tensor, pattern: SupportPattern,  # type: ignore[override]
                 activation: Callable[[Tensor], Tensor]) -> tuple[Tensor, Tensor]:
-        selected = full.gather(1, pattern.idx)
-        if pattern.mask is not None:
-            selected = torch.where(pattern.mask, selected, 0.0)
         with torch.enable_grad():
-            scores = selected.detach().requires_grad_(True)
+            scores = _selected(full, pattern).detach().requires_grad_(True)
             val = activation(scores)  # the small (B, K) graph, differentiated in backward
         entries = pattern.flat(val.detach()).to(weight.dtype)
         ctx.save_for_backward(x, weight, entries)
