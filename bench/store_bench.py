@@ -35,7 +35,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from store import ActivationLoader, DatasetManifest, DatasetWriter, open_dataset  # noqa: E402
-from store.urls import filesystem, join_url  # noqa: E402
+from store.io import filesystem, join_url  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "store.json"
 D = 512

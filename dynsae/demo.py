@@ -29,9 +29,10 @@ from typing import Any
 
 from pydantic import Field
 
+from store import io
 from store.config import StrictModel, add_config_arguments, load_config, validate
 from store.errors import UserError, run_cli
-from store.urls import filesystem, join_url
+from store.io import join_url
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 
@@ -82,15 +83,12 @@ def about_section(cfg: DemoConfig, dataset_url: str, rows: int, timings: dict[st
 
 def prepend_to_report(report_url: str, text: str) -> None:
     """Insert ``text`` after the report's first heading line."""
-    fs, path = filesystem(report_url)
-    with fs.open(path, "r") as fh:
-        body = fh.read()
+    body = io.read_text(report_url) or ""
     head, sep, rest = body.partition("\n")
     if not head.startswith("#"):
         head, sep, rest = "", "", body
     new = f"{head}{sep}\n{text}\n{rest}" if head else f"{text}\n{rest}"
-    with fs.open(path, "w") as fh:
-        fh.write(new)
+    io.write_text(report_url, new)
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from evaluator.ce import splice_ce
 from evaluator.metrics import METRICS_VERSION, ReconstructionAccumulator, SparsityAccumulator, suggest_topk
+from store import io
 from store.config import StrictModel
 from store.errors import UserError
 from store.filters import RowFilter
@@ -150,48 +151,15 @@ def git_commit() -> str | None:
     return f"{head}-dirty" if dirty else head
 
 
-def read_json_url(url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """A JSON object at ``url`` (any fsspec URL), or None if the file does not exist."""
-    from store.urls import filesystem
-
-    fs, path = filesystem(url, storage_options)
-    try:
-        with fs.open(path, "rb") as fh:
-            data = json.loads(fh.read())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError:
-        raise UserError(f"{url} is not valid JSON; it may be truncated — re-create it.") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{url} must hold a JSON object.")
-    return data
-
-
-def write_json_url(url: str, data: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
-    """Write ``data`` as JSON to ``url``: to a temporary name first, then moved into place."""
-    from store.urls import filesystem
-
-    fs, path = filesystem(url, storage_options)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with fs.open(tmp, "wb") as fh:
-        fh.write(json.dumps(data, indent=2, allow_nan=False).encode())
-    fs.mv(tmp, path)
-
-
 def read_run_config(run_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The run's ``config.json`` (the trainer's run record with an ``sae`` section)."""
-    from store.urls import join_url
-
-    cfg = read_json_url(join_url(run_url, CONFIG_FILE), storage_options)
+    cfg = io.read_json_object(io.join_url(run_url, CONFIG_FILE), storage_options, what="a trainer run config")
     if cfg is None:
         raise UserError(f"{run_url} has no {CONFIG_FILE}; point at a trainer run directory "
                         "(<runs_root>/<sweep>/<run>).")
     for key in ("dataset", "sae"):
         if key not in cfg:
-            raise UserError(f"{join_url(run_url, CONFIG_FILE)} has no {key!r} key; it is not a trainer run "
+            raise UserError(f"{io.join_url(run_url, CONFIG_FILE)} has no {key!r} key; it is not a trainer run "
                             "config (an SAE saved on its own has no dataset to evaluate on).")
     return cfg
 
@@ -367,14 +335,13 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
     between calls (the evaluator actor passes one).
     """
     from store import open_dataset
-    from store.urls import join_url
     from trainer.sae import load
 
     cfg = read_run_config(run_url, storage_options)
     dataset_url = cfg["dataset"]
     dataset = open_dataset(dataset_url, storage_options=storage_options)
     manifest = dataset.manifest
-    sae = load(run_url).to(device).eval()
+    sae = load(run_url, storage_options).to(device).eval()
     if sae.config.d != manifest.d:
         raise UserError(f"run {run_url} has an SAE of d = {sae.config.d} but its dataset {dataset_url} has "
                         f"d = {manifest.d}; the run config points at the wrong dataset.")
@@ -425,7 +392,7 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         "zeroshot_skipped": zs_skipped,
     }))
     if write:
-        write_json_url(join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
+        io.write_json(io.join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
     return report
 
 

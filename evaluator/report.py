@@ -20,10 +20,10 @@ Runs without an ``eval.json`` are listed as not evaluated, never silently droppe
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import math
 import re
 from collections import defaultdict
+from io import BytesIO
 from typing import Any
 
 import matplotlib
@@ -31,10 +31,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from evaluator.evaluate import CONFIG_FILE, EVAL_FILE, read_json_url  # noqa: E402
+from evaluator.evaluate import CONFIG_FILE, EVAL_FILE  # noqa: E402
 from evaluator.metrics import suggest_topk  # noqa: E402
+from store import io  # noqa: E402
 from store.errors import UserError  # noqa: E402
-from store.urls import filesystem, join_url  # noqa: E402
+from store.io import join_url  # noqa: E402
 
 REPORT_FILE = "report.md"
 SPARSEMAX_FAMILY = ("sparsemax", "mlp_sparsemax")
@@ -63,9 +64,9 @@ class RunRecord:
         return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def discover_runs(sweep_url: str) -> list[RunRecord]:
+def discover_runs(sweep_url: str, storage_options: io.StorageOptions = None) -> list[RunRecord]:
     """The sweep's runs, in summary.json order when there is one, else sorted by name."""
-    summary = read_json_url(join_url(sweep_url, "summary.json"))
+    summary = io.read_json_object(join_url(sweep_url, "summary.json"), storage_options, what="a sweep summary")
     entries: list[tuple[str, str]] = []
     if summary is not None and isinstance(summary.get("runs"), list):
         for row in summary["runs"]:
@@ -73,19 +74,17 @@ def discover_runs(sweep_url: str) -> list[RunRecord]:
             if name:
                 entries.append((name, row.get("run_url") or join_url(sweep_url, name)))
     else:
-        fs, path = filesystem(sweep_url)
-        if not fs.exists(path):
+        if not io.exists(sweep_url, storage_options):
             raise UserError(f"sweep directory {sweep_url} does not exist; pass <runs_root>/<sweep name>.")
-        for sub in sorted(fs.ls(path, detail=False)):
-            name = sub.rstrip("/").rsplit("/", 1)[-1]
-            if fs.exists(f"{sub.rstrip('/')}/{CONFIG_FILE}"):
+        for name in io.list_dir(sweep_url, storage_options):
+            if io.exists(join_url(sweep_url, name, CONFIG_FILE), storage_options):
                 entries.append((name, join_url(sweep_url, name)))
     runs = []
     for name, url in entries:
-        config = read_json_url(join_url(url, CONFIG_FILE))
+        config = io.read_json_object(join_url(url, CONFIG_FILE), storage_options, what="a run config")
         if config is None:
             continue
-        runs.append(RunRecord(name, url, config, read_json_url(join_url(url, EVAL_FILE))))
+        runs.append(RunRecord(name, url, config, io.read_json_object(join_url(url, EVAL_FILE), storage_options, what="an eval report")))
     if not runs:
         raise UserError(f"{sweep_url} holds no run directories (sub-directories with {CONFIG_FILE}); "
                         "pass the sweep directory <runs_root>/<sweep name>.")
@@ -146,16 +145,14 @@ def runs_table(runs: list[RunRecord]) -> str:
     return "\n".join(lines)
 
 
-def _save(fig: Any, url: str) -> None:
-    buf = io.BytesIO()
+def _save(fig: Any, url: str, storage_options: io.StorageOptions = None) -> None:
+    buf = BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
-    fs, path = filesystem(url)
-    with fs.open(path, "wb") as fh:
-        fh.write(buf.getvalue())
+    io.write_bytes(url, buf.getvalue(), storage_options)
 
 
-def plot_fvu_vs_m(runs: list[RunRecord], url: str) -> None:
+def plot_fvu_vs_m(runs: list[RunRecord], url: str, storage_options: io.StorageOptions = None) -> None:
     """fvu against dictionary size M (log scale), one line per variant."""
     fig, ax = plt.subplots(figsize=(6, 4))
     by_label: dict[str, dict[int, list[float | None]]] = defaultdict(lambda: defaultdict(list))
@@ -166,20 +163,21 @@ def plot_fvu_vs_m(runs: list[RunRecord], url: str) -> None:
         ms = sorted(points)
         ax.plot(ms, [_mean(points[m]) for m in ms], marker="o", label=label)
     ax.set_xscale("log", base=2)
-    _finish(fig, ax, "dictionary size M", "fvu (eval split)", "fvu vs dictionary size", url)
+    _finish(fig, ax, "dictionary size M", "fvu (eval split)", "fvu vs dictionary size", url, storage_options)
 
 
-def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, url: str) -> None:
+def _finish(fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, url: str,
+            storage_options: io.StorageOptions = None) -> None:
     """Labels, grid, legend; write the PNG."""
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, url)
+    _save(fig, url, storage_options)
 
 
-def plot_l0_fvu(runs: list[RunRecord], url: str) -> None:
+def plot_l0_fvu(runs: list[RunRecord], url: str, storage_options: io.StorageOptions = None) -> None:
     """The sparsity–fidelity frontier: fvu against l0, one series per variant."""
     fig, ax = plt.subplots(figsize=(6, 4))
     by_label: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
@@ -192,10 +190,10 @@ def plot_l0_fvu(runs: list[RunRecord], url: str) -> None:
         for l0v, fvu, m in pts:
             ax.annotate(f"M={m}", (l0v, fvu), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xscale("log")
-    _finish(fig, ax, "l0 (mean active concepts per token)", "fvu", "L0–fvu frontier", url)
+    _finish(fig, ax, "l0 (mean active concepts per token)", "fvu", "L0–fvu frontier", url, storage_options)
 
 
-def plot_support(run: RunRecord, url: str) -> dict[str, Any]:
+def plot_support(run: RunRecord, url: str, storage_options: io.StorageOptions = None) -> dict[str, Any]:
     """Support-size histogram of one run (mean and median marked); returns the suggested TopK K."""
     sparsity = run.eval["sparsity"]
     hist = sparsity["support_histogram"]
@@ -210,7 +208,7 @@ def plot_support(run: RunRecord, url: str) -> dict[str, Any]:
     ax.set_ylabel("tokens")
     ax.set_title(f"{run.name}: dynamic K (M = {run.m})")
     ax.legend(fontsize=8)
-    _save(fig, url)
+    _save(fig, url, storage_options)
     return sug
 
 
@@ -218,17 +216,15 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
 
-def write_report(sweep_url: str) -> str:
+def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> str:
     """Write ``<sweep_url>/report.md`` and its plots; returns the report's URL."""
-    runs = discover_runs(sweep_url)
+    runs = discover_runs(sweep_url, storage_options)
     evaluated = [r for r in runs if r.eval is not None]
     if not evaluated:
         raise UserError(f"no run under {sweep_url} has an {EVAL_FILE}; evaluate them first "
                         f"(python -m evaluator run RUN_URL...).")
-    fs, path = filesystem(sweep_url)
-    fs.makedirs(path, exist_ok=True)
-    plot_fvu_vs_m(evaluated, join_url(sweep_url, "fvu_vs_m.png"))
-    plot_l0_fvu(evaluated, join_url(sweep_url, "l0_fvu.png"))
+    plot_fvu_vs_m(evaluated, join_url(sweep_url, "fvu_vs_m.png"), storage_options)
+    plot_l0_fvu(evaluated, join_url(sweep_url, "l0_fvu.png"), storage_options)
     first = evaluated[0].eval
     lines = [
         f"# Sweep report: {sweep_url.rstrip('/').rsplit('/', 1)[-1]}",
@@ -269,7 +265,7 @@ def write_report(sweep_url: str) -> str:
         images = []
         for r in sparse_runs:
             png = f"support_{_slug(r.name)}.png"
-            sug = plot_support(r, join_url(sweep_url, png))
+            sug = plot_support(r, join_url(sweep_url, png), storage_options)
             sp = r.eval["sparsity"]
             lines.append(f"| {r.name} | {r.m} | {sug['k']} | {_f(sug['mean'], '.2f')} | {_f(sug['median'], 'g')} | "
                          f"{_f(sug['p10'], 'g')}–{_f(sug['p90'], 'g')} | {_f(sp.get('support_norm_corr'), '.3f')} | "
@@ -277,7 +273,5 @@ def write_report(sweep_url: str) -> str:
             images.append(f"![support size of {r.name}]({png})")
         lines += [""] + images + [""]
     url = join_url(sweep_url, REPORT_FILE)
-    rfs, rpath = filesystem(url)
-    with rfs.open(rpath, "wb") as fh:
-        fh.write("\n".join(lines).encode())
+    io.write_text(url, "\n".join(lines), storage_options)
     return url

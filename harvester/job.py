@@ -378,7 +378,7 @@ def plan_job(cfg: HarvestConfig) -> tuple[Plan, Iterator[ShardWork], dict[str, A
 
 
 def join_output(cfg: HarvestConfig) -> str:
-    from store.urls import join_url
+    from store.io import join_url
 
     return join_url(cfg.output, dataset_name(cfg))
 

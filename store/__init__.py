@@ -7,7 +7,7 @@ Public API::
     open_dataset, Dataset                          validated reading, split helpers
     ActivationLoader                               windowed block shuffle, batch(b) random access
     store.stats.StatsAccumulator, store.filters.RowFilter, store.split.eval_chunk_mask,
-    store.urls (join_url, filesystem, zarr_store), store.errors (UserError, run_cli)
+    store.io (join_url, filesystem, zarr_store), store.errors (UserError, run_cli)
 """
 
 from store.dataset import Dataset, open_dataset

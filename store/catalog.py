@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from store.errors import UserError
+from store.io import filesystem, is_local, join_url
 from store.layout import MANIFEST_KEY, bucket_missing, committed_shards, describe_access_error
 from store.manifest import DatasetManifest
-from store.urls import filesystem, is_local, join_url
 
 
 def list_datasets(root: str, storage_options: dict | None = None) -> list[tuple[str, DatasetManifest | None]]:

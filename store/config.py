@@ -71,10 +71,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     p = str(path)
     try:
         if "://" in p:
-            import fsspec
+            from store import io
 
-            with fsspec.open(p, "r") as fh:
-                text = fh.read()
+            remote = io.read_text(p)
+            if remote is None:
+                raise FileNotFoundError(p)
+            text = remote
         else:
             text = Path(p).read_text()
     except FileNotFoundError:

@@ -23,6 +23,7 @@ import numpy as np
 import zarr
 
 from store.errors import UserError
+from store.io import filesystem, is_local, join_url, local_path, zarr_store
 from store.layout import (
     ACTS,
     INT_DTYPES,
@@ -35,7 +36,6 @@ from store.layout import (
 )
 from store.manifest import CommitRecord, DatasetManifest
 from store.split import chunks_for_split, eval_chunk_mask
-from store.urls import filesystem, is_local, join_url, local_path, zarr_store
 
 EMPTY = np.uint64(2**64 - 1)
 

@@ -27,8 +27,8 @@ import json
 from typing import Any
 
 from store.errors import UserError
+from store.io import filesystem, join_url, protocol
 from store.manifest import MANIFEST_KEY, CommitRecord, DatasetManifest
-from store.urls import filesystem, join_url, protocol
 
 ACTS = "acts"
 TOKEN_IDS = "token_ids"

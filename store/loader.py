@@ -44,8 +44,8 @@ import torch
 
 from store.dataset import Dataset, open_dataset
 from store.errors import UserError
+from store.io import is_local
 from store.layout import ACTS, ROW_ARRAYS
-from store.urls import is_local
 
 WindowKey = tuple[int, int]
 Batch = torch.Tensor | dict[str, torch.Tensor]

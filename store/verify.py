@@ -14,8 +14,8 @@ import numpy as np
 
 from store.dataset import Dataset, check_arrays, read_array_meta
 from store.errors import UserError
+from store.io import filesystem, join_url
 from store.layout import ACTS, array_names, committed_shards, read_commits, read_manifest
-from store.urls import filesystem, join_url
 
 
 def _shard_objects(fs, path: str, name: str) -> set[int]:

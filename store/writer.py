@@ -40,6 +40,7 @@ from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from store.errors import UserError
+from store.io import filesystem, is_local, join_url, local_path, zarr_store
 from store.layout import (
     ACTS,
     CAPACITY_SHARDS,
@@ -60,7 +61,6 @@ from store.layout import (
 )
 from store.manifest import MANIFEST_KEY, CommitRecord, DatasetManifest, DatasetStats, ObjectDigest
 from store.stats import StatsAccumulator, as_numpy
-from store.urls import filesystem, is_local, join_url, local_path, zarr_store
 
 
 class HashingStore(WrapperStore):

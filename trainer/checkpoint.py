@@ -20,16 +20,13 @@ crash at any point leaves the previous checkpoint intact and readable.
 
 from __future__ import annotations
 
-import io
+import io as io_module
 import json
-import os
-import tempfile
-import uuid
 from typing import Any
 
 import torch
 
-from store.urls import filesystem, join_url
+from store import io
 
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "config.json"
@@ -40,46 +37,32 @@ FAULT_MARKER = "fault_injected"
 
 
 class RunDir:
-    """Atomic reads and writes of one run directory."""
+    """Atomic reads and writes of one run directory (through :mod:`store.io`)."""
 
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, url: str, storage_options: io.StorageOptions = None) -> None:
         self.url = url.rstrip("/")
-        self.fs, self.path = filesystem(self.url, storage_options)
-        self.path = self.path.rstrip("/")
-
-    def key(self, name: str) -> str:
-        """Filesystem path of a file in the run directory."""
-        return f"{self.path}/{name}"
+        self.storage_options = storage_options
 
     def file_url(self, name: str) -> str:
         """URL of a file in the run directory."""
-        return join_url(self.url, name)
+        return io.join_url(self.url, name)
 
     def exists(self, name: str) -> bool:
-        return bool(self.fs.exists(self.key(name)))
+        return io.exists(self.file_url(name), self.storage_options)
 
     def write_bytes(self, name: str, data: bytes) -> None:
         """Write ``name`` atomically: temporary key, then move into place."""
-        self.fs.makedirs(self.path, exist_ok=True)
-        tmp = self.key(f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-        with self.fs.open(tmp, "wb") as fh:
-            fh.write(data)
-        self.fs.mv(tmp, self.key(name))
+        io.write_bytes(self.file_url(name), data, self.storage_options)
 
     def read_bytes(self, name: str) -> bytes | None:
         """Contents of ``name`` or None if it does not exist."""
-        try:
-            with self.fs.open(self.key(name), "rb") as fh:
-                return fh.read()
-        except FileNotFoundError:
-            return None
+        return io.read_bytes(self.file_url(name), self.storage_options)
 
     def write_json(self, name: str, obj: Any) -> None:
-        self.write_bytes(name, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+        io.write_json(self.file_url(name), obj, self.storage_options)
 
     def read_json(self, name: str) -> Any | None:
-        raw = self.read_bytes(name)
-        return None if raw is None else json.loads(raw)
+        return io.read_json(self.file_url(name), self.storage_options)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite ``metrics.jsonl`` (atomically) with ``rows``."""
@@ -93,7 +76,7 @@ class RunDir:
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Write ``trainer_state.pt`` (the checkpoint's commit point)."""
-        buf = io.BytesIO()
+        buf = io_module.BytesIO()
         torch.save(state, buf)
         self.write_bytes(STATE_FILE, buf.getvalue())
 
@@ -102,14 +85,11 @@ class RunDir:
         raw = self.read_bytes(STATE_FILE)
         if raw is None:
             return None
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False)
+        return torch.load(io_module.BytesIO(raw), map_location="cpu", weights_only=False)
 
     def save_weights(self, sae: torch.nn.Module) -> None:
         """Write ``sae.safetensors`` atomically through the SAE's own ``save_weights``."""
-        with tempfile.TemporaryDirectory(prefix="dynsae-w") as tmp:
-            sae.save_weights(tmp)
-            with open(os.path.join(tmp, WEIGHTS_FILE), "rb") as fh:
-                self.write_bytes(WEIGHTS_FILE, fh.read())
+        sae.save_weights(self.url, self.storage_options)
 
 
 def rng_state() -> dict[str, Any]:

@@ -33,8 +33,8 @@ from torch import Tensor
 from store.dataset import open_dataset
 from store.errors import UserError
 from store.filters import RowFilter
+from store.io import join_url
 from store.loader import ActivationLoader
-from store.urls import join_url
 from trainer.checkpoint import (
     CONFIG_FILE,
     EVAL_FILE,

@@ -41,8 +41,8 @@ from typing import Any
 import ray
 
 from store.errors import UserError
+from store.io import join_url
 from store.loader import ActivationLoader
-from store.urls import join_url
 from trainer.checkpoint import EVAL_FILE, RunDir
 from trainer.config import SweepConfig, TrainConfig, expand_sweep
 from trainer.run import BATCH_COLUMNS, Run, RunPlan, write_builtin_eval

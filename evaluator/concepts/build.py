@@ -19,7 +19,7 @@ from evaluator.concepts.data import RunInfo, open_run
 from evaluator.concepts.images import thumbnails
 from evaluator.concepts.page import publish, staging_dir, write_site
 from evaluator.concepts.tokens import load_tokenizer, token_decoder, token_joiner
-from store.urls import join_url
+from store.io import join_url
 
 TOP_IMAGES = 5  # images with a thumbnail per vision card
 

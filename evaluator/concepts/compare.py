@@ -27,7 +27,7 @@ from evaluator.concepts.data import RunInfo, encode_rows, keep_mask, open_run
 from evaluator.concepts.page import static_text
 from evaluator.concepts.tokens import load_tokenizer, token_decoder
 from store.errors import UserError
-from store.urls import is_local, join_url, local_path
+from store.io import is_local, join_url, local_path
 
 TOP_CONCEPTS = 5
 

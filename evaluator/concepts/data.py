@@ -13,7 +13,6 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -53,36 +52,20 @@ class RunInfo:
         return int(self.sae.config.m)
 
 
-def read_run_config(run_url: str) -> dict[str, Any]:
-    """The run's ``config.json`` as a dict (a UserError naming the URL if missing or not JSON)."""
-    from store.urls import filesystem, join_url
-
-    url = join_url(run_url, "config.json")
-    fs, path = filesystem(url)
-    try:
-        with fs.open(path, "r") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise UserError(f"run {run_url} has no config.json; pass the directory of a trained run.") from None
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserError(f"{url} cannot be read as JSON ({err}); is this a run directory?") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{url} does not hold a JSON object; is this a run directory?")
-    return data
-
-
-def open_run(run_url: str, dataset_url: str | None = None, device: str = "cpu") -> RunInfo:
+def open_run(run_url: str, dataset_url: str | None = None, device: str = "cpu",
+             storage_options: dict[str, Any] | None = None) -> RunInfo:
     """Load a run's config, SAE (eval mode, on ``device``) and dataset, plus its row filter."""
     import trainer.sae
+    from evaluator.evaluate import read_run_config
     from store import open_dataset
     from store.filters import RowFilter
 
-    config = read_run_config(run_url)
+    config = read_run_config(run_url, storage_options)
     url = dataset_url or config.get("dataset")
     if not url:
         raise UserError(f"run {run_url} names no dataset in its config.json; pass --dataset URL.")
-    sae = trainer.sae.load(run_url).eval().to(device)
-    dataset = open_dataset(url, storage_options=config.get("storage_options"))
+    sae = trainer.sae.load(run_url, storage_options).eval().to(device)
+    dataset = open_dataset(url, storage_options=storage_options)
     if int(dataset.manifest.d) != int(sae.config.d):
         raise UserError(f"dataset {url} has d={dataset.manifest.d} but the SAE of run {run_url} expects "
                         f"d={sae.config.d}; pass the dataset the run was trained on.")

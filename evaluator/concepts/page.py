@@ -142,7 +142,7 @@ def write_site(out: Path, index: dict[str, Any], cards: list[dict[str, Any]]) ->
 
 def publish(local_dir: Path, url: str) -> None:
     """Copy a finished local folder to ``url`` (any fsspec URL); a no-op when ``url`` is that folder."""
-    from store.urls import filesystem, is_local, local_path
+    from store.io import filesystem, is_local, local_path
 
     if is_local(url):
         if os.path.abspath(local_path(url)) != os.path.abspath(local_dir):
@@ -154,7 +154,7 @@ def publish(local_dir: Path, url: str) -> None:
 
 def staging_dir(url: str) -> Path:
     """The local folder to write into: ``url`` itself when local, else a fresh temporary folder."""
-    from store.urls import is_local, local_path
+    from store.io import is_local, local_path
 
     if is_local(url):
         return Path(local_path(url))

@@ -160,7 +160,7 @@ def test_runs_root_on_s3(tiny_store, s3_bucket):
                                                  sae={"variant": "sparsemax"}))
     url = train(cfg, progress=False)
     assert url == f"{s3_bucket}/runs/r"
-    from store.urls import filesystem
+    from store.io import filesystem
 
     fs, path = filesystem(url)
     names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path))

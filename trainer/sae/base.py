@@ -26,16 +26,13 @@ Shared decisions (written once here, used by every variant):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
-import fsspec
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from store import io
 from store.errors import UserError
 from trainer.sae.config import SAEConfig
 from trainer.sae.sparse_ops import SupportPattern, sparse_decode
@@ -315,20 +312,22 @@ class SAE(nn.Module):
                 module.normalize()
 
     # -- persistence
-    def save_weights(self, url: str) -> None:
+    def save_weights(self, url: str, storage_options: io.StorageOptions = None) -> None:
         """Write ``<url>/sae.safetensors`` (parameters and buffers)."""
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        write_bytes(join(url, WEIGHTS_FILE), st_save(state, metadata={"variant": self.variant}))
+        io.save_safetensors(io.join_url(url, WEIGHTS_FILE), self.state_dict(), storage_options,
+                            metadata={"variant": self.variant})
 
-    def save(self, url: str) -> None:
+    def save(self, url: str, storage_options: io.StorageOptions = None) -> None:
         """Write ``<url>/config.json`` (this SAE's config) and ``<url>/sae.safetensors``."""
-        write_bytes(join(url, CONFIG_FILE), json.dumps(self.config.model_dump(), indent=2).encode())
-        self.save_weights(url)
+        io.write_json(io.join_url(url, CONFIG_FILE), self.config.model_dump(mode="json"), storage_options)
+        self.save_weights(url, storage_options)
 
-    def load_weights(self, url: str) -> None:
+    def load_weights(self, url: str, storage_options: io.StorageOptions = None) -> None:
         """Load ``<url>/sae.safetensors`` into this SAE (shapes and names must match)."""
-        path = join(url, WEIGHTS_FILE)
-        state = st_load(read_bytes(path))
+        path = io.join_url(url, WEIGHTS_FILE)
+        state = io.load_safetensors(path, storage_options)
+        if state is None:
+            raise UserError(f"{path} does not exist; point at a directory written by sae.save() or a trainer run.")
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         extra = sorted(set(state) - set(own))
@@ -340,44 +339,3 @@ class SAE(nn.Module):
                 raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)} but the config gives "
                                 f"{tuple(own[name].shape)}; the config.json and weights do not match.")
         self.load_state_dict(state)
-
-
-# ----------------------------------------------------------------------------- I/O helpers
-
-
-def join(url: str, name: str) -> str:
-    """``url/name`` for local paths and fsspec URLs."""
-    return url.rstrip("/") + "/" + name
-
-
-def write_bytes(url: str, data: bytes) -> None:
-    """Write ``data`` to a local path or fsspec URL, creating parent directories."""
-    fs, path = fsspec.core.url_to_fs(url)
-    parent = path.rsplit("/", 1)[0]
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(data)
-
-
-def read_bytes(url: str) -> bytes:
-    """Read a local path or fsspec URL; a missing file is a :class:`UserError`."""
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        with fs.open(path, "rb") as fh:
-            return fh.read()
-    except FileNotFoundError:
-        raise UserError(f"{url} does not exist; point at a directory written by sae.save() or a trainer "
-                        "run.") from None
-
-
-def read_json(url: str) -> dict[str, Any]:
-    """Parse a JSON object from a URL."""
-    try:
-        data = json.loads(read_bytes(url))
-    except json.JSONDecodeError:
-        raise UserError(f"{url} is not valid JSON; it should be the config.json written with the "
-                        "weights.") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{url} must hold a JSON object (the SAE or run config).")
-    return data

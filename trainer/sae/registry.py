@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from store import io
 from store.config import validate
 from store.errors import UserError
 from trainer.sae.attn_relu import AttnReluSAE
-from trainer.sae.base import CONFIG_FILE, SAE, join, read_json
+from trainer.sae.base import CONFIG_FILE, SAE
 from trainer.sae.batchtopk import BatchTopKSAE
 from trainer.sae.config import SAEConfig
 from trainer.sae.gated import GatedSAE
@@ -38,15 +39,17 @@ def build(cfg: SAEConfig | dict[str, Any]) -> SAE:
     return VARIANTS[config.variant](config)
 
 
-def load(url: str) -> SAE:
+def load(url: str, storage_options: io.StorageOptions = None) -> SAE:
     """Restore an SAE from a directory (local path or fsspec URL) holding config.json + sae.safetensors.
 
     config.json may be the SAE config itself (written by ``sae.save``) or a trainer run config, whose
     ``"sae"`` key holds the SAE config.
     """
-    path = join(url, CONFIG_FILE)
-    data = read_json(path)
+    path = io.join_url(url, CONFIG_FILE)
+    data = io.read_json_object(path, storage_options, what="the SAE or run config")
+    if data is None:
+        raise UserError(f"{path} does not exist; point at a directory written by sae.save() or a trainer run.")
     sae_data = data["sae"] if "sae" in data else data
     sae = build(as_config(sae_data, source=path))
-    sae.load_weights(url)
+    sae.load_weights(url, storage_options)
     return sae
