@@ -117,19 +117,25 @@ def authors_step(model: AuthorsSparsemaxSAE, x: Tensor) -> Callable[[], None]:
     return step
 
 
+def bench_config(variant: str, d: int, m: int) -> dict:
+    """The variant's SAE config at (d, m), with K where the variant has one."""
+    fields = sae_zoo.variant_class(variant).config_class.model_fields
+    return {"variant": variant, "d": d, "m": m, **({"k": K} if "k" in fields else {})}
+
+
 def run(sizes: list[int], reps: int, d: int, batch: int) -> dict:
     """Time every variant and the authors' formulation at each M, interleaved; ratios against topk and
     authors."""
     x = make_batch(batch, d)
     results: dict = {}
     leading = ["sparsemax", "topk"]  # timed back to back, then "authors", at the head of each round
-    variants = leading + [v for v in sae_zoo.VARIANTS if v not in leading]
+    variants = leading + [v for v in sae_zoo.variants() if v not in leading]
     bar = tqdm(total=len(sizes) * (len(variants) + 1) * (reps + 1), desc="sae train steps", unit="step")
     for m in sizes:
         bar.set_postfix_str(f"M={m}")
         steps, infos = {}, {}
         for variant in variants:
-            steps[variant], infos[variant] = zoo_step(sae_zoo.build({"variant": variant, "d": d, "m": m, "k": K}), x)
+            steps[variant], infos[variant] = zoo_step(sae_zoo.build(bench_config(variant, d, m)), x)
             if variant == "topk":
                 steps["authors"] = authors_step(AuthorsSparsemaxSAE(m, d), x)
         times = time_interleaved(steps, reps, bar)

@@ -109,36 +109,18 @@ class TrainConfig(StrictModel):
 
 
 def check_sae(sae: dict[str, Any], d: int = 1) -> Any:
-    """Validate an SAE section against the zoo (``d`` a stand-in when unknown); return the SAEConfig.
+    """Validate an SAE section against its variant's config (``d`` a stand-in when unknown); return it.
 
     Raises ``ValueError`` (which pydantic turns into a located message) naming the bad key.
     """
-    if "variant" not in sae:
-        raise ValueError("sae.variant is required (e.g. sparsemax, relu, topk)")
     m = sae.get("m")
-    if m is None:
+    if "variant" in sae and m is None:
         raise ValueError("sae.m (number of concepts) is required")
-    if not isinstance(m, int) or isinstance(m, bool) or m <= 0:
+    if m is not None and (not isinstance(m, int) or isinstance(m, bool) or m <= 0):
         raise ValueError(f"sae.m must be a positive integer, got {m!r}")
-    from trainer.sae.config import VARIANTS, SAEConfig
+    from trainer.sae.registry import validate_sae
 
-    variant = sae["variant"]
-    if variant not in VARIANTS:
-        raise ValueError(f"unknown SAE variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    data = {**sae}
-    data.setdefault("d", d)
-    try:
-        return SAEConfig.model_validate(data)
-    except Exception as err:  # pydantic.ValidationError: re-raise as one located sentence
-        errors = getattr(err, "errors", None)
-        if callable(errors):
-            first = errors()[0]
-            loc = ".".join(str(x) for x in first.get("loc", ()))
-            if first.get("type") == "extra_forbidden":
-                raise ValueError(f"unknown key sae.{loc}") from None
-            msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-            raise ValueError(f"sae.{loc} = {first.get('input')!r}: {msg}" if loc else msg) from None
-        raise ValueError(str(err)) from None
+    return validate_sae({**sae, "d": sae.get("d", d)})
 
 
 def resolve_sae(cfg: TrainConfig, d: int, typical_norm: float | None = None) -> Any:
@@ -151,7 +133,14 @@ def resolve_sae(cfg: TrainConfig, d: int, typical_norm: float | None = None) -> 
                         "remove sae.d (it is read from the dataset).")
     sae = {**cfg.sae, "d": d}
     sae.setdefault("seed", cfg.seed)  # the run's seed initialises the SAE unless sae.seed is set
-    sae.setdefault("dead_tokens", cfg.resolved_dead_tokens)  # AuxK's notion of dead = the trainer's
+    from trainer.sae.registry import variant_class
+
+    try:
+        fields = variant_class(sae.get("variant")).config_class.model_fields
+    except ValueError as err:
+        raise UserError(f"run {cfg.name}: {err}; fix the sae section.") from None
+    if "dead_tokens" in fields:
+        sae.setdefault("dead_tokens", cfg.resolved_dead_tokens)  # AuxK's notion of dead = the trainer's
     if cfg.scale_activations and typical_norm and "input_scale" not in sae:
         sae["input_scale"] = float(typical_norm) / math.sqrt(d)
     try:

@@ -15,11 +15,11 @@ from trainer.sae.sparse_ops import select_linear, sparse_decode
 from trainer.sparsemax import sparsemax_sort
 
 D, M, K, B = 16, 64, 4, 32
-EXTRA = {"jumprelu": {"bandwidth": 0.5, "threshold_init": 0.05}}
+EXTRA = {"jumprelu": {"bandwidth": 0.5, "threshold_init": 0.05}, "topk": {"k": K}, "batchtopk": {"k": K}}
 
 
 def make(variant: str, **kw) -> sae_zoo.SAE:
-    return sae_zoo.build({"variant": variant, "d": D, "m": M, "k": K, "seed": 3, **EXTRA.get(variant, {}), **kw})
+    return sae_zoo.build({"variant": variant, "d": D, "m": M, "seed": 3, **EXTRA.get(variant, {}), **kw})
 
 
 def batch(b: int = B, seed: int = 123) -> torch.Tensor:
@@ -37,7 +37,7 @@ def train_steps(sae: sae_zoo.SAE, n: int = 2) -> None:
         sae.post_step()
 
 
-@pytest.mark.parametrize("variant", sorted(sae_zoo.VARIANTS))
+@pytest.mark.parametrize("variant", sorted(sae_zoo.variants()))
 def test_forward_shapes_loss_and_gradients(variant: str) -> None:
     sae = make(variant)
     x = batch()
@@ -61,7 +61,7 @@ def test_forward_shapes_loss_and_gradients(variant: str) -> None:
         assert not codes.is_sparse
 
 
-@pytest.mark.parametrize("variant", sorted(sae_zoo.VARIANTS))
+@pytest.mark.parametrize("variant", sorted(sae_zoo.variants()))
 def test_save_load_gives_identical_outputs(variant: str, tmp_path) -> None:
     sae = make(variant)
     train_steps(sae)
@@ -105,17 +105,21 @@ def test_config_errors_and_defaults() -> None:
         sae_zoo.build({"variant": "foo", "d": 8, "m": 16})
     with pytest.raises(UserError, match="m = 0"):
         sae_zoo.build({"variant": "relu", "d": 8, "m": 0})
-    with pytest.raises(UserError, match="unknown key 'lambda'"):
+    with pytest.raises(UserError, match="sae.lambda is not a setting of variant 'relu'"):
         sae_zoo.build({"variant": "relu", "d": 8, "m": 16, "lambda": 1})
-    with pytest.raises(UserError, match="l1"):
+    with pytest.raises(UserError, match="sae.l1 is not a setting of variant 'topk'"):
         sae_zoo.build({"variant": "topk", "d": 8, "m": 16, "l1": 0.1})
-    with pytest.raises(UserError, match="max_fire_rate"):
+    with pytest.raises(UserError, match="sae.max_fire_rate is not a setting of variant 'relu'"):
         sae_zoo.build({"variant": "relu", "d": 8, "m": 16, "max_fire_rate": 0.1})
-    sm = sae_zoo.SAEConfig(variant="sparsemax", d=768, m=3072)
-    assert (sm.loss, sm.max_fire_rate, sm.l1, sm.activation) == ("norm_mse", 0.1, None, "scores")
-    relu = sae_zoo.SAEConfig(variant="relu", d=768, m=3072)
-    assert (relu.loss, relu.l1, relu.max_fire_rate) == ("mse", 1e-3, None)
-    assert sae_zoo.SAEConfig(variant="topk", d=768, m=3072).aux_k == 512  # power of two near d/2
+    with pytest.raises(UserError, match="sae.k is not a setting of variant 'relu'"):
+        sae_zoo.build({"variant": "relu", "d": 8, "m": 16, "k": 64})
+    sm = sae_zoo.validate_sae({"variant": "sparsemax", "d": 768, "m": 3072})
+    assert (sm.loss, sm.max_fire_rate, sm.activation) == ("norm_mse", 0.1, "scores")
+    assert not hasattr(sm, "l1")
+    relu = sae_zoo.validate_sae({"variant": "relu", "d": 768, "m": 3072})
+    assert (relu.loss, relu.l1, relu.target_l0) == ("mse", 1e-3, None)
+    assert sae_zoo.validate_sae({"variant": "topk", "d": 768, "m": 3072}).aux_k == 512  # power of two near d/2
+    assert sae_zoo.validate_sae({"variant": "mlp_sparsemax", "d": 8, "m": 16}).loss == "norm_mse"
 
 
 def test_codes_methods_by_hand() -> None:

@@ -112,7 +112,12 @@ class Codes:
         )
 
 
-def padded_from_dense(acts: Tensor, m: int, dense_fraction: float) -> Codes:
+#: Padded codes fall back to dense when a row has more than this fraction of M active (padding is then
+#: no cheaper than the dense product).
+DENSE_FRACTION = 0.125
+
+
+def padded_from_dense(acts: Tensor, m: int, dense_fraction: float = DENSE_FRACTION) -> Codes:
     """Codes of non-negative activations (B, M): padded by a per-row top-K (K = largest row support)
     when that is at most ``dense_fraction`` · M, dense otherwise. Gradients flow through the values."""
     width = int((acts != 0).sum(dim=-1).max()) if acts.numel() else 0
@@ -199,6 +204,10 @@ def reconstruction(x_hat: Tensor, x: Tensor, loss: str, norms: Tensor | None = N
 
 # ----------------------------------------------------------------------------- base
 
+#: variant name -> SAE class, filled as variant modules are imported (see trainer.sae.registry).
+REGISTERED: dict[str, type[SAE]] = {}
+
+
 
 class SAE(nn.Module):
     """Base of every SAE: norm handling, forward/loss assembly, save/load, ``post_step``.
@@ -208,10 +217,21 @@ class SAE(nn.Module):
     ``{name: (coefficient, value)}``.
     """
 
-    #: The variant name this class implements.
+    #: The variant name this class implements ("" for shared bases, which are not registered).
     variant: ClassVar[str] = ""
+    #: The variant's own config model (fields it uses, with their defaults).
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
     #: True for architectures that always work on x/‖x‖ and rescale by ‖x‖ (the paper's).
     always_unit_norm: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Register every class that names its own ``variant`` (registration by the variant string)."""
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("variant"):
+            if cls.variant in REGISTERED and REGISTERED[cls.variant].__qualname__ != cls.__qualname__:
+                raise TypeError(f"SAE variant {cls.variant!r} is defined twice ({REGISTERED[cls.variant].__module__} "
+                                f"and {cls.__module__}); rename one.")
+            REGISTERED[cls.variant] = cls
 
     def __init__(self, config: SAEConfig) -> None:
         super().__init__()
@@ -290,6 +310,8 @@ class SAE(nn.Module):
         total = recon
         for name, (coef, value) in penalties.items():
             losses[name] = value
+            if torch.is_tensor(coef):  # a steered coefficient: logged beside its penalty
+                losses[f"{name}_coef"] = coef.detach()
             total = total + coef * value
         losses["loss"] = total
         return self._unscale(x_hat), codes, losses

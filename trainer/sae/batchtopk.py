@@ -9,19 +9,29 @@ dependence). AuxK and the unit-norm decoder as in :mod:`trainer.sae.topk`.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from trainer.sae.config import SAEConfig
-from trainer.sae.topk import TopKSAE
+from trainer.sae.topk import AuxKConfig, TopKSAE
+
+
+class BatchTopKConfig(AuxKConfig):
+    """Settings of the BatchTopK SAE."""
+
+    variant: Literal["batchtopk"] = "batchtopk"
+    threshold_decay: float = Field(default=0.99, gt=0, lt=1, description="EMA decay of the inference threshold.")
 
 
 class BatchTopKSAE(TopKSAE):
     """TopK over the batch in training, a learned global threshold at inference."""
 
     variant = "batchtopk"
+    config_class = BatchTopKConfig
 
-    def __init__(self, config: SAEConfig) -> None:
+    def __init__(self, config: BatchTopKConfig) -> None:
         super().__init__(config)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("threshold_set", torch.zeros((), dtype=torch.bool))

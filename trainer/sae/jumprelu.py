@@ -1,26 +1,51 @@
 """``jumprelu``: JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead").
 
 f = JumpReLU_θ(π) = π ⊙ H(π − θ), π = (x − b_dec) W_encᵀ + b_enc, θ = exp(log_threshold) per latent.
-Loss = MSE + λ ‖f‖₀ (mean over the batch, λ = ``l0``). H has no gradient; θ gets the straight-through
-pseudo-derivatives with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth ε:
+Loss = MSE + λ ‖f‖₀ (mean over the batch, λ = ``l0``, or steered to ``target_l0``:
+:mod:`trainer.sae.steering`). H has no gradient; θ gets the straight-through pseudo-derivatives
+with the rectangle kernel K(u) = 1[|u| < 1/2] and bandwidth ε:
 
     ∂f/∂θ  := −(θ/ε) K((π − θ)/ε)        ∂H(π − θ)/∂θ := −(1/ε) K((π − θ)/ε)
 
-θ starts at ``threshold_init``; unit-norm decoder rows (Gemma Scope practice). Codes are computed
-densely (the θ gradient needs every π near θ) and handed out padded when every row has at most
-``dense_fraction``·M active latents, dense otherwise (:func:`padded_from_dense`).
+Threshold initialisation (a decision of ours): θ lives in log space and Adam moves log θ by about
+lr per step, so a fixed start such as θ = 1e-3 leaves the SAE wherever that start puts it (fully
+dense on SmolLM2 after 1,200 steps). Unless ``threshold_init`` is given, θ is set from the first
+training batch: θ_i = the (1 − L/M) quantile of π_i over that batch, so each latent starts firing on
+a fraction L/M of tokens and the initial L0 is about L = ``target_l0`` (or 64 without a target).
+The flag ``threshold_ready`` (a buffer, saved with the weights) records that it happened.
+
+Unit-norm decoder rows (Gemma Scope practice). Codes are computed densely (the θ gradient needs
+every π near θ) and handed out padded when sparse enough (:func:`padded_from_dense`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from trainer.sae.base import Codes, padded_from_dense
-from trainer.sae.config import SAEConfig
 from trainer.sae.linear import LinearSAE
+from trainer.sae.steering import SparsityController, SteeredConfig
+
+#: Initial L0 of the data-aware threshold when no target is given.
+DEFAULT_INIT_L0 = 64.0
+#: Smallest initial threshold (θ must be positive: it lives in log space).
+MIN_THRESHOLD = 1e-6
+
+
+class JumpReluConfig(SteeredConfig):
+    """Settings of the JumpReLU SAE."""
+
+    variant: Literal["jumprelu"] = "jumprelu"
+    l0: float = Field(default=1e-3, ge=0, description="L0 coefficient λ (start value when target_l0 is set).")
+    bandwidth: float = Field(default=1e-3, gt=0, description="STE rectangle-kernel bandwidth ε.")
+    threshold_init: float | None = Field(default=None, gt=0, description=(
+        "initial θ for every latent; None: from the first training batch so the initial L0 is target_l0 "
+        "(or 64)."))
 
 
 def rectangle(u: Tensor) -> Tensor:
@@ -65,25 +90,42 @@ class JumpReluSAE(LinearSAE):
     """JumpReLU SAE with learnable thresholds and an L0 penalty."""
 
     variant = "jumprelu"
+    config_class = JumpReluConfig
     enc_init_scale = 0.1
 
-    def __init__(self, config: SAEConfig) -> None:
+    def __init__(self, config: JumpReluConfig) -> None:
         super().__init__(config)
-        self.log_threshold = nn.Parameter(
-            torch.full((config.m,), math.log(config.threshold_init), dtype=config.torch_dtype))
+        start = config.threshold_init if config.threshold_init is not None else 1e-3
+        self.log_threshold = nn.Parameter(torch.full((config.m,), math.log(start), dtype=config.torch_dtype))
+        self.register_buffer("threshold_ready", torch.tensor(config.threshold_init is not None))
+        self.controller = SparsityController(config.l0, config)
+
+    @torch.no_grad()
+    def _init_threshold(self, pre: Tensor) -> None:
+        """θ_i = quantile_{1 − L/M}(π_i) over the first training batch (module docstring)."""
+        if bool(self.threshold_ready) or not self.training:
+            return
+        target = self.config.target_l0 or DEFAULT_INIT_L0
+        rows = pre.shape[0]
+        k = min(rows, max(1, round((1.0 - min(target / self.config.m, 1.0)) * rows)))  # the (1 − L/M) quantile
+        theta = torch.kthvalue(pre.detach().float(), k, dim=0).values.clamp_min(MIN_THRESHOLD)
+        self.log_threshold.copy_(theta.log().to(self.log_threshold.dtype))
+        self.threshold_ready.fill_(True)
 
     def _acts(self, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         pre = self.pre_acts(xi)
+        self._init_threshold(pre)
         theta = torch.exp(self.log_threshold)
         return pre, theta, _JumpReLU.apply(pre, theta, self.config.bandwidth)
 
     def encode_normalized(self, xi: Tensor) -> Codes:
         """JumpReLU codes."""
-        return padded_from_dense(self._acts(xi)[2], self.config.m, self.config.dense_fraction)
+        return padded_from_dense(self._acts(xi)[2], self.config.m)
 
     def forward_normalized(self, xi: Tensor):
         """Codes, reconstruction and λ ‖f‖₀ with the STE threshold gradient."""
         pre, theta, f = self._acts(xi)
-        codes = padded_from_dense(f, self.config.m, self.config.dense_fraction)
+        codes = padded_from_dense(f, self.config.m)
+        self.controller.update(codes.support_sizes())
         l0 = _Step.apply(pre, theta, self.config.bandwidth).sum(dim=-1).mean()
-        return codes, self.decode_normalized(codes), {"l0": (self.config.l0, l0)}
+        return codes, self.decode_normalized(codes), {"l0": (self.controller.coefficient, l0)}

@@ -1,28 +1,46 @@
-"""Ablation ``mlp_sparsemax``: the relu architecture (:mod:`trainer.sae.linear`) with sparsemax codes.
+"""Ablation ``mlp_sparsemax`` (the paper's "MLP + Sparsemax"): the Sparsemax SAE with its
+cross-attention onto one shared concept set replaced by an independent linear encoder and decoder.
 
-π = (x − b_dec) W_encᵀ + b_enc; codes from sparsemax over π exactly as in the Sparsemax SAE
-(:class:`trainer.sae.sparsemax.SparsemaxCoder`: ``activation`` scores/probs, firing-rate mask);
-x̂ = Σ_{i∈S} a_i W_dec,i + b_dec decoded from the support. Decoder unconstrained (as relu; with
-``probs`` the codes sum to 1 and the decoder rows carry the scale); loss ``norm_mse`` by default.
+Everything else is the Sparsemax SAE's: the input is x_n = x/‖x‖ and the output is rescaled by ‖x‖
+(``always_unit_norm``), the activation scale, the sparsemax codes with their ``activation``
+(scores/probs) and firing-rate mask (:class:`trainer.sae.sparsemax.SparsemaxCoder`), the
+``norm_mse`` loss. Only the architecture differs:
+
+    π = (x_n − b_dec) W_encᵀ + b_enc,   a = sparsemax codes of π,   x̂ = ‖x‖ · (Σ_{i∈S} a_i W_dec,i + b_dec)
+
+against the Sparsemax SAE's z = (x_n W_Kᵀ) Cᵀ, x̂ = ‖x‖ · (a C) W_V. W_enc and W_dec start equal (seeded
+unit rows, so π starts as the cosine similarities the Sparsemax SAE's z starts as), biases at 0,
+decoder unconstrained (as the Sparsemax SAE's C W_V). Fed the raw scaled input instead, its scores are
+~√d too large and sparsemax keeps a single concept: the ablation would then measure a collapse.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 from torch import Tensor
 
 from trainer.sae.base import Codes
-from trainer.sae.config import SAEConfig
 from trainer.sae.linear import LinearSAE
-from trainer.sae.sparsemax import SparsemaxCoder
+from trainer.sae.sparsemax import SparsemaxCoder, SparsemaxCodesConfig
+
+
+class MLPSparsemaxConfig(SparsemaxCodesConfig):
+    """Settings of the MLP + Sparsemax ablation (the Sparsemax SAE's, see SparsemaxCodesConfig)."""
+
+    variant: Literal["mlp_sparsemax"] = "mlp_sparsemax"
 
 
 class MLPSparsemaxSAE(LinearSAE):
-    """Linear encoder, sparsemax activation, dictionary decoder."""
+    """Linear encoder, sparsemax codes, dictionary decoder, on the unit sphere."""
 
     variant = "mlp_sparsemax"
+    config_class = MLPSparsemaxConfig
+    always_unit_norm = True
     unit_decoder = False
+    enc_init_scale = 1.0
 
-    def __init__(self, config: SAEConfig) -> None:
+    def __init__(self, config: MLPSparsemaxConfig) -> None:
         super().__init__(config)
         self.coder = SparsemaxCoder(config)
 

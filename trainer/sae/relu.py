@@ -1,32 +1,50 @@
 """``relu``: the standard SAE baseline (Anthropic, April 2024 update).
 
 f = ReLU((x − b_dec) W_encᵀ + b_enc), x̂ = f W_dec + b_dec, loss = MSE + λ Σ_i f_i ‖W_dec,i‖
-(mean over the batch, λ = ``l1`` = 1e-3 by default). The decoder is unconstrained (the penalty is
+(mean over the batch). λ = ``l1`` = 1e-3 (the paper's baselines) or, with ``target_l0``, steered
+from there to that L0 (:mod:`trainer.sae.steering`). The decoder is unconstrained (the penalty is
 weighted by the row norms instead); W_enc starts at 0.1 · W_dec.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import Field
 from torch import Tensor
 
 from trainer.sae.base import Codes
 from trainer.sae.linear import LinearSAE
+from trainer.sae.steering import SparsityController, SteeredConfig
+
+
+class ReluConfig(SteeredConfig):
+    """Settings of the ReLU SAE."""
+
+    variant: Literal["relu"] = "relu"
+    l1: float = Field(default=1e-3, ge=0, description="L1 coefficient λ (start value when target_l0 is set).")
 
 
 class ReluSAE(LinearSAE):
     """ReLU SAE with a decoder-norm weighted L1 penalty."""
 
     variant = "relu"
+    config_class = ReluConfig
     unit_decoder = False
     enc_init_scale = 0.1
+
+    def __init__(self, config: ReluConfig) -> None:
+        super().__init__(config)
+        self.controller = SparsityController(config.l1, config)
 
     def encode_normalized(self, xi: Tensor) -> Codes:
         """Dense codes f = ReLU(π)."""
         return Codes(m=self.config.m, dense=torch.relu(self.pre_acts(xi)))
 
     def forward_normalized(self, xi: Tensor):
-        """Codes, reconstruction and λ Σ_i f_i ‖W_dec,i‖."""
+        """Codes, reconstruction and λ Σ_i f_i ‖W_dec,i‖ (λ steered when target_l0 is set)."""
         codes = self.encode_normalized(xi)
+        self.controller.update(codes.support_sizes())
         l1 = (codes.dense * self.decoder.row_norms()).sum(dim=-1).mean()
-        return codes, self.decode_normalized(codes), {"l1": (self.config.l1, l1)}
+        return codes, self.decode_normalized(codes), {"l1": (self.controller.coefficient, l1)}

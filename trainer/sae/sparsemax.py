@@ -25,8 +25,10 @@ The same mask serves ``mlp_sparsemax`` (:class:`SparsemaxCoder`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar, Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor, nn
 
 from trainer.sae.base import Codes
@@ -35,11 +37,36 @@ from trainer.sae.cross_attention import CrossAttentionSAE
 from trainer.sae.sparse_ops import SupportPattern, select_decode, select_linear
 from trainer.sparsemax import sparsemax_mask
 
+NO_TARGET = ("a {variant} SAE chooses its support size per token (sparsemax), so it has no L0 target; "
+             "train it first and steer the baselines to its measured L0 instead (their sae.target_l0 = the l0 "
+             "in its eval.json, or the sweep's match_l0), then compare in the report's Matched sparsity section")
+
+
+class SparsemaxCodesConfig(SAEConfig):
+    """Settings of the sparsemax codes, shared by ``sparsemax`` and ``mlp_sparsemax`` (module docstring)."""
+
+    #: Fields refused with a sentence of their own (see :func:`trainer.sae.registry.validate_sae`).
+    field_refusals: ClassVar[dict[str, str]] = {"target_l0": NO_TARGET, "k": NO_TARGET}
+
+    activation: Literal["scores", "probs"] = Field(
+        default="scores", description="codes: z on the support (authors' code) or max(z − τ, 0).")
+    loss: Literal["norm_mse", "mse"] = Field(default="norm_mse", description="the authors' loss by default.")
+    max_fire_rate: float | None = Field(default=0.1, gt=0, le=1, description=(
+        "mask concepts whose running firing rate exceeds this (the authors' 0.1; null disables)."))
+    fire_rate_decay: float = Field(default=0.99, gt=0, lt=1, description="EMA decay of the firing rate.")
+    k_max: int | None = Field(default=None, gt=0, description="cap on the padded support width (None: exact).")
+
+
+class SparsemaxConfig(SparsemaxCodesConfig):
+    """Settings of the Sparsemax SAE."""
+
+    variant: Literal["sparsemax"] = "sparsemax"
+
 
 class SparsemaxCoder(nn.Module):
     """Sparsemax codes from dense scores, with the running firing-rate mask (module docstring)."""
 
-    def __init__(self, config: SAEConfig) -> None:
+    def __init__(self, config: SparsemaxCodesConfig) -> None:
         super().__init__()
         self.m = config.m
         self.activation = config.activation
@@ -93,8 +120,9 @@ class SparsemaxSAE(CrossAttentionSAE):
     """The paper's SAE: cross-attention over shared concepts with sparsemax attention."""
 
     variant = "sparsemax"
+    config_class = SparsemaxConfig
 
-    def __init__(self, config: SAEConfig) -> None:
+    def __init__(self, config: SparsemaxConfig) -> None:
         super().__init__(config)
         self.coder = SparsemaxCoder(config)
 

@@ -8,11 +8,18 @@ AuxK: a buffer counts tokens since each latent last fired (training mode); laten
 ``dead_tokens`` tokens are dead. With e = sg(x − x̂) (in the space the SAE encodes), the top
 ``aux_k`` dead pre-activations give ê = Σ_{i∈aux} ReLU(π_i) W_dec,i and the loss gains
 α · mean_{t,i}(ê − e)², α = ``aux_coef`` = 1/32. The term is 0 while no latent is dead.
+
+Sparsity target: ``target_l0`` sets K (rounded); giving both ``k`` and a different ``target_l0`` is
+an error. ``aux_k`` defaults to min(M, 2^round(log2(d/2))), a power of two close to d/2.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any, Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from trainer.sae.base import Codes, mse
@@ -20,13 +27,52 @@ from trainer.sae.config import SAEConfig
 from trainer.sae.linear import LinearSAE
 from trainer.sae.sparse_ops import SupportPattern
 
+DEFAULT_K = 32
+
+
+class AuxKConfig(SAEConfig):
+    """Settings shared by TopK and BatchTopK: K (or a target L0 that sets it) and the AuxK loss."""
+
+    k: int = Field(default=DEFAULT_K, gt=0, description="active latents per sample (batchtopk: on average).")
+    target_l0: float | None = Field(default=None, gt=0, description="sets k = round(target_l0).")
+    aux_k: int | None = Field(default=None, gt=0, description="latents in the AuxK reconstruction.")
+    aux_coef: float = Field(default=1 / 32, ge=0, description="AuxK loss coefficient α.")
+    dead_tokens: int = Field(default=10_000_000, gt=0,
+                             description="a latent is dead for AuxK after this many tokens without firing.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _k_and_aux_k(cls, data: Any) -> Any:
+        """k from target_l0 (a different explicit k is an error); aux_k ≈ d/2 as a power of two."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        target = data.get("target_l0")
+        if isinstance(target, (int, float)) and not isinstance(target, bool) and target > 0:
+            k = max(1, round(target))
+            if data.get("k") is not None and data["k"] != k:
+                raise ValueError(f"k = {data['k']} and target_l0 = {target} disagree; a {data.get('variant')} SAE "
+                                 f"has exactly k active latents, so give one of them (target_l0 sets k = {k})")
+            data["k"] = k
+        d, m = data.get("d"), data.get("m")
+        if data.get("aux_k") is None and isinstance(d, int) and isinstance(m, int) and d > 0 and m > 0:
+            data["aux_k"] = min(m, 2 ** max(0, round(math.log2(max(d / 2, 1)))))
+        return data
+
+
+class TopKConfig(AuxKConfig):
+    """Settings of the TopK SAE."""
+
+    variant: Literal["topk"] = "topk"
+
 
 class TopKSAE(LinearSAE):
     """TopK SAE with the AuxK loss; :class:`trainer.sae.batchtopk.BatchTopKSAE` changes the selection."""
 
     variant = "topk"
+    config_class = TopKConfig
 
-    def __init__(self, config: SAEConfig) -> None:
+    def __init__(self, config: AuxKConfig) -> None:
         super().__init__(config)
         self.register_buffer("tokens_since_fired", torch.zeros(config.m, dtype=torch.int64))
 
