@@ -2,7 +2,7 @@
 
 ``dynsae store ...``   -> ``python -m store ...``
 ``dynsae harvest ...`` -> ``python -m harvester run ...``
-``dynsae train ...``   -> ``python -m trainer run ...``
+``dynsae train ...``   -> ``python -m trainer run ...`` with the evaluator's metrics (:mod:`dynsae.train`)
 ``dynsae sweep ...``   -> ``python -m trainer sweep ...``
 ``dynsae eval ...``    -> ``python -m evaluator run ...``
 ``dynsae report ...``  -> ``python -m evaluator report ...``
@@ -19,7 +19,7 @@ import sys
 ROUTES: dict[str, tuple[str, list[str]]] = {
     "store": ("store.__main__", []),
     "harvest": ("harvester.__main__", ["run"]),
-    "train": ("trainer.__main__", ["run"]),
+    "train": ("dynsae.train", []),
     "sweep": ("trainer.__main__", ["sweep"]),
     "eval": ("evaluator.__main__", ["run"]),
     "report": ("evaluator.__main__", ["report"]),

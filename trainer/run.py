@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -37,7 +37,6 @@ from store.io import join_url
 from store.loader import ActivationLoader
 from trainer.checkpoint import (
     CONFIG_FILE,
-    EVAL_FILE,
     FAULT_MARKER,
     RunDir,
     rng_state,
@@ -47,8 +46,6 @@ from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
-#: Support-size quantiles logged to metrics.jsonl.
-SUPPORT_QUANTILES = (0.1, 0.5, 0.9, 0.99)
 STATE_VERSION = 1
 
 BatchSource = Callable[[int], Any]
@@ -92,36 +89,17 @@ def as_batch(obj: Any) -> tuple[Tensor, Tensor | None]:
     return acts.to(torch.float32), positions
 
 
-class SumsOfSquares:
-    """Float64 sums for fvu = Σ‖x − x̂‖² / Σ‖x − μ‖² with Σ‖x − μ‖² = Q − ‖S‖²/N."""
+class RunEvaluation(Protocol):
+    """Metrics handed to a run by whoever composes it (``dynsae train`` / ``dynsae sweep`` hand in
+    :class:`evaluator.training.TrainingEvaluation`): the trainer holds no metric definition of its own.
+    Without one a run logs its loss terms only, and ``eval_every`` is refused."""
 
-    def __init__(self) -> None:
-        self.n, self.sse, self.q, self.s = 0, 0.0, 0.0, None
+    def batch_metrics(self, x: Tensor, x_hat: Tensor, codes: Any) -> dict[str, float]:
+        """Metrics of one training batch (fvu, l0, support-size quantiles)."""
 
-    def update(self, x: Tensor, x_hat: Tensor) -> None:
-        x64, xh64 = x.detach().double().cpu(), x_hat.detach().double().cpu()
-        self.n += x64.shape[0]
-        self.sse += float(((x64 - xh64) ** 2).sum())
-        self.q += float((x64**2).sum())  # Q = Σ‖x‖²
-        s = x64.sum(0)  # S = Σx
-        self.s = s if self.s is None else self.s + s
-
-    def fvu(self) -> float:
-        if self.n == 0 or self.s is None:
-            return float("nan")
-        denom = self.q - float((self.s**2).sum()) / self.n  # Σ‖x − μ‖²
-        return self.sse / denom if denom > 0 else float("nan")
-
-
-def support_stats(sizes: Tensor) -> dict[str, float]:
-    """l0 = mean support size and its quantiles (the sparsemax SAE's "dynamic K")."""
-    if sizes.numel() == 0:
-        return {"l0": float("nan")}
-    s = sizes.detach().double().cpu()
-    out = {"l0": float(s.mean())}
-    qs = torch.quantile(s, torch.tensor(SUPPORT_QUANTILES, dtype=torch.float64))
-    out.update({f"support_q{q:g}": float(v) for q, v in zip(SUPPORT_QUANTILES, qs)})
-    return out
+    def eval_split(self, sae: torch.nn.Module, plan: RunPlan, device: torch.device,
+                   max_tokens: int | None) -> dict[str, Any]:
+        """Scalar metrics of ``sae`` on (at most ``max_tokens`` rows of) the run's eval split."""
 
 
 class Prefetcher:
@@ -209,9 +187,13 @@ class RunPlan:
 class Run(RunPlan):
     """A training run bound to its run directory; creating it resumes from the last checkpoint."""
 
-    def __init__(self, cfg: TrainConfig, *, progress: bool = True) -> None:
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True, evaluation: RunEvaluation | None = None) -> None:
         super().__init__(cfg)
+        if cfg.eval_every is not None and evaluation is None:
+            raise UserError(f"run {cfg.name}: eval_every needs the evaluator's metrics; run it with `dynsae train` "
+                            "(or `dynsae sweep`), or remove eval_every.")
         self.progress = progress
+        self.evaluation = evaluation
         self.device = torch.device(cfg.resolved_device())
 
         from trainer.sae import build
@@ -306,20 +288,20 @@ class Run(RunPlan):
 
     def _metrics_row(self, x: Tensor, x_hat: Tensor, codes: Any, losses: dict[str, Tensor],
                      lr: float) -> dict[str, Any]:
-        sums = SumsOfSquares()
-        sums.update(x, x_hat)
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "tokens_trained": self.tokens_trained,
-                               "lr": lr, "fvu": sums.fvu(),
-                               "dead_frac": float((self.since_fired >= self.dead_tokens).double().mean()),
+                               "lr": lr, "dead_frac": float((self.since_fired >= self.dead_tokens).double().mean()),
                                "tokens_per_s": (self.tokens - self._tokens_at_t0) / elapsed}
         row.update({k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1})
-        row.update(support_stats(codes.support_sizes()))
+        if self.evaluation is not None:
+            row.update(self.evaluation.batch_metrics(x, x_hat, codes))
         return row
 
     def evaluate(self, max_tokens: int | None = None) -> dict[str, Any]:
-        """fvu / l0 / dead fraction on the eval split (the sweep's built-in fallback evaluator)."""
-        return evaluate_fvu_l0(self.sae, self.cfg, self.row_filter, self.median_norm, self.device, max_tokens)
+        """The handed-in evaluation's scalar metrics on the run's eval split."""
+        if self.evaluation is None:
+            raise UserError(f"run {self.cfg.name} was given no evaluation; use `dynsae train` / `dynsae sweep`.")
+        return self.evaluation.eval_split(self.sae, self, self.device, max_tokens)
 
     def fit(self, batches: BatchSource | None = None) -> str:
         """Train to the budget from wherever the run stands; returns the run URL."""
@@ -344,8 +326,7 @@ class Run(RunPlan):
                 row = self.train_step(next(stream))
                 bar.update(self.cfg.batch_size)
                 if row is not None:
-                    bar.set_postfix(loss=f"{row['loss']:.4g}", fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}",
-                                    refresh=False)
+                    bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "fvu", "l0") if k in row}, refresh=False)
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
                     ev = self.evaluate(self.cfg.eval_tokens)
                     self.metrics.append({"step": self.step, "tokens": self.tokens,
@@ -377,53 +358,7 @@ class Run(RunPlan):
         os._exit(17)
 
 
-def evaluate_fvu_l0(sae: torch.nn.Module, cfg: TrainConfig, row_filter: RowFilter, median_norm: float | None,
-                    device: torch.device, max_tokens: int | None = None) -> dict[str, Any]:
-    """fvu (centred, float64), l0 and support quantiles, dead fraction over the eval split's filtered rows."""
-    loader = ActivationLoader(cfg.dataset, cfg.batch_size, split="eval", seed=0, epochs=1,
-                              columns=BATCH_COLUMNS, storage_options=cfg.storage_options)
-    sums = SumsOfSquares()
-    sizes: list[Tensor] = []
-    fired = torch.zeros(sae.config.m, dtype=torch.bool)
-    seen = 0
-    was_training = sae.training
-    sae.eval()
-    with torch.no_grad():
-        for raw in loader:
-            acts, positions = as_batch(raw)
-            acts = acts.to(device)
-            keep = row_filter.keep_mask(acts, positions.to(device) if positions is not None else None, median_norm)
-            x = acts[keep]
-            if x.shape[0] == 0:
-                continue
-            if max_tokens is not None:
-                x = x[: max(0, max_tokens - seen)]
-            codes = sae.encode(x)
-            x_hat = sae.decode(codes, x)
-            sums.update(x, x_hat)
-            sizes.append(codes.support_sizes().cpu())
-            fired |= (codes.fire_counts() > 0).cpu()
-            seen += int(x.shape[0])
-            if max_tokens is not None and seen >= max_tokens:
-                break
-    sae.train(was_training)
-    loader.close()
-    out: dict[str, Any] = {"fvu": sums.fvu(), "tokens": seen,
-                           "dead_frac": float((~fired).double().mean())}
-    out.update(support_stats(torch.cat(sizes) if sizes else torch.zeros(0)))
-    return out
-
-
-def train(cfg: TrainConfig, *, progress: bool = True, batches: BatchSource | None = None) -> str:
+def train(cfg: TrainConfig, *, progress: bool = True, batches: BatchSource | None = None,
+          evaluation: RunEvaluation | None = None) -> str:
     """Run (or resume, or extend) one training run to its token budget; returns the run URL."""
-    return Run(cfg, progress=progress).fit(batches)
-
-
-def write_builtin_eval(run_cfg: TrainConfig, max_tokens: int | None = None) -> dict[str, Any]:
-    """Score a finished run with :func:`evaluate_fvu_l0` and write ``eval.json`` (no evaluator package)."""
-    run = Run(run_cfg, progress=False)
-    report = run.evaluate(max_tokens)
-    report.update({"evaluator": "trainer.builtin", "run_url": run.url, "dataset": run_cfg.dataset,
-                   "dataset_manifest_hash": run.manifest_hash, "filter": run.config_record()["filter"]})
-    run.dir.write_json(EVAL_FILE, report)
-    return report
+    return Run(cfg, progress=progress, evaluation=evaluation).fit(batches)

@@ -45,7 +45,7 @@ from store.io import join_url
 from store.loader import ActivationLoader
 from trainer.checkpoint import EVAL_FILE, RunDir
 from trainer.config import SweepConfig, TrainConfig, expand_sweep
-from trainer.run import BATCH_COLUMNS, Run, RunPlan, write_builtin_eval
+from trainer.run import BATCH_COLUMNS, Run, RunPlan
 
 SUMMARY_METRICS = ("step", "tokens", "tokens_trained", "loss", "fvu", "l0", "dead_frac")
 
@@ -176,10 +176,6 @@ class TrainerActor:
         last = next((r for r in reversed(run.metrics) if "loss" in r), {})
         return {"run_url": url, "metrics": last, "pid": os.getpid()}
 
-    def evaluate_builtin(self, max_tokens: int | None) -> dict[str, Any]:
-        """Fallback evaluator (no ``evaluator`` package): fvu/l0 on the eval split into ``eval.json``,
-        run in this actor's already-warm process."""
-        return write_builtin_eval(self.cfg, max_tokens)
 
 
 def evaluator_actor_class() -> Any | None:
@@ -262,10 +258,6 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True) 
             row.update({k: result["metrics"].get(k) for k in SUMMARY_METRICS})
             if sweep.evaluate and evaluator is not None:
                 evals[evaluator.evaluate.remote(result["run_url"])] = cfg.name
-            elif sweep.evaluate:  # built-in fvu/l0 on the trainer actor, before it goes
-                ref = actors[cfg.name].evaluate_builtin.remote(sweep.eval_max_tokens)
-                ray.wait([ref])
-                evals[ref] = cfg.name
         except (ray.exceptions.RayError, UserError) as err:
             ray.get(feeders[stream_key(cfg)].done.remote(cfg.name))
             row.update({"status": "failed", "error": _one_line(err)})

@@ -54,7 +54,9 @@ def test_run_dir_contents_and_bos_filter(tiny_store, tmp_path):
     tokens = epoch_rows(tiny_store)
     steps = tokens // 64
     cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), tokens=tokens))
-    url = train(cfg, progress=False)
+    from evaluator.training import TrainingEvaluation
+
+    url = train(cfg, progress=False, evaluation=TrainingEvaluation())
     assert url == str(tmp_path / "r")
     record = json.loads(Path(url, "config.json").read_text())
     assert record["sae"]["d"] == 16 and record["sae"]["m"] == 32 and record["sae"]["variant"] == "relu"
@@ -183,24 +185,28 @@ def test_cli_errors_are_one_sentence(tiny_store, tmp_path, capsys):
     assert str(tmp_path / "missing") in capsys.readouterr().err
 
 
-def test_builtin_eval_matches_evaluator_metrics(tiny_store, tmp_path):
-    """The sweep's fallback evaluator writes eval.json whose fvu/l0 agree with evaluator.metrics computed
-    independently over the same filtered eval rows."""
+def test_eval_split_rows_use_the_evaluators_metrics(tiny_store, tmp_path):
+    """eval_every rows come from the evaluation handed in (the evaluator's one eval pass); they agree with
+    evaluator.metrics computed independently over the same filtered eval rows. Without an evaluation,
+    eval_every is one clear error."""
     from evaluator.metrics import fvu, l0
+    from evaluator.training import TrainingEvaluation
+    from store.errors import UserError
     from store.loader import ActivationLoader
-    from trainer.run import write_builtin_eval
+    from trainer.run import Run
     from trainer.sae import load
 
-    cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), tokens=64 * 6))
-    url = train(cfg, progress=False)
-    report = write_builtin_eval(cfg)
-    assert json.loads(Path(url, "eval.json").read_text())["fvu"] == report["fvu"]
+    cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), tokens=64 * 6, eval_every=6))
+    with pytest.raises(UserError, match="eval_every needs the evaluator's metrics"):
+        Run(cfg, progress=False)
+    url = train(cfg, progress=False, evaluation=TrainingEvaluation())
+    row = next(r for r in metrics(url) if "eval_fvu" in r)
     loader = ActivationLoader(tiny_store, 64, split="eval", epochs=1, columns=("acts", "positions"))
     x = torch.cat([b["acts"][b["positions"] != 0] for b in loader])
     sae = load(url).eval()
     with torch.no_grad():
         codes = sae.encode(x)
         x_hat = sae.decode(codes, x)
-    assert report["tokens"] == x.shape[0] == loader.rows_per_epoch * (CONTEXT - 1) // CONTEXT
-    assert report["fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-9)
-    assert report["l0"] == pytest.approx(l0(codes), rel=1e-9)
+    assert row["eval_tokens"] == x.shape[0] == loader.rows_per_epoch * (CONTEXT - 1) // CONTEXT
+    assert row["eval_fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-9)
+    assert row["eval_l0"] == pytest.approx(l0(codes), rel=1e-9)

@@ -27,7 +27,7 @@ Shared decisions (written once here, used by every variant):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
