@@ -4,13 +4,17 @@ Inputs: every run directory under the sweep root (listed in ``summary.json`` whe
 wrote one, else every sub-directory holding a ``config.json``), each with its ``config.json``
 and ``eval.json``. Sections:
 
-1. The paper-style table: one row per variant (with its ``input_norm`` setting), one column
-   per dictionary size M, each cell ``fvu / ce_degradation`` (mean over the runs in that cell,
-   e.g. seeds; the count is shown when more than one).
-2. Every run: l0, fvu (kept rows and all rows), CE numbers, dead/dense fractions, filter.
-3. fvu vs M per variant (``fvu_vs_m.png``).
-4. The L0–fvu frontier (``l0_fvu.png``).
-5. The support-size histogram of each sparsemax-family run (``support_<run>.png``) and the K a
+1. Matched sparsity (the headline): per M, each baseline family against the Sparsemax SAE at the
+   sparsemax L0, with a verdict per metric and the per-M frontier plot (``frontier.png``); the
+   computation and its rules are :mod:`evaluator.matched`.
+2. The paper-style table: one row per variant (with its ``input_norm`` setting), one column
+   per dictionary size M, each cell ``fvu / ce_degradation`` (mean ± sample std over the runs in
+   that cell, e.g. seeds, when more than one, with their count).
+3. Every run: seed (the SAE's init seed), target_l0 (absent on runs older than the field), l0,
+   fvu (kept rows and all rows), CE numbers, dead/dense fractions, filter.
+4. fvu vs M per variant (``fvu_vs_m.png``).
+5. The L0–fvu frontier over all sizes (``l0_fvu.png``).
+6. The support-size histogram of each sparsemax-family run (``support_<run>.png``) and the K a
    TopK SAE should use to match it: K = round(mean support size) (the mean is what a
    TopK/BatchTopK SAE spends per token), with the median and 10–90% range beside it.
 
@@ -30,7 +34,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import LogFormatter  # noqa: E402
 
+from evaluator import matched  # noqa: E402
 from evaluator.evaluate import CONFIG_FILE, EVAL_FILE  # noqa: E402
 from evaluator.metrics import suggest_topk  # noqa: E402
 from store import io  # noqa: E402
@@ -50,11 +56,18 @@ class RunRecord:
         self.variant: str = sae.get("variant", "?")
         self.m: int = int(sae.get("m", 0))
         self.input_norm: str = sae.get("input_norm", "none")
+        self.seed: int | None = sae.get("seed")
+        self.target_l0: float | None = sae.get("target_l0")
 
     @property
     def label(self) -> str:
         """Row label of the paper table: the variant, tagged when given unit-norm side information."""
-        return f"{self.variant} (input_norm=unit)" if self.input_norm == "unit" else self.variant
+        return matched.family_label(self.variant, self.input_norm)
+
+    @property
+    def point(self) -> matched.RunPoint | None:
+        """The run as the matched-sparsity comparison sees it (None when not evaluated or l0 ≤ 0)."""
+        return matched.run_point(self.name, self.config, self.eval)
 
     def metric(self, key: str) -> float | None:
         """A scalar from eval.json (None when missing or not evaluated)."""
@@ -100,8 +113,16 @@ def _f(value: float | None, spec: str = ".4f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _pm(stat: matched.Stat, spec: str = ".4f") -> str:
+    """``mean ± std`` (just the mean for one value, – for none)."""
+    if stat.mean is None:
+        return "–"
+    return _f(stat.mean, spec) + ("" if stat.std is None else f" ± {format(stat.std, spec)}")
+
+
 def paper_table(runs: list[RunRecord]) -> str:
-    """Markdown table: rows variants, columns dictionary sizes, cells ``fvu / ce_degradation``."""
+    """Markdown table: rows variants, columns dictionary sizes, cells ``fvu / ce_degradation``
+    (mean ± sample std and the count when a cell holds more than one run)."""
     evaluated = [r for r in runs if r.eval is not None]
     sizes = sorted({r.m for r in evaluated})
     labels = list(dict.fromkeys(r.label for r in evaluated))
@@ -117,28 +138,32 @@ def paper_table(runs: list[RunRecord]) -> str:
             if not group:
                 row.append("")
                 continue
-            fvu = _mean([r.metric("fvu") for r in group])
-            ce = _mean([r.metric("ce_degradation") for r in group])
+            fvu = matched.summarize(r.metric("fvu") for r in group)
+            ce = matched.summarize(r.metric("ce_degradation") for r in group)
             count = f" (n={len(group)})" if len(group) > 1 else ""
-            row.append(f"{_f(fvu)} / {_f(ce)}{count}")
+            row.append(f"{_pm(fvu)} / {_pm(ce)}{count}")
         lines.append(f"| {label} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
 def runs_table(runs: list[RunRecord]) -> str:
     """Markdown table with one row per run."""
-    head = ("| run | variant | M | input_norm | l0 | fvu | fvu (all rows) | ce_degradation | ce_recovered | kl | "
-            "dead | dense | tokens | filter |")
+    head = ("| run | variant | M | input_norm | seed | target_l0 | l0 | fvu | fvu (all rows) | ce_degradation | "
+            "ce_recovered | kl | dead | dense | tokens | filter |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in runs:
+        seed = "–" if r.seed is None else r.seed
+        target = "–" if r.target_l0 is None else f"{r.target_l0:g}"
         if r.eval is None:
-            lines.append(f"| {r.name} | {r.variant} | {r.m} | {r.input_norm} | not evaluated |" + " |" * 9)
+            lines.append(f"| {r.name} | {r.variant} | {r.m} | {r.input_norm} | {seed} | {target} | not evaluated |"
+                         + " |" * 9)
             continue
         ev = r.eval
         tokens = (ev.get("tokens") or {}).get("kept")
         filt = (ev.get("filter") or {}).get("description", "")
         lines.append(
-            f"| {r.name} | {r.variant} | {r.m} | {ev.get('input_norm', r.input_norm)} | {_f(r.metric('l0'), '.1f')} | "
+            f"| {r.name} | {r.variant} | {r.m} | {ev.get('input_norm', r.input_norm)} | {seed} | {target} | "
+            f"{_f(r.metric('l0'), '.1f')} | "
             f"{_f(r.metric('fvu'))} | {_f(r.metric('fvu_unfiltered'))} | {_f(r.metric('ce_degradation'))} | "
             f"{_f(r.metric('ce_recovered'), '.3f')} | {_f(r.metric('kl'))} | {_f(r.metric('dead_frac'), '.3f')} | "
             f"{_f(r.metric('dense_frac'), '.3f')} | {tokens} | {filt} |")
@@ -212,6 +237,137 @@ def plot_support(run: RunRecord, url: str, storage_options: io.StorageOptions = 
     return sug
 
 
+FRONTIER_PNG = "frontier.png"
+_METRIC_NAMES = {"fvu": "fvu", "ce_degradation": "ce_degradation", "dead_frac": "dead"}
+
+
+def plot_frontier(points: list[matched.RunPoint], url: str, storage_options: io.StorageOptions = None) -> None:
+    """fvu against L0 (log x), one panel per M, one line per family through its frontier points (seeds
+    averaged per config, error bars = sample std), sparsemax points as stars with a ±WINDOW band."""
+    by_m: dict[int, dict[str, list[matched.RunPoint]]] = defaultdict(lambda: defaultdict(list))
+    for p in points:
+        if p.metrics["fvu"] is not None:
+            by_m[p.m][p.family].append(p)
+    sizes = sorted(by_m)
+    families = list(dict.fromkeys(p.family for p in points))
+    colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
+    fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(5 * max(1, len(sizes)), 4), squeeze=False)
+    for ax, m in zip(axes[0], sizes, strict=False):
+        for fam, runs in by_m[m].items():
+            front = matched.frontier(runs)
+            xs = [g.l0.mean for g in front]
+            ys = [g.metrics["fvu"].mean for g in front]
+            yerr = [g.metrics["fvu"].std or 0.0 for g in front]
+            xerr = [g.l0.std or 0.0 for g in front]
+            ref = fam == matched.REFERENCE
+            ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, color=colors[fam], marker="*" if ref else "o",
+                        markersize=14 if ref else 5, linestyle="none" if ref else "-", capsize=3,
+                        label=f"{fam} (Sparsemax SAE)" if ref else fam, zorder=3 if ref else 2)
+            if ref:
+                for x in xs:
+                    ax.axvspan(x * (1 - matched.WINDOW), x * (1 + matched.WINDOW), color=colors[fam], alpha=0.12)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(LogFormatter())  # plain numbers, minor ticks labelled on short ranges
+        ax.xaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        ax.set_xlabel("L0 (mean active concepts per token, log)")
+        ax.set_ylabel("fvu")
+        ax.set_title(f"M = {m}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"fvu–L0 frontier; band: ±{matched.WINDOW:.0%} around each sparsemax L0")
+    _save(fig, url, storage_options)
+
+
+def _seeds(runs: tuple[matched.RunPoint, ...]) -> str:
+    seeds = sorted({r.seed for r in runs if r.seed is not None})
+    listed = f", seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else ""
+    return f"{len(runs)} run{'s' if len(runs) != 1 else ''}{listed}"
+
+
+def _point(g: matched.Group) -> str:
+    target = "" if g.target_l0 is None else f", target {g.target_l0:g}"
+    return f"L0 {_pm(g.l0, '.1f')} ({g.seeds} seed{'s' if g.seeds != 1 else ''}{target})"
+
+
+def _how(match: matched.Match) -> str:
+    """How a baseline's values were obtained, for the table."""
+    if match.method == "matched":
+        return f"matched ({_seeds(match.runs)})"
+    if match.method == "interpolated":
+        assert match.bracket is not None and match.t is not None
+        a, b = match.bracket
+        return f"interpolated in log L0 between {_point(a)} and {_point(b)}, t = {match.t:.2f}"
+    assert match.nearest is not None
+    return f"no match: nearest {_point(match.nearest)} — not at the same sparsity"
+
+
+def _sentence(family: str, v: matched.Verdict) -> str:
+    """One verdict sentence; Δ and the threshold printed at the metric's table precision."""
+    name = _METRIC_NAMES[v.metric]
+    if v.outcome == "not conclusive" or v.delta is None or v.pooled_std is None:
+        return f"- {family}, {name}: **not conclusive** — {v.reason}."
+    spec = ".3f" if v.metric == "dead_frac" else ".4f"
+    within = v.outcome == "within seed spread"
+    rule = (f"Δ = {format(v.delta, '+' + spec)}, |Δ| {'≤' if within else '>'} {matched.Z:g} × pooled std = "
+            f"{format(matched.Z * v.pooled_std, spec)}")
+    if within:
+        return f"- {family}, {name}: the difference is **within seed spread** ({rule})."
+    better = "better" if v.outcome == "sparsemax better" else "worse"
+    return f"- {family}, {name}: the Sparsemax SAE is **{better}** than {family} ({rule})."
+
+
+def matched_section(comparisons: list[matched.SizeComparison]) -> list[str]:
+    """Markdown lines of the "Matched sparsity" section (the plot is written by :func:`plot_frontier`)."""
+    w, z = f"{matched.WINDOW:.0%}", f"{matched.Z:g}"
+    lines = [
+        "## Matched sparsity", "",
+        "Comparisons between variants are only meaningful at equal sparsity (the same L0) and with more than "
+        "one seed; this section says where that holds.", "",
+        f"How: per dictionary size M, L = the Sparsemax SAE's mean L0 over its runs (variant `sparsemax`, default "
+        f"input_norm). A baseline family's fvu / ce_degradation / dead at L is the mean ± sample std over its runs "
+        f"with |L0 − L| ≤ {w}·L (**matched**). When it has no run there but frontier points (seeds averaged per "
+        "config) on both sides of L, the two bracketing points a, b are **interpolated** linearly in log L0: "
+        "t = (ln L − ln L0_a)/(ln L0_b − ln L0_a), y = (1 − t)·y_a + t·y_b, with the spread interpolated alike from "
+        "their seed std, s = (1 − t)·s_a + t·s_b. Otherwise the nearest point is shown, **not at the same "
+        "sparsity**. Δ = baseline − sparsemax; lower is better for all three metrics. Runs without an eval.json "
+        "or a positive L0 take no part.", "",
+        f"Rule: with the pooled std s_p = √((s_a² + s_b²)/2), |Δ| > {z}·s_p means one side is better; otherwise the "
+        "difference is within seed spread. With one seed on either side (for an interpolation: at either "
+        "bracketing point), or without a matched L0, the comparison is **not conclusive**.", "",
+    ]
+    for size in comparisons:
+        lines += [f"### M = {size.m}", ""]
+        ref = size.reference
+        if ref is None:
+            lines += [f"No sparsemax run at M = {size.m}: nothing to compare {', '.join(size.others)} against.", ""]
+            continue
+        lines += [f"Sparsemax SAE ({_seeds(ref.runs)}): L0 = {_pm(ref.l0, '.2f')}, fvu = {_pm(ref.metrics['fvu'])}, "
+                  f"ce_degradation = {_pm(ref.metrics['ce_degradation'])}, dead = {_pm(ref.metrics['dead_frac'], '.3f')}.",
+                  ""]
+        if not size.families:
+            lines += [f"No baseline at M = {size.m}.", ""]
+            continue
+        lines += ["| family | values obtained by | L0 | fvu | Δ fvu | ce_degradation | Δ ce_degradation | dead | Δ dead |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for fc in size.families:
+            mt = fc.match
+            l0 = f"≈ {_f(mt.l0.mean, '.1f')}" if mt.method == "interpolated" else _pm(mt.l0, ".1f")
+            cells = []
+            for k in matched.METRICS:
+                spec = ".3f" if k == "dead_frac" else ".4f"
+                delta = fc.verdicts[k].delta
+                cells += [_pm(mt.metrics[k], spec), "–" if delta is None else format(delta, "+" + spec)]
+            lines.append(f"| {mt.family} | {_how(mt)} | {l0} | " + " | ".join(cells) + " |")
+        lines += ["", "Verdicts:", ""]
+        for fc in size.families:
+            lines += [_sentence(fc.match.family, fc.verdicts[k]) for k in matched.METRICS]
+        lines.append("")
+    lines += [f"![fvu–L0 frontier per M]({FRONTIER_PNG})", "",
+              "fvu against L0 (log x), one panel per M and one line per family (seeds averaged per config, error "
+              f"bars = std); the Sparsemax SAE's points are stars, each with a ±{w} band.", ""]
+    return lines
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name)
 
@@ -225,6 +381,8 @@ def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> s
                         f"(python -m evaluator run RUN_URL...).")
     plot_fvu_vs_m(evaluated, join_url(sweep_url, "fvu_vs_m.png"), storage_options)
     plot_l0_fvu(evaluated, join_url(sweep_url, "l0_fvu.png"), storage_options)
+    points = [p for p in (r.point for r in evaluated) if p is not None]
+    plot_frontier(points, join_url(sweep_url, FRONTIER_PNG), storage_options)
     first = evaluated[0].eval
     lines = [
         f"# Sweep report: {sweep_url.rstrip('/').rsplit('/', 1)[-1]}",
@@ -235,10 +393,12 @@ def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> s
         f"{first.get('hook_site')}, metric definitions v{first.get('metrics_version')}. Row filter: "
         f"{(first.get('filter') or {}).get('description')}.",
         "",
+        *matched_section(matched.compare(points)),
         "## fvu / ce_degradation by variant and dictionary size",
         "",
         "Cells: fvu (Σ‖x−x̂‖²/Σ‖x−μ‖² on the eval split's kept rows) / ce_degradation (ce_sae − ce_clean, "
-        "nats; – when CE was not computed).",
+        "nats; – when CE was not computed); mean ± sample std over the cell's runs when n > 1. Cells pool "
+        "every run of a variant at M, whatever its L0: compare variants in the section above.",
         "",
         paper_table(runs),
         "",

@@ -37,7 +37,15 @@ def test_report_renders_every_section(tiny_sweep):
     root, reports = tiny_sweep
     url = write_report(str(root))
     text = Path(url).read_text()
-    for heading in ("## fvu / ce_degradation by variant and dictionary size", "## Runs",
+    # the matched-sparsity section is the headline, right after the header paragraph; one seed per
+    # variant here, so every comparison is marked not conclusive
+    assert text.index("Row filter:") < text.index("## Matched sparsity") < text.index("## fvu / ce_degradation")
+    for m in (16, 32):
+        assert f"### M = {m}" in text
+    section = text.split("## Matched sparsity")[1].split("## fvu / ce_degradation")[0]
+    verdicts = [line for line in section.splitlines() if line.startswith("- relu, ")]
+    assert len(verdicts) == 2 * 3 and all("**not conclusive** — " in line for line in verdicts)
+    for heading in ("## Matched sparsity", "## fvu / ce_degradation by variant and dictionary size", "## Runs",
                     "## fvu vs dictionary size", "## L0–fvu frontier",
                     "## Support size of the sparsemax runs (dynamic K) and the suggested TopK K"):
         assert heading in text
@@ -48,7 +56,7 @@ def test_report_renders_every_section(tiny_sweep):
     s16 = reports["variant-sparsemax_m-16"]
     assert f"| sparsemax | {s16.fvu:.4f} / {s16.ce_degradation:.4f} |" in text
     # the unevaluated run is listed, not dropped
-    assert re.search(r"\| variant-topk_m-16 \| topk \| 16 \| none \| not evaluated \|", text)
+    assert re.search(r"\| variant-topk_m-16 \| topk \| 16 \| none \| 0 \| – \| not evaluated \|", text)
     assert "CE not computed: ce_contexts = 0." in text
     # suggested K per sparsemax run, from the mean support size
     for name in ("variant-sparsemax_m-16", "variant-sparsemax_m-32"):
@@ -56,7 +64,7 @@ def test_report_renders_every_section(tiny_sweep):
         assert f"| {name} | {rep.m} | {max(1, round(rep.l0))} | {rep.l0:.2f} |" in text
         assert f"![support size of {name}](support_{name}.png)" in text
     assert "K = round(mean support size" in text
-    for png in ("fvu_vs_m.png", "l0_fvu.png", "support_variant-sparsemax_m-16.png",
+    for png in ("frontier.png", "fvu_vs_m.png", "l0_fvu.png", "support_variant-sparsemax_m-16.png",
                 "support_variant-sparsemax_m-32.png"):
         assert (root / png).read_bytes()[:8] == PNG_MAGIC
         assert f"({png})" in text
@@ -74,6 +82,7 @@ def test_report_follows_summary_json_and_cli(tiny_sweep, capsys):
         text = (root / "report.md").read_text()
         assert "from 1 runs (1 evaluated)" in text and "variant-relu_m-16" not in text
         assert "No sparsemax-family run in this sweep." in text
+        assert "No sparsemax run at M = 32: nothing to compare relu against." in text
     finally:
         (root / "summary.json").unlink()
 
