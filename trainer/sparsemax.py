@@ -71,9 +71,6 @@ API
     * :func:`sparsemax_threshold` — (tau, support_size), ``dim`` removed; no gradient.
     * :func:`sparsemax_support` — (idx, val) padded to width K over the last dim.
     * :func:`sparsemax_mask` — (idx, mask) of the padded support, no values (what the SAE uses).
-    * :func:`sparsemax_topk` — :class:`SparsemaxSupport` (idx, probs, scores, tau,
-      support_size, mask) for the SAE: ``probs`` = max(z − τ, 0) on idx with the custom
-      backward, ``scores`` = z on the support (mask held fixed, plain gather gradient).
     * :func:`sparsemax_sort` — the reference sort formula (autograd through sort).
 
 Padding convention for the support ops: width K = ``k_max`` when every row's support
@@ -99,13 +96,11 @@ from trainer import sparsemax_cpu
 
 __all__ = [
     "AdaptiveK",
-    "SparsemaxSupport",
     "sparsemax",
     "sparsemax_mask",
     "sparsemax_sort",
     "sparsemax_support",
     "sparsemax_threshold",
-    "sparsemax_topk",
 ]
 
 
@@ -346,27 +341,6 @@ def sparsemax_threshold(z: Tensor, dim: int = -1, k: int | None = None) -> tuple
     return tau.reshape(moved_shape[:-1]), prefix.kstar.reshape(moved_shape[:-1])
 
 
-class SparsemaxSupport(NamedTuple):
-    """Sparsemax restricted to its (padded) support over the last dim; all fields (..., K).
-
-    idx: int64 indices into the last dim of z, descending z order (padding: valid, off the support).
-    probs: max(z − τ, 0) at idx (the sparsemax output), 0 in padding; gradient to z via
-        dz = s (g − mean_S g) (custom backward, scattered to idx by gather's backward).
-    scores: z at idx on the support, 0 in padding (``activation="scores"``: the mask is
-        held fixed, the gradient flows to z on the support through a plain gather).
-    tau: (...,) threshold τ in the compute dtype (no gradient).
-    support_size: (...,) int64 |S|.
-    mask: bool, True on the support (position r < support_size).
-    """
-
-    idx: Tensor
-    probs: Tensor
-    scores: Tensor
-    tau: Tensor
-    support_size: Tensor
-    mask: Tensor
-
-
 class _PaddedSupport(NamedTuple):
     rows: Tensor  # (N, M) z in the compute dtype
     cert: _Certified
@@ -391,14 +365,15 @@ def _padded_support(z: Tensor, k_max: int | None) -> _PaddedSupport:
 def sparsemax_mask(z: Tensor, k_max: int | None = None) -> tuple[Tensor, Tensor]:
     """(idx, mask) (..., K): the padded support of sparsemax over the last dim, without its values —
     what an SAE needs to read its own differentiable scores there. Same width and order as
-    :func:`sparsemax_topk`; no gradient."""
+    :func:`sparsemax_support`; no gradient."""
     sup = _padded_support(z, k_max)
     shape = (*sup.moved_shape[:-1], sup.width)
     return sup.cert.idx[:, : sup.width].reshape(shape), sup.mask.reshape(shape)
 
 
-def sparsemax_topk(z: Tensor, k_max: int | None = None) -> SparsemaxSupport:
-    """Sparsemax over the last dim of ``z`` returned on its padded support (see module docstring).
+def sparsemax_support(z: Tensor, k_max: int | None = None) -> tuple[Tensor, Tensor]:
+    """(idx, val) (..., K): sparsemax over the last dim on its padded support (see module docstring):
+    val = max(z − τ, 0) at idx, 0 in padding, with the custom backward dz = s (g − mean_S g).
 
     Width K = ``k_max`` if every support fits in it, else the smallest certified width
     (never truncated); ``k_max=None``: K = the largest support size in the batch.
@@ -407,27 +382,11 @@ def sparsemax_topk(z: Tensor, k_max: int | None = None) -> SparsemaxSupport:
     idx = cert.idx[:, :width]
     prefix = cert.prefix
     if zc.requires_grad:
-        zk = zc.gather(1, idx)
-        probs = _SupportProbs.apply(zk, prefix)
+        probs = _SupportProbs.apply(zc.gather(1, idx), prefix)
     else:  # no autograd: the candidates already hold z at idx
-        zk = cert.vals[:, :width]
-        probs = _support_probs(zk, prefix, mask)[0]
-    scores = torch.where(mask, zk, 0.0)
+        probs = _support_probs(cert.vals[:, :width], prefix, mask)[0]
     lead = moved_shape[:-1]
-    return SparsemaxSupport(
-        idx=idx.reshape(*lead, width),
-        probs=probs.to(z.dtype).reshape(*lead, width),
-        scores=scores.to(z.dtype).reshape(*lead, width),
-        tau=(prefix.zmax + prefix.tau_shift).reshape(lead),
-        support_size=prefix.kstar.reshape(lead),
-        mask=mask.reshape(*lead, width),
-    )
-
-
-def sparsemax_support(z: Tensor, k_max: int | None = None) -> tuple[Tensor, Tensor]:
-    """(idx, val): sparsemax over the last dim on its padded support; val = probs of :func:`sparsemax_topk`."""
-    out = sparsemax_topk(z, k_max)
-    return out.idx, out.probs
+    return idx.reshape(*lead, width), probs.to(z.dtype).reshape(*lead, width)
 
 
 def sparsemax_sort(z: Tensor, dim: int = -1) -> Tensor:

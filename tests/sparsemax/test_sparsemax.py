@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -19,8 +20,29 @@ from trainer.sparsemax import (
     sparsemax_sort,
     sparsemax_support,
     sparsemax_threshold,
-    sparsemax_topk,
 )
+
+
+class SupportView(NamedTuple):
+    """Everything about sparsemax on its padded support, composed from the public ops (fields (..., K))."""
+
+    idx: torch.Tensor
+    probs: torch.Tensor
+    scores: torch.Tensor
+    tau: torch.Tensor
+    support_size: torch.Tensor
+    mask: torch.Tensor
+
+
+def sparsemax_topk(z: torch.Tensor, k_max: int | None = None) -> SupportView:
+    """idx/probs from sparsemax_support, the mask from sparsemax_mask (same width and order), scores = z on
+    the support (plain gather gradient), τ and |S| from sparsemax_threshold."""
+    idx, probs = sparsemax_support(z, k_max)
+    idx_m, mask = sparsemax_mask(z.detach(), k_max)
+    assert torch.equal(idx, idx_m)
+    scores = torch.where(mask, z.gather(-1, idx), torch.zeros((), dtype=z.dtype))
+    tau, size = sparsemax_threshold(z.detach())
+    return SupportView(idx, probs, scores, tau, size, mask)
 
 INF = math.inf
 
