@@ -25,7 +25,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
@@ -39,6 +39,8 @@ DEFAULT_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 
 class DemoConfig(StrictModel):
     """The demo: a harvest config and a sweep config (its ``base.dataset`` is filled in)."""
+
+    storage_option_keys: ClassVar[tuple[str, ...]] = ("harvest.storage_options", "sweep.base.storage_options")
 
     harvest: dict[str, Any]
     sweep: dict[str, Any]
@@ -81,14 +83,14 @@ def about_section(cfg: DemoConfig, dataset_url: str, rows: int, timings: dict[st
     return "\n".join(lines)
 
 
-def prepend_to_report(report_url: str, text: str) -> None:
+def prepend_to_report(report_url: str, text: str, storage_options: io.StorageOptions = None) -> None:
     """Insert ``text`` after the report's first heading line."""
-    body = io.read_text(report_url) or ""
+    body = io.read_text(report_url, storage_options) or ""
     head, sep, rest = body.partition("\n")
     if not head.startswith("#"):
         head, sep, rest = "", "", body
     new = f"{head}{sep}\n{text}\n{rest}" if head else f"{text}\n{rest}"
-    io.write_text(report_url, new)
+    io.write_text(report_url, new, storage_options)
 
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
@@ -119,9 +121,10 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
     t2 = time.perf_counter()
     print("[3/3] writing the report ...", flush=True)
-    report_url = write_report(sweep_url)
+    storage_options = sweep_cfg.base.get("storage_options")
+    report_url = write_report(sweep_url, storage_options)
     timings["report"] = time.perf_counter() - t2
-    prepend_to_report(report_url, about_section(cfg, result.url, result.rows, timings))
+    prepend_to_report(report_url, about_section(cfg, result.url, result.rows, timings), storage_options)
 
     concepts_url = None
     if cfg.concepts_tokens > 0:
@@ -153,7 +156,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    cfg = load_config(DemoConfig, args.config or DEFAULT_CONFIG, args.overrides)
+    cfg = load_config(DemoConfig, args.config or DEFAULT_CONFIG, args.overrides, storage_options=args.storage_options)
     t0 = time.perf_counter()
     out = run_demo(cfg, progress=not args.no_progress)
     runs = out["summary"].get("runs", [])

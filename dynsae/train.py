@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.config import TrainConfig
     from trainer.run import train
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = load_config(TrainConfig, args.config, args.overrides, storage_options=args.storage_options)
     print(train(cfg, progress=not args.no_progress, evaluation=TrainingEvaluation()))
     return 0
 

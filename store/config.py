@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,7 +66,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Read a YAML mapping from a local path or any fsspec URL."""
     text: str
     p = str(path)
@@ -73,7 +74,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         if "://" in p:
             from store import io
 
-            remote = io.read_text(p)
+            remote = io.read_text(p, storage_options)
             if remote is None:
                 raise FileNotFoundError(p)
             text = remote
@@ -121,13 +122,35 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
         raise UserError(describe_validation_error(err, source)) from None
 
 
+def parse_storage_options(text: str | None) -> dict[str, Any] | None:
+    """The value of ``--storage-options``: a JSON object (None when the flag was not given)."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict):
+        raise UserError(f"--storage-options {text!r} is not a JSON object; write e.g. "
+                        "--storage-options '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'.")
+    return value
+
+
 def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None,
-                base: dict[str, Any] | None = None) -> M:
-    """YAML file (optional) + ``--set`` overrides -> validated ``model``."""
+                base: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> M:
+    """YAML file (optional) + ``--set`` overrides -> validated ``model``.
+
+    ``storage_options`` (from ``--storage-options``) are used to read the config itself and are set at
+    each of the model's ``storage_option_keys`` (default ``("storage_options",)``; a sweep sets
+    ``base.storage_options``), replacing what the file says there.
+    """
     data: dict[str, Any] = dict(base or {})
     if path is not None:
-        data.update(read_yaml(path))
+        data.update(read_yaml(path, storage_options))
     apply_overrides(data, overrides)
+    if storage_options is not None:
+        for key in getattr(model, "storage_option_keys", ("storage_options",)):
+            set_dotted(data, key.split("."), dict(storage_options))
     return validate(model, data, source=str(path) if path is not None else "config")
 
 
@@ -138,3 +161,11 @@ def add_config_arguments(parser: Any, config_required: bool = True) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (dotted key, YAML value, e.g. --set sae.m=4096); repeatable")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_storage_options_argument(parser)
+
+
+def add_storage_options_argument(parser: Any) -> None:
+    """``--storage-options JSON``: fsspec options (endpoint, credentials) for every URL the command opens."""
+    parser.add_argument("--storage-options", dest="storage_options", type=parse_storage_options, default=None,
+                        metavar="JSON", help="fsspec storage options for every URL the command reads or writes, "
+                        "e.g. '{\"endpoint_url\": \"http://127.0.0.1:9000\"}' (overrides the config's)")
