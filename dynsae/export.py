@@ -302,9 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     out = export(args.run, args.out, args.format)
-    loader = ("sparsify.SparseCoder.load_from_disk" if args.format == "sparsify"
-              else "sae_lens.SAE.load_from_disk")
-    print(f"wrote {args.format} folder {out} (load it with {loader})")
+    if args.format == "sparsify":
+        how = "sparsify.SparseCoder.load_from_disk"
+    else:
+        arch = (io.read_json(io.join_url(out, SAELENS_CFG)) or {}).get("architecture")
+        how = ("`import dynsae.saelens`, then sae_lens.SAE.load_from_disk" if str(arch).startswith("dynsae")
+               else "sae_lens.SAE.load_from_disk")
+    print(f"wrote {args.format} folder {out} (load it with {how})")
     return 0
 
 

@@ -91,6 +91,11 @@ class ForeignSAE(nn.Module):
             return self.inner.decode(codes.val, codes.idx).float()
         return self.inner.decode(codes.to_dense().to(self.inner.dtype)).float()
 
+    def to(self, *args: Any, **kwargs: Any) -> ForeignSAE:
+        """Move the wrapped SAE with its own ``to`` (SAELens keeps its device in an attribute)."""
+        self.inner = self.inner.to(*args, **kwargs)
+        return self
+
     def forward(self, x: Tensor) -> tuple[Tensor, Codes, dict[str, Tensor]]:
         codes = self.encode(x)
         return self.decode(codes, x), codes, {}

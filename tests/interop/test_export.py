@@ -72,13 +72,16 @@ def test_saelens_export_matches_our_forward(name, runs, eval_rows, tmp_path, tex
     from sae_lens import SAE
 
     import dynsae.saelens  # noqa: F401  (our architectures; stock ones need nothing of ours, see below)
+    from trainer.sae import load
 
     out = tmp_path / "saelens"
     assert dynsae_main(["export", runs[name], str(out), "--format", "saelens"]) == 0
     cfg = json.loads((out / "cfg.json").read_text())
     variant = CASES[name]["variant"]
     assert cfg["architecture"] == ARCHITECTURE[variant]
-    unit = CASES[name].get("input_norm") == "unit"
+    unit = load(runs[name]).unit_input  # x/‖x‖ in, ×‖x‖ out (input_norm unit, or always for the variant)
+    cross_attention = variant in ("sparsemax", "attn_relu")  # folded to features ‖x‖·a: stateless
+    unit = unit and not cross_attention
     assert cfg["normalize_activations"] == ("constant_norm_rescale" if unit else "none")
     sae = SAE.load_from_disk(out)
     x, _ = eval_rows
