@@ -7,6 +7,7 @@
 ``dynsae eval ...``    -> ``python -m evaluator run ...``
 ``dynsae report ...``  -> ``python -m evaluator report ...``
 ``dynsae concepts ...``-> ``python -m evaluator.concepts ...``
+``dynsae export ...``  -> ``python -m dynsae.export ...`` (SAELens / sparsify folders)
 ``dynsae demo``        -> the end-to-end demo (:mod:`dynsae.demo`)
 """
 
@@ -24,6 +25,7 @@ ROUTES: dict[str, tuple[str, list[str]]] = {
     "eval": ("evaluator.__main__", ["run"]),
     "report": ("evaluator.__main__", ["report"]),
     "concepts": ("evaluator.concepts.__main__", []),
+    "export": ("dynsae.export", []),
     "demo": ("dynsae.demo", []),
 }
 

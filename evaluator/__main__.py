@@ -1,7 +1,8 @@
 """``python -m evaluator run RUN_URL... [--json]``, ``report SWEEP_URL``, ``concepts ...``.
 
 * ``run``: evaluate each run directory on its dataset's eval split; writes ``<run>/eval.json``
-  and prints one line per run (or the reports as JSON with ``--json``).
+  and prints one line per run (or the reports as JSON with ``--json``). A SAELens or sparsify
+  folder is evaluated too, on ``--dataset URL`` (:mod:`evaluator.foreign`); ``--out`` moves eval.json.
 * ``report``: write ``<sweep>/report.md`` and its PNG plots from the runs' eval.json files.
 * ``concepts``: the concept browser (:mod:`evaluator.concepts`), arguments passed through.
 """
@@ -26,19 +27,22 @@ def cmd_run(args: argparse.Namespace) -> int:
     from store.config import load_config
 
     zeroshot = load_config(ZeroShotConfig, args.zeroshot, args.set) if args.zeroshot else None
+    if args.out and len(args.runs) > 1:
+        raise UserError(f"--out {args.out} names one eval.json but {len(args.runs)} SAEs were given; "
+                        "evaluate them one at a time or drop --out.")
     cache: dict = {}
     reports = []
     for url in args.runs:
         report = evaluate_run(url, max_tokens=args.max_tokens, ce_contexts=args.ce_contexts, device=args.device,
                               batch_size=args.batch_size, zeroshot=zeroshot, model_cache=cache,
-                              progress=not args.json)
+                              progress=not args.json, dataset_url=args.dataset, out=args.out)
         reports.append(report.model_dump(mode="json"))
         if not args.json:
             ce = (f"ce_degradation {_fmt(report.ce_degradation)} nats, ce_recovered {_fmt(report.ce_recovered)}"
                   if report.ce_skipped is None else f"CE skipped: {report.ce_skipped}")
             print(f"{url}: fvu {_fmt(report.fvu)} (unfiltered {_fmt(report.fvu_unfiltered)}), "
                   f"l0 {_fmt(report.l0, '.1f')}, dead {_fmt(report.dead_frac, '.3f')}, {ce}; "
-                  f"{report.tokens.kept} tokens -> {url.rstrip('/')}/eval.json")
+                  f"{report.tokens.kept} tokens -> {args.out or url.rstrip('/') + '/eval.json'}")
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
     return 0
@@ -57,7 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="evaluate run directories, writing eval.json")
-    run.add_argument("runs", nargs="+", metavar="RUN_URL")
+    run.add_argument("runs", nargs="+", metavar="RUN_URL",
+                     help="run directory, or a SAELens / sparsify folder (needs --dataset)")
+    run.add_argument("--dataset", default=None, metavar="DATASET_URL",
+                     help="dataset to evaluate on (required for SAELens/sparsify folders; default: the run's)")
+    run.add_argument("--out", default=None, metavar="EVAL_JSON_URL",
+                     help="where to write eval.json (default: inside the run or folder)")
     run.add_argument("--json", action="store_true", help="print the reports as JSON")
     run.add_argument("--max-tokens", type=int, default=None, help="cap on eval-split rows (default: all)")
     run.add_argument("--ce-contexts", type=int, default=64, help="eval contexts for CE (0 skips CE)")

@@ -326,22 +326,24 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
                  device: str = "cpu", batch_size: int = 4096, ce_batch_size: int = 8,
                  zeroshot: Any | None = None, storage_options: dict[str, Any] | None = None,
                  model_cache: dict[str, Any] | None = None, write: bool = True,
-                 progress: bool = True) -> EvalReport:
+                 progress: bool = True, dataset_url: str | None = None, out: str | None = None) -> EvalReport:
     """Evaluate the run at ``run_url`` on its dataset's eval split; writes ``<run_url>/eval.json``.
 
     ``max_tokens`` caps the eval rows read (None: the whole split); ``ce_contexts`` eval contexts
     are used for CE (0 skips it); ``zeroshot`` (a :class:`evaluator.zeroshot.ZeroShotConfig`) adds
     zero-shot concept classification for open_clip datasets; ``model_cache`` keeps loaded models
-    between calls (the evaluator actor passes one).
+    between calls (the evaluator actor passes one). ``run_url`` may also be a SAELens or sparsify
+    folder (:mod:`evaluator.foreign`, then ``dataset_url`` is required); ``dataset_url`` overrides a
+    run's dataset, ``out`` the eval.json URL.
     """
+    from evaluator.foreign import open_sae
     from store import open_dataset
-    from trainer.sae import load
 
-    cfg = read_run_config(run_url, storage_options)
+    cfg, sae = open_sae(run_url, dataset_url, storage_options)
     dataset_url = cfg["dataset"]
     dataset = open_dataset(dataset_url, storage_options=storage_options)
     manifest = dataset.manifest
-    sae = load(run_url, storage_options).to(device).eval()
+    sae = sae.to(device).eval()
     if sae.config.d != manifest.d:
         raise UserError(f"run {run_url} has an SAE of d = {sae.config.d} but its dataset {dataset_url} has "
                         f"d = {manifest.d}; the run config points at the wrong dataset.")
@@ -392,7 +394,7 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         "zeroshot_skipped": zs_skipped,
     }))
     if write:
-        io.write_json(io.join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
+        io.write_json(out or io.join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
     return report
 
 

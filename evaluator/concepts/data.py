@@ -55,16 +55,15 @@ class RunInfo:
 def open_run(run_url: str, dataset_url: str | None = None, device: str = "cpu",
              storage_options: dict[str, Any] | None = None) -> RunInfo:
     """Load a run's config, SAE (eval mode, on ``device``) and dataset, plus its row filter."""
-    import trainer.sae
-    from evaluator.evaluate import read_run_config
+    from evaluator.foreign import open_sae
     from store import open_dataset
     from store.filters import RowFilter
 
-    config = read_run_config(run_url, storage_options)
-    url = dataset_url or config.get("dataset")
+    config, sae = open_sae(run_url, dataset_url, storage_options)  # a run, or a SAELens/sparsify folder
+    url = config.get("dataset")
     if not url:
         raise UserError(f"run {run_url} names no dataset in its config.json; pass --dataset URL.")
-    sae = trainer.sae.load(run_url, storage_options).eval().to(device)
+    sae = sae.eval().to(device)
     dataset = open_dataset(url, storage_options=storage_options)
     if int(dataset.manifest.d) != int(sae.config.d):
         raise UserError(f"dataset {url} has d={dataset.manifest.d} but the SAE of run {run_url} expects "

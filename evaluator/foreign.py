@@ -1,0 +1,226 @@
+"""SAEs from elsewhere: SAELens and sparsify folders scored with our metric definitions.
+
+``dynsae eval DIR --dataset URL`` and ``dynsae concepts DIR --dataset URL`` accept, besides a run
+directory of ours (``config.json`` + ``sae.safetensors``):
+
+* a **SAELens** folder — ``cfg.json`` + ``sae_weights.safetensors``, loaded with
+  ``sae_lens.SAE.load_from_disk`` (any architecture SAELens has registered: standard, topk,
+  jumprelu, gated, …); features = ``sae.encode(x)``, x̂ = ``sae.decode(features)``, exactly SAELens's
+  forward (its own input normalisation included);
+* a **sparsify** folder — ``cfg.json`` + ``sae.safetensors``, loaded with
+  ``sparsify.SparseCoder.load_from_disk``; codes = its top-k (acts, indices), x̂ = its decode.
+
+:class:`ForeignSAE` wraps either in what the evaluator uses of our SAEs (``config.m/d/variant``,
+``encode(x) -> Codes``, ``decode(codes, x)``, ``eval()``, ``to()``, ``parameters()``). The row
+filter is the trainer's default (position 0 excluded, no norm filter): the foreign SAE was not
+trained by us, so there is no run config to take one from. Folders on remote URLs are copied to a
+local temporary folder first (both libraries read local paths only).
+
+Decisions: the libraries are optional (the ``interop`` extra); a folder that needs one that is not
+installed is one sentence saying which to install. ``SPARSIFY_DISABLE_TRITON=1`` is set when no GPU
+is visible (sparsify's Triton decoder needs one), and sparsify's import-time print is kept off
+stdout (``--json`` output stays JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io as _pyio
+import os
+import tempfile
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from store import io
+from store.config import StrictModel
+from store.errors import UserError
+from trainer.sae import Codes
+
+CFG = "cfg.json"
+SAELENS_WEIGHTS = "sae_weights.safetensors"
+SPARSIFY_WEIGHTS = "sae.safetensors"
+RUN_CONFIG = "config.json"
+
+
+class ForeignConfig(StrictModel):
+    """What the evaluator and the concept browser read of an SAE's config."""
+
+    variant: str
+    d: int
+    m: int
+    k: int | None = None
+    activation: str | None = None
+    input_norm: str = "none"
+    source_format: str
+    source_url: str
+
+
+class ForeignSAE(nn.Module):
+    """A SAELens or sparsify SAE behind the interface of ours (module docstring)."""
+
+    always_unit_norm = False
+
+    def __init__(self, inner: nn.Module, config: ForeignConfig) -> None:
+        super().__init__()
+        self.inner = inner
+        self.config = config
+
+    @property
+    def unit_input(self) -> bool:
+        return False
+
+    def _input(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[-1] != self.config.d:
+            raise UserError(f"SAE input has shape {tuple(x.shape)}; the {self.config.variant} SAE of "
+                            f"{self.config.source_url} expects (batch, {self.config.d}) activations.")
+        return x
+
+    def encode(self, x: Tensor) -> Codes:
+        """Codes of a batch: dense SAELens features, or sparsify's padded top-k (acts, indices)."""
+        x = self._input(x)
+        if self.config.source_format == "sparsify":
+            out = self.inner.encode(x.to(self.inner.dtype))
+            return Codes(m=self.config.m, idx=out.top_indices, val=out.top_acts.float())
+        return Codes(m=self.config.m, dense=self.inner.encode(x).float())
+
+    def decode(self, codes: Codes, x: Tensor | None = None) -> Tensor:
+        """x̂ (B, d) float32 with the library's own decoder (``x`` is not needed)."""
+        if self.config.source_format == "sparsify":
+            return self.inner.decode(codes.val, codes.idx).float()
+        return self.inner.decode(codes.to_dense().to(self.inner.dtype)).float()
+
+    def to(self, *args: Any, **kwargs: Any) -> ForeignSAE:
+        """Move the wrapped SAE with its own ``to`` (SAELens keeps its device in an attribute)."""
+        self.inner = self.inner.to(*args, **kwargs)
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Codes, dict[str, Tensor]]:
+        codes = self.encode(x)
+        return self.decode(codes, x), codes, {}
+
+
+# ---- recognising and loading a folder ------------------------------------------------------------
+
+
+def folder_format(url: str, storage_options: io.StorageOptions = None) -> str | None:
+    """``"saelens"``, ``"sparsify"`` or None (not a foreign folder) from the files present."""
+    if not io.exists(io.join_url(url, CFG), storage_options):
+        return None
+    if io.exists(io.join_url(url, SAELENS_WEIGHTS), storage_options):
+        return "saelens"
+    if io.exists(io.join_url(url, SPARSIFY_WEIGHTS), storage_options):
+        return "sparsify"
+    return None
+
+
+def neither_error(url: str) -> UserError:
+    return UserError(f"{url} has no {RUN_CONFIG} + sae.safetensors (a dynsae run), no {CFG} + {SAELENS_WEIGHTS} "
+                     f"(a SAELens folder) and no {CFG} + {SPARSIFY_WEIGHTS} (a sparsify folder); point at one "
+                     "of those.")
+
+
+def local_copy(url: str, names: tuple[str, ...], storage_options: io.StorageOptions) -> str:
+    """A local folder holding ``names`` of ``url`` (the folder itself when it is local)."""
+    if io.is_local(url):
+        return io.local_path(url)
+    folder = tempfile.mkdtemp(prefix="dynsae-foreign-")
+    for name in names:
+        data = io.read_bytes(io.join_url(url, name), storage_options)
+        with open(os.path.join(folder, name), "wb") as fh:
+            fh.write(data or b"")
+    return folder
+
+
+def _import(module: str, extra: str) -> Any:
+    try:
+        with contextlib.redirect_stdout(_pyio.StringIO()):
+            return __import__(module, fromlist=["_"])
+    except ImportError as err:
+        raise UserError(f"reading this folder needs the {extra} package ({err.name} is missing); install it "
+                        "with `pip install 'dynsae[interop]'`.") from None
+
+
+def load_saelens(url: str, storage_options: io.StorageOptions = None) -> ForeignSAE:
+    """A SAELens folder as a :class:`ForeignSAE`."""
+    cfg = io.read_json_object(io.join_url(url, CFG), storage_options, what="a SAELens config") or {}
+    sae_lens = _import("sae_lens", "sae-lens")
+    from sae_lens.registry import SAE_CLASS_REGISTRY
+
+    arch = cfg.get("architecture", "standard")
+    if arch not in SAE_CLASS_REGISTRY:
+        hint = (" (a dynsae export: evaluate the original run instead)" if str(arch).startswith("dynsae")
+                else "")
+        raise UserError(f"{io.join_url(url, CFG)} names architecture {arch!r}, which SAELens does not know"
+                        f"{hint}; the known ones are {', '.join(sorted(SAE_CLASS_REGISTRY))}.")
+    try:
+        inner = sae_lens.SAE.load_from_disk(local_copy(url, (CFG, SAELENS_WEIGHTS), storage_options))
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"SAELens cannot load {url}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+                        "re-save it with sae.save_model().") from None
+    c = inner.cfg
+    norm = c.normalize_activations
+    config = ForeignConfig(variant=f"saelens:{c.architecture()}", d=int(c.d_in), m=int(c.d_sae),
+                           k=getattr(c, "k", None), input_norm="none" if norm == "none" else f"saelens:{norm}",
+                           source_format="saelens", source_url=url)
+    return ForeignSAE(inner, config)
+
+
+def load_sparsify(url: str, storage_options: io.StorageOptions = None) -> ForeignSAE:
+    """A sparsify folder as a :class:`ForeignSAE`."""
+    cfg = io.read_json_object(io.join_url(url, CFG), storage_options, what="a sparsify config") or {}
+    if "d_in" not in cfg:
+        raise neither_error(url)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    sparsify = _import("sparsify", "eai-sparsify")
+    try:
+        inner = sparsify.SparseCoder.load_from_disk(local_copy(url, (CFG, SPARSIFY_WEIGHTS), storage_options))
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise UserError(f"sparsify cannot load {url}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+                        "re-save it with SparseCoder.save_to_disk().") from None
+    if inner.cfg.transcode or inner.W_skip is not None:
+        raise UserError(f"{url} is a sparsify transcoder or has a skip connection; only plain SAEs "
+                        "(reconstructing their own input) can be scored against a dataset.")
+    config = ForeignConfig(variant=f"sparsify:{inner.cfg.activation}", d=int(inner.d_in),
+                           m=int(inner.num_latents), k=int(inner.cfg.k), source_format="sparsify",
+                           source_url=url)
+    return ForeignSAE(inner, config)
+
+
+def load_foreign(url: str, storage_options: io.StorageOptions = None) -> ForeignSAE | None:
+    """The SAELens/sparsify SAE at ``url``, or None when the folder is neither (e.g. a run of ours)."""
+    fmt = folder_format(url, storage_options)
+    if fmt is None:
+        return None
+    return (load_saelens if fmt == "saelens" else load_sparsify)(url, storage_options)
+
+
+def open_sae(url: str, dataset_url: str | None = None,
+             storage_options: io.StorageOptions = None) -> tuple[dict[str, Any], Any]:
+    """(run config, SAE) of a run of ours or a foreign folder, for the evaluator and the browser.
+
+    A run's config.json is returned with ``dataset`` replaced by ``dataset_url`` when given. A foreign
+    folder needs ``dataset_url``; its config is ``{"dataset": dataset_url}`` (default row filter),
+    and its d_in must be the dataset's d.
+    """
+    foreign = load_foreign(url, storage_options)
+    if foreign is None:
+        if not io.exists(io.join_url(url, RUN_CONFIG), storage_options):
+            raise neither_error(url)
+        from evaluator.evaluate import read_run_config
+        from trainer.sae import load
+
+        cfg = read_run_config(url, storage_options)
+        return ({**cfg, "dataset": dataset_url} if dataset_url else cfg), load(url, storage_options)
+    if not dataset_url:
+        raise UserError(f"{url} is a {foreign.config.source_format} folder, which names no dataset of ours; "
+                        "pass --dataset URL (a dataset harvested at the SAE's model and hook).")
+    from store.layout import read_manifest
+
+    d = read_manifest(dataset_url, storage_options).d
+    if d != foreign.config.d:
+        raise UserError(f"the {foreign.config.source_format} SAE at {url} has d_in = {foreign.config.d} but "
+                        f"dataset {dataset_url} has d = {d}; pass a dataset harvested at the SAE's model and hook.")
+    return {"dataset": dataset_url}, foreign
