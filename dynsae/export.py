@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from store import io
+from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
 
 FORMATS = ("saelens", "sparsify")
@@ -296,16 +297,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("out", metavar="OUT_DIR", help="folder to write, any fsspec URL")
     parser.add_argument("--format", default="saelens", choices=FORMATS,
                         help="saelens (every variant; SAE-Dashboard, SAEBench, Neuronpedia) or sparsify (topk)")
+    add_storage_options_argument(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    out = export(args.run, args.out, args.format)
+    out = export(args.run, args.out, args.format, args.storage_options)
     if args.format == "sparsify":
         how = "sparsify.SparseCoder.load_from_disk"
     else:
-        arch = (io.read_json(io.join_url(out, SAELENS_CFG)) or {}).get("architecture")
+        arch = (io.read_json(io.join_url(out, SAELENS_CFG), args.storage_options) or {}).get("architecture")
         how = ("`import dynsae.saelens`, then sae_lens.SAE.load_from_disk" if str(arch).startswith("dynsae")
                else "sae_lens.SAE.load_from_disk")
     print(f"wrote {args.format} folder {out} (load it with {how})")

@@ -14,6 +14,7 @@ import importlib
 import json
 import sys
 
+from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
 
 
@@ -35,7 +36,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     for url in args.runs:
         report = evaluate_run(url, max_tokens=args.max_tokens, ce_contexts=args.ce_contexts, device=args.device,
                               batch_size=args.batch_size, zeroshot=zeroshot, model_cache=cache,
-                              progress=not args.json, dataset_url=args.dataset, out=args.out)
+                              progress=not args.json, dataset_url=args.dataset, out=args.out,
+                              storage_options=args.storage_options)
         reports.append(report.model_dump(mode="json"))
         if not args.json:
             ce = (f"ce_degradation {_fmt(report.ce_degradation)} nats, ce_recovered {_fmt(report.ce_recovered)}"
@@ -51,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from evaluator.report import write_report
 
-    url = write_report(args.sweep)
+    url = write_report(args.sweep, args.storage_options)
     print(url)
     return 0
 
@@ -68,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, metavar="EVAL_JSON_URL",
                      help="where to write eval.json (default: inside the run or folder)")
     run.add_argument("--json", action="store_true", help="print the reports as JSON")
+    add_storage_options_argument(run)
     run.add_argument("--max-tokens", type=int, default=None, help="cap on eval-split rows (default: all)")
     run.add_argument("--ce-contexts", type=int, default=64, help="eval contexts for CE (0 skips CE)")
     run.add_argument("--device", default="cpu")
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     report = sub.add_parser("report", help="write report.md + plots for a sweep directory")
     report.add_argument("sweep", metavar="SWEEP_URL")
+    add_storage_options_argument(report)
     report.set_defaults(func=cmd_report)
     sub.add_parser("concepts", help="concept browser (see python -m evaluator concepts --help)")
     return parser

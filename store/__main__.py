@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from store.config import add_storage_options_argument
 from store.errors import run_cli
 
 
@@ -19,11 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("ls", help="list datasets under a root URL")
     ls.add_argument("root")
+    add_storage_options_argument(ls)
     info = sub.add_parser("info", help="describe one dataset")
     info.add_argument("url")
+    add_storage_options_argument(info)
     info.add_argument("--json", action="store_true", help="print the manifest and facts as JSON")
     ver = sub.add_parser("verify", help="check commits, checksums, lengths and NaN/Inf")
     ver.add_argument("url")
+    add_storage_options_argument(ver)
     ver.add_argument("--sample-chunks", type=int, default=32, help="chunks of acts checked for NaN/Inf")
     return p
 
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ls":
         from store.catalog import list_datasets, summary_row
 
-        found = list_datasets(args.root)
+        found = list_datasets(args.root, args.storage_options)
         if not found:
             print(f"no datasets under {args.root}")
         for url, manifest in found:
@@ -43,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         from store.catalog import dataset_info, format_info
 
-        info = dataset_info(args.url)
+        info = dataset_info(args.url, args.storage_options)
         print(json.dumps(info, indent=2) if args.json else format_info(info))
         return 0
     from store.verify import verify_dataset
 
-    problems = verify_dataset(args.url, sample_chunks=args.sample_chunks)
+    problems = verify_dataset(args.url, args.storage_options, sample_chunks=args.sample_chunks)
     for problem in problems:
         print(problem)
     if problems:

@@ -222,6 +222,18 @@ def expand_paths(patterns: list[str], storage_options: StorageOptions = None,
     return found
 
 
+def put_dir(local_dir: str, url: str, storage_options: StorageOptions = None) -> None:
+    """Copy the local folder ``local_dir`` (recursively) to ``url``; a no-op when they are the same folder."""
+    import shutil
+
+    if is_local(url):
+        if os.path.abspath(local_path(url)) != os.path.abspath(local_dir):
+            shutil.copytree(local_dir, local_path(url), dirs_exist_ok=True)
+        return
+    fs, path = filesystem(url, storage_options)
+    fs.put(str(local_dir).rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+
 def save_safetensors(url: str, tensors: dict[str, Any], storage_options: StorageOptions = None,
                      metadata: dict[str, str] | None = None) -> None:
     """Write a dict of torch tensors as a safetensors file at ``url`` (atomically)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
 
 
@@ -25,6 +26,7 @@ def browser_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=("eval", "train", "all"), help="dataset split (default eval)")
     p.add_argument("--out", default=None, help="output folder (default <run_dir>/concepts)")
     p.add_argument("--device", default="cpu", help="torch device for the SAE (default cpu)")
+    add_storage_options_argument(p)
     return p
 
 
@@ -40,6 +42,7 @@ def compare_parser() -> argparse.ArgumentParser:
     src.add_argument("--image", help="image file to run through the dataset's model (vision)")
     p.add_argument("--out", default=None, help="output file (default <RUN_A>/concepts/compare.html)")
     p.add_argument("--device", default="cpu")
+    add_storage_options_argument(p)
     return p
 
 
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
         c = compare_parser().parse_args(args[1:])
         path = write_compare(c.run_a, c.run_b, text=c.text, seq=c.seq, image=c.image, out=c.out,
-                             device=c.device)
+                             device=c.device, storage_options=c.storage_options)
         print(f"wrote {path}")
         return 0
     ns = browser_parser().parse_args(args)
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from evaluator.concepts.build import write_browser
 
     page = write_browser(ns.run, dataset_url=ns.dataset, units=ns.tokens, top=ns.top, window=ns.window,
-                         split=ns.split, out=ns.out, device=ns.device)
+                         split=ns.split, out=ns.out, device=ns.device, storage_options=ns.storage_options)
     print(f"wrote {page}")
     return 0
 

@@ -81,13 +81,14 @@ def build_cards(run: RunInfo, *, units: int, top: int, window: int, split: str, 
 
 
 def write_browser(run_url: str, *, dataset_url: str | None = None, units: int = 65536, top: int = 20,
-                  window: int = 8, split: str = "eval", out: str | None = None, device: str = "cpu") -> str:
+                  window: int = 8, split: str = "eval", out: str | None = None, device: str = "cpu",
+                  storage_options: dict[str, Any] | None = None) -> str:
     """Build the concept browser of a run; returns the URL of its index.html."""
-    run = open_run(run_url, dataset_url, device=device)
+    run = open_run(run_url, dataset_url, device=device, storage_options=storage_options)
     out_url = out or default_out(run_url)
     local = staging_dir(out_url)
     with torch.no_grad():
         index, cards = build_cards(run, units=units, top=top, window=window, split=split, out=local)
     write_site(local, index, cards)
-    publish(local, out_url)
+    publish(local, out_url, storage_options)
     return join_url(out_url, "index.html")

@@ -208,11 +208,13 @@ of each run (links open the run's concept browser)</caption>
 
 
 def write_compare(run_a: str, run_b: str, *, text: str | None = None, seq: int | None = None,
-                  image: str | None = None, out: str | None = None, device: str = "cpu") -> str:
+                  image: str | None = None, out: str | None = None, device: str = "cpu",
+                  storage_options: dict[str, Any] | None = None) -> str:
     """Write the compare page; returns its path."""
     if sum(x is not None for x in (text, seq, image)) != 1:
         raise UserError("compare needs exactly one input: --text TEXT, --seq ID or --image PATH.")
-    a, b = open_run(run_a, device=device), open_run(run_b, device=device)
+    a = open_run(run_a, device=device, storage_options=storage_options)
+    b = open_run(run_b, device=device, storage_options=storage_options)
     check_compatible(a, b)
     if seq is not None:
         inp = input_from_seq(a, seq)

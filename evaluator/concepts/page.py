@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -140,16 +138,11 @@ def write_site(out: Path, index: dict[str, Any], cards: list[dict[str, Any]]) ->
     return page
 
 
-def publish(local_dir: Path, url: str) -> None:
+def publish(local_dir: Path, url: str, storage_options: dict[str, Any] | None = None) -> None:
     """Copy a finished local folder to ``url`` (any fsspec URL); a no-op when ``url`` is that folder."""
-    from store.io import filesystem, is_local, local_path
+    from store.io import put_dir
 
-    if is_local(url):
-        if os.path.abspath(local_path(url)) != os.path.abspath(local_dir):
-            shutil.copytree(local_dir, local_path(url), dirs_exist_ok=True)
-        return
-    fs, path = filesystem(url)
-    fs.put(str(local_dir).rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+    put_dir(str(local_dir), url, storage_options)
 
 
 def staging_dir(url: str) -> Path:
