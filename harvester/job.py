@@ -41,17 +41,9 @@ import numpy as np
 
 from harvester.config import HarvestConfig, config_hash, dataset_name
 from harvester.models import ModelAdapter, ModelInfo, load_model, resolve_layer
-from harvester.sources import (
-    ImageItems,
-    TokenSpec,
-    image_items,
-    iter_documents,
-    pack_contexts,
-    source_name,
-    source_revision,
-    token_spec,
-    token_stream,
-)
+from harvester.models import inspect_model as inspect_adapter
+from harvester.packing import TokenSpec, pack_contexts, token_spec, token_stream
+from harvester.sources import ImageItems, image_items, iter_documents, source_name, source_revision
 from store.errors import UserError
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -143,34 +135,11 @@ class Inspected:
 
 
 def inspect_model(cfg: HarvestConfig) -> Inspected:
-    """Depth, width and tokenizer of the model, loading as little as possible.
-
-    HF models: config and tokenizer only (no weights). open_clip: the model itself (small).
-    """
-    if cfg.model.kind == "open_clip":
-        adapter = load_model(cfg.model, "cpu")
-        return Inspected(adapter.info)
-    from transformers import AutoConfig, AutoTokenizer
-
-    from harvester.models import hf_load_error, resolve_hf_source
-
-    name, gguf = resolve_hf_source(cfg.model)
-    kwargs: dict[str, Any] = {"revision": cfg.model.revision} if cfg.model.revision else {}
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    try:
-        config = AutoConfig.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
-        raise hf_load_error(cfg.model, name, err) from None
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if not n_layers or not d:
-        raise UserError(f"model {cfg.model.name!r} ({type(config).__name__}) is not a transformer with "
-                        f"num_hidden_layers and hidden_size; choose a GPT-2, Llama-family or BERT model.")
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    info = ModelInfo(cfg.model.name, cfg.model.kind, int(n_layers), int(d), max_positions=max_pos)
-    return Inspected(info, tokenizer, token_spec(tokenizer, cfg.model.name))
+    """Depth, width and tokenizer of the model, loading as little as its kind allows
+    (HF models: config and tokenizer only, no weights; open_clip: the model itself, small)."""
+    inspected = inspect_adapter(cfg.model)
+    spec = None if inspected.tokenizer is None else token_spec(inspected.tokenizer, cfg.model.name)
+    return Inspected(inspected.info, inspected.tokenizer, spec)
 
 
 def text_shards(cfg: HarvestConfig, spec: TokenSpec, tokenizer: Any, seqs_per_shard: int) -> Iterator[ShardWork]:
@@ -214,10 +183,10 @@ def shard_inputs(plan: Plan, adapter: ModelAdapter, work: ShardWork, start: int,
 
     if work.tokens is not None:
         return torch.from_numpy(work.tokens[start:stop].astype(np.int64))
+    from harvester.images import pixel_batch
     from harvester.sources import load_images
 
-    images = load_images(plan.cfg.source, work.items[start:stop])
-    return torch.stack([adapter.preprocess(img) for img in images])
+    return pixel_batch(adapter.preprocess, load_images(plan.cfg.source, work.items[start:stop]))
 
 
 def compute_shard(plan: Plan, adapter: ModelAdapter, work: ShardWork) -> dict[str, np.ndarray]:
@@ -388,11 +357,7 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
     from store import DatasetManifest
 
     cfg = plan.cfg
-    files = None
-    if cfg.source.kind == "text_files":
-        from harvester.sources import expand_paths
-
-        files = expand_paths(cfg.source.paths, cfg.storage_options)
+    files = cfg.source.listed_files(cfg.storage_options)
     hook_name = f"blocks.{plan.layer}.{'input' if cfg.hook.site == 'resid_pre' else 'output'}"
     return DatasetManifest(
         d=plan.d, dtype=cfg.dtype, shard_rows=fields["shard_rows"], chunk_rows=fields["chunk_rows"],
@@ -401,8 +366,7 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
                "gguf_file": cfg.model.gguf_file, "pretrained": cfg.model.pretrained},
         hook={"layer": cfg.hook.layer, "site": cfg.hook.site, "name": hook_name},
         source={"name": source_name(cfg.source), "kind": cfg.source.kind,
-                "split": None if cfg.source.kind in ("python_docs", "text_files", "image_folder")
-                else cfg.source.split, "revision": source_revision(cfg.source), "files": files},
+                "split": cfg.source.split_name(), "revision": source_revision(cfg.source), "files": files},
         class_names=plan.class_names, split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
         harvester_version=harvester_version(), config_hash=config_hash(plan.cfg),
     )

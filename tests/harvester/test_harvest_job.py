@@ -52,7 +52,7 @@ def reference(ray_local, tiny_gpt2, tmp_path_factory):
 def test_text_rows_equal_an_independent_forward_pass(reference, tiny_gpt2):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from harvester.sources import python_docs
+    from harvester.sources.python_docs import python_doc_texts as python_docs
 
     cfg, result = reference
     ds = open_dataset(result.url)

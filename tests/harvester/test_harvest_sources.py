@@ -9,15 +9,9 @@ import pytest
 
 from harvester.config import HarvestConfig, config_hash, dataset_name
 from harvester.job import chunk_and_shard_rows
-from harvester.sources import (
-    SourceConfig,
-    TokenSpec,
-    image_items,
-    iter_documents,
-    pack_contexts,
-    python_docs,
-    token_spec,
-)
+from harvester.packing import TokenSpec, pack_contexts, token_spec
+from harvester.sources import SourceConfig, image_items, iter_documents
+from harvester.sources.python_docs import python_doc_texts as python_docs
 from store.errors import UserError
 
 
