@@ -27,9 +27,11 @@ workers the driver can become the limit; raise ``batch_size`` / shard sizes or s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -372,12 +374,13 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
     )
 
 
-def ensure_ray(cfg: HarvestConfig) -> Any:
-    """Connect to ``ray_address`` or start an in-process Ray (loopback, no dashboard, short temp dir)."""
+def ensure_ray(cfg: HarvestConfig) -> tuple[Any, bool]:
+    """(ray, whether this call started or connected it): connect to ``ray_address`` or start an
+    in-process Ray (loopback, no dashboard, short temp dir); a Ray already initialised is used as is."""
     import ray
 
     if ray.is_initialized():
-        return ray
+        return ray, False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if cfg.ray_address:
@@ -385,7 +388,93 @@ def ensure_ray(cfg: HarvestConfig) -> Any:
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  _temp_dir=tempfile.mkdtemp(prefix="rayh", dir="/tmp"), _node_ip_address="127.0.0.1")
-    return ray
+    return ray, True
+
+
+# ---------------------------------------------------------------------------- interrupts
+
+class HarvestInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped the harvest; ``str(err)`` says what is kept and how to resume."""
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt like SIGINT inside the block (main thread only; Ray's own
+    SIGTERM handler, a bare exit, is replaced so that the cleanup below runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """A second Ctrl-C must not cut the cleanup short: SIGINT / SIGTERM are ignored inside the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+STOP_TIMEOUT_S = 10.0  # per step of stopping the workers (cancel, shutdown); the whole stop stays < 30 s
+
+
+def stop_workers(ray: Any, in_flight: list[Any], own_ray: bool) -> None:
+    """Stop every task of this harvest, and every process of the Ray this harvest started.
+
+    In-flight tasks are force-cancelled (their worker processes are killed, so no shard write
+    continues after this returns). A Ray this harvest started is shut down, and any process it
+    leaves (workers outlive the raylet by a moment) is waited for, then killed.
+    """
+    import psutil
+
+    for ref in in_flight:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    if own_ray:
+        family = psutil.Process().children(recursive=True)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        _, alive = psutil.wait_procs(family, timeout=STOP_TIMEOUT_S)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=STOP_TIMEOUT_S)
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for gen in in_flight:  # a shared Ray stays up: wait until each cancelled task has ended
+        with contextlib.suppress(Exception):
+            while time.monotonic() < deadline:
+                ray.get(next(gen), timeout=max(0.1, deadline - time.monotonic()))
+
+
+def discard_uncommitted(writer: Any, shards: set[int]) -> None:
+    """Delete the stored objects of every shard in ``shards`` that has no commit record, so that a
+    shard is either committed (whole) or absent; run only once no task can write any more."""
+    from store.io import join_url, list_dir, remove
+    from store.layout import COMMITS_DIR, array_names, shard_key
+
+    committed = writer.committed()
+    for index in sorted(shards - committed):
+        for name in array_names(writer.manifest):
+            remove(join_url(writer.url, shard_key(name, index)), writer.storage_options)
+    for entry in list_dir(join_url(writer.url, COMMITS_DIR), writer.storage_options):
+        if ".tmp-" in entry:  # a commit record a killed writer had not renamed into place yet
+            remove(join_url(writer.url, COMMITS_DIR, entry), writer.storage_options)
 
 
 WORKER_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_", "TOKENIZERS_")
@@ -412,9 +501,9 @@ def task_ranges(works: Iterator[ShardWork], per_task: int) -> Iterator[list[Shar
 
 
 def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
-    """Run (or resume, or find already done) the harvest described by ``cfg``; return the result."""
-    from tqdm import tqdm
+    """Run (or resume, or find already done) the harvest described by ``cfg``; return the result.
 
+    SIGINT / SIGTERM while shards are computed stop it cleanly (see :func:`run_job`)."""
     t_start = time.perf_counter()
     plan, shards, fields = plan_job(cfg)
     writer = open_or_create(plan, build_manifest(plan, fields))
@@ -423,7 +512,21 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         rows = int(writer.manifest.rows or 0)
         return HarvestResult(plan.url, rows, 0.0, unit, rows // plan.rows_per_seq, skipped=True)
     committed = set(writer.committed())
-    ray = ensure_ray(cfg)
+    with signals_interrupt():
+        return run_job(cfg, plan, shards, writer, committed, t_start, progress)
+
+
+def run_job(cfg: HarvestConfig, plan: Plan, shards: Iterator[ShardWork], writer: Any, committed: set[int],
+            t_start: float, progress: bool) -> HarvestResult:
+    """Dispatch the uncommitted shards to Ray, collect them, seal. On SIGINT / SIGTERM: stop every
+    task (and the Ray this run started), drop the uncommitted shards' objects, and raise
+    :class:`HarvestInterrupted` saying how to resume."""
+    from tqdm import tqdm
+
+    ray, own_ray = ensure_ray(cfg)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init installs its own (a bare exit)
+    unit = "img" if cfg.source.is_image else "tok"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
     plan.env = worker_env(cpus)
     task = ray.remote(run_shards).options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker)
@@ -432,6 +535,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     bar = tqdm(total=None if total is None else total * scale, unit=unit, unit_scale=True, disable=not progress,
                desc=f"harvest {dataset_name(cfg)}", smoothing=0.1)
     counts = {"resumed": 0, "new_rows": 0, "last": -1}
+    dispatched: set[int] = set()
 
     def pending() -> Iterator[ShardWork]:
         for work in shards:
@@ -440,6 +544,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
                 counts["resumed"] += 1
                 bar.update(work.n_seqs * plan.rows_per_seq * scale)
                 continue
+            dispatched.add(work.index)
             yield work
 
     ranges = task_ranges(pending(), MAX_SHARDS_PER_TASK)
@@ -468,6 +573,14 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         if isinstance(cause, UserError):
             raise cause from None
         raise
+    except KeyboardInterrupt:
+        bar.close()
+        with signals_ignored():
+            stop_workers(ray, in_flight, own_ray)
+            discard_uncommitted(writer, dispatched)
+            kept = len(writer.committed())
+        raise HarvestInterrupted(f"harvest interrupted with {kept} shard(s) committed at {plan.url}; run the "
+                                 f"same command again to resume from them.") from None
     finally:
         bar.close()
     work_s = time.perf_counter() - t_work
