@@ -236,6 +236,7 @@ class ModelKind:
 
 
 _REGISTRY: dict[str, type[ModelKind]] = {}
+_SEARCHED: list[bool] = []  # non-empty once every module of the package has been imported
 
 
 def register_model(cls: type[ModelKind]) -> type[ModelKind]:
@@ -248,14 +249,16 @@ def model_kinds() -> dict[str, type[ModelKind]]:
     """kind -> adapter class of every model module in :mod:`harvester.models` (imported on first use)."""
     import harvester.models as package
 
-    if not _REGISTRY:
+    if not _SEARCHED:  # the package imports some kind modules itself; the others are not in yet
         _discover(package)
     return dict(_REGISTRY)
 
 
 def _discover(package: Any) -> None:
+    """Import every module of the package; each registers the kinds it defines."""
     for module in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{module.name}")
+    _SEARCHED.append(True)
 
 
 def model_kind(kind: str) -> type[ModelKind]:

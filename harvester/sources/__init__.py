@@ -38,6 +38,7 @@ __all__ = ["SourceConfig", "ImageItems", "register_source", "source_kinds", "sou
 
 DEFAULT_KIND = "hf_dataset"
 _REGISTRY: dict[str, type[SourceConfig]] = {}
+_SEARCHED: list[bool] = []  # non-empty once every module of the package has been imported
 
 
 @dataclass
@@ -126,11 +127,12 @@ def _discover() -> None:
     """Import every module of this package; each registers the kinds it defines."""
     for module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{module.name}")
+    _SEARCHED.append(True)
 
 
 def source_kinds() -> dict[str, type[SourceConfig]]:
     """kind -> config class of every source module in the package."""
-    if not _REGISTRY:
+    if not _SEARCHED:  # a kind module imported directly registers itself, but the others are not in yet
         _discover()
     return dict(_REGISTRY)
 
