@@ -9,6 +9,11 @@ hook, context_length, max_tokens / max_images, dtype, shard_rows, chunk_rows, ev
 seed. Keys that only say *how* or *where* to compute (output, name, batch_size, workers,
 num_gpus_per_worker, ray_address, storage_options, device) do not: two teammates harvesting the
 same thing with different batch sizes meet at the same URL.
+
+``source`` is the config of one source kind (:mod:`harvester.sources`, one module per kind, each
+with only the keys it uses): ``kind`` picks it, so ``source.split`` under ``kind: text_files`` is
+an unknown key. The hash covers the source as the kind dumps it; the five kinds that predate the
+per-kind configs hash it padded to the old flat form, so their dataset names did not change.
 """
 
 from __future__ import annotations
