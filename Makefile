@@ -1,6 +1,7 @@
 # make test: lint + the whole suite, offline.   make demo: the end-to-end demo on the embedded default.
 # make bench: every benchmark (bench/README.md).  make lock: regenerate requirements.lock.
-PY ?= python3
+# The lock is for CPython 3.11: make the venv with python3.11 where there is one.
+PY ?= $(shell command -v python3.11 2>/dev/null || echo python3)
 VENV := .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
