@@ -264,3 +264,17 @@ def test_bad_input_is_one_sentence_before_any_work(tiny_gpt2, tiny_clip, tmp_pat
     assert msg.startswith("error: cannot") and f"{blocker}/" in msg and msg.count("\n") == 0
     assert "unknown key 'max_tokenz'" in cli_error(base + ["--set", "max_tokenz=5"])
     assert not (tmp_path / "out").exists()  # nothing was written for any of these
+
+
+def test_sigterm_stops_a_harvest_like_ctrl_c():
+    """Inside a harvest SIGTERM raises KeyboardInterrupt (so the same cleanup runs); outside, the
+    previous handlers are back."""
+    from harvester.job import signals_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), signals_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 10  # the handler runs at the next bytecode; poll until it has
+        while time.time() < deadline:
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) is before
