@@ -36,10 +36,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from evaluator.splice import rows_edit, splice, unwrap_model
+from harvester.images import image_loader, is_image_file, pixel_batch, to_rgb
 from store.config import StrictModel
 from store.errors import UserError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 DEFAULT_TEMPLATES = (
     "a photo of a {}.",
     "a bad photo of a {}.",
@@ -79,7 +79,8 @@ class ZeroShotConfig(StrictModel):
 
 
 class LabeledImages:
-    """Images (lazy: a loader per item), integer labels and class names."""
+    """Images (lazy: a loader per item), integer labels and class names. Images load through
+    :mod:`harvester.images` (open, RGB, the model's preprocess), the harvester's own path."""
 
     def __init__(self, name: str, loaders: list[Callable[[], Any]], labels: list[int],
                  class_names: list[str]) -> None:
@@ -111,16 +112,6 @@ class LabeledImages:
         return torch.cat(selection).sort().values, torch.cat(test).sort().values
 
 
-def _open_image(path: Path) -> Callable[[], Any]:
-    def load() -> Any:
-        from PIL import Image
-
-        with Image.open(path) as img:
-            return img.convert("RGB")
-
-    return load
-
-
 def image_folder(name: str, root: str, class_names: list[str] | None = None) -> LabeledImages:
     """An ImageFolder directory: ``root/<class>/<image>``; classes in sorted directory order."""
     base = Path(root)
@@ -136,8 +127,8 @@ def image_folder(name: str, root: str, class_names: list[str] | None = None) -> 
     loaders, labels = [], []
     for label, d in enumerate(dirs):
         for f in sorted(d.iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                loaders.append(_open_image(f))
+            if f.is_file() and is_image_file(f.name):
+                loaders.append(image_loader(str(f)))
                 labels.append(label)
     return LabeledImages(name, loaders, labels, names)
 
@@ -164,7 +155,7 @@ def hf_images(cfg: ImageDatasetConfig) -> LabeledImages:
     labels = [int(v) for v in ds[cfg.label_key]]
 
     def loader(i: int) -> Callable[[], Any]:
-        return lambda: ds[i][cfg.image_key].convert("RGB")
+        return lambda: to_rgb(ds[i][cfg.image_key])
 
     return LabeledImages(cfg.name, [loader(i) for i in range(len(ds))], labels, list(names))
 
@@ -258,7 +249,7 @@ def _sae_rows(sae: nn.Module, keep_per_image: Tensor | None) -> Callable[[Tensor
 def _batches(images: LabeledImages, index: Tensor, preprocess: Callable, batch_size: int, desc: str):
     for start in tqdm(range(0, index.numel(), batch_size), desc=desc, unit="batch"):
         chunk = index[start:start + batch_size]
-        pixels = torch.stack([preprocess(images.loaders[int(i)]()) for i in chunk])
+        pixels = pixel_batch(preprocess, [images.loaders[int(i)]() for i in chunk])
         yield pixels, images.labels[chunk]
 
 

@@ -2,6 +2,8 @@
 
 Harvests residual-stream activations into a sealed dataset and prints a summary; the last line
 printed is the dataset URL (so ``URL=$(python -m harvester run cfg.yaml | tail -1)`` works).
+Ctrl-C (SIGINT) or SIGTERM stops it within seconds with exit status 130: its Ray tasks are stopped,
+committed shards are kept, the shards in flight are dropped, and the same command resumes.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see module docstring); returns the exit status."""
     args = parser().parse_args(argv)
     cfg = load_config(HarvestConfig, args.config, args.overrides)
-    from harvester.job import harvest
+    from harvester.job import HarvestInterrupted, harvest
 
-    result = harvest(cfg, progress=not args.no_progress)
+    try:
+        result = harvest(cfg, progress=not args.no_progress)
+    except HarvestInterrupted as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 130
     if result.skipped:
         print(f"already harvested: {result.rows:,} rows ({result.sequences:,} sequences), sealed")
     else:

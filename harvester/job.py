@@ -27,9 +27,11 @@ workers the driver can become the limit; raise ``batch_size`` / shard sizes or s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import queue
+import signal
 import tempfile
 import threading
 import time
@@ -41,17 +43,9 @@ import numpy as np
 
 from harvester.config import HarvestConfig, config_hash, dataset_name
 from harvester.models import ModelAdapter, ModelInfo, load_model, resolve_layer
-from harvester.sources import (
-    ImageItems,
-    TokenSpec,
-    image_items,
-    iter_documents,
-    pack_contexts,
-    source_name,
-    source_revision,
-    token_spec,
-    token_stream,
-)
+from harvester.models import inspect_model as inspect_adapter
+from harvester.packing import TokenSpec, pack_contexts, token_spec, token_stream
+from harvester.sources import ImageItems, image_items, iter_documents, source_name, source_revision
 from store.errors import UserError
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -143,34 +137,11 @@ class Inspected:
 
 
 def inspect_model(cfg: HarvestConfig) -> Inspected:
-    """Depth, width and tokenizer of the model, loading as little as possible.
-
-    HF models: config and tokenizer only (no weights). open_clip: the model itself (small).
-    """
-    if cfg.model.kind == "open_clip":
-        adapter = load_model(cfg.model, "cpu")
-        return Inspected(adapter.info)
-    from transformers import AutoConfig, AutoTokenizer
-
-    from harvester.models import hf_load_error, resolve_hf_source
-
-    name, gguf = resolve_hf_source(cfg.model)
-    kwargs: dict[str, Any] = {"revision": cfg.model.revision} if cfg.model.revision else {}
-    if gguf:
-        kwargs["gguf_file"] = gguf
-    try:
-        config = AutoConfig.from_pretrained(name, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
-        raise hf_load_error(cfg.model, name, err) from None
-    n_layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
-    d = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
-    if not n_layers or not d:
-        raise UserError(f"model {cfg.model.name!r} ({type(config).__name__}) is not a transformer with "
-                        f"num_hidden_layers and hidden_size; choose a GPT-2, Llama-family or BERT model.")
-    max_pos = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    info = ModelInfo(cfg.model.name, cfg.model.kind, int(n_layers), int(d), max_positions=max_pos)
-    return Inspected(info, tokenizer, token_spec(tokenizer, cfg.model.name))
+    """Depth, width and tokenizer of the model, loading as little as its kind allows
+    (HF models: config and tokenizer only, no weights; open_clip: the model itself, small)."""
+    inspected = inspect_adapter(cfg.model)
+    spec = None if inspected.tokenizer is None else token_spec(inspected.tokenizer, cfg.model.name)
+    return Inspected(inspected.info, inspected.tokenizer, spec)
 
 
 def text_shards(cfg: HarvestConfig, spec: TokenSpec, tokenizer: Any, seqs_per_shard: int) -> Iterator[ShardWork]:
@@ -214,10 +185,10 @@ def shard_inputs(plan: Plan, adapter: ModelAdapter, work: ShardWork, start: int,
 
     if work.tokens is not None:
         return torch.from_numpy(work.tokens[start:stop].astype(np.int64))
+    from harvester.images import pixel_batch
     from harvester.sources import load_images
 
-    images = load_images(plan.cfg.source, work.items[start:stop])
-    return torch.stack([adapter.preprocess(img) for img in images])
+    return pixel_batch(adapter.preprocess, load_images(plan.cfg.source, work.items[start:stop]))
 
 
 def compute_shard(plan: Plan, adapter: ModelAdapter, work: ShardWork) -> dict[str, np.ndarray]:
@@ -388,11 +359,7 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
     from store import DatasetManifest
 
     cfg = plan.cfg
-    files = None
-    if cfg.source.kind == "text_files":
-        from harvester.sources import expand_paths
-
-        files = expand_paths(cfg.source.paths, cfg.storage_options)
+    files = cfg.source.listed_files(cfg.storage_options)
     hook_name = f"blocks.{plan.layer}.{'input' if cfg.hook.site == 'resid_pre' else 'output'}"
     return DatasetManifest(
         d=plan.d, dtype=cfg.dtype, shard_rows=fields["shard_rows"], chunk_rows=fields["chunk_rows"],
@@ -401,19 +368,19 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
                "gguf_file": cfg.model.gguf_file, "pretrained": cfg.model.pretrained},
         hook={"layer": cfg.hook.layer, "site": cfg.hook.site, "name": hook_name},
         source={"name": source_name(cfg.source), "kind": cfg.source.kind,
-                "split": None if cfg.source.kind in ("python_docs", "text_files", "image_folder")
-                else cfg.source.split, "revision": source_revision(cfg.source), "files": files},
+                "split": cfg.source.split_name(), "revision": source_revision(cfg.source), "files": files},
         class_names=plan.class_names, split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
         harvester_version=harvester_version(), config_hash=config_hash(plan.cfg),
     )
 
 
-def ensure_ray(cfg: HarvestConfig) -> Any:
-    """Connect to ``ray_address`` or start an in-process Ray (loopback, no dashboard, short temp dir)."""
+def ensure_ray(cfg: HarvestConfig) -> tuple[Any, bool]:
+    """(ray, whether this call started or connected it): connect to ``ray_address`` or start an
+    in-process Ray (loopback, no dashboard, short temp dir); a Ray already initialised is used as is."""
     import ray
 
     if ray.is_initialized():
-        return ray
+        return ray, False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if cfg.ray_address:
@@ -421,7 +388,93 @@ def ensure_ray(cfg: HarvestConfig) -> Any:
     else:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  _temp_dir=tempfile.mkdtemp(prefix="rayh", dir="/tmp"), _node_ip_address="127.0.0.1")
-    return ray
+    return ray, True
+
+
+# ---------------------------------------------------------------------------- interrupts
+
+class HarvestInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM stopped the harvest; ``str(err)`` says what is kept and how to resume."""
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def signals_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt like SIGINT inside the block (main thread only; Ray's own
+    SIGTERM handler, a bare exit, is replaced so that the cleanup below runs)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_ignored() -> Iterator[None]:
+    """A second Ctrl-C must not cut the cleanup short: SIGINT / SIGTERM are ignored inside the block."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+STOP_TIMEOUT_S = 10.0  # per step of stopping the workers (cancel, shutdown); the whole stop stays < 30 s
+
+
+def stop_workers(ray: Any, in_flight: list[Any], own_ray: bool) -> None:
+    """Stop every task of this harvest, and every process of the Ray this harvest started.
+
+    In-flight tasks are force-cancelled (their worker processes are killed, so no shard write
+    continues after this returns). A Ray this harvest started is shut down, and any process it
+    leaves (workers outlive the raylet by a moment) is waited for, then killed.
+    """
+    import psutil
+
+    for ref in in_flight:
+        with contextlib.suppress(Exception):
+            ray.cancel(ref, force=True)
+    if own_ray:
+        family = psutil.Process().children(recursive=True)
+        with contextlib.suppress(Exception):
+            ray.shutdown()
+        _, alive = psutil.wait_procs(family, timeout=STOP_TIMEOUT_S)
+        for proc in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        psutil.wait_procs(alive, timeout=STOP_TIMEOUT_S)
+        return
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for gen in in_flight:  # a shared Ray stays up: wait until each cancelled task has ended
+        with contextlib.suppress(Exception):
+            while time.monotonic() < deadline:
+                ray.get(next(gen), timeout=max(0.1, deadline - time.monotonic()))
+
+
+def discard_uncommitted(writer: Any, shards: set[int]) -> None:
+    """Delete the stored objects of every shard in ``shards`` that has no commit record, so that a
+    shard is either committed (whole) or absent; run only once no task can write any more."""
+    from store.io import join_url, list_dir, remove
+    from store.layout import COMMITS_DIR, array_names, shard_key
+
+    committed = writer.committed()
+    for index in sorted(shards - committed):
+        for name in array_names(writer.manifest):
+            remove(join_url(writer.url, shard_key(name, index)), writer.storage_options)
+    for entry in list_dir(join_url(writer.url, COMMITS_DIR), writer.storage_options):
+        if ".tmp-" in entry:  # a commit record a killed writer had not renamed into place yet
+            remove(join_url(writer.url, COMMITS_DIR, entry), writer.storage_options)
 
 
 WORKER_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_", "TOKENIZERS_")
@@ -448,9 +501,9 @@ def task_ranges(works: Iterator[ShardWork], per_task: int) -> Iterator[list[Shar
 
 
 def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
-    """Run (or resume, or find already done) the harvest described by ``cfg``; return the result."""
-    from tqdm import tqdm
+    """Run (or resume, or find already done) the harvest described by ``cfg``; return the result.
 
+    SIGINT / SIGTERM while shards are computed stop it cleanly (see :func:`run_job`)."""
     t_start = time.perf_counter()
     plan, shards, fields = plan_job(cfg)
     writer = open_or_create(plan, build_manifest(plan, fields))
@@ -459,7 +512,21 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         rows = int(writer.manifest.rows or 0)
         return HarvestResult(plan.url, rows, 0.0, unit, rows // plan.rows_per_seq, skipped=True)
     committed = set(writer.committed())
-    ray = ensure_ray(cfg)
+    with signals_interrupt():
+        return run_job(cfg, plan, shards, writer, committed, t_start, progress)
+
+
+def run_job(cfg: HarvestConfig, plan: Plan, shards: Iterator[ShardWork], writer: Any, committed: set[int],
+            t_start: float, progress: bool) -> HarvestResult:
+    """Dispatch the uncommitted shards to Ray, collect them, seal. On SIGINT / SIGTERM: stop every
+    task (and the Ray this run started), drop the uncommitted shards' objects, and raise
+    :class:`HarvestInterrupted` saying how to resume."""
+    from tqdm import tqdm
+
+    ray, own_ray = ensure_ray(cfg)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init installs its own (a bare exit)
+    unit = "img" if cfg.source.is_image else "tok"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
     plan.env = worker_env(cpus)
     task = ray.remote(run_shards).options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker)
@@ -468,6 +535,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     bar = tqdm(total=None if total is None else total * scale, unit=unit, unit_scale=True, disable=not progress,
                desc=f"harvest {dataset_name(cfg)}", smoothing=0.1)
     counts = {"resumed": 0, "new_rows": 0, "last": -1}
+    dispatched: set[int] = set()
 
     def pending() -> Iterator[ShardWork]:
         for work in shards:
@@ -476,6 +544,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
                 counts["resumed"] += 1
                 bar.update(work.n_seqs * plan.rows_per_seq * scale)
                 continue
+            dispatched.add(work.index)
             yield work
 
     ranges = task_ranges(pending(), MAX_SHARDS_PER_TASK)
@@ -504,6 +573,14 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         if isinstance(cause, UserError):
             raise cause from None
         raise
+    except KeyboardInterrupt:
+        bar.close()
+        with signals_ignored():
+            stop_workers(ray, in_flight, own_ray)
+            discard_uncommitted(writer, dispatched)
+            kept = len(writer.committed())
+        raise HarvestInterrupted(f"harvest interrupted with {kept} shard(s) committed at {plan.url}; run the "
+                                 f"same command again to resume from them.") from None
     finally:
         bar.close()
     work_s = time.perf_counter() - t_work

@@ -52,7 +52,7 @@ def reference(ray_local, tiny_gpt2, tmp_path_factory):
 def test_text_rows_equal_an_independent_forward_pass(reference, tiny_gpt2):
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from harvester.sources import python_docs
+    from harvester.sources.python_docs import python_doc_texts as python_docs
 
     cfg, result = reference
     ds = open_dataset(result.url)
@@ -94,25 +94,35 @@ def test_two_workers_write_the_same_bytes_as_one(reference, tmp_path):
     assert len(digests(two.url)) == N_SHARDS
 
 
+def cli_args(out: Path, model: Path) -> list[str]:
+    """``python -m harvester run`` of :func:`text_cfg`'s harvest, as --set overrides."""
+    args = [sys.executable, "-m", "harvester", "run", "--no-progress"]
+    for key, value in (("output", out), ("source.kind", "python_docs"), ("model.kind", "hf_causal_lm"),
+                       ("model.name", model), ("hook.layer", 1), ("context_length", 32),
+                       ("max_tokens", 256 * N_SHARDS), ("chunk_rows", 64), ("shard_rows", 256), ("batch_size", 2),
+                       ("eval_fraction", 0.25)):
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def wait_for_first_commit(proc: subprocess.Popen, commits: Path) -> None:
+    """Poll (deadline 150 s) until the harvest subprocess has committed a shard."""
+    deadline = time.time() + 150
+    while not (commits.is_dir() and any(commits.glob("*.json"))):
+        assert proc.poll() is None, "the harvest subprocess exited before its first commit"
+        assert time.time() < deadline, "no shard was committed in time"
+        time.sleep(0.01)
+
+
 def test_rerun_after_sigkill_resumes_to_the_same_bytes(reference, tiny_gpt2, tmp_path):
     cfg, result = reference
     out = tmp_path / "killed"
     url = join_output(cfg.model_copy(update={"output": str(out)}))
     commits = Path(url) / "commits"
-    args = [sys.executable, "-m", "harvester", "run", "--no-progress"]
-    for key, value in (("output", out), ("source.kind", "python_docs"), ("model.kind", "hf_causal_lm"),
-                       ("model.name", tiny_gpt2), ("hook.layer", 1), ("context_length", 32),
-                       ("max_tokens", 256 * N_SHARDS), ("chunk_rows", 64), ("shard_rows", 256), ("batch_size", 2),
-                       ("eval_fraction", 0.25)):
-        args += ["--set", f"{key}={value}"]
-    proc = subprocess.Popen(args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cli_args(out, tiny_gpt2), cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 150
-        while not (commits.is_dir() and any(commits.glob("*.json"))):
-            assert proc.poll() is None, "the harvest subprocess exited before its first commit"
-            assert time.time() < deadline, "no shard was committed in time"
-            time.sleep(0.01)
+        wait_for_first_commit(proc, commits)
         driver = psutil.Process(proc.pid)
         family = [driver, *driver.children(recursive=True)]  # driver, Ray, its workers
         os.killpg(proc.pid, signal.SIGKILL)
@@ -134,6 +144,58 @@ def test_rerun_after_sigkill_resumes_to_the_same_bytes(reference, tiny_gpt2, tmp
                                   open_dataset(result.url).read(0, 256 * N_SHARDS))
     again = harvest(cfg.model_copy(update={"output": str(out)}), progress=False)
     assert again.skipped and again.rows == 256 * N_SHARDS
+
+
+def live(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes of ``procs`` still running (zombies waiting to be reaped count as gone)."""
+    alive = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                alive.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_resumes(reference, tiny_gpt2, tmp_path):
+    """SIGINT to `python -m harvester run` once a shard is committed: exit 130 within 30 s with one
+    sentence on how to resume, no process left, every shard committed or absent; the re-run
+    resumes to the bytes of the uninterrupted harvest."""
+    cfg, result = reference
+    out = tmp_path / "interrupted"
+    url = join_output(cfg.model_copy(update={"output": str(out)}))
+    commits = Path(url) / "commits"
+    proc = subprocess.Popen(cli_args(out, tiny_gpt2), cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_first_commit(proc, commits)
+        driver = psutil.Process(proc.pid)
+        family = [driver, *driver.children(recursive=True)]  # driver, its Ray, the Ray workers
+        assert len(family) > 2
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C delivers to the driver
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        kept = sorted(int(p.stem) for p in commits.glob("*.json"))
+        assert err.strip().splitlines()[-1] == (f"error: harvest interrupted with {len(kept)} shard(s) committed "
+                                                f"at {url}; run the same command again to resume from them.")
+        deadline = time.time() + 10  # the driver waited for them; allow the kernel to reap
+        while live(family):
+            assert time.time() < deadline, f"left behind: {[p.cmdline() for p in live(family)]}"
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert 1 <= len(kept) < N_SHARDS, "the interrupt must land mid-harvest"
+    stored = {int(p.parent.name if p.name == "0" and p.parent.parent.name == "c" else p.name)
+              for p in Path(url).glob("*/c/**/*") if p.is_file()}
+    assert stored == set(kept)  # every shard is committed (whole) or absent
+    assert not [p for p in commits.iterdir() if not p.name.endswith(".json")]
+    resumed = harvest(cfg.model_copy(update={"output": str(out)}), progress=False)
+    assert resumed.url == url and resumed.resumed_shards == len(kept)
+    assert digests(url) == digests(result.url)
+    assert open_dataset(url).manifest.sealed
 
 
 def test_harvest_to_s3_on_loopback(reference, tiny_gpt2, s3_bucket):
@@ -202,3 +264,17 @@ def test_bad_input_is_one_sentence_before_any_work(tiny_gpt2, tiny_clip, tmp_pat
     assert msg.startswith("error: cannot") and f"{blocker}/" in msg and msg.count("\n") == 0
     assert "unknown key 'max_tokenz'" in cli_error(base + ["--set", "max_tokenz=5"])
     assert not (tmp_path / "out").exists()  # nothing was written for any of these
+
+
+def test_sigterm_stops_a_harvest_like_ctrl_c():
+    """Inside a harvest SIGTERM raises KeyboardInterrupt (so the same cleanup runs); outside, the
+    previous handlers are back."""
+    from harvester.job import signals_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), signals_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 10  # the handler runs at the next bytecode; poll until it has
+        while time.time() < deadline:
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -9,15 +9,10 @@ import pytest
 
 from harvester.config import HarvestConfig, config_hash, dataset_name
 from harvester.job import chunk_and_shard_rows
-from harvester.sources import (
-    SourceConfig,
-    TokenSpec,
-    image_items,
-    iter_documents,
-    pack_contexts,
-    python_docs,
-    token_spec,
-)
+from harvester.packing import TokenSpec, pack_contexts, token_spec
+from harvester.sources import SourceConfig, image_items, iter_documents
+from harvester.sources.python_docs import python_doc_texts as python_docs
+from store.config import validate
 from store.errors import UserError
 
 
@@ -97,3 +92,62 @@ def test_dataset_name_hashes_what_changes_the_data_only():
     other = HarvestConfig(max_tokens=1000, hook={"layer": 6})
     assert config_hash(other) != config_hash(base)
     assert dataset_name(HarvestConfig(name="mine")).startswith("mine-")
+
+
+def test_text_files_read_any_plain_text_file_and_refuse_binary_ones(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    (docs / "a.md").write_text("# markdown")
+    (docs / "b.rst").write_text("restructured\n============")
+    (docs / "c.py").write_text('print("python")\n')
+    (docs / "sub" / "README").write_text("no extension")
+    (docs / "sub" / "d.jsonl").write_text(json.dumps({"text": "json line"}) + "\n")
+    pq.write_table(pa.table({"text": ["parquet row", None]}), docs / "sub" / "e.parquet")
+    (docs / ".hidden").write_bytes(b"\x00 skipped: hidden files are not documents")
+    # a 3-byte character cut by the 1 KiB sniff window is still text
+    (docs / "sub" / "f.txt").write_bytes(b"x" * 1023 + "€ after the boundary".encode())
+    cfg = SourceConfig(kind="text_files", paths=[str(docs)])
+    assert list(iter_documents(cfg)) == ["# markdown", "restructured\n============", 'print("python")\n',
+                                         "no extension", "json line", "parquet row",
+                                         "x" * 1023 + "€ after the boundary"]
+    single = SourceConfig(kind="text_files", paths=[str(docs / "sub" / "README"), str(docs / "a.md")])
+    assert list(iter_documents(single)) == ["no extension", "# markdown"]
+
+    (docs / "sub" / "model.bin").write_bytes(b"GGUF\x00\x01\x02")
+    with pytest.raises(UserError, match=rf"source file {docs}/sub/model.bin is not plain text \(a NUL byte at "
+                                        r"offset 4\); remove it from source.paths"):
+        list(iter_documents(cfg))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(UserError, match=r"latin1.txt is not plain text \(invalid UTF-8 at byte 3\)"):
+        list(iter_documents(SourceConfig(kind="text_files", paths=[str(latin1)])))
+    late = tmp_path / "late.txt"
+    late.write_bytes(b"y" * 4096 + b"\xff")
+    with pytest.raises(UserError, match=r"late.txt is not plain text \(invalid UTF-8 at byte 4096\)"):
+        list(iter_documents(SourceConfig(kind="text_files", paths=[str(late)])))
+
+
+def test_source_sections_are_checked_per_kind():
+    with pytest.raises(UserError, match=r"unknown key 'source.split'"):
+        validate(HarvestConfig, {"source": {"kind": "text_files", "paths": ["x"], "split": "train"}})
+    with pytest.raises(UserError, match=r"source.kind = 'nope' is invalid \(unknown source kind; use one of "
+                                        r"hf_dataset, hf_image_dataset, image_folder, python_docs, text_files"):
+        validate(HarvestConfig, {"source": {"kind": "nope"}})
+    with pytest.raises(UserError, match=r"model.kind hf_causal_lm does not use model.pretrained"):
+        validate(HarvestConfig, {"model": {"pretrained": "openai"}})
+    assert type(HarvestConfig().source).__name__ == "HFDatasetSource"  # kind defaults to hf_dataset
+
+
+def test_dataset_names_of_the_flat_config_era_are_kept():
+    """The hash covers the source as the one flat SourceConfig dumped it, so these names stay."""
+    cases = {"gpt2-l8-resid_pre-d80fd4f3": {"max_tokens": 1000},
+             "gpt2-l8-resid_pre-762707ee": {"source": {"kind": "text_files", "paths": ["a", "b"],
+                                                       "text_field": "body"}},
+             "vit-b-16-l8-resid_pre-7fe55a3c": {"source": {"kind": "image_folder", "path": "/x"}, "max_images": 10,
+                                                "model": {"kind": "open_clip", "name": "ViT-B-16",
+                                                          "pretrained": "openai"}}}
+    for name, data in cases.items():
+        assert dataset_name(HarvestConfig.model_validate(data)) == name

@@ -1,0 +1,85 @@
+"""A new source kind is one new module in harvester/sources/ with nothing else edited."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import harvester.sources as sources
+from harvester.config import HarvestConfig
+from harvester.job import harvest
+from store import open_dataset
+from store.config import validate
+from store.errors import UserError
+
+PLUGIN = textwrap.dedent('''
+    """``{kind}``: the configured lines, each one reversed, as documents (a test plugin)."""
+
+    from __future__ import annotations
+
+    from typing import Literal
+
+    from harvester.sources import SourceConfig, register_source
+
+
+    @register_source
+    class ReversedLines(SourceConfig):
+        kind: Literal["{kind}"] = "{kind}"
+        lines: list[str]
+
+        def documents(self, storage_options=None):
+            for line in self.lines:
+                yield line[::-1]
+''')
+
+
+@pytest.fixture
+def plugin_kind():
+    """Write a source-kind module into the package directory; remove it (and its traces) afterwards."""
+    name = f"zz_test_reversed_{uuid.uuid4().hex[:8]}"
+    kind = f"reversed_{uuid.uuid4().hex[:6]}"
+    path = Path(sources.__file__).parent / f"{name}.py"
+    path.write_text(PLUGIN.format(kind=kind))
+    try:
+        yield kind
+    finally:
+        path.unlink()
+        for cached in path.parent.glob(f"__pycache__/{name}.*"):
+            cached.unlink()
+        sys.modules.pop(f"{sources.__name__}.{name}", None)
+        sources._REGISTRY.pop(kind, None)
+
+
+def test_a_new_source_module_is_a_new_kind_and_harvests(ray_local, tiny_gpt2, tmp_path, plugin_kind):
+    from transformers import AutoTokenizer
+
+    assert plugin_kind not in sources._REGISTRY  # the registry was built before the file existed
+    lines = [f"line {i} of the plugin source, with some words to tokenize" for i in range(40)]
+    data = {"output": str(tmp_path), "source": {"kind": plugin_kind, "lines": lines},
+            "model": {"kind": "hf_causal_lm", "name": str(tiny_gpt2)}, "hook": {"layer": 1},
+            "context_length": 16, "max_tokens": 64, "chunk_rows": 32, "shard_rows": 32, "batch_size": 2}
+    cfg = validate(HarvestConfig, data)
+    assert type(cfg.source).__module__.startswith("harvester.sources.zz_test_reversed_")
+    with pytest.raises(UserError, match=r"unknown key 'source.paths'"):
+        validate(HarvestConfig, {**data, "source": {"kind": plugin_kind, "lines": [], "paths": ["x"]}})
+    result = harvest(cfg, progress=False)
+    ds = open_dataset(result.url)
+    assert ds.manifest.sealed and ds.num_rows == 64 and ds.manifest.source.kind == plugin_kind
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    stream = [t for line in lines for t in [*tok(line[::-1], add_special_tokens=False).input_ids, eot]]
+    expected = np.array([[eot, *stream[i * 15:(i + 1) * 15]] for i in range(4)])
+    np.testing.assert_array_equal(ds.read(0, 64, "token_ids").reshape(4, 16), expected)
+
+
+def test_every_built_in_kind_is_discovered():
+    assert {"hf_dataset", "text_files", "python_docs", "image_folder", "hf_image_dataset"} <= set(
+        sources.source_kinds())
+    from harvester.models import model_kinds
+
+    assert {"hf_causal_lm", "hf_encoder", "open_clip"} <= set(model_kinds())
