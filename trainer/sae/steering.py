@@ -1,5 +1,6 @@
-"""Sparsity steering: the penalty coefficient λ of relu, gated, jumprelu and attn_relu is driven so
-that the L0 of the training batches reaches ``target_l0`` (DESIGN §5, "Sparsity targets").
+"""Sparsity steering: the penalty coefficient λ of relu, gated and attn_relu (and JumpReLU's global
+threshold scale, see :mod:`trainer.sae.jumprelu`) is driven so that the L0 of the training batches
+reaches ``target_l0`` (DESIGN §5, "Sparsity targets").
 
 Comparisons between SAE families are only meaningful at equal sparsity. The penalty variants have
 no direct L0 knob: their L0 lands wherever λ puts it. With ``target_l0`` set, λ is steered by a
@@ -41,9 +42,9 @@ class SteeredConfig(SAEConfig):
 class SparsityController(nn.Module):
     """λ as a buffer, steered toward ``target_l0`` (module docstring) or fixed when there is none."""
 
-    def __init__(self, coef: float, config: SteeredConfig) -> None:
+    def __init__(self, coef: float, config: SteeredConfig, target: float | None = None) -> None:
         super().__init__()
-        self.target = config.target_l0
+        self.target = config.target_l0 if target is None else target
         self.rate = config.steer_rate
         self.smoothing = config.steer_smoothing
         self.register_buffer("coef", torch.tensor(float(coef), dtype=torch.float64))
