@@ -3,7 +3,7 @@
 ``dynsae store ...``   -> ``python -m store ...``
 ``dynsae harvest ...`` -> ``python -m harvester run ...``
 ``dynsae train ...``   -> ``python -m trainer run ...``
-``dynsae sweep ...``   -> ``python -m trainer sweep ...``
+``dynsae sweep ...``   -> :mod:`dynsae.sweep` (``python -m trainer sweep`` + the evaluator)
 ``dynsae eval ...``    -> ``python -m evaluator run ...``
 ``dynsae report ...``  -> ``python -m evaluator report ...``
 ``dynsae concepts ...``-> ``python -m evaluator.concepts ...``
@@ -20,7 +20,7 @@ ROUTES: dict[str, tuple[str, list[str]]] = {
     "store": ("store.__main__", []),
     "harvest": ("harvester.__main__", ["run"]),
     "train": ("trainer.__main__", ["run"]),
-    "sweep": ("trainer.__main__", ["sweep"]),
+    "sweep": ("dynsae.sweep", []),
     "eval": ("evaluator.__main__", ["run"]),
     "report": ("evaluator.__main__", ["report"]),
     "concepts": ("evaluator.concepts.__main__", []),

@@ -58,11 +58,10 @@ def machine_line() -> str:
 
 def about_section(cfg: DemoConfig, dataset_url: str, rows: int, timings: dict[str, float]) -> str:
     """The preface of report.md: when, where, how small."""
+    from trainer.config import SweepConfig, grid_points
+
     base = cfg.sweep.get("base", {})
-    grid = cfg.sweep.get("grid", {})
-    n_runs = 1
-    for values in grid.values():
-        n_runs *= len(values)
+    n_runs = len(grid_points(SweepConfig.model_validate(cfg.sweep)))
     tokens = int(base.get("tokens", 0))
     lines = [
         "## About this run",
@@ -93,6 +92,7 @@ def prepend_to_report(report_url: str, text: str) -> None:
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the pipeline; returns the dataset URL, sweep URL, report URL and timings."""
+    from evaluator.actor import EvaluatorActor
     from evaluator.report import write_report
     from harvester.config import HarvestConfig
     from harvester.job import harvest
@@ -113,7 +113,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     sweep_cfg = validate(SweepConfig, sweep_data, source="demo config: sweep")
     t1 = time.perf_counter()
     print(f"[2/3] training and evaluating the sweep {sweep_cfg.name!r} on in-process Ray ...", flush=True)
-    summary = run_sweep(sweep_cfg, source="demo config: sweep", progress=progress)
+    summary = run_sweep(sweep_cfg, source="demo config: sweep", progress=progress, evaluator=EvaluatorActor)
     timings["sweep"] = time.perf_counter() - t1
     sweep_url = join_url(sweep_cfg.base["runs_root"], sweep_cfg.name)
 

@@ -37,7 +37,6 @@ from store.io import join_url
 from store.loader import ActivationLoader
 from trainer.checkpoint import (
     CONFIG_FILE,
-    EVAL_FILE,
     FAULT_MARKER,
     RunDir,
     rng_state,
@@ -318,7 +317,7 @@ class Run(RunPlan):
         return row
 
     def evaluate(self, max_tokens: int | None = None) -> dict[str, Any]:
-        """fvu / l0 / dead fraction on the eval split (the sweep's built-in fallback evaluator)."""
+        """fvu / l0 / dead fraction on the eval split (the ``eval_every`` rows of metrics.jsonl)."""
         return evaluate_fvu_l0(self.sae, self.cfg, self.row_filter, self.median_norm, self.device, max_tokens)
 
     def fit(self, batches: BatchSource | None = None) -> str:
@@ -369,12 +368,30 @@ class Run(RunPlan):
                     dynamic_ncols=True, mininterval=1.0)
 
     def _maybe_fail(self) -> None:
-        """Fault injection for tests (``fail_at_step``): die once, for real, at that step."""
-        at = self.cfg.fail_at_step
+        """Fault injection for tests (:func:`injected_fail_step`): die once, for real, at that step."""
+        at = injected_fail_step(self.cfg.name)
         if at is None or self.step != at or self.dir.exists(FAULT_MARKER):
             return
         self.dir.write_bytes(FAULT_MARKER, f"{at} {os.getpid()}\n".encode())
         os._exit(17)
+
+
+#: TEST-ONLY fault injection (not part of any config): ``STEP`` makes every run's process die with
+#: ``os._exit(17)`` the first time it reaches that step, ``NAME=STEP,NAME2=STEP`` only those runs.
+#: A ``fault_injected`` marker in the run directory makes it happen once per run directory.
+FAIL_AT_STEP_ENV = "DYNSAE_TEST_FAIL_AT_STEP"
+
+
+def injected_fail_step(name: str) -> int | None:
+    """The step at which run ``name`` is to die (``DYNSAE_TEST_FAIL_AT_STEP``), or None."""
+    spec = os.environ.get(FAIL_AT_STEP_ENV, "").strip()
+    if not spec:
+        return None
+    if "=" not in spec:
+        return int(spec)
+    steps = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
+    step = steps.get(name)
+    return None if step is None else int(step)
 
 
 def evaluate_fvu_l0(sae: torch.nn.Module, cfg: TrainConfig, row_filter: RowFilter, median_norm: float | None,
@@ -417,13 +434,3 @@ def evaluate_fvu_l0(sae: torch.nn.Module, cfg: TrainConfig, row_filter: RowFilte
 def train(cfg: TrainConfig, *, progress: bool = True, batches: BatchSource | None = None) -> str:
     """Run (or resume, or extend) one training run to its token budget; returns the run URL."""
     return Run(cfg, progress=progress).fit(batches)
-
-
-def write_builtin_eval(run_cfg: TrainConfig, max_tokens: int | None = None) -> dict[str, Any]:
-    """Score a finished run with :func:`evaluate_fvu_l0` and write ``eval.json`` (no evaluator package)."""
-    run = Run(run_cfg, progress=False)
-    report = run.evaluate(max_tokens)
-    report.update({"evaluator": "trainer.builtin", "run_url": run.url, "dataset": run_cfg.dataset,
-                   "dataset_manifest_hash": run.manifest_hash, "filter": run.config_record()["filter"]})
-    run.dir.write_json(EVAL_FILE, report)
-    return report

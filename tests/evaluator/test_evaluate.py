@@ -130,15 +130,15 @@ def test_actor_evaluates_and_caches_model(ray_local, relu_run):
 
 
 def test_run_written_by_the_trainer(tmp_path, text_dataset):
-    """A run directory made by trainer.run.train evaluates; fvu/l0 agree with the trainer's own built-in eval."""
+    """A run directory made by trainer.run.train evaluates; fvu/l0 agree with the trainer's own eval-split fvu."""
     from trainer.config import TrainConfig
-    from trainer.run import train, write_builtin_eval
+    from trainer.run import Run, train
 
     cfg = TrainConfig(dataset=text_dataset, runs_root=str(tmp_path), name="sm", sweep="s",
                       sae={"variant": "sparsemax", "m": 24}, batch_size=64, tokens=64 * 20, lr=3e-3,
                       device="cpu", checkpoint_every=1000)
     url = train(cfg, progress=False)
-    builtin = write_builtin_eval(cfg)
+    builtin = Run(cfg, progress=False).evaluate()
     report = evaluate_run(url, ce_contexts=2, progress=False)
     assert report.fvu == pytest.approx(builtin["fvu"], rel=1e-6)
     assert report.tokens.kept == builtin["tokens"]

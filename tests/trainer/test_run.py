@@ -18,7 +18,7 @@ from trainer_testkit import CONTEXT, base_config
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
 from trainer.config import TrainConfig
-from trainer.run import lr_at, train
+from trainer.run import FAIL_AT_STEP_ENV, lr_at, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -109,9 +109,9 @@ def test_crash_and_rerun_equals_straight_run(tiny_store, tmp_path):
     url_a = train(straight, progress=False)
 
     cfg_path = write_yaml(tmp_path / "run.yaml", base_config(tiny_store, str(tmp_path / "b"), decay="cosine",
-                                                             sae={"variant": "topk", "k": 4}, fail_at_step=12))
+                                                             sae={"variant": "topk", "k": 4}))
     cmd = [sys.executable, "-m", "trainer", "run", cfg_path, "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), FAIL_AT_STEP_ENV: "12"}  # the test-only fault hook
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 17, first.stderr
     url_b = str(tmp_path / "b" / "r")
@@ -183,18 +183,17 @@ def test_cli_errors_are_one_sentence(tiny_store, tmp_path, capsys):
     assert str(tmp_path / "missing") in capsys.readouterr().err
 
 
-def test_builtin_eval_matches_evaluator_metrics(tiny_store, tmp_path):
-    """The sweep's fallback evaluator writes eval.json whose fvu/l0 agree with evaluator.metrics computed
-    independently over the same filtered eval rows."""
+def test_run_evaluate_matches_evaluator_metrics(tiny_store, tmp_path):
+    """The trainer's own eval-split fvu/l0 (the ``eval_every`` rows) agree with evaluator.metrics
+    computed independently over the same filtered eval rows."""
     from evaluator.metrics import fvu, l0
     from store.loader import ActivationLoader
-    from trainer.run import write_builtin_eval
+    from trainer.run import Run
     from trainer.sae import load
 
     cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), tokens=64 * 6))
     url = train(cfg, progress=False)
-    report = write_builtin_eval(cfg)
-    assert json.loads(Path(url, "eval.json").read_text())["fvu"] == report["fvu"]
+    report = Run(cfg, progress=False).evaluate()
     loader = ActivationLoader(tiny_store, 64, split="eval", epochs=1, columns=("acts", "positions"))
     x = torch.cat([b["acts"][b["positions"] != 0] for b in loader])
     sae = load(url).eval()
