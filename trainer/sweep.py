@@ -405,25 +405,26 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
     """Run every grid point to its budget, evaluate each finished run with ``evaluator`` (if given),
     write the summary; returns the summary dict. Raises :class:`SweepInterrupted` on SIGINT/SIGTERM."""
     runs = validate_sweep(sweep, source)
-    started_ray = False
+    started_ray = connect(sweep)  # before catching signals: ray.init installs handlers of its own
     actors = SweepActors()
-    with catch_interrupts() as flag:
-        try:
-            started_ray = connect(sweep)
-            start_feeders(runs, sweep.ray, actors)
-            pending = launch_trainers(runs, sweep.ray, actors)
-            actors.evaluator = start_evaluator(evaluator, sweep, runs)
-            from tqdm.auto import tqdm
+    try:
+        with catch_interrupts() as flag:
+            try:
+                start_feeders(runs, sweep.ray, actors)
+                pending = launch_trainers(runs, sweep.ray, actors)
+                actors.evaluator = start_evaluator(evaluator, sweep, runs)
+                from tqdm.auto import tqdm
 
-            with tqdm(total=len(runs), unit="run", desc=f"sweep {sweep.name}", disable=not progress) as bar:
-                rows, evals = wait_for_runs(pending, actors, actors.evaluator, flag, bar)
-            collect_evals(rows, evals, flag)
-            reads = {json.dumps(list(key[:3])): get(f.reads.remote(), flag) for key, f in actors.feeders.items()}
-            summary = summarize(sweep, runs, rows, reads)
-        finally:
-            actors.kill_all()
-            if started_ray:
-                ray.shutdown()
+                with tqdm(total=len(runs), unit="run", desc=f"sweep {sweep.name}", disable=not progress) as bar:
+                    rows, evals = wait_for_runs(pending, actors, actors.evaluator, flag, bar)
+                collect_evals(rows, evals, flag)
+                reads = {json.dumps(list(key[:3])): get(f.reads.remote(), flag) for key, f in actors.feeders.items()}
+                summary = summarize(sweep, runs, rows, reads)
+            finally:  # however the sweep ends (a signal included), none of its actors outlives it
+                actors.kill_all()
+    finally:
+        if started_ray:
+            ray.shutdown()
     failed = [r for r in summary["runs"] if r["status"] != "finished"]
     if failed:
         raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(summary['runs'])} runs failed "
