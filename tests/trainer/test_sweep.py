@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainer_testkit import base_config, make_store
+from trainer_testkit import assert_same_weights, base_config, make_store, straight_config
 
 from evaluator.actor import EvaluatorActor
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
-from trainer.config import SweepConfig, TrainConfig, expand_sweep
+from trainer.config import SweepConfig, expand_sweep
 from trainer.run import FAIL_AT_STEP_ENV, train
 from trainer.sweep import Feeder, FeederCore, run_sweep
 
@@ -61,13 +61,7 @@ def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path, monke
             os.kill(int(marker[1]), 0)
         assert 0 < row["eval_fvu"] < 1.5 and row["eval_l0"] > 0
         # the same config trained straight through in this process gives the same weights
-        cfg = _straight_config(run_dir, tmp_path / "straight")
-        straight = train(cfg, progress=False)
-        from safetensors.torch import load_file
-
-        a, b = load_file(run_dir / "sae.safetensors"), load_file(Path(straight) / "sae.safetensors")
-        for key in a:
-            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (variant, key)
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))
     with open(tmp_path / "sw" / "summary.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [r["sae.variant"] for r in table] == VARIANTS
@@ -85,15 +79,6 @@ def test_more_runs_than_slots_finish(ray_local, tiny_store, tmp_path):
     assert [r["status"] for r in summary["runs"]] == ["finished"] * 3
     assert all(r["eval_l0"] > 0 for r in summary["runs"])
     assert next(iter(summary["feeder_reads"].values()))["reads"] == STEPS  # late run served from the window
-
-
-def _straight_config(run_dir: Path, runs_root: Path) -> TrainConfig:
-    """The run's config.json as an uninterrupted, stand-alone run under another root."""
-    record = json.loads((run_dir / "config.json").read_text())
-    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
-        record.pop(key)
-    record.update(runs_root=str(runs_root), sweep=None)
-    return TrainConfig.model_validate(record)
 
 
 @pytest.mark.parametrize("n_trainers", [1, 4])
@@ -190,14 +175,9 @@ def test_resume_far_apart_runs(ray_local, tiny_store, tmp_path, monkeypatch):
     assert reads["lag_timeouts"] == 0
     assert reads["unique"] == total - 3  # batches 3..63, nothing else
     assert reads["max_reads_per_batch"] <= 2 and reads["rereads"] <= total - 60  # only 60..63 twice
-    from safetensors.torch import load_file
-
     for name in ("seed-0", "seed-1"):
         run_dir = tmp_path / "far" / name
-        straight = train(_straight_config(run_dir, tmp_path / "straight"), progress=False)
-        a, b = load_file(run_dir / "sae.safetensors"), load_file(Path(straight) / "sae.safetensors")
-        for key in a:
-            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (name, key)
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))
 
 
 def test_union_grid_and_seeds_expand(tiny_store, tmp_path):

@@ -17,10 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from trainer_testkit import base_config, kill_pids_using, no_pids_using, wait_until
+from trainer_testkit import (
+    assert_same_weights,
+    base_config,
+    kill_pids_using,
+    no_pids_using,
+    straight_config,
+    wait_until,
+)
 
-from trainer.config import TrainConfig
 from trainer.run import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -81,11 +86,4 @@ def test_interrupts_leave_nothing_behind_and_resume_exactly(tiny_store, tmp_path
     summary = json.loads((tmp_path / "runs" / "sig" / "summary.json").read_text())
     assert [(r["name"], r["status"], r["step"]) for r in summary["runs"]] == [(n, "finished", STEPS) for n in RUNS]
     for run_dir in run_dirs:
-        record = json.loads((run_dir / "config.json").read_text())
-        for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
-            record.pop(key)
-        record.update(runs_root=str(tmp_path / "straight"), sweep=None)
-        straight = train(TrainConfig.model_validate(record), progress=False)
-        a, b = load_file(run_dir / "sae.safetensors"), load_file(Path(straight) / "sae.safetensors")
-        for key in a:
-            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (run_dir.name, key)
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))

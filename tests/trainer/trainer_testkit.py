@@ -100,3 +100,30 @@ def kill_pids_using(path: str) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def straight_config(run_dir, runs_root):
+    """A run's ``config.json`` as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
+    import json
+    from pathlib import Path
+
+    from trainer.config import TrainConfig
+
+    record = json.loads((Path(run_dir) / "config.json").read_text())
+    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
+        record.pop(key)
+    record.update(runs_root=str(runs_root), sweep=None)
+    return TrainConfig.model_validate(record)
+
+
+def assert_same_weights(run_a, run_b, atol: float = 1e-5) -> None:
+    """The two runs' ``sae.safetensors`` agree within ``atol``."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(run_a) / "sae.safetensors"), load_file(Path(run_b) / "sae.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (str(run_a), key)
