@@ -1,7 +1,7 @@
 """``make demo`` / ``dynsae demo``: harvest -> sweep -> evaluate -> report, end to end.
 
 This module only composes the four packages through their public entry points — the same
-functions ``python -m harvester run``, ``python -m trainer sweep`` and ``python -m evaluator
+functions ``python -m harvester run``, ``python -m dynsae sweep`` and ``python -m evaluator
 report`` call — so the demo exercises exactly the code path of the real jobs:
 
 1. :func:`harvester.job.harvest` with the ``harvest`` section (a :class:`HarvestConfig`);

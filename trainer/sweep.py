@@ -24,8 +24,8 @@ evaluates) (DESIGN §6).
 * Evaluation is handed in: ``run_sweep(..., evaluator=F)`` with ``F`` a Ray actor class (placed like a
   trainer) or a callable returning an actor handle, called with the keyword arguments ``max_tokens``,
   ``storage_options`` and the config's ``evaluator_options``; its ``evaluate.remote(run_url)`` scores a
-  finished run (writes ``eval.json``) and returns the report as a dict. ``dynsae sweep`` hands in the project's evaluator; ``python -m trainer sweep`` hands in none and
-  only trains.
+  finished run (writes ``eval.json``) and returns the report as a dict. ``dynsae sweep`` hands in the
+  project's evaluator; ``python -m trainer sweep`` hands in none and only trains.
 * The sweep directory gets ``summary.json`` and ``summary.csv``: one row per run with its grid values,
   init ``seed``, ``target_l0``, final training metrics and eval metrics.
 * SIGINT/SIGTERM: the driver only ever waits in short ``ray.wait`` slices, so a signal is seen within
