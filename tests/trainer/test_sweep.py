@@ -85,8 +85,7 @@ def test_more_runs_than_slots_finish(ray_local, tiny_store, tmp_path):
 def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
     """N consumers, consumer i lagging i batches behind the first (within the 4-batch window), get the
     same ObjectRefs and the store is read once per batch; a consumer asking for a batch that has left
-    the window (a restart) causes a counted re-read (and one of the batch after it, read ahead), with
-    the same contents."""
+    the window (a restart) causes a counted re-read, with the same contents."""
     import ray
 
     total = 12
@@ -108,8 +107,8 @@ def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
     loader = ActivationLoader(tiny_store, 64, seed=0, columns=("acts", "positions"))
     got = ray.get(ray.get(feeder.get.remote(3, "late")))
     assert torch.equal(torch.from_numpy(got["acts"].copy()), loader.batch(3)["acts"])
-    # batch 3 had left the window, and so had batch 4, which the feeder reads ahead for "late"
-    assert ray.get(feeder.reads.remote())["rereads"] == 2
+    # batch 3 had left the window (and batch 4, read ahead for "late" when the window has free room)
+    assert 1 <= ray.get(feeder.reads.remote())["rereads"] <= 2
     ray.kill(feeder)
 
 
