@@ -364,10 +364,10 @@ def run_row(assignment: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
             "target_l0": cfg.sae.get("target_l0")}
 
 
-def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors: SweepActors, evaluator: Any,
-                  flag: Interrupts, bar: Any) -> tuple[dict[str, dict[str, Any]], dict[Any, str]]:
-    """Collect every run's result as it finishes (handing it to the evaluator); returns the summary rows
-    by run name and {evaluation ObjectRef: run name}."""
+def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors: SweepActors, flag: Interrupts,
+                  bar: Any) -> tuple[dict[str, dict[str, Any]], dict[Any, str]]:
+    """Collect every run's result as it finishes (handing it to the evaluator, if any); returns the
+    summary rows by run name and {evaluation ObjectRef: run name}."""
     rows: dict[str, dict[str, Any]] = {}
     evals: dict[Any, str] = {}
     while pending:
@@ -378,8 +378,8 @@ def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors
             result = ray.get(ref)
             row.update({"status": "finished", "run_url": result["run_url"]})
             row.update({k: result["metrics"].get(k) for k in SUMMARY_METRICS})
-            if evaluator is not None:
-                evals[evaluator.evaluate.remote(result["run_url"])] = cfg.name
+            if actors.evaluator is not None:
+                evals[actors.evaluator.evaluate.remote(result["run_url"])] = cfg.name
         except (ray.exceptions.RayError, UserError) as err:
             actors.feeders[stream_key(cfg)].done.remote(cfg.name)
             row.update({"status": "failed", "error": _one_line(err)})
@@ -410,16 +410,7 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
     try:
         with catch_interrupts() as flag:
             try:
-                start_feeders(runs, sweep.ray, actors)
-                pending = launch_trainers(runs, sweep.ray, actors)
-                actors.evaluator = start_evaluator(evaluator, sweep, runs)
-                from tqdm.auto import tqdm
-
-                with tqdm(total=len(runs), unit="run", desc=f"sweep {sweep.name}", disable=not progress) as bar:
-                    rows, evals = wait_for_runs(pending, actors, actors.evaluator, flag, bar)
-                collect_evals(rows, evals, flag)
-                reads = {json.dumps(list(key[:3])): get(f.reads.remote(), flag) for key, f in actors.feeders.items()}
-                summary = summarize(sweep, runs, rows, reads)
+                summary = train_and_evaluate(sweep, runs, evaluator, actors, flag, progress)
             finally:  # however the sweep ends (a signal included), none of its actors outlives it
                 actors.kill_all()
     finally:
@@ -430,6 +421,23 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
         raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(summary['runs'])} runs failed "
                         f"(first: {failed[0]['name']}: {failed[0]['error']}); see {summary['summary_url']}.")
     return summary
+
+
+def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]],
+                       evaluator: EvaluatorFactory | None, actors: SweepActors, flag: Interrupts,
+                       progress: bool) -> dict[str, Any]:
+    """The sweep's phases: feeders and trainers, the wait for every run (each handed to the evaluator
+    as it finishes), the evaluations, the summary. Every actor started is recorded in ``actors``."""
+    start_feeders(runs, sweep.ray, actors)
+    pending = launch_trainers(runs, sweep.ray, actors)
+    actors.evaluator = start_evaluator(evaluator, sweep, runs)
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(runs), unit="run", desc=f"sweep {sweep.name}", disable=not progress) as bar:
+        rows, evals = wait_for_runs(pending, actors, flag, bar)
+    collect_evals(rows, evals, flag)
+    reads = {json.dumps(list(key[:3])): get(f.reads.remote(), flag) for key, f in actors.feeders.items()}
+    return summarize(sweep, runs, rows, reads)
 
 
 def summarize(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]], rows: dict[str, dict[str, Any]],
