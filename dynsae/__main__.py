@@ -1,5 +1,8 @@
+"""``python -m dynsae ...``: the ``dynsae`` console script (:mod:`dynsae.cli`)."""
+
 import sys
 
 from dynsae.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

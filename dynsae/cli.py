@@ -2,8 +2,8 @@
 
 ``dynsae store ...``   -> ``python -m store ...``
 ``dynsae harvest ...`` -> ``python -m harvester run ...``
-``dynsae train ...``   -> ``python -m trainer run ...`` with the evaluator's metrics (:mod:`dynsae.train`)
-``dynsae sweep ...``   -> ``python -m trainer sweep ...``
+``dynsae train ...``   -> :mod:`dynsae.train` (``python -m trainer run`` + the evaluator's metrics)
+``dynsae sweep ...``   -> :mod:`dynsae.sweep` (``python -m trainer sweep`` + the evaluator)
 ``dynsae eval ...``    -> ``python -m evaluator run ...``
 ``dynsae report ...``  -> ``python -m evaluator report ...``
 ``dynsae concepts ...``-> ``python -m evaluator.concepts ...``
@@ -21,7 +21,7 @@ ROUTES: dict[str, tuple[str, list[str]]] = {
     "store": ("store.__main__", []),
     "harvest": ("harvester.__main__", ["run"]),
     "train": ("dynsae.train", []),
-    "sweep": ("trainer.__main__", ["sweep"]),
+    "sweep": ("dynsae.sweep", []),
     "eval": ("evaluator.__main__", ["run"]),
     "report": ("evaluator.__main__", ["report"]),
     "concepts": ("evaluator.concepts.__main__", []),

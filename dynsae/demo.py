@@ -1,7 +1,7 @@
 """``make demo`` / ``dynsae demo``: harvest -> sweep -> evaluate -> report, end to end.
 
 This module only composes the four packages through their public entry points — the same
-functions ``python -m harvester run``, ``python -m trainer sweep`` and ``python -m evaluator
+functions ``python -m harvester run``, ``python -m dynsae sweep`` and ``python -m evaluator
 report`` call — so the demo exercises exactly the code path of the real jobs:
 
 1. :func:`harvester.job.harvest` with the ``harvest`` section (a :class:`HarvestConfig`);
@@ -60,11 +60,10 @@ def machine_line() -> str:
 
 def about_section(cfg: DemoConfig, dataset_url: str, rows: int, timings: dict[str, float]) -> str:
     """The preface of report.md: when, where, how small."""
+    from trainer.config import SweepConfig, grid_points
+
     base = cfg.sweep.get("base", {})
-    grid = cfg.sweep.get("grid", {})
-    n_runs = 1
-    for values in grid.values():
-        n_runs *= len(values)
+    n_runs = len(grid_points(SweepConfig.model_validate(cfg.sweep)))
     tokens = int(base.get("tokens", 0))
     lines = [
         "## About this run",
@@ -95,7 +94,9 @@ def prepend_to_report(report_url: str, text: str, storage_options: io.StorageOpt
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the pipeline; returns the dataset URL, sweep URL, report URL and timings."""
+    from evaluator.actor import EvaluatorActor
     from evaluator.report import write_report
+    from evaluator.training import TrainingEvaluation
     from harvester.config import HarvestConfig
     from harvester.job import harvest
     from trainer.config import SweepConfig
@@ -115,7 +116,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     sweep_cfg = validate(SweepConfig, sweep_data, source="demo config: sweep")
     t1 = time.perf_counter()
     print(f"[2/3] training and evaluating the sweep {sweep_cfg.name!r} on in-process Ray ...", flush=True)
-    summary = run_sweep(sweep_cfg, source="demo config: sweep", progress=progress)
+    summary = run_sweep(sweep_cfg, source="demo config: sweep", progress=progress, evaluator=EvaluatorActor,
+                        evaluation=TrainingEvaluation())
     timings["sweep"] = time.perf_counter() - t1
     sweep_url = join_url(sweep_cfg.base["runs_root"], sweep_cfg.name)
 

@@ -28,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point (see module docstring); returns the exit status."""
     args = parser().parse_args(argv)
-    cfg = load_config(HarvestConfig, args.config, args.overrides)
+    cfg = load_config(HarvestConfig, args.config, args.overrides, storage_options=args.storage_options)
     from harvester.job import HarvestInterrupted, harvest
 
     try:

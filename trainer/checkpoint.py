@@ -11,7 +11,7 @@ Layout of ``<runs_root>/[<sweep>/]<name>/``:
                        step), schedule, ``finished``. Resume reads weights from here, never from
                        ``sae.safetensors``, so the pair can never be out of step.
 * ``metrics.jsonl``    one JSON row per logged step (rows past the checkpoint are dropped on resume).
-* ``eval.json``        written by the evaluator (or the sweep's built-in fallback).
+* ``eval.json``        written by the evaluator (``dynsae sweep`` or ``dynsae eval``).
 
 Every file is written to a temporary key next to it and then moved into place (a rename on local
 disks, a server-side copy on object stores), and a checkpoint writes ``trainer_state.pt`` last: a

@@ -18,9 +18,12 @@ Decisions written down here (DESIGN §6 is silent on them):
   is set, and ``seed`` is the SAE's initialisation seed unless ``sae.seed`` is set.
 * ``decay``: ``none`` keeps the lr flat after warm-up; ``linear`` / ``cosine`` take it to 0 over the
   last ``decay_fraction`` of the steps. The lr is a pure function of (step, total steps).
-* ``fail_at_step`` is **for tests only** (fault injection): the first time a run reaches that step
-  its process dies with ``os._exit`` (a marker file in the run dir makes it happen once). It and
-  ``tokens`` are the only fields that may differ when an existing run is resumed.
+* ``tokens``, ``storage_options`` and ``device`` are the only fields that may differ when an existing
+  run is resumed. Fault injection for tests is not part of this schema: it is the test-only
+  environment variable ``DYNSAE_TEST_FAIL_AT_STEP`` read by :func:`trainer.run.injected_fail_step`.
+* A sweep's ``grid`` is one mapping (dotted key -> list of values: their product) or a list of such
+  mappings (the union of their products), so one sweep can hold, say, the sparsemax family and the
+  steered baselines side by side; ``sae.seed`` in a grid repeats a run with other initialisations.
 """
 
 from __future__ import annotations
@@ -28,14 +31,17 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from store.config import StrictModel, set_dotted, validate
 from store.errors import UserError
 
-#: Fields that may change between the run that made a run directory and a run that resumes it.
+#: Fields that may change between the run that made a run directory and a run that resumes it
+#: (``fail_at_step``: a field of older configs, now a test-only environment variable; listed so the
+#: run directories those configs made still resume).
 RESUMABLE_FIELDS = ("tokens", "fail_at_step", "storage_options", "device")
 
 DEFAULT_DEAD_TOKENS = 10_000_000
@@ -72,7 +78,6 @@ class TrainConfig(StrictModel):
         "train on x/s with s = median‖x‖/√d from the dataset statistics (sae.input_scale), as SAELens does: "
         "L1/L0 coefficients and learning rates then mean the same on every model and layer."))
     storage_options: dict[str, Any] | None = None
-    fail_at_step: int | None = Field(default=None, ge=0, description="TESTING ONLY: die once at this step.")
 
     @field_validator("name", "sweep")
     @classmethod
@@ -155,38 +160,79 @@ class RayConfig(StrictModel):
     address: str | None = Field(default=None, description="Ray address; None = the job's cluster or local.")
     num_cpus_per_trainer: float = Field(default=1.0, ge=0)
     num_gpus_per_trainer: float = Field(default=0.0, ge=0)
+    trainer_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "custom Ray resources each trainer (and the evaluator) asks for, e.g. {worker: 1} to keep them on "
+        "nodes started with --resources='{\"worker\": 8}'; passed to the actors' resources=."))
     max_restarts: int = Field(default=3, ge=-1)
     max_task_retries: int = Field(default=-1, ge=-1)
-    feeder_window: int = Field(default=32, gt=0, description="batches the feeder holds in the object store.")
+    feeder_window: int = Field(default=32, gt=0, description=(
+        "batches the feeder holds in the object store per group of trainers whose cursors are close; "
+        "a trainer leads the next one in its group by at most this many batches."))
     feeder_prefetch: int = Field(default=2, ge=0, description="batches the feeder reads ahead.")
     feeder_lag_timeout_s: float = Field(default=120.0, gt=0,
-                                        description="how long a full window waits for a lagging trainer.")
+                                        description="how long a leading trainer waits for a laggard of its group.")
+
+
+Grid = dict[str, list[Any]]
 
 
 class SweepConfig(StrictModel):
     """A grid of runs over one base run config (``python -m trainer sweep SWEEP.yaml``)."""
 
+    #: Where ``--storage-options`` lands (store.config.load_config).
+    storage_option_keys: ClassVar[tuple[str, ...]] = ("base.storage_options",)
+
     name: str
     base: dict[str, Any]
-    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    grid: Grid | list[Grid] = Field(default_factory=dict, description=(
+        "dotted key -> list of values (their product), or a list of such mappings (the union of their products)."))
     ray: RayConfig = Field(default_factory=RayConfig)
-    evaluate: bool = Field(default=True, description="hand finished runs to the evaluator.")
+    evaluate: bool = Field(default=True, description="hand finished runs to the evaluator the sweep is given.")
     eval_max_tokens: int | None = Field(default=None, gt=0, description="cap on eval-split tokens scored.")
     evaluator_options: dict[str, Any] = Field(
-        default_factory=dict, description="extra keyword arguments of evaluator.actor.EvaluatorActor "
-                                          "(e.g. ce_contexts, zeroshot, device, batch_size).")
+        default_factory=dict, description="extra keyword arguments of the evaluator the sweep is given "
+                                          "(dynsae sweep: ce_contexts, zeroshot, device, batch_size).")
+    match_l0: str | None = Field(default=None, description=(
+        "reference variant (e.g. sparsemax): its runs train first, then every run that takes a target and has "
+        "none gets sae.target_l0 = the reference's mean held-out L0 at its M (trainer.matching)."))
 
     @field_validator("name")
     @classmethod
     def _name_safe(cls, value: str) -> str:
         return TrainConfig._path_safe(value)  # type: ignore[return-value]
 
-    @model_validator(mode="after")
-    def _grid_nonempty(self) -> SweepConfig:
-        for key, values in self.grid.items():
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid_shape(cls, value: Any) -> Any:
+        """One sentence for a malformed grid (pydantic's own union errors would be a page)."""
+        problem = grid_problem(value)
+        if problem:
+            raise PydanticCustomError("grid", problem)
+        return value
+
+    def grids(self) -> list[Grid]:
+        """The grid as a list of mappings (one mapping = a one-element union)."""
+        return list(self.grid) if isinstance(self.grid, list) else [self.grid]
+
+
+def grid_problem(value: Any) -> str | None:
+    """What is wrong with a grid (a mapping of dotted keys to non-empty lists, or a non-empty list of
+    non-empty such mappings), or None."""
+    if isinstance(value, list) and not value:
+        return "the grid is an empty list; give at least one mapping of dotted keys to lists of values"
+    grids = value if isinstance(value, list) else [value]
+    for i, grid in enumerate(grids):
+        where = f"grid[{i}]" if isinstance(value, list) else "grid"
+        if not isinstance(grid, dict):
+            return f"{where} must be a mapping of dotted keys to lists of values, not {type(grid).__name__}"
+        if isinstance(value, list) and not grid:
+            return f"{where} is an empty mapping; give it keys or remove it"
+        for key, values in grid.items():
+            if not isinstance(values, list):
+                return f"{where} key {key!r} must hold a list of values, not {values!r}"
             if not values:
-                raise ValueError(f"grid key {key!r} has an empty list of values")
-        return self
+                return f"{where} key {key!r} has an empty list of values"
+    return None
 
 
 def run_name(assignment: dict[str, Any]) -> str:
@@ -201,13 +247,20 @@ def run_name(assignment: dict[str, Any]) -> str:
     return "_".join(parts) or "run"
 
 
+def grid_points(sweep: SweepConfig) -> list[dict[str, Any]]:
+    """Every assignment of the grid in order: the product of each mapping, the mappings one after another."""
+    points: list[dict[str, Any]] = []
+    for grid in sweep.grids():
+        keys = list(grid)
+        points += [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    return points
+
+
 def expand_sweep(sweep: SweepConfig, source: str = "sweep") -> list[tuple[dict[str, Any], TrainConfig]]:
     """Every grid point as (assignment, validated TrainConfig); any bad point is one UserError."""
-    keys = list(sweep.grid)
     runs: list[tuple[dict[str, Any], TrainConfig]] = []
-    names: set[str] = set()
-    for values in itertools.product(*(sweep.grid[k] for k in keys)) if keys else [()]:
-        assignment = dict(zip(keys, values))
+    names: dict[str, dict[str, Any]] = {}
+    for assignment in grid_points(sweep):
         data = _deep_copy(sweep.base)
         for key, value in assignment.items():
             if key.startswith("base."):
@@ -215,15 +268,20 @@ def expand_sweep(sweep: SweepConfig, source: str = "sweep") -> list[tuple[dict[s
             set_dotted(data, key.split("."), value)
         base_name = data.get("name")
         name = run_name(assignment)
-        data["name"] = f"{base_name}_{name}" if base_name and keys else (base_name or name)
+        data["name"] = f"{base_name}_{name}" if base_name and assignment else (base_name or name)
         data["sweep"] = sweep.name
-        where = f"{source} (grid point {', '.join(f'{k}={v!r}' for k, v in assignment.items()) or 'base'})"
+        where = f"{source} (grid point {_describe(assignment)})"
         cfg = validate(TrainConfig, data, source=where)
         if cfg.name in names:
-            raise UserError(f"{source}: two grid points get the run name {cfg.name!r}; make the grid values distinct.")
-        names.add(cfg.name)
+            raise UserError(f"{source}: grid points {_describe(names[cfg.name])} and {_describe(assignment)} "
+                            f"both get the run name {cfg.name!r}; make the grid values distinct.")
+        names[cfg.name] = assignment
         runs.append((assignment, cfg))
     return runs
+
+
+def _describe(assignment: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in assignment.items()) or "base"
 
 
 def _deep_copy(data: Any) -> Any:

@@ -350,12 +350,30 @@ class Run(RunPlan):
                     dynamic_ncols=True, mininterval=1.0)
 
     def _maybe_fail(self) -> None:
-        """Fault injection for tests (``fail_at_step``): die once, for real, at that step."""
-        at = self.cfg.fail_at_step
+        """Fault injection for tests (:func:`injected_fail_step`): die once, for real, at that step."""
+        at = injected_fail_step(self.cfg.name)
         if at is None or self.step != at or self.dir.exists(FAULT_MARKER):
             return
         self.dir.write_bytes(FAULT_MARKER, f"{at} {os.getpid()}\n".encode())
         os._exit(17)
+
+
+#: TEST-ONLY fault injection (not part of any config): ``STEP`` makes every run's process die with
+#: ``os._exit(17)`` the first time it reaches that step, ``NAME=STEP,NAME2=STEP`` only those runs.
+#: A ``fault_injected`` marker in the run directory makes it happen once per run directory.
+FAIL_AT_STEP_ENV = "DYNSAE_TEST_FAIL_AT_STEP"
+
+
+def injected_fail_step(name: str) -> int | None:
+    """The step at which run ``name`` is to die (``DYNSAE_TEST_FAIL_AT_STEP``), or None."""
+    spec = os.environ.get(FAIL_AT_STEP_ENV, "").strip()
+    if not spec:
+        return None
+    if "=" not in spec:
+        return int(spec)
+    steps = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
+    step = steps.get(name)
+    return None if step is None else int(step)
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, batches: BatchSource | None = None,

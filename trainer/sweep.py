@@ -1,41 +1,55 @@
-"""Ray sweeps: ``python -m trainer sweep SWEEP.yaml`` (DESIGN §6).
+"""Ray sweeps: :func:`run_sweep` (``python -m trainer sweep SWEEP.yaml`` trains; ``dynsae sweep`` also
+evaluates) (DESIGN §6).
 
-* The grid (dotted keys -> lists) over a base run config becomes one run per point, named from its
-  grid values (``variant-relu_m-3072``) under ``<runs_root>/<sweep name>/``. Every point is validated
-  (unknown key, unknown variant, m ≤ 0, dataset not sealed, a run directory made by another config)
-  before any actor starts; a failure is one :class:`store.errors.UserError` sentence.
+* The grid (dotted keys -> lists, or a list of such mappings: the union of their products) over a base
+  run config becomes one run per point, named from its grid values (``variant-relu_m-3072``) under
+  ``<runs_root>/<sweep name>/``. Every point is validated (unknown key, unknown variant, m ≤ 0, dataset
+  not sealed, a run directory made by another config, two points with one name) before any actor
+  starts; a failure is one :class:`store.errors.UserError` sentence.
 * One :class:`Feeder` actor per batch stream (dataset, batch_size, data_seed — one per dataset in a
   normal sweep) reads batch ``b`` with ``ActivationLoader.batch(b)`` (acts + positions, so each trainer
-  applies its own row filter) once, ``ray.put``s it and hands every trainer the same ObjectRef. It
-  holds a window of the ``feeder_window`` most recent batches: when it needs room it drops the oldest
-  batch every live trainer is past; when no batch is droppable the leading trainer waits for the
-  laggards (up to ``feeder_lag_timeout_s``, after which the oldest batch is dropped anyway). A trainer
-  that restarted asks again for batches since its checkpoint: served from the window when still
-  there, else re-read from the store (outside the window, so it never waits for room).
-  ``Feeder.reads()`` reports the counts.
-* One :class:`TrainerActor` per run (``num_cpus``/``num_gpus`` from ``ray``), restarted by Ray on
-  failure (``max_restarts``; its ``train`` call is retried, ``max_task_retries``), which resumes from the
-  run's last checkpoint (:class:`trainer.run.Run`).
-* A finished run is scored by ``evaluator.actor.EvaluatorActor`` when that module is importable,
-  else by the built-in fvu/l0 (:func:`trainer.run.write_builtin_eval`), which writes ``eval.json``.
+  applies its own row filter), ``ray.put``s it and hands every trainer that asks the same ObjectRef.
+  Trainers whose cursors (next batch) lie within ``feeder_window`` batches of each other form a *cursor
+  group*: the group's batches are read once, and its leader waits for a laggard (up to
+  ``feeder_lag_timeout_s``) rather than run more than a window ahead of it. A trainer ≥ 2 windows
+  behind every other one (a run resumed from an older checkpoint, a run started late, a restarted
+  feeder facing runs far apart) is a group of its own, waited for by nobody: each cursor group reads
+  the batches it needs once, so far-apart runs cost one store read per batch per group, never a stall.
+  Read batches no trainer of any group will ask for within a window are dropped when the window is
+  full (so the feeder holds about ``feeder_window`` batches per group); until then they serve
+  restarted trainers and late starters. ``Feeder.reads()`` reports the counts.
+* One :class:`TrainerActor` per run (``num_cpus``/``num_gpus``/custom ``trainer_resources`` from
+  ``ray``), restarted by Ray on failure, node loss included (``max_restarts``; its ``train`` call is
+  retried, ``max_task_retries``), which resumes from the run's last checkpoint (:class:`trainer.run.Run`).
+* Evaluation is handed in: ``run_sweep(..., evaluator=F)`` with ``F`` a Ray actor class (placed like a
+  trainer) or a callable returning an actor handle, called with the keyword arguments ``max_tokens``,
+  ``storage_options`` and the config's ``evaluator_options``; its ``evaluate.remote(run_url)`` scores a
+  finished run (writes ``eval.json``) and returns the report as a dict. ``dynsae sweep`` hands in the
+  project's evaluator; ``python -m trainer sweep`` hands in none and only trains.
 * The sweep directory gets ``summary.json`` and ``summary.csv``: one row per run with its grid values,
-  final training metrics and eval metrics.
+  init ``seed``, ``target_l0``, final training metrics and eval metrics.
+* SIGINT/SIGTERM: the driver only ever waits in short ``ray.wait`` slices, so a signal is seen within
+  a second; it raises :class:`SweepInterrupted`, and whatever ends the sweep, its actors are killed and
+  an in-process Ray it started is shut down. Checkpoints are atomic, so every run resumes exactly.
 
 Works in-process (no address: the job's cluster if ``RAY_ADDRESS`` is set, else a local instance)
-and under ``ray job submit --working-dir . -- python -m trainer sweep X.yaml``.
+and under ``ray job submit --working-dir . -- python -m dynsae sweep X.yaml``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import importlib
 import io
 import json
 import os
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -43,11 +57,18 @@ import ray
 from store.errors import UserError
 from store.io import join_url
 from store.loader import ActivationLoader
-from trainer.checkpoint import EVAL_FILE, RunDir
-from trainer.config import SweepConfig, TrainConfig, expand_sweep
-from trainer.run import BATCH_COLUMNS, Run, RunPlan
+from trainer.checkpoint import RunDir
+from trainer.config import RayConfig, SweepConfig, TrainConfig, expand_sweep
+from trainer.matching import reference_l0, split_phases, with_targets
+from trainer.run import BATCH_COLUMNS, FAIL_AT_STEP_ENV, Run, RunEvaluation, RunPlan
 
 SUMMARY_METRICS = ("step", "tokens", "tokens_trained", "loss", "fvu", "l0", "dead_frac")
+#: How long the driver blocks in one ``ray.wait`` before it looks at the signal flag again.
+WAIT_SLICE_S = 0.5
+
+#: A Ray actor class, or a callable returning an actor handle; see the module docstring.
+EvaluatorFactory = Callable[..., Any]
+StreamKey = tuple[str, int, int, str]
 
 
 class FeederCore:
@@ -61,14 +82,13 @@ class FeederCore:
         self.total = total_batches
         self.window, self.prefetch, self.lag_timeout_s = window, prefetch, lag_timeout_s
         # next batch each *live* trainer needs. A trainer becomes live with its first request: one
-        # that Ray has not scheduled yet (more runs than slots) must not pin the window, or the
-        # running trainers would stall on it; when it starts late it re-reads what left the window.
+        # that Ray has not scheduled yet (more runs than slots) must not hold anyone back.
         self.cursors: dict[str, int] = {}
         self.held: dict[int, Future] = {}  # b -> future of the batch's ObjectRef
         self.read_counts: Counter[int] = Counter()
         self.bytes_read = 0
         self.requests = 0
-        self.forced_evictions = 0
+        self.lag_timeouts = 0
         self.cond = threading.Condition()
         # one reader thread: batches are read in order (the loader reads each window's chunks in
         # parallel itself); concurrent batch() calls could fetch the same window twice
@@ -83,30 +103,37 @@ class FeederCore:
             self.bytes_read += sum(int(a.nbytes) for a in arrays.values())
         return ray.put(arrays) if ray.is_initialized() else arrays
 
-    def _evict(self) -> None:
-        """Drop the oldest read batches every live trainer is past until the window has room
-        (caller holds the lock)."""
-        low = min(self.cursors.values()) if self.cursors else self.total
-        for b in sorted(b for b, fut in self.held.items() if b < low and fut.done()):
-            if len(self.held) < self.window:
+    def _laggards(self, b: int, trainer: str) -> list[str]:
+        """Trainers of ``trainer``'s cursor group that reading batch ``b`` would leave more than a window
+        behind: w ≤ b − c < 2w. Farther behind is another group, which reads for itself (caller holds the lock)."""
+        return [t for t, c in self.cursors.items() if t != trainer and self.window <= b - c < 2 * self.window]
+
+    def _wanted(self, b: int) -> bool:
+        """Some live trainer will ask for batch ``b`` within a window: 0 ≤ b − c < w (caller holds the lock)."""
+        return any(0 <= b - c < self.window for c in self.cursors.values())
+
+    def _evict(self, limit: int) -> None:
+        """Drop the oldest read batches no live trainer wants until at most ``limit`` are held (caller holds the lock)."""
+        if len(self.held) <= limit:
+            return
+        for b in sorted(b for b, fut in self.held.items() if fut.done() and not self._wanted(b)):
+            if len(self.held) <= limit:
                 return
             del self.held[b]
 
-    def _make_room(self) -> None:
-        """Wait (bounded) until the window has room; then force out the oldest batch (caller holds the lock)."""
+    def _start_read(self, b: int) -> Future:
+        """Read batch ``b`` into the window (caller holds the lock)."""
+        fut = self.held[b] = self.pool.submit(self._read, b)
+        return fut
+
+    def _wait_for_laggards(self, b: int, trainer: str) -> None:
+        """Let the laggards of ``trainer``'s group catch up before it reads ``b`` (bounded; caller holds the lock)."""
         deadline = time.monotonic() + self.lag_timeout_s
-        while True:
-            self._evict()
-            if len(self.held) < self.window:
-                return
+        while b not in self.held and self._laggards(b, trainer):
             left = deadline - time.monotonic()
             if left <= 0:
-                done = sorted(b for b, fut in self.held.items() if fut.done())
-                if done:
-                    del self.held[done[0]]
-                    self.forced_evictions += 1
-                    return
-                left = 0.1
+                self.lag_timeouts += 1
+                return
             self.cond.wait(timeout=min(left, 1.0))
 
     def get(self, b: int, trainer: str) -> Any:
@@ -116,16 +143,13 @@ class FeederCore:
         with self.cond:
             self.requests += 1
             self.cursors[trainer] = b
-            if b in self.held:
-                fut = self.held[b]
-            elif self.read_counts[b] > 0:  # re-read of a batch that left the window: not held again
-                fut = self.pool.submit(self._read, b)
-            else:
-                self._make_room()
-                fut = self.held[b] = self.pool.submit(self._read, b)
-            for i in range(b + 1, min(b + 1 + self.prefetch, self.total)):
-                if i not in self.held and len(self.held) < self.window:
-                    self.held[i] = self.pool.submit(self._read, i)
+            self._wait_for_laggards(b, trainer)
+            if b not in self.held:  # room for b and the batches read ahead after it
+                self._evict(max(0, self.window - 1 - self.prefetch))
+            fut = self.held[b] if b in self.held else self._start_read(b)
+            for i in range(b + 1, min(b + 1 + self.prefetch, self.total)):  # read ahead into free room only
+                if i not in self.held and len(self.held) < self.window and not self._laggards(i, trainer):
+                    self._start_read(i)
         ref = fut.result()
         with self.cond:
             if trainer in self.cursors:
@@ -134,7 +158,7 @@ class FeederCore:
         return ref
 
     def done(self, trainer: str) -> None:
-        """``trainer`` finished (or gave up): it no longer holds batches in the window."""
+        """``trainer`` finished (or gave up): nobody waits for it and it wants no batch any more."""
         with self.cond:
             self.cursors.pop(trainer, None)
             self.cond.notify_all()
@@ -145,7 +169,7 @@ class FeederCore:
             reads = sum(self.read_counts.values())
             return {"reads": reads, "unique": len(self.read_counts), "rereads": reads - len(self.read_counts),
                     "requests": self.requests, "bytes_read": self.bytes_read, "held": len(self.held),
-                    "forced_evictions": self.forced_evictions, "max_reads_per_batch":
+                    "lag_timeouts": self.lag_timeouts, "max_reads_per_batch":
                     max(self.read_counts.values(), default=0)}
 
 
@@ -161,135 +185,295 @@ class Feeder(FeederCore):
 class TrainerActor:
     """One run of a sweep; constructing it (again, after a crash) resumes from the run's checkpoint."""
 
-    def __init__(self, cfg: dict[str, Any], feeder: Any) -> None:
+    def __init__(self, cfg: dict[str, Any], feeder: Any, evaluation: RunEvaluation | None = None) -> None:
         self.cfg = TrainConfig.model_validate(cfg)
         self.feeder = feeder
+        self.evaluation = evaluation
 
     def _batch(self, b: int) -> Any:
         return ray.get(ray.get(self.feeder.get.remote(b, self.cfg.name)))
 
     def train(self) -> dict[str, Any]:
         """Train the run to its budget; returns its URL and last metrics row."""
-        run = Run(self.cfg, progress=False)
+        run = Run(self.cfg, progress=False, evaluation=self.evaluation)
         url = run.fit(self._batch)
         self.feeder.done.remote(self.cfg.name)
         last = next((r for r in reversed(run.metrics) if "loss" in r), {})
         return {"run_url": url, "metrics": last, "pid": os.getpid()}
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM reached the sweep's driver; ``signum`` says which."""
 
-def evaluator_actor_class() -> Any | None:
-    """``evaluator.actor.EvaluatorActor`` as a Ray actor class, or None when that package is missing."""
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class Interrupts:
+    """The signal flag the driver's waits look at."""
+
+    signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise SweepInterrupted(self.signum)
+
+
+@contextlib.contextmanager
+def catch_interrupts() -> Iterator[Interrupts]:
+    """SIGINT/SIGTERM set a flag (instead of interrupting whatever C call the main thread is in); the
+    previous handlers are back afterwards. Off the main thread (no handlers possible) the flag stays unset."""
+    flag = Interrupts()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        flag.signum = signum
+
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        module = importlib.import_module("evaluator.actor")
-    except ImportError:
-        return None
-    cls = getattr(module, "EvaluatorActor", None)
-    if cls is None:
-        return None
-    return cls if hasattr(cls, "remote") else ray.remote(cls)
+        yield flag
+    finally:
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
+
+
+def wait_one(refs: list[Any], flag: Interrupts) -> Any:
+    """The first of ``refs`` to be ready, waiting in short slices so a signal is seen within one."""
+    while True:
+        flag.check()
+        done, _ = ray.wait(refs, num_returns=1, timeout=WAIT_SLICE_S)
+        if done:
+            return done[0]
+
+
+def get(ref: Any, flag: Interrupts) -> Any:
+    """``ray.get(ref)`` that gives way to a signal."""
+    return ray.get(wait_one([ref], flag))
+
+
+@dataclass
+class SweepActors:
+    """Every actor the sweep started: all of them are killed when the sweep ends, however it ends."""
+
+    feeders: dict[StreamKey, Any] = field(default_factory=dict)
+    trainers: dict[str, Any] = field(default_factory=dict)
+    evaluator: Any = None
+
+    def kill_trainer(self, name: str) -> None:
+        """Free a finished run's CPU/GPU slot now: with more runs than slots the queued trainers (and
+        the evaluator) only start when finished ones are gone."""
+        _kill(self.trainers.pop(name, None))
+
+    def kill_all(self) -> None:
+        for name in list(self.trainers):
+            self.kill_trainer(name)
+        for feeder in self.feeders.values():
+            _kill(feeder)
+        self.feeders.clear()
+        _kill(self.evaluator)
+        self.evaluator = None
+
+
+def _kill(handle: Any) -> None:
+    if isinstance(handle, ray.actor.ActorHandle):
+        with contextlib.suppress(Exception):  # already dead, or Ray already gone: nothing left to kill
+            ray.kill(handle, no_restart=True)
 
 
 def validate_sweep(sweep: SweepConfig, source: str) -> list[tuple[dict[str, Any], TrainConfig]]:
-    """Expand and check every run (config, SAE, dataset sealed, existing run dirs) before any actor starts."""
+    """Expand and check every run (config, SAE, dataset sealed, existing run dirs) before any actor starts
+    (with ``match_l0``, the matched phase's run directories are checked once their targets are known)."""
     runs = expand_sweep(sweep, source)
+    matched = {cfg.name for _, cfg in split_phases(runs, sweep.match_l0)[1]} if sweep.match_l0 else set()
     for _, cfg in runs:
-        RunPlan(cfg).check_existing()
+        plan = RunPlan(cfg)
+        if cfg.name not in matched:
+            plan.check_existing()
     return runs
 
 
-def stream_key(cfg: TrainConfig) -> tuple[str, int, int, str]:
+def stream_key(cfg: TrainConfig) -> StreamKey:
     """Runs with the same key share one feeder (one batch stream)."""
     return (cfg.dataset, cfg.batch_size, cfg.data_seed, json.dumps(cfg.storage_options, sort_keys=True))
 
 
-def connect(sweep: SweepConfig) -> None:
-    """Join the configured cluster (or the job's, or start a local instance) unless already connected."""
+def connect(sweep: SweepConfig) -> bool:
+    """Join the configured cluster (or the job's, or start a local instance) unless already connected;
+    True when this call connected (so the sweep disconnects, and stops a local instance, at its end)."""
     if ray.is_initialized():
-        return
+        return False
     try:
         ray.init(address=sweep.ray.address, log_to_driver=False)
     except ConnectionError as err:
         raise UserError(f"cannot reach the Ray cluster at ray.address = {sweep.ray.address!r} ({err}); "
                         "start it or fix the address.") from None
+    return True
 
 
-def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True) -> dict[str, Any]:
-    """Run every grid point to its budget, evaluate, write the summary; returns the summary dict."""
-    runs = validate_sweep(sweep, source)
-    connect(sweep)
-    rc = sweep.ray
-    streams: dict[tuple[str, int, int, str], list[TrainConfig]] = {}
+def trainer_runtime_env() -> dict[str, Any] | None:
+    """The test-only fault-injection variable follows the driver to the trainers (Ray's worker
+    processes may have started before the driver set it)."""
+    value = os.environ.get(FAIL_AT_STEP_ENV)
+    return {"env_vars": {FAIL_AT_STEP_ENV: value}} if value else None
+
+
+def placement(rc: RayConfig) -> dict[str, Any]:
+    """Actor options that place a trainer (and the evaluator): CPUs, GPUs, custom resources."""
+    return {"num_cpus": rc.num_cpus_per_trainer, "num_gpus": rc.num_gpus_per_trainer,
+            "resources": dict(rc.trainer_resources) or None}
+
+
+def start_feeders(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, actors: SweepActors) -> None:
+    """One feeder per batch stream, restarted by Ray whenever it dies (it holds no state a restart needs)."""
+    streams: dict[StreamKey, list[TrainConfig]] = {}
     for _, cfg in runs:
         streams.setdefault(stream_key(cfg), []).append(cfg)
-    feeders = {}
     for key, cfgs in streams.items():
         first = cfgs[0]
-        feeders[key] = Feeder.options(max_restarts=-1, max_task_retries=-1).remote(
+        actors.feeders[key] = Feeder.options(max_restarts=-1, max_task_retries=-1).remote(
             first.dataset, first.batch_size, first.data_seed, max(c.total_steps for c in cfgs),
             [c.name for c in cfgs], rc.feeder_window, rc.feeder_prefetch, rc.feeder_lag_timeout_s,
             first.storage_options)
-    pending: dict[Any, tuple[dict[str, Any], TrainConfig]] = {}
-    actors: dict[str, Any] = {}
+
+
+def launch_trainers(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, actors: SweepActors,
+                    evaluation: RunEvaluation | None = None) -> dict[Any, tuple[dict[str, Any], TrainConfig]]:
+    """One trainer actor per run and its ``train`` call; returns {train ObjectRef: (assignment, config)}."""
+    pending = {}
     for assignment, cfg in runs:
-        actor = actors[cfg.name] = TrainerActor.options(num_cpus=rc.num_cpus_per_trainer, num_gpus=rc.num_gpus_per_trainer,
-                                     max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
-                                     ).remote(cfg.model_dump(mode="json"), feeders[stream_key(cfg)])
+        actor = actors.trainers[cfg.name] = TrainerActor.options(
+            **placement(rc), max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
+            runtime_env=trainer_runtime_env()).remote(cfg.model_dump(mode="json"), actors.feeders[stream_key(cfg)],
+                                                      evaluation)
         pending[actor.train.remote()] = (assignment, cfg)
-    evaluator_cls = evaluator_actor_class() if sweep.evaluate else None
-    evaluator = None
-    if evaluator_cls is not None:
-        options = {"max_tokens": sweep.eval_max_tokens, "storage_options": runs[0][1].storage_options,
-                   **sweep.evaluator_options}
-        evaluator = evaluator_cls.options(num_cpus=rc.num_cpus_per_trainer, num_gpus=rc.num_gpus_per_trainer,
-                                          ).remote(**options)
+    return pending
+
+
+def start_evaluator(factory: EvaluatorFactory | None, sweep: SweepConfig,
+                    runs: list[tuple[dict[str, Any], TrainConfig]]) -> Any:
+    """The evaluator actor (None when none is handed in or ``evaluate`` is off)."""
+    if factory is None or not sweep.evaluate:
+        return None
+    options = {"max_tokens": sweep.eval_max_tokens, "storage_options": runs[0][1].storage_options,
+               **sweep.evaluator_options}
+    if hasattr(factory, "options") and hasattr(factory, "remote"):  # a Ray actor class
+        return factory.options(**placement(sweep.ray)).remote(**options)
+    return factory(**options)
+
+
+def run_row(assignment: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
+    """The summary row's identity: name, grid values, the SAE's init seed and its target l0 (if any)."""
+    return {"name": cfg.name, **assignment, "seed": cfg.sae.get("seed", cfg.seed),
+            "target_l0": cfg.sae.get("target_l0")}
+
+
+def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors: SweepActors, flag: Interrupts,
+                  bar: Any) -> tuple[dict[str, dict[str, Any]], dict[Any, str]]:
+    """Collect every run's result as it finishes (handing it to the evaluator, if any); returns the
+    summary rows by run name and {evaluation ObjectRef: run name}."""
     rows: dict[str, dict[str, Any]] = {}
     evals: dict[Any, str] = {}
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(runs), unit="run", desc=f"sweep {sweep.name}", disable=not progress)
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
-        assignment, cfg = pending.pop(done[0])
-        row: dict[str, Any] = {"name": cfg.name, **assignment}
+        ref = wait_one(list(pending), flag)
+        assignment, cfg = pending.pop(ref)
+        row = run_row(assignment, cfg)
         try:
-            result = ray.get(done[0])
+            result = ray.get(ref)
             row.update({"status": "finished", "run_url": result["run_url"]})
             row.update({k: result["metrics"].get(k) for k in SUMMARY_METRICS})
-            if sweep.evaluate and evaluator is not None:
-                evals[evaluator.evaluate.remote(result["run_url"])] = cfg.name
+            if actors.evaluator is not None:
+                evals[actors.evaluator.evaluate.remote(result["run_url"])] = cfg.name
         except (ray.exceptions.RayError, UserError) as err:
-            ray.get(feeders[stream_key(cfg)].done.remote(cfg.name))
+            actors.feeders[stream_key(cfg)].done.remote(cfg.name)
             row.update({"status": "failed", "error": _one_line(err)})
-        # free its CPU/GPU slot now: with more runs than slots the queued trainers (and the
-        # evaluator) only start when finished ones are gone
-        ray.kill(actors.pop(cfg.name))
+        actors.kill_trainer(cfg.name)
         rows[cfg.name] = row
         bar.update(1)
-    bar.close()
+    return rows, evals
+
+
+def collect_evals(rows: dict[str, dict[str, Any]], evals: dict[Any, str], flag: Interrupts) -> None:
+    """Add each run's scalar eval metrics (``eval_*``) or its evaluation error to its row."""
     for ref, name in evals.items():
         try:
-            report = ray.get(ref)
+            report = get(ref, flag)
             report = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
             rows[name].update({f"eval_{k}": v for k, v in report.items() if _scalar(v)})
         except ray.exceptions.RayError as err:
             rows[name].update({"eval_error": _one_line(err)})
-    reads = {json.dumps(list(key[:3])): ray.get(f.reads.remote()) for key, f in feeders.items()}
-    ordered = [rows[cfg.name] for _, cfg in runs]
-    summary = {"sweep": sweep.name, "grid": sweep.grid, "runs": ordered, "feeder_reads": reads}
-    sweep_url = join_url(runs[0][1].runs_root, sweep.name)
-    summary["summary_url"] = join_url(sweep_url, "summary.json")
-    write_summary(sweep_url, summary, runs[0][1].storage_options)
-    for actor in actors.values():
-        ray.kill(actor)
-    for feeder in feeders.values():
-        ray.kill(feeder)
-    if evaluator is not None:
-        ray.kill(evaluator)
-    failed = [r for r in ordered if r["status"] != "finished"]
+
+
+def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
+              evaluator: EvaluatorFactory | None = None, evaluation: RunEvaluation | None = None) -> dict[str, Any]:
+    """Run every grid point to its budget, evaluate each finished run with ``evaluator`` (if given),
+    write the summary; returns the summary dict. ``evaluation`` is handed to every run (its training
+    metrics, :class:`trainer.run.RunEvaluation`). Raises :class:`SweepInterrupted` on SIGINT/SIGTERM."""
+    runs = validate_sweep(sweep, source)
+    started_ray = connect(sweep)  # before catching signals: ray.init installs handlers of its own
+    actors = SweepActors()
+    try:
+        with catch_interrupts() as flag:
+            try:
+                summary = train_and_evaluate(sweep, runs, evaluator, actors, flag, progress, evaluation)
+            finally:  # however the sweep ends (a signal included), none of its actors outlives it
+                actors.kill_all()
+    finally:
+        if started_ray:
+            ray.shutdown()
+    failed = [r for r in summary["runs"] if r["status"] != "finished"]
     if failed:
-        raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(ordered)} runs failed (first: {failed[0]['name']}: "
-                        f"{failed[0]['error']}); see {join_url(sweep_url, 'summary.json')}.")
+        raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(summary['runs'])} runs failed "
+                        f"(first: {failed[0]['name']}: {failed[0]['error']}); see {summary['summary_url']}.")
+    return summary
+
+
+def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]],
+                       evaluator: EvaluatorFactory | None, actors: SweepActors, flag: Interrupts,
+                       progress: bool, evaluation: RunEvaluation | None = None) -> dict[str, Any]:
+    """The sweep's phases: feeders, then per phase the trainers, the wait for every run (each handed to
+    the evaluator as it finishes) and the evaluations; the summary. One phase, or with ``match_l0`` two
+    (:mod:`trainer.matching`): the second phase's runs get their target from the first phase's held-out
+    L0 and are served by the same feeders (one store read per batch while the window holds the run).
+    Every actor started is recorded in ``actors``."""
+    start_feeders(runs, sweep.ray, actors)
+    actors.evaluator = start_evaluator(evaluator, sweep, runs)
+    phases = [runs]
+    if sweep.match_l0 is not None:
+        if actors.evaluator is None:
+            raise UserError(f"sweep {sweep.name}: match_l0 needs the held-out L0 of its {sweep.match_l0} runs; run it "
+                            "with `dynsae sweep` (which evaluates) and evaluate: true.")
+        phases = list(split_phases(runs, sweep.match_l0))
+    from tqdm.auto import tqdm
+
+    rows: dict[str, dict[str, Any]] = {}
+    trained: dict[str, tuple[dict[str, Any], TrainConfig]] = {}
+    with tqdm(total=len(runs), unit="run", desc=f"sweep {sweep.name}", disable=not progress) as bar:
+        for i, phase in enumerate(phases):
+            if i == 1:  # matched phase: the reference family's held-out L0 becomes the target
+                l0_of = {name: row.get("eval_l0") for name, row in rows.items()}
+                phase = with_targets(phase, reference_l0(phases[0], sweep.match_l0, l0_of), sweep.match_l0)
+                for _, cfg in phase:
+                    RunPlan(cfg).check_existing()
+            trained.update({cfg.name: (assignment, cfg) for assignment, cfg in phase})
+            phase_rows, evals = wait_for_runs(launch_trainers(phase, sweep.ray, actors, evaluation), actors, flag, bar)
+            collect_evals(phase_rows, evals, flag)
+            rows.update(phase_rows)
+    reads = {json.dumps(list(key[:3])): get(f.reads.remote(), flag) for key, f in actors.feeders.items()}
+    return summarize(sweep, [trained[cfg.name] for _, cfg in runs], rows, reads)
+
+
+def summarize(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]], rows: dict[str, dict[str, Any]],
+              reads: dict[str, Any]) -> dict[str, Any]:
+    """The summary (rows in grid order), written to ``<runs_root>/<sweep>/summary.{json,csv}``."""
+    first = runs[0][1]
+    sweep_url = join_url(first.runs_root, sweep.name)
+    summary = {"sweep": sweep.name, "grid": sweep.grid, "runs": [rows[cfg.name] for _, cfg in runs],
+               "feeder_reads": reads, "summary_url": join_url(sweep_url, "summary.json")}
+    write_summary(sweep_url, summary, first.storage_options)
     return summary
 
 
@@ -307,11 +491,6 @@ def write_summary(sweep_url: str, summary: dict[str, Any], storage_options: dict
     for row in rows:
         writer.writerow({k: row.get(k, "") for k in columns})
     out.write_bytes("summary.csv", buf.getvalue().encode())
-
-
-def read_eval(run_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """A run's ``eval.json`` (None when not evaluated yet)."""
-    return RunDir(run_url, storage_options).read_json(EVAL_FILE)
 
 
 def _scalar(value: Any) -> bool:

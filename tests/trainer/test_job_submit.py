@@ -1,5 +1,7 @@
-"""`ray job submit --working-dir <repo> -- python -m trainer sweep X.yaml` against a real head node on
-127.0.0.1 that this test starts (its own ports and temp dir) and stops (only its own processes)."""
+"""`ray job submit --working-dir <repo> -- python -m dynsae sweep X.yaml` (the README's cluster command)
+against a real head node on 127.0.0.1 that this test starts (its own ports and temp dir) and stops (only
+its own processes, waiting until they are gone). One trainer dies once mid-run (the test-only hook
+DYNSAE_TEST_FAIL_AT_STEP, set through the job's runtime env) and resumes."""
 
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-from trainer_testkit import base_config
+from trainer_testkit import base_config, kill_pids_using, no_pids_using
+
+from trainer.run import FAIL_AT_STEP_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -43,22 +47,9 @@ def wait_http(url: str, seconds: float) -> None:
         time.sleep(1)
 
 
-def pids_using(temp_dir: str) -> list[int]:
-    """Processes whose command line mentions ``temp_dir`` (the head's own raylet, GCS, workers...)."""
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if temp_dir in cmd:
-                out.append(int(entry.name))
-    return out
-
-
 def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
-    """Terminate the head's process group, then any process still running from its temp dir."""
+    """Terminate the head's process group, then SIGKILL any process still running from its temp dir and
+    wait (with a deadline) until they are all gone: a killed process takes a moment to exit."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(head.pid, sig)
@@ -69,11 +60,8 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
             break
         except subprocess.TimeoutExpired:
             continue
-    for pid in pids_using(temp_dir):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    kill_pids_using(temp_dir)
+    no_pids_using(temp_dir)
 
 
 def submit_when_agent_ready(cmd: list[str], env: dict[str, str], seconds: float = 120) -> subprocess.CompletedProcess:
@@ -117,7 +105,8 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
         wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
         job = submit_when_agent_ready(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--", "python", "-m", "trainer", "sweep", str(sweep_path), "--no-progress"], env)
+             "--runtime-env-json", json.dumps({"env_vars": {FAIL_AT_STEP_ENV: "variant-relu=3"}}),
+             "--", "python", "-m", "dynsae", "sweep", str(sweep_path), "--no-progress"], env)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "succeeded" in (job.stdout + job.stderr).lower()
         summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
@@ -126,8 +115,12 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
             for f in ("config.json", "sae.safetensors", "trainer_state.pt", "metrics.jsonl", "eval.json"):
                 assert (tmp_path / "runs" / "job" / name / f).exists(), (name, f)
         assert (tmp_path / "runs" / "job" / "summary.csv").exists()
+        assert (tmp_path / "runs" / "job" / "variant-relu" / "fault_injected").read_text().split()[0] == "3"
+        assert not (tmp_path / "runs" / "job" / "variant-topk" / "fault_injected").exists()
+        assert all(r["eval_fvu"] is not None for r in summary["runs"])  # dynsae sweep evaluates
     finally:
-        stop_head(head, temp_dir)
-        log.close()
-        assert not pids_using(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        try:
+            stop_head(head, temp_dir)  # asserts, with a deadline, that none of its processes is left
+        finally:
+            log.close()
+            shutil.rmtree(temp_dir, ignore_errors=True)

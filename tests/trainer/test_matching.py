@@ -35,3 +35,39 @@ def test_phases_targets_and_errors():
         split_phases([r for r in RUNS if r[1].name != "topk"], "topk")
     with pytest.raises(UserError, match="M = 128 but no sparsemax run has that M"):
         with_targets(matched, {64: 32.0}, "sparsemax")
+
+
+def test_matched_sweep_end_to_end(ray_local, tiny_store, tmp_path):
+    """Phase 1 trains and evaluates the Sparsemax SAE (two seeds); relu and topk then train with
+    sae.target_l0 = its mean held-out L0, from the same feeder (each batch read once); a re-run of the
+    sweep resumes every run directory (the targets come out the same)."""
+    import json
+    from pathlib import Path
+
+    from trainer_testkit import base_config
+
+    from evaluator.actor import EvaluatorActor
+    from evaluator.training import TrainingEvaluation
+    from trainer.config import SweepConfig
+    from trainer.sweep import run_sweep
+
+    base = base_config(tiny_store, str(tmp_path), tokens=64 * 12, sae={"m": 32})
+    base.pop("name")
+    sweep = SweepConfig.model_validate({
+        "name": "mt", "base": base, "match_l0": "sparsemax",
+        "grid": [{"sae.variant": ["sparsemax"], "sae.seed": [0, 1]}, {"sae.variant": ["relu", "topk"]}],
+        "ray": {"num_cpus_per_trainer": 0.5, "feeder_window": 64}})
+    summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor, evaluation=TrainingEvaluation())
+    rows = {r["name"]: r for r in summary["runs"]}
+    reference = (rows["variant-sparsemax_seed-0"]["eval_l0"] + rows["variant-sparsemax_seed-1"]["eval_l0"]) / 2
+    for name in ("variant-relu", "variant-topk"):
+        sae = json.loads((Path(tmp_path) / "mt" / name / "config.json").read_text())["sae"]
+        assert sae["target_l0"] == round(reference, 3) == rows[name]["target_l0"]
+        assert rows[name]["status"] == "finished" and rows[name]["eval_l0"] > 0
+    topk = json.loads((Path(tmp_path) / "mt" / "variant-topk" / "config.json").read_text())["sae"]
+    assert topk["k"] == max(1, round(reference))
+    assert rows["variant-sparsemax_seed-0"]["target_l0"] is None
+    (reads,) = summary["feeder_reads"].values()
+    assert reads["reads"] == reads["unique"] == 12  # both phases from one read of each batch
+    again = run_sweep(sweep, progress=False, evaluator=EvaluatorActor, evaluation=TrainingEvaluation())
+    assert [r["target_l0"] for r in again["runs"]] == [r["target_l0"] for r in summary["runs"]]

@@ -18,7 +18,7 @@ from trainer_testkit import CONTEXT, base_config
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
 from trainer.config import TrainConfig
-from trainer.run import lr_at, train
+from trainer.run import FAIL_AT_STEP_ENV, lr_at, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,9 +111,9 @@ def test_crash_and_rerun_equals_straight_run(tiny_store, tmp_path):
     url_a = train(straight, progress=False)
 
     cfg_path = write_yaml(tmp_path / "run.yaml", base_config(tiny_store, str(tmp_path / "b"), decay="cosine",
-                                                             sae={"variant": "topk", "k": 4}, fail_at_step=12))
+                                                             sae={"variant": "topk", "k": 4}))
     cmd = [sys.executable, "-m", "trainer", "run", cfg_path, "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), FAIL_AT_STEP_ENV: "12"}  # the test-only fault hook
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 17, first.stderr
     url_b = str(tmp_path / "b" / "r")

@@ -1,5 +1,6 @@
 """Ray sweeps on the real local Ray instance: artifacts and summary, one read per batch, a trainer
-process that really dies and resumes to the uninterrupted result, validation before any actor."""
+process that really dies and resumes to the uninterrupted result, runs resumed far apart, grids
+(unions, seeds), validation before any actor."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainer_testkit import base_config, make_store
+from trainer_testkit import assert_same_weights, base_config, make_store, straight_config
 
+from evaluator.actor import EvaluatorActor
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
-from trainer.config import SweepConfig, TrainConfig
-from trainer.run import train
-from trainer.sweep import Feeder, run_sweep
+from trainer.config import SweepConfig, expand_sweep
+from trainer.run import FAIL_AT_STEP_ENV, train
+from trainer.sweep import Feeder, FeederCore, run_sweep
 
 VARIANTS = ["relu", "topk", "sparsemax"]
 STEPS = 16
@@ -26,17 +28,19 @@ STEPS = 16
 def sweep_dict(store: str, runs_root: str, **base_over) -> dict:
     base = base_config(store, runs_root, tokens=64 * STEPS, **base_over)
     base.pop("name")
-    base["sae"]["k"] = 4
     return {"name": "sw", "base": base, "grid": {"sae.variant": VARIANTS},
             "ray": {"num_cpus_per_trainer": 0.5, "max_restarts": 2, "feeder_window": 64}}
 
 
-def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
-    """Every trainer process dies once at step 7 (after the step-5 checkpoint); Ray restarts it and it
-    resumes. Each run ends equal to an uninterrupted run; the feeder read each batch once (the crashed
-    trainers' re-requests are served from its window); every artifact and the summary are written."""
-    sweep = SweepConfig.model_validate(sweep_dict(tiny_store, str(tmp_path), fail_at_step=7))
-    summary = run_sweep(sweep, progress=False)
+def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path, monkeypatch):
+    """Every trainer process dies once at step 7 (after the step-5 checkpoint; the test-only hook
+    DYNSAE_TEST_FAIL_AT_STEP); Ray restarts it and it resumes. Each run ends equal to an uninterrupted
+    run; the feeder read each batch once (the crashed trainers' re-requests are served from its
+    window); every artifact, the evaluator's eval.json and the summary are written."""
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "7")
+    sweep = SweepConfig.model_validate(sweep_dict(tiny_store, str(tmp_path)))
+    summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor)
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)  # the straight runs below train in this process
 
     reads = next(iter(summary["feeder_reads"].values()))
     assert reads["reads"] == STEPS and reads["rereads"] == 0 and reads["max_reads_per_batch"] == 1
@@ -51,21 +55,16 @@ def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
         assert marker[0] == "7"
         row = rows[f"variant-{variant}"]
         assert row["status"] == "finished" and row["step"] == STEPS and row["sae.variant"] == variant
+        assert row["seed"] == 0 and row["target_l0"] is None
         with pytest.raises(ProcessLookupError):  # the process that crashed is really gone
             os.kill(int(marker[1]), 0)
         assert 0 < row["eval_fvu"] < 1.5 and row["eval_l0"] > 0
         # the same config trained straight through in this process gives the same weights
-        cfg = _straight_config(run_dir, tmp_path / "straight")
-        straight = train(cfg, progress=False)
-        from safetensors.torch import load_file
-
-        a, b = load_file(run_dir / "sae.safetensors"), load_file(Path(straight) / "sae.safetensors")
-        for key in a:
-            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=0), (variant, key)
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))
     with open(tmp_path / "sw" / "summary.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [r["sae.variant"] for r in table] == VARIANTS
-    assert {"name", "status", "fvu", "l0", "dead_frac", "eval_fvu"} <= set(table[0])
+    assert {"name", "seed", "target_l0", "status", "fvu", "l0", "dead_frac", "eval_fvu"} <= set(table[0])
     assert json.loads((tmp_path / "sw" / "summary.json").read_text())["runs"][0]["name"] == "variant-relu"
 
 
@@ -75,26 +74,17 @@ def test_more_runs_than_slots_finish(ray_local, tiny_store, tmp_path):
     their slot back, or the third run and the evaluator never start."""
     data = sweep_dict(tiny_store, str(tmp_path))
     data["ray"] = {"num_cpus_per_trainer": 1.0, "feeder_window": 64}
-    summary = run_sweep(SweepConfig.model_validate(data), progress=False)
+    summary = run_sweep(SweepConfig.model_validate(data), progress=False, evaluator=EvaluatorActor)
     assert [r["status"] for r in summary["runs"]] == ["finished"] * 3
     assert all(r["eval_l0"] > 0 for r in summary["runs"])
     assert next(iter(summary["feeder_reads"].values()))["reads"] == STEPS  # late run served from the window
-
-
-def _straight_config(run_dir: Path, runs_root: Path) -> TrainConfig:
-    """The run's config.json as an uninterrupted, stand-alone run under another root."""
-    record = json.loads((run_dir / "config.json").read_text())
-    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
-        record.pop(key)
-    record.update(runs_root=str(runs_root), fail_at_step=None, sweep=None)
-    return TrainConfig.model_validate(record)
 
 
 @pytest.mark.parametrize("n_trainers", [1, 4])
 def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
     """N consumers, consumer i lagging i batches behind the first (within the 4-batch window), get the
     same ObjectRefs and the store is read once per batch; a consumer asking for a batch that has left
-    the window (a restart) causes one counted re-read, with the same contents."""
+    the window (a restart) causes a counted re-read, with the same contents."""
     import ray
 
     total = 12
@@ -116,7 +106,8 @@ def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
     loader = ActivationLoader(tiny_store, 64, seed=0, columns=("acts", "positions"))
     got = ray.get(ray.get(feeder.get.remote(3, "late")))
     assert torch.equal(torch.from_numpy(got["acts"].copy()), loader.batch(3)["acts"])
-    assert ray.get(feeder.reads.remote())["rereads"] == 1  # batch 3 had left the window
+    # batch 3 had left the window (and batch 4, read ahead for "late" when the window has free room)
+    assert 1 <= ray.get(feeder.reads.remote())["rereads"] <= 2
     ray.kill(feeder)
 
 
@@ -124,16 +115,87 @@ def test_unscheduled_trainers_do_not_pin_the_window(tiny_store):
     """More runs than Ray slots: trainers that have not started yet must not hold the window, or the
     running ones would wait out the lag timeout on every batch. The first trainer streams through a
     2-batch window with no forced eviction; the late one re-reads what left the window."""
-    from trainer.sweep import FeederCore
-
     total = 8
     feeder = FeederCore(tiny_store, 64, 0, total, ["early", "late"], window=2, prefetch=0, lag_timeout_s=0.2)
     for b in range(total):
         feeder.get(b, "early")
-    assert feeder.reads()["forced_evictions"] == 0
+    assert feeder.reads()["lag_timeouts"] == 0
     assert feeder.reads()["reads"] == total
     feeder.get(0, "late")
     assert feeder.reads()["rereads"] == 1
+
+
+def test_feeder_serves_far_apart_cursors_without_waiting(tiny_store):
+    """A fresh feeder (a resumed sweep, or a restarted feeder) facing runs stopped at steps 3 and 60 with
+    a 4-batch window: they are two cursor groups and neither waits for the other (a wait would end in a
+    lag timeout); the laggard's batches 3..59 are read once, the leader's 60..63 at most twice (once per
+    group: the laggard gets there long after they left the window)."""
+    total = 64
+    feeder = FeederCore(tiny_store, 64, 0, total, ["lag", "lead"], window=4, prefetch=2, lag_timeout_s=30.0)
+    for i in range(total - 3):  # interleaved, as two trainers stepping side by side
+        feeder.get(3 + i, "lag")
+        if 60 + i < total:
+            feeder.get(60 + i, "lead")
+        elif 60 + i == total:
+            feeder.done("lead")
+    feeder.done("lag")
+    stats = feeder.reads()
+    assert stats["lag_timeouts"] == 0
+    assert sorted(feeder.read_counts) == list(range(3, total))
+    assert all(feeder.read_counts[b] == 1 for b in range(3, 60))
+    assert all(feeder.read_counts[b] <= 2 for b in range(60, total)) and stats["rereads"] > 0
+    assert stats["held"] <= 4
+
+
+def test_resume_far_apart_runs(ray_local, tiny_store, tmp_path, monkeypatch):
+    """Two runs (grid sae.seed = 0, 1) stopped at steps 3 and 60 by the test hook (no restarts, so the
+    first sweep ends with both failed), then the sweep run again: a fresh feeder with a 4-batch window
+    serves both without stalling (no lag timeout), reads each batch at most once per cursor group, and
+    both runs end with an uninterrupted run's weights; the summary has each run's init seed."""
+    total = 64
+    base = base_config(tiny_store, str(tmp_path), tokens=64 * total, checkpoint_every=3)
+    base.pop("name")
+    data = {"name": "far", "base": base, "grid": {"sae.seed": [0, 1]},
+            "ray": {"num_cpus_per_trainer": 0.5, "max_restarts": 0, "feeder_window": 4,
+                    "feeder_lag_timeout_s": 60.0}}
+    monkeypatch.setenv(FAIL_AT_STEP_ENV, "seed-0=3,seed-1=60")
+    with pytest.raises(UserError, match="2 of 2 runs failed"):
+        run_sweep(SweepConfig.model_validate(data), progress=False)
+    stopped = {name: torch.load(tmp_path / "far" / name / "trainer_state.pt", weights_only=False)["step"]
+               for name in ("seed-0", "seed-1")}
+    assert stopped == {"seed-0": 3, "seed-1": 60}
+    monkeypatch.delenv(FAIL_AT_STEP_ENV)
+
+    summary = run_sweep(SweepConfig.model_validate(data), progress=False)
+    assert [(r["name"], r["status"], r["step"], r["seed"]) for r in summary["runs"]] == [
+        ("seed-0", "finished", total, 0), ("seed-1", "finished", total, 1)]
+    reads = next(iter(summary["feeder_reads"].values()))
+    assert reads["lag_timeouts"] == 0
+    assert reads["unique"] == total - 3  # batches 3..63, nothing else
+    assert reads["max_reads_per_batch"] <= 2 and reads["rereads"] <= total - 60  # only 60..63 twice
+    for name in ("seed-0", "seed-1"):
+        run_dir = tmp_path / "far" / name
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))
+
+
+def test_union_grid_and_seeds_expand(tiny_store, tmp_path):
+    """A list of grids is the union of their products, in order, with readable unique names."""
+    base = base_config(tiny_store, str(tmp_path))
+    base.pop("name")
+    grid = [{"sae.variant": ["sparsemax"], "sae.m": [32, 64]},
+            {"sae.variant": ["topk", "relu"], "sae.seed": [0, 1]}]
+    runs = expand_sweep(SweepConfig.model_validate({"name": "u", "base": base, "grid": grid}))
+    assert [(cfg.name, assignment) for assignment, cfg in runs] == [
+        ("variant-sparsemax_m-32", {"sae.variant": "sparsemax", "sae.m": 32}),
+        ("variant-sparsemax_m-64", {"sae.variant": "sparsemax", "sae.m": 64}),
+        ("variant-topk_seed-0", {"sae.variant": "topk", "sae.seed": 0}),
+        ("variant-topk_seed-1", {"sae.variant": "topk", "sae.seed": 1}),
+        ("variant-relu_seed-0", {"sae.variant": "relu", "sae.seed": 0}),
+        ("variant-relu_seed-1", {"sae.variant": "relu", "sae.seed": 1}),
+    ]
+    assert [cfg.sae for _, cfg in runs][1] == {"variant": "sparsemax", "m": 64}
+    assert [cfg.sae for _, cfg in runs][3] == {"variant": "topk", "m": 32, "seed": 1}
+    assert all(cfg.sweep == "u" for _, cfg in runs)
 
 
 def write_yaml(path: Path, data: dict) -> str:
@@ -151,6 +213,12 @@ def test_bad_sweeps_fail_before_any_actor(tiny_store, tmp_path, capsys):
         "unknown variant": ({**good, "grid": {"sae.variant": ["relu", "gelu"]}}, "unknown SAE variant 'gelu'"),
         "m <= 0": ({**good, "grid": {"sae.m": [64, 0]}}, "sae.m must be a positive integer"),
         "unsealed": ({**good, "base": {**good["base"], "dataset": unsealed}}, unsealed),
+        "empty union": ({**good, "grid": []}, "the grid is an empty list"),
+        "empty grid in a union": ({**good, "grid": [{"sae.variant": ["relu"]}, {}]}, "grid[1] is an empty mapping"),
+        "grid entry not a mapping": ({**good, "grid": ["sae.m"]}, "grid[0] must be a mapping"),
+        "values not a list": ({**good, "grid": {"sae.m": 64}}, "grid key 'sae.m' must hold a list of values"),
+        "one name twice": ({**good, "grid": [{"sae.variant": ["relu"]}, {"sae.variant": ["topk", "relu"]}]},
+                           "both get the run name 'variant-relu'"),
     }
     for label, (data, needle) in cases.items():
         path = write_yaml(tmp_path / f"{label.replace(' ', '_')}.yaml", data)

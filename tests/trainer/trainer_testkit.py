@@ -51,3 +51,79 @@ def base_config(store: str, runs_root: str, **over) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+def wait_until(condition, seconds: float, what: str, interval: float = 0.1):
+    """Poll ``condition()`` until it returns something truthy (returned) or ``seconds`` pass (AssertionError)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not true within {seconds:g} s")
+        time.sleep(interval)
+
+
+def pids_using(path: str) -> list[int]:
+    """Processes (other than this one) whose command line mentions ``path`` (a Ray temp dir: its raylet,
+    GCS, dashboard, workers...)."""
+    import os
+    from pathlib import Path
+
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if path in cmd:
+                out.append(int(entry.name))
+    return out
+
+
+def no_pids_using(path: str, seconds: float = 60) -> None:
+    """Wait until no process uses ``path`` (exiting processes take a moment to go), then return."""
+    wait_until(lambda: not pids_using(path), seconds, f"processes still using {path}: {pids_using(path)}")
+
+
+def kill_pids_using(path: str) -> None:
+    """SIGKILL every process still using ``path`` (the clean-up of a test that failed half-way)."""
+    import os
+    import signal
+
+    for pid in pids_using(path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def straight_config(run_dir, runs_root):
+    """A run's ``config.json`` as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
+    import json
+    from pathlib import Path
+
+    from trainer.config import TrainConfig
+
+    record = json.loads((Path(run_dir) / "config.json").read_text())
+    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
+        record.pop(key)
+    record.update(runs_root=str(runs_root), sweep=None)
+    return TrainConfig.model_validate(record)
+
+
+def assert_same_weights(run_a, run_b, atol: float = 1e-5) -> None:
+    """The two runs' ``sae.safetensors`` agree within ``atol``."""
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(Path(run_a) / "sae.safetensors"), load_file(Path(run_b) / "sae.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (str(run_a), key)
