@@ -129,7 +129,7 @@ def _fold_homogeneous(sae: Any) -> Folded:
         extra = {"k": int(min(sae.config.k, sae.config.m)), "rescale_acts_by_decoder_norm": unit}
     elif variant == "jumprelu":
         architecture = "jumprelu"
-        tensors.update(b_enc=b_enc, threshold=c * torch.exp(_f64(sae.log_threshold)))  # θ, not log θ
+        tensors.update(b_enc=b_enc, threshold=c * _f64(sae.thresholds()))  # θ, not log θ
     elif variant == "batchtopk":
         architecture = "jumprelu"  # eval mode: f = π·1[π > θ] with one global θ
         theta = float(sae.threshold) if bool(sae.threshold_set) else 0.0

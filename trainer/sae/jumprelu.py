@@ -125,10 +125,14 @@ class JumpReluSAE(LinearSAE):
         self.log_threshold.copy_(theta.log().to(self.log_threshold.dtype))
         self.threshold_ready.fill_(True)
 
+    def thresholds(self) -> Tensor:
+        """θ_i = g · exp(log_threshold_i) (M,), differentiable in log_threshold."""
+        return self.controller.coefficient.to(self.log_threshold.dtype) * torch.exp(self.log_threshold)
+
     def _acts(self, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         self._init_from_batch(xi)
         pre = self.pre_acts(xi)
-        theta = self.controller.coefficient.to(pre.dtype) * torch.exp(self.log_threshold)  # θ = g · exp(log θ)
+        theta = self.thresholds()
         return pre, theta, _JumpReLU.apply(pre, theta, self.config.bandwidth)
 
     def encode_normalized(self, xi: Tensor) -> Codes:
