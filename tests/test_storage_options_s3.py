@@ -24,11 +24,14 @@ from dynsae.demo import DEFAULT_CONFIG
 @pytest.fixture
 def private_s3(tmp_path):
     """A moto S3 server on 127.0.0.1 that only storage options point at; yields (bucket URL, options)."""
+    import socket
+
     import boto3
-    from conftest import free_port
     from moto.server import ThreadedMotoServer
 
-    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -33,7 +33,7 @@ def smollm2_acts(tmp_path_factory) -> str:
 @pytest.mark.parametrize("variant", ["relu", "jumprelu", "gated", "attn_relu"])
 def test_steered_variant_reaches_its_target_l0(smollm2_acts, tmp_path, variant):
     cfg = TrainConfig(dataset=smollm2_acts, runs_root=str(tmp_path), name=variant,
-                      sae={"variant": variant, "m": 1152, "target_l0": TARGET}, batch_size=256,
+                      sae={"variant": variant, "m": 576, "target_l0": TARGET}, batch_size=256,
                       tokens=256 * 400, lr=1e-3, warmup_steps=10, checkpoint_every=10**6, log_every=50,
                       device="cpu", max_norm_multiple=10.0)
     run = Run(cfg, progress=False, evaluation=TrainingEvaluation())
