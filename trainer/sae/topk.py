@@ -85,9 +85,11 @@ class TopKSAE(LinearSAE):
         xc, h = self.hidden(xi)
         pre = h + self.b_enc.detach()
         idx, valid = self.select(pre)
-        pattern = SupportPattern(idx, self.config.m)  # shared by the encoder's and decoder's backward
+        # shared by the encoder's and decoder's backward; with a valid mask, products run over the
+        # valid entries only (padding decodes to nothing and gets no gradient)
+        pattern = SupportPattern(idx, self.config.m, valid)
         val = torch.relu(self.selected_pre(xc, h, idx, pattern))
-        if valid is not None:
+        if valid is not None:  # padding: b_enc[idx] was added there
             val = torch.where(valid, val, 0.0)
         return Codes(m=self.config.m, idx=idx, val=val, pattern=pattern), xc, h, pre
 
