@@ -134,13 +134,14 @@ def synced(step: Callable[[], None], device: torch.device) -> Callable[[], None]
 
 
 def steps_at(x: Tensor, m: int, k: int) -> tuple[dict[str, Callable[[], None]], dict[str, dict]]:
-    """The step closures at size M, the pair each goal compares first (back to back), and our L0 records."""
+    """The step closures at size M in round order — sparsify topk, ours topk, ours batchtopk first, back to
+    back (the goals' pairs), then SAELens and our other variants — and our L0 records."""
     steps: dict[str, Callable[[], None]] = {"sparsify_topk": sparsify_step(x, m, k)}
     infos: dict[str, dict] = {}
     for name, overrides in ours(k).items():
         sae = sae_zoo.build({"d": x.shape[1], "m": m, "seed": 0, **overrides}).to(x.device)
         steps[name], infos[name] = zoo_step(sae, x)
-        if name == "ours_topk":
+        if name == "ours_batchtopk":
             steps["saelens_topk"] = saelens_step(x, m, k, batch_topk=False)
             steps["saelens_batchtopk"] = saelens_step(x, m, k, batch_topk=True)
     return {name: synced(step, x.device) for name, step in steps.items()}, infos
