@@ -17,6 +17,9 @@ from torch import Tensor
 
 from trainer.sae.topk import AuxKConfig, TopKSAE
 
+#: the candidate floor of a training selection is this fraction of the last batch's threshold T
+FLOOR_MARGIN = 0.8
+
 
 class BatchTopKConfig(AuxKConfig):
     """Settings of the BatchTopK SAE."""
@@ -35,18 +38,18 @@ class BatchTopKSAE(TopKSAE):
         super().__init__(config)
         self.register_buffer("threshold", torch.zeros((), dtype=torch.float32))
         self.register_buffer("threshold_set", torch.zeros((), dtype=torch.bool))
+        #: the last training batch's K·B-th largest π (a guess at the next one's; speed only, never the result)
+        self._last_t = 0.0
 
     def select(self, pre: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Batch top-K·B (training) or π > θ (eval), as padded (idx, valid)."""
-        b, m = pre.shape
+        """Batch top-K·B (training) or π > θ (eval), as padded (idx, valid), each row's entries in
+        descending order of π."""
         if self.training:
-            flat = torch.relu(pre).reshape(-1)
-            top = torch.topk(flat, min(self.config.k * b, flat.numel()))
-            keep = torch.zeros_like(flat, dtype=torch.bool).index_fill_(0, top.indices, True)
-            keep = keep.reshape(b, m) & (pre > 0)
-            self.update_threshold(top.values)
-        else:
-            keep = pre > self.threshold.to(pre.dtype)
+            idx, valid, kept, t = batch_topk(pre, self.config.k, FLOOR_MARGIN * self._last_t)
+            self._last_t = t
+            self.update_threshold(kept)
+            return idx, valid
+        keep = pre > self.threshold.to(pre.dtype)
         counts = keep.sum(dim=-1)
         width = max(int(counts.max()), 1)
         idx = torch.topk(pre.masked_fill(~keep, float("-inf")), width, dim=-1).indices
@@ -68,3 +71,50 @@ class BatchTopKSAE(TopKSAE):
             self.threshold_set.fill_(True)
 
 
+def batch_topk(pre: Tensor, k: int, floor: float | None = None) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The K·B largest entries of ReLU(π) over the batch π (B, M), positive ones kept: (idx (B, W),
+    valid (B, W), their values (Σ valid,), T = the K·B-th largest value (the smallest positive one when
+    fewer are positive)), each row's kept entries first in descending order of π, W = the largest
+    per-row count (≥ 1).
+
+    Without sorting B·M values or forming a per-row top-W: any c with #{π ≥ c} ≥ K·B is ≤ T, so the
+    entries ≥ c (one comparison pass, row-major) hold every entry the selection can take, and T is
+    their K·B-th largest. c is tried in turn: ``floor`` (the caller's guess, e.g. 0.8 × the last
+    batch's T), the smallest of the per-row K-th largest values (always ≤ T: it is the K·B-th largest
+    of B·K entries), and finally 0 (every positive entry). Ties at T are interchangeable (any choice is
+    a batch top-K·B): entries > T, then entries = T up to K·B in row-major order. The kept entries are
+    placed in a (B, W) matrix and sorted per row.
+    """
+    b, m = pre.shape
+    n = min(k * b, b * m)
+    flat = pre.new_empty(0, dtype=torch.int64)
+    for c in ([floor] if floor is not None and floor > 0 else []) + [None]:
+        if c is None:  # the smallest per-row K-th largest value
+            c = float(torch.topk(pre, min(k, m), dim=-1, sorted=False).values.min())
+            if c <= 0:
+                break
+        flat = (pre >= c).reshape(-1).nonzero().squeeze(1)  # row-major positions
+        if flat.numel() >= n:
+            break
+    if flat.numel() < n:  # c ≤ 0 or no bound held: every positive entry is a candidate
+        flat = (pre > 0).reshape(-1).nonzero().squeeze(1)
+    vals = pre.reshape(-1)[flat]
+    if vals.numel() > n:
+        t = torch.topk(vals, n, sorted=False).values.min()
+        tied = vals == t
+        keep = (vals > t) | (tied & (tied.cumsum(0) <= n - int((vals > t).sum())))
+    else:
+        t = vals.min() if vals.numel() else pre.new_zeros(())
+        keep = torch.ones_like(vals, dtype=torch.bool)
+    keep &= vals > 0
+    flat, vals = flat[keep], vals[keep]
+    rows, cols = flat // m, flat % m
+    counts = torch.bincount(rows, minlength=b)
+    width = max(int(counts.max()), 1)
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(rows.numel(), device=pre.device) - starts[rows]  # rank of each entry in its row
+    padded = pre.new_full((b, width), float("-inf")).index_put_((rows, pos), vals)
+    column = torch.zeros((b, width), dtype=torch.int64, device=pre.device).index_put_((rows, pos), cols)
+    order = torch.sort(padded, dim=-1, descending=True).indices
+    valid = torch.arange(width, device=pre.device)[None, :] < counts[:, None]
+    return column.gather(1, order), valid, vals, float(t)

@@ -25,7 +25,7 @@ from torch import Tensor
 from trainer.sae.base import Codes, mse
 from trainer.sae.config import SAEConfig
 from trainer.sae.linear import LinearSAE
-from trainer.sae.sparse_ops import SupportPattern
+from trainer.sae.sparse_ops import SupportPattern, select_linear
 
 DEFAULT_K = 32
 
@@ -80,16 +80,24 @@ class TopKSAE(LinearSAE):
         """(idx (B, K), valid mask or None when every position is selected): the per-row top K."""
         return torch.topk(pre, min(self.config.k, self.config.m), dim=-1).indices, None
 
-    def _encode(self, xi: Tensor) -> tuple[Codes, Tensor, Tensor, Tensor]:
-        """(codes, x − b_dec, h = (x − b_dec) W_encᵀ, π) — h and π without autograd."""
+    def _encode(self, xi: Tensor) -> tuple[Codes, Tensor, Tensor]:
+        """(codes, x − b_dec, π) — π without autograd."""
         xc, h = self.hidden(xi)
-        pre = h + self.b_enc.detach()
+        pre = h.add_(self.b_enc.detach())  # π = h + b_enc, in place: h is not read again
         idx, valid = self.select(pre)
-        pattern = SupportPattern(idx, self.config.m)  # shared by the encoder's and decoder's backward
-        val = torch.relu(self.selected_pre(xc, h, idx, pattern))
-        if valid is not None:
+        # shared by the encoder's and decoder's backward; with a valid mask, products run over the
+        # valid entries only (padding decodes to nothing and gets no gradient)
+        pattern = SupportPattern(idx, self.config.m, valid)
+        val = torch.relu(self.selected(xc, pre, idx, pattern))
+        if valid is not None:  # padding: b_enc[idx] was added there
             val = torch.where(valid, val, 0.0)
-        return Codes(m=self.config.m, idx=idx, val=val, pattern=pattern), xc, h, pre
+        return Codes(m=self.config.m, idx=idx, val=val, pattern=pattern), xc, pre
+
+    def selected(self, xc: Tensor, pre: Tensor, idx: Tensor, pattern: SupportPattern) -> Tensor:
+        """π[b, idx[b,k]] read from the dense π with a sparse backward to W_enc and b_dec (through xc)
+        and to b_enc, through b_enc[idx] − sg(b_enc[idx]) (exactly 0, so the value is π's own)."""
+        bias = self.b_enc[idx]
+        return select_linear(xc, self.W_enc, idx, pre, pattern) + (bias - bias.detach())
 
     def encode_normalized(self, xi: Tensor) -> Codes:
         """Sparse codes."""
@@ -97,10 +105,10 @@ class TopKSAE(LinearSAE):
 
     def forward_normalized(self, xi: Tensor):
         """Codes, reconstruction and the AuxK loss."""
-        codes, xc, h, pre = self._encode(xi)
+        codes, xc, pre = self._encode(xi)
         y = self.decode_normalized(codes)
         self.track_dead(codes)
-        return codes, y, {"auxk": (self.config.aux_coef, self.auxk(xi, y, xc, h, pre))}
+        return codes, y, {"auxk": (self.config.aux_coef, self.auxk(xi, y, xc, pre))}
 
     @torch.no_grad()
     def track_dead(self, codes: Codes) -> None:
@@ -109,7 +117,7 @@ class TopKSAE(LinearSAE):
             self.tokens_since_fired.add_(codes.batch_size)
             self.tokens_since_fired.masked_fill_(codes.fire_counts() > 0, 0)
 
-    def auxk(self, xi: Tensor, y: Tensor, xc: Tensor, h: Tensor, pre: Tensor) -> Tensor:
+    def auxk(self, xi: Tensor, y: Tensor, xc: Tensor, pre: Tensor) -> Tensor:
         """mean (ê − e)² over the top-aux_k dead latents (0 when none is dead or not training)."""
         dead = self.tokens_since_fired >= self.config.dead_tokens
         n_dead = int(dead.sum()) if self.training else 0
@@ -118,7 +126,7 @@ class TopKSAE(LinearSAE):
         k_aux = min(self.config.aux_k or n_dead, n_dead)
         idx = torch.topk(pre.masked_fill(~dead, float("-inf")), k_aux, dim=-1).indices
         pattern = SupportPattern(idx, self.config.m)
-        aux = Codes(m=self.config.m, idx=idx, val=torch.relu(self.selected_pre(xc, h, idx, pattern)), pattern=pattern)
+        aux = Codes(m=self.config.m, idx=idx, val=torch.relu(self.selected(xc, pre, idx, pattern)), pattern=pattern)
         e = (xi - y).detach()
         return mse(self.decoder(aux), e)
 

@@ -1,0 +1,22 @@
+"""``bench/peers_bench.py --quick``: the peer step comparison runs end to end with the real sae-lens and
+eai-sparsify and writes its JSON (a smoke run: tiny sizes, 2 rounds; the timings are not checked)."""
+
+from __future__ import annotations
+
+import json
+
+from bench.peers_bench import main
+
+
+def test_quick_run_writes_every_step_and_the_goals(tmp_path) -> None:
+    out = tmp_path / "peers.json"
+    assert main(["--quick", "--threads", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["peers"] == {"sae-lens": "6.54.0", "eai-sparsify": "1.3.3"}
+    row = result["results"]["256"]
+    assert set(row) == {"sparsify_topk", "saelens_topk", "saelens_batchtopk", "ours_topk", "ours_batchtopk",
+                        "ours_sparsemax", "ours_relu", "ours_jumprelu"}
+    assert all(entry["seconds"] > 0 for entry in row.values())
+    assert row["sparsify_topk"]["vs_sparsify_topk"] == 1.0 and row["ours_topk"]["vs_ours_topk"] == 1.0
+    assert row["ours_topk"]["l0"] == row["ours_batchtopk"]["l0"] == 8  # K of the quick run, batch average
+    assert set(result["goals"]["256"]) >= {"topk_vs_sparsify_topk_goal_le_0.9", "batchtopk_vs_topk_goal_le_1.25"}
