@@ -141,8 +141,11 @@ class _ProjectParallel(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         (weight,) = ctx.saved_tensors
-        unit = weight / weight.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
-        return g - (g * unit).sum(dim=-1, keepdim=True) * unit  # g − (g·ŵ) ŵ
+        # g − (g·ŵ) ŵ = g − ((g·w)/‖w‖²) w: the two row-wise dot products as batched (1×d)(d×1) products
+        # (no M×d temporaries), then one fused g − c·w
+        dot = torch.bmm(g.unsqueeze(1), weight.unsqueeze(2)).view(-1)
+        sq = torch.bmm(weight.unsqueeze(1), weight.unsqueeze(2)).view(-1).clamp_min(NORM_EPS**2)
+        return torch.addcmul(g, (dot / sq).unsqueeze(1), weight, value=-1.0)
 
 
 class Decoder(nn.Module):
