@@ -30,7 +30,7 @@ class ModelInfo(StrictModel):
     """Which model produced the activations."""
 
     name: str
-    kind: Literal["hf_causal_lm", "hf_encoder", "open_clip"] | None = None
+    kind: str | None = None  # a harvester model kind (harvester/models/<kind>.py)
     revision: str | None = None
     gguf_file: str | None = None
     pretrained: str | None = None

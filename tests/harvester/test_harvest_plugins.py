@@ -83,3 +83,52 @@ def test_every_built_in_kind_is_discovered():
     from harvester.models import model_kinds
 
     assert {"hf_causal_lm", "hf_encoder", "open_clip"} <= set(model_kinds())
+
+
+MODEL_PLUGIN = textwrap.dedent('''
+    """``{kind}``: a causal LM read without revision or GGUF support (a test plugin)."""
+
+    from harvester.models.base import register_model
+    from harvester.models.hf_causal_lm import HFCausalLM
+
+
+    @register_model
+    class PlainCausalLM(HFCausalLM):
+        kind = "{kind}"
+        fields = ()
+''')
+
+
+@pytest.fixture
+def model_plugin_kind():
+    """Write a model-kind module into harvester/models/; remove it (and its traces) afterwards."""
+    import harvester.models as models
+    from harvester.models import base
+
+    name = f"zz_test_plain_{uuid.uuid4().hex[:8]}"
+    kind = f"plain_{uuid.uuid4().hex[:6]}"
+    path = Path(models.__file__).parent / f"{name}.py"
+    path.write_text(MODEL_PLUGIN.format(kind=kind))
+    try:
+        yield kind
+    finally:
+        path.unlink()
+        for cached in path.parent.glob(f"__pycache__/{name}.*"):
+            cached.unlink()
+        sys.modules.pop(f"{models.__name__}.{name}", None)
+        base._REGISTRY.pop(kind, None)
+
+
+def test_a_new_model_module_is_a_new_kind_and_harvests(ray_local, tiny_gpt2, tmp_path, model_plugin_kind):
+    """ARCHITECTURE.md's "Add a model adapter": one file in harvester/models/, nothing else edited; it
+    harvests the same activations as the adapter it builds on, and refuses a field it does not use."""
+    data = {"output": str(tmp_path), "source": {"kind": "python_docs"}, "hook": {"layer": 1},
+            "context_length": 16, "max_tokens": 64, "chunk_rows": 32, "shard_rows": 32, "batch_size": 2}
+    plugin = validate(HarvestConfig, {**data, "model": {"kind": model_plugin_kind, "name": str(tiny_gpt2)}})
+    with pytest.raises(UserError, match=f"model.kind {model_plugin_kind} does not use model.revision"):
+        validate(HarvestConfig, {**data, "model": {"kind": model_plugin_kind, "name": "x", "revision": "main"}})
+    built_in = validate(HarvestConfig, {**data, "model": {"kind": "hf_causal_lm", "name": str(tiny_gpt2)},
+                                        "output": str(tmp_path / "ref")})
+    ours, ref = open_dataset(harvest(plugin, progress=False).url), open_dataset(harvest(built_in, progress=False).url)
+    assert ours.manifest.model.kind == model_plugin_kind and ours.manifest.sealed
+    np.testing.assert_array_equal(ours.read(0, 64, "acts"), ref.read(0, 64, "acts"))
