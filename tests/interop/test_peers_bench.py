@@ -12,7 +12,9 @@ def test_quick_run_writes_every_step_and_the_goals(tmp_path) -> None:
     out = tmp_path / "peers.json"
     assert main(["--quick", "--threads", "1", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["peers"] == {"sae-lens": "6.54.0", "eai-sparsify": "1.3.3"}
+    from importlib.metadata import version
+
+    assert result["peers"] == {"sae-lens": version("sae-lens"), "eai-sparsify": version("eai-sparsify")}
     row = result["results"]["256"]
     assert set(row) == {"sparsify_topk", "saelens_topk", "saelens_batchtopk", "ours_topk", "ours_batchtopk",
                         "ours_sparsemax", "ours_relu", "ours_jumprelu"}
