@@ -38,21 +38,27 @@ PLUGIN = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture
-def plugin_kind():
-    """Write a source-kind module into the package directory; remove it (and its traces) afterwards."""
-    name = f"zz_test_reversed_{uuid.uuid4().hex[:8]}"
-    kind = f"reversed_{uuid.uuid4().hex[:6]}"
-    path = Path(sources.__file__).parent / f"{name}.py"
-    path.write_text(PLUGIN.format(kind=kind))
+def plugin_module(package, registry: dict, template: str, stem: str):
+    """Write a module from ``template`` into ``package``'s directory for the duration of a test; yields its
+    kind and removes the file, its bytecode, the imported module and its registration afterwards."""
+    name = f"zz_test_{stem}_{uuid.uuid4().hex[:8]}"
+    kind = f"{stem}_{uuid.uuid4().hex[:6]}"
+    path = Path(package.__file__).parent / f"{name}.py"
+    path.write_text(template.format(kind=kind))
     try:
         yield kind
     finally:
         path.unlink()
         for cached in path.parent.glob(f"__pycache__/{name}.*"):
             cached.unlink()
-        sys.modules.pop(f"{sources.__name__}.{name}", None)
-        sources._REGISTRY.pop(kind, None)
+        sys.modules.pop(f"{package.__name__}.{name}", None)
+        registry.pop(kind, None)
+
+
+@pytest.fixture
+def plugin_kind():
+    """A source-kind module in harvester/sources/ (the recipe's one file)."""
+    yield from plugin_module(sources, sources._REGISTRY, PLUGIN, "reversed")
 
 
 def test_a_new_source_module_is_a_new_kind_and_harvests(ray_local, tiny_gpt2, tmp_path, plugin_kind):
@@ -101,22 +107,11 @@ MODEL_PLUGIN = textwrap.dedent('''
 
 @pytest.fixture
 def model_plugin_kind():
-    """Write a model-kind module into harvester/models/; remove it (and its traces) afterwards."""
+    """A model-kind module in harvester/models/ (the recipe's one file)."""
     import harvester.models as models
     from harvester.models import base
 
-    name = f"zz_test_plain_{uuid.uuid4().hex[:8]}"
-    kind = f"plain_{uuid.uuid4().hex[:6]}"
-    path = Path(models.__file__).parent / f"{name}.py"
-    path.write_text(MODEL_PLUGIN.format(kind=kind))
-    try:
-        yield kind
-    finally:
-        path.unlink()
-        for cached in path.parent.glob(f"__pycache__/{name}.*"):
-            cached.unlink()
-        sys.modules.pop(f"{models.__name__}.{name}", None)
-        base._REGISTRY.pop(kind, None)
+    yield from plugin_module(models, base._REGISTRY, MODEL_PLUGIN, "plain")
 
 
 def test_a_new_model_module_is_a_new_kind_and_harvests(ray_local, tiny_gpt2, tmp_path, model_plugin_kind):
