@@ -1,5 +1,6 @@
 """Train step against the peers (issue 17): one step of sparsify's TopK, SAELens' TopK and BatchTopK and
-of our topk, batchtopk, sparsemax, relu and jumprelu (relu/jumprelu steered to target_l0 = K) at d = 768,
+of our topk, batchtopk, sparsemax, relu, jumprelu and gated (the last three steered to target_l0 = K and
+timed at that L0: :func:`bench.sae_bench.settle_at_l0`) at d = 768,
 B = 1024, K = 32, M ∈ {3072, 24576}, fp32, as each library's own trainer does a step.
 
 What one step is, per library (bookkeeping included, logging and schedulers left out):
@@ -15,7 +16,8 @@ What one step is, per library (bookkeeping included, logging and schedulers left
 Steps are timed interleaved with :func:`bench.sae_bench.time_interleaved` (one step of each in turn
 per round, ``--reps`` rounds after a warm-up); times are medians, ratios medians of per-round
 (paired) ratios against sparsify's TopK step and against our TopK step. Goals: our topk ≤ 0.9×
-sparsify topk; our batchtopk ≤ 1.25× our topk. Writes ``bench/results/peers.json``; ``--quick`` is a
+sparsify topk; our batchtopk ≤ 1.25× our topk; our steered relu, jumprelu and gated at L0 ≈ K ≤ 1.5×
+our topk (at M = 24,576 in issue 17; recorded at every size). Writes ``bench/results/peers.json``; ``--quick`` is a
 tiny smoke run; ``--device cuda`` runs the same steps on a GPU (synchronised around each step).
 
     .venv/bin/python bench/peers_bench.py [--reps 7] [--sizes 3072 24576] [--device cpu] [--quick]
@@ -40,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make ``bench`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import trainer.sae as sae_zoo
-from bench.sae_bench import BATCH, D, K, make_batch, paired_ratio, time_interleaved, zoo_step
+from bench.sae_bench import BATCH, D, K, make_batch, paired_ratio, settle_at_l0, time_interleaved, zoo_step
 
 AUXK_ALPHA = 1 / 32
 LR = 3e-4
@@ -54,6 +56,7 @@ def ours(k: int) -> dict[str, dict]:
         "ours_sparsemax": {"variant": "sparsemax"},
         "ours_relu": {"variant": "relu", "target_l0": k},
         "ours_jumprelu": {"variant": "jumprelu", "target_l0": k},
+        "ours_gated": {"variant": "gated", "target_l0": k},
     }
 
 
@@ -139,7 +142,7 @@ def steps_at(x: Tensor, m: int, k: int) -> tuple[dict[str, Callable[[], None]], 
     steps: dict[str, Callable[[], None]] = {"sparsify_topk": sparsify_step(x, m, k)}
     infos: dict[str, dict] = {}
     for name, overrides in ours(k).items():
-        sae = sae_zoo.build({"d": x.shape[1], "m": m, "seed": 0, **overrides}).to(x.device)
+        sae = settle_at_l0(sae_zoo.build({"d": x.shape[1], "m": m, "seed": 0, **overrides}).to(x.device), x)
         steps[name], infos[name] = zoo_step(sae, x)
         if name == "ours_batchtopk":
             steps["saelens_topk"] = saelens_step(x, m, k, batch_topk=False)
@@ -191,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
             "topk_vs_sparsify_topk_goal_le_0.9": row["ours_topk"]["vs_sparsify_topk"] <= 0.9,
             "batchtopk_vs_topk": row["ours_batchtopk"]["vs_ours_topk"],
             "batchtopk_vs_topk_goal_le_1.25": row["ours_batchtopk"]["vs_ours_topk"] <= 1.25,
+            **{f"{v}_vs_topk": row[f"ours_{v}"]["vs_ours_topk"] for v in ("relu", "jumprelu", "gated")},
+            "steered_vs_topk_goal_le_1.5": max(row[f"ours_{v}"]["vs_ours_topk"]
+                                               for v in ("relu", "jumprelu", "gated")) <= 1.5,
         }
         for m, row in results.items()
     }

@@ -7,6 +7,10 @@ Baselines timed in the same process:
   C W_K and C W_V formed every step, dense scores, full-sort sparsemax (:func:`sparsemax_sort`),
   dense decoder, same loss — goal: the zoo's sparsemax step ≥ 3× faster.
 
+The steered baselines (relu, gated, jumprelu, attn_relu) run with ``target_l0`` = K, relu, gated and
+jumprelu put at that L0 before timing and held there (:func:`settle_at_l0`, :func:`zoo_step`), so every variant is timed at L0 ≈ 32 (the L0 of
+each variant's last step is recorded).
+
 Inputs are a fixed Gaussian batch with a shared mean direction (so norms and cosines vary like
 residual-stream activations). Steps are timed **interleaved**: each round runs one step of every
 variant and of the authors' formulation in turn (sparsemax, topk and authors first, back to back),
@@ -89,8 +93,14 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 
 def zoo_step(sae: sae_zoo.SAE, x: Tensor) -> tuple[Callable[[], None], dict]:
-    """A train step closure for a zoo SAE and a dict that records the last step's mean support size."""
-    opt = torch.optim.Adam(sae.parameters(), lr=3e-4, betas=(0.9, 0.99))
+    """A train step closure for a zoo SAE and a dict that records the last step's mean support size.
+
+    A steered variant (:data:`STEERED`) is held where :func:`settle_at_l0` put it: its Adam runs with
+    lr = 0 — the same arithmetic, no move. On the bench's one fixed batch, with a cold Adam whose first
+    steps move every weight by ±lr, its L0 would otherwise leave the target within a few steps (relu:
+    32 → ~1,800), where a real run's controller holds it."""
+    lr = 0.0 if sae.variant in STEERED and getattr(sae.config, "target_l0", None) else 3e-4
+    opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.99))
     info: dict = {}
 
     def step() -> None:
@@ -117,10 +127,52 @@ def authors_step(model: AuthorsSparsemaxSAE, x: Tensor) -> Callable[[], None]:
     return step
 
 
+#: Variants whose penalty is steered to a target L0 (trainer.sae.steering); timed at target_l0 = K.
+STEERED = ("relu", "gated", "jumprelu", "attn_relu")
+
+
 def bench_config(variant: str, d: int, m: int) -> dict:
-    """The variant's SAE config at (d, m), with K where the variant has one."""
+    """The variant's SAE config at (d, m), with K where the variant has one, or target_l0 = K where it is
+    steered (a step's cost depends on its L0: these are timed at the L0 of the TopK they are compared to)."""
     fields = sae_zoo.variant_class(variant).config_class.model_fields
-    return {"variant": variant, "d": d, "m": m, **({"k": K} if "k" in fields else {})}
+    extra = {"k": K} if "k" in fields else {"target_l0": float(K)} if variant in STEERED else {}
+    return {"variant": variant, "d": d, "m": m, **extra}
+
+
+def top_count_thresholds(pre: Tensor, l0: float) -> Tensor:
+    """(M,) thresholds t_j with exactly c_j entries of column j of π (B, M) above them, c_j ∈ {⌊r⌋, ⌈r⌉},
+    r = L·B/M, spread so that Σ_j c_j = round(M·r): the batch's L0 is then L (ties aside)."""
+    b, m = pre.shape
+    r = min(l0 * b / m, b - 1.0)
+    j = torch.arange(m + 1, dtype=torch.float64)
+    counts = torch.floor(j[1:] * r) - torch.floor(j[:-1] * r)  # Bresenham: ⌊r⌋ or ⌈r⌉ each, summing right
+    top = torch.topk(pre, int(counts.max()) + 1, dim=0).values  # (⌈r⌉ + 1, M), descending
+    return top.gather(0, counts.to(torch.int64)[None]).squeeze(0)  # the (c_j + 1)-th largest
+
+
+@torch.no_grad()
+def settle_at_l0(sae: sae_zoo.SAE, x: Tensor) -> sae_zoo.SAE:
+    """A steered relu, gated or jumprelu SAE put in the state its controller converges to: ``target_l0``
+    active latents per row of x on average. relu/gated: b_enc (gated: the gate bias) = −t_j, jumprelu:
+    its first-batch init (b_dec = batch mean), then θ_j = t_j, with t from :func:`top_count_thresholds`
+    over (x − b_dec) W_encᵀ (jumprelu: π). A real run reaches that L0 through its controller within a few
+    hundred steps; a step's cost depends on the L0 it runs at, not on how it got there. Other variants
+    are returned unchanged."""
+    target = getattr(sae.config, "target_l0", None)
+    if sae.variant not in ("relu", "gated", "jumprelu") or target is None:
+        return sae
+    if sae.variant == "jumprelu":
+        sae.train()
+        sae._init_from_batch(x)
+        sae.log_threshold.copy_(top_count_thresholds(sae.pre_acts(x), target).clamp_min(1e-6).log())
+        return sae
+    sae.b_enc.copy_(-top_count_thresholds(sae.centered(x) @ sae.W_enc.T, target))
+    return sae
+    h = sae.centered(x) @ sae.W_enc.T
+    rows = h.shape[0]
+    k = min(rows, max(1, round((1.0 - min(target / sae.config.m, 1.0)) * rows)))
+    sae.b_enc.copy_(-torch.kthvalue(h, k, dim=0).values)
+    return sae
 
 
 def run(sizes: list[int], reps: int, d: int, batch: int) -> dict:
@@ -135,7 +187,7 @@ def run(sizes: list[int], reps: int, d: int, batch: int) -> dict:
         bar.set_postfix_str(f"M={m}")
         steps, infos = {}, {}
         for variant in variants:
-            steps[variant], infos[variant] = zoo_step(sae_zoo.build(bench_config(variant, d, m)), x)
+            steps[variant], infos[variant] = zoo_step(settle_at_l0(sae_zoo.build(bench_config(variant, d, m)), x), x)
             if variant == "topk":
                 steps["authors"] = authors_step(AuthorsSparsemaxSAE(m, d), x)
         times = time_interleaved(steps, reps, bar)

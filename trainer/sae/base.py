@@ -91,13 +91,13 @@ class Codes:
         return (values != 0).sum(dim=-1)
 
     def fire_counts(self) -> Tensor:
-        """(M,) number of samples in which each concept is non-zero (int64); with a masked
-        :attr:`pattern`, in which it is on the mask (the support), read from its entry list."""
+        """(M,) number of samples in which each concept is non-zero (int64), padding excluded (with a
+        masked :attr:`pattern`, only entries on its mask count), consistent with :meth:`support_sizes`."""
         if self.dense is not None:
             return (self.dense != 0).sum(dim=0)
-        if self.pattern is not None and self.pattern.mask is not None:
-            return torch.bincount(self.pattern.rows()[0], minlength=self.m)
         active = self.val != 0
+        if self.pattern is not None and self.pattern.mask is not None:
+            active &= self.pattern.mask
         return torch.bincount(self.idx[active], minlength=self.m)
 
     def detach(self) -> Codes:

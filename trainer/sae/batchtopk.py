@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from trainer.sae.sparse_ops import pad_rows
 from trainer.sae.topk import AuxKConfig, TopKSAE
 
 #: the candidate floor of a training selection is this fraction of the last batch's threshold T
@@ -111,10 +112,7 @@ def batch_topk(pre: Tensor, k: int, floor: float | None = None) -> tuple[Tensor,
     rows, cols = flat // m, flat % m
     counts = torch.bincount(rows, minlength=b)
     width = max(int(counts.max()), 1)
-    starts = counts.cumsum(0) - counts
-    pos = torch.arange(rows.numel(), device=pre.device) - starts[rows]  # rank of each entry in its row
+    column, valid, pos = pad_rows(rows, cols, counts, width)
     padded = pre.new_full((b, width), float("-inf")).index_put_((rows, pos), vals)
-    column = torch.zeros((b, width), dtype=torch.int64, device=pre.device).index_put_((rows, pos), cols)
     order = torch.sort(padded, dim=-1, descending=True).indices
-    valid = torch.arange(width, device=pre.device)[None, :] < counts[:, None]
     return column.gather(1, order), valid, vals, float(t)

@@ -22,8 +22,9 @@ every threshold — while the STE keeps learning each latent's own threshold. Wi
 the same controller holds L = 64 (``DEFAULT_L0``), so a JumpReLU SAE with the defaults is never
 dense. λ stays the fixed coefficient ``l0``. On that run: L0 31.8 for a target of 32, 0.7% dead.
 
-Unit-norm decoder rows (Gemma Scope practice). Codes are computed densely (the θ gradient needs
-every π near θ) and handed out padded when sparse enough (:func:`padded_from_dense`).
+Unit-norm decoder rows (Gemma Scope practice). π is computed densely; when every row's support is
+≤ M/8 the codes are padded on it and the backward runs over the support and the entries just below
+θ that the STE needs (:meth:`JumpReluSAE.forward_normalized`; exact), otherwise densely.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from trainer.sae.base import Codes, padded_from_dense
 from trainer.sae.linear import LinearSAE
+from trainer.sae.sparse_ops import SupportPattern, sparse_decode
 from trainer.sae.steering import SparsityController, SteeredConfig
 
 #: The L0 held (and initialised) when no target is given.
@@ -64,7 +66,8 @@ def rectangle(u: Tensor) -> Tensor:
 
 
 class _JumpReLU(torch.autograd.Function):
-    """f = π H(π − θ); df/dπ = H(π − θ); df/dθ = −(θ/ε) K((π − θ)/ε)."""
+    """f = π H(π − θ); df/dπ = H(π − θ); df/dθ = −(θ/ε) K((π − θ)/ε). θ: (M,) against π (B, M), summed
+    over the batch in backward, or one θ per entry of π."""
 
     @staticmethod
     def forward(ctx, pre: Tensor, theta: Tensor, eps: float) -> Tensor:  # type: ignore[override]
@@ -76,7 +79,7 @@ class _JumpReLU(torch.autograd.Function):
     def backward(ctx, g: Tensor):  # type: ignore[override]
         pre, theta = ctx.saved_tensors
         dpre = g * (pre > theta).to(g.dtype)
-        dtheta = (-(theta / ctx.eps) * rectangle((pre - theta) / ctx.eps) * g).sum(dim=0)
+        dtheta = (-(theta / ctx.eps) * rectangle((pre - theta) / ctx.eps) * g).sum_to_size(theta.shape)
         return dpre, dtheta, None
 
 
@@ -92,7 +95,7 @@ class _Step(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):  # type: ignore[override]
         pre, theta = ctx.saved_tensors
-        dtheta = (-(1.0 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * g).sum(dim=0)
+        dtheta = (-(1.0 / ctx.eps) * rectangle((pre - theta) / ctx.eps) * g).sum_to_size(theta.shape)
         return None, dtheta, None
 
 
@@ -129,20 +132,52 @@ class JumpReluSAE(LinearSAE):
         """θ_i = g · exp(log_threshold_i) (M,), differentiable in log_threshold."""
         return self.controller.coefficient.to(self.log_threshold.dtype) * torch.exp(self.log_threshold)
 
-    def _acts(self, xi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _pre(self, xi: Tensor) -> tuple[Tensor, Tensor]:
+        """(π (B, M) with autograd, θ (M,))."""
         self._init_from_batch(xi)
-        pre = self.pre_acts(xi)
-        theta = self.thresholds()
-        return pre, theta, _JumpReLU.apply(pre, theta, self.config.bandwidth)
+        return self.pre_acts(xi), self.thresholds()
+
+    def _support_codes(self, xi: Tensor, pre: Tensor, theta: Tensor, pattern: SupportPattern) -> Codes:
+        """JumpReLU codes on the support π > θ, read from the detached π with a sparse backward."""
+        idx = pattern.idx
+        s = self.selected(self.centered(xi), pre.detach(), idx, pattern)
+        f = _JumpReLU.apply(s, theta[idx], self.config.bandwidth)
+        return Codes(m=self.config.m, idx=idx, val=torch.where(pattern.mask, f, 0.0), pattern=pattern)
 
     def encode_normalized(self, xi: Tensor) -> Codes:
-        """JumpReLU codes."""
-        return padded_from_dense(self._acts(xi)[2], self.config.m)
+        """JumpReLU codes: padded on their support when sparse enough, dense otherwise."""
+        pre, theta = self._pre(xi)
+        pattern = self.active_pattern(pre.detach() > theta.detach())
+        if pattern is None:
+            return padded_from_dense(_JumpReLU.apply(pre, theta, self.config.bandwidth), self.config.m)
+        return self._support_codes(xi, pre, theta, pattern)
 
     def forward_normalized(self, xi: Tensor):
-        """Codes, reconstruction and λ ‖f‖₀ with the STE threshold gradient."""
-        pre, theta, f = self._acts(xi)
-        codes = padded_from_dense(f, self.config.m)
+        """Codes, reconstruction and λ ‖f‖₀ with the STE threshold gradient.
+
+        Sparse path (codes sparse enough, :meth:`LinearSAE.active_pattern`): besides the support S
+        (π > θ), the θ pseudo-derivatives need the entries just below the threshold, N = {θ − ε < π ≤ θ}
+        (a superset of where K((π − θ)/ε) ≠ 0 off the support): there f = 0 and ∂f/∂π = 0, but
+        ∂L/∂θ_j gains −(θ_j/ε) K · ⟨∂L/∂x̂_b, W_dec,j⟩ from the reconstruction and −(1/ε) K · λ/B from the
+        L0 term. So N is decoded too, with f = 0 (x̂ unchanged) through sg(W_dec) (its sampled dot gives
+        ⟨∂L/∂x̂_b, W_dec,j⟩), and enters the L0 sum with H = 0. Everywhere else both derivatives are 0,
+        so the gradients are the dense path's."""
+        pre, theta = self._pre(xi)
+        eps = self.config.bandwidth
+        pre_d, theta_d = pre.detach(), theta.detach()
+        support = self.active_pattern(pre_d > theta_d)
+        near = None if support is None else self.active_pattern((pre_d <= theta_d) & (pre_d > theta_d - eps))
+        if support is None or near is None:  # dense codes: ∂L/∂f reaches every entry near θ
+            codes = Codes(m=self.config.m, dense=_JumpReLU.apply(pre, theta, eps))
+            self.controller.update(codes.support_sizes())
+            l0 = _Step.apply(pre, theta, eps).sum(dim=-1).mean()
+            return codes, self.decode_normalized(codes), {"l0": (self.config.l0, l0)}
+        codes = self._support_codes(xi, pre, theta, support)
         self.controller.update(codes.support_sizes())
-        l0 = _Step.apply(pre, theta, self.config.bandwidth).sum(dim=-1).mean()
-        return codes, self.decode_normalized(codes), {"l0": (self.config.l0, l0)}
+        s_near, theta_near = pre_d.gather(1, near.idx), theta[near.idx]
+        f_near = torch.where(near.mask, _JumpReLU.apply(s_near, theta_near, eps), 0.0)  # 0: below θ
+        x_hat = self.decode_normalized(codes) + sparse_decode(near.idx, f_near, self.decoder.weight.detach(), near)
+        # on the support f = π H(π − θ) = π, so the codes' values are the π the step function reads
+        steps = (torch.where(support.mask, _Step.apply(codes.val.detach(), theta[support.idx], eps), 0.0).sum()
+                 + torch.where(near.mask, _Step.apply(s_near, theta_near, eps), 0.0).sum())
+        return codes, x_hat, {"l0": (self.config.l0, steps / xi.shape[0])}

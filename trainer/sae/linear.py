@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from trainer.sae.base import SAE, Codes, Decoder
+from trainer.sae.base import DENSE_FRACTION, SAE, Codes, Decoder
 from trainer.sae.config import SAEConfig
 from trainer.sae.sparse_ops import SupportPattern, select_linear
 
@@ -51,6 +51,25 @@ class LinearSAE(SAE):
         with torch.no_grad():
             h = xc @ self.W_enc.T
         return xc, h
+
+    def selected(self, xc: Tensor, pre: Tensor, idx: Tensor, pattern: SupportPattern) -> Tensor:
+        """π[b, idx[b,k]] read from the dense π (computed without autograd) with a sparse backward to W_enc
+        and b_dec (through xc) and to b_enc, through b_enc[idx] − sg(b_enc[idx]) (exactly 0, so the value
+        is π's own). 0 plus a b_enc gradient at padding: callers mask the activation there."""
+        bias = self.b_enc[idx]
+        return select_linear(xc, self.W_enc, idx, pre, pattern) + (bias - bias.detach())
+
+    def active_pattern(self, mask: Tensor) -> SupportPattern | None:
+        """The support of a (B, M) mask of the latents that can be non-zero, as a masked
+        :class:`SupportPattern`, or None when a row holds more than ``DENSE_FRACTION`` · M of them (then
+        the dense products are no dearer than the sparse ones: the caller takes its dense path).
+
+        The penalty variants (relu, jumprelu, gated) take the sparse path with it whenever their codes
+        are sparse enough. It is exact: outside the mask an activation is 0 and so is its derivative
+        with respect to π, so the encoder's gradient lives on the mask; the decoder's products need only
+        the non-zero codes. Results equal the dense path's up to float summation order
+        (``tests/sae/test_sparse_penalty_paths.py``)."""
+        return SupportPattern.from_mask(mask, DENSE_FRACTION * self.config.m)
 
     def selected_pre(self, xc: Tensor, h: Tensor, idx: Tensor, pattern: SupportPattern | None = None) -> Tensor:
         """π[b, idx[b,k]] with a sparse backward to W_enc, b_enc and b_dec (B, K)."""

@@ -3,7 +3,9 @@
 f = ReLU((x − b_dec) W_encᵀ + b_enc), x̂ = f W_dec + b_dec, loss = MSE + λ Σ_i f_i ‖W_dec,i‖
 (mean over the batch). λ = ``l1`` = 1e-3 (the paper's baselines) or, with ``target_l0``, steered
 from there to that L0 (:mod:`trainer.sae.steering`). The decoder is unconstrained (the penalty is
-weighted by the row norms instead); W_enc starts at 0.1 · W_dec.
+weighted by the row norms instead); W_enc starts at 0.1 · W_dec. Once a batch's codes are sparse
+(every row's support ≤ M/8, e.g. when steered to a small L0) they are padded on their support and the
+encoder's and decoder's backward run over it only (:meth:`LinearSAE.active_pattern`; exact).
 """
 
 from __future__ import annotations
@@ -39,12 +41,20 @@ class ReluSAE(LinearSAE):
         self.controller = SparsityController(config.l1, config)
 
     def encode_normalized(self, xi: Tensor) -> Codes:
-        """Dense codes f = ReLU(π)."""
-        return Codes(m=self.config.m, dense=torch.relu(self.pre_acts(xi)))
+        """f = ReLU(π): padded on its support when sparse enough (:meth:`LinearSAE.active_pattern`,
+        sparse backward), dense otherwise."""
+        pre = self.pre_acts(xi)  # with autograd: the dense path's; the sparse path reads it detached
+        pattern = self.active_pattern(pre.detach() > 0)
+        if pattern is None:
+            return Codes(m=self.config.m, dense=torch.relu(pre))
+        val = torch.relu(self.selected(self.centered(xi), pre.detach(), pattern.idx, pattern))
+        return Codes(m=self.config.m, idx=pattern.idx, val=torch.where(pattern.mask, val, 0.0), pattern=pattern)
 
     def forward_normalized(self, xi: Tensor):
         """Codes, reconstruction and λ Σ_i f_i ‖W_dec,i‖ (λ steered when target_l0 is set)."""
         codes = self.encode_normalized(xi)
         self.controller.update(codes.support_sizes())
-        l1 = (codes.dense * self.decoder.row_norms()).sum(dim=-1).mean()
+        norms = self.decoder.row_norms()
+        weighted = codes.dense * norms if codes.dense is not None else codes.val * norms[codes.idx]
+        l1 = weighted.sum(dim=-1).mean()
         return codes, self.decode_normalized(codes), {"l1": (self.controller.coefficient, l1)}

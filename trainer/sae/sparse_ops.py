@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SupportPattern", "select_decode", "select_linear", "sparse_decode"]
+__all__ = ["SupportPattern", "pad_rows", "select_decode", "select_linear", "sparse_decode"]
 
 
 class SupportPattern:
@@ -91,6 +91,25 @@ class SupportPattern:
             self._by_concept = (crow, order)
         return self._by_concept
 
+    @classmethod
+    def from_mask(cls, mask: Tensor, max_width: float | None = None) -> SupportPattern | None:
+        """The entries where a (B, M) boolean ``mask`` is True, padded to the largest row count W (each
+        row's entries in increasing concept order, index 0 and mask False at padding); None when
+        W > ``max_width`` (the caller's signal to take its dense path). One pass over the mask
+        (``nonzero``); the row structure is kept, so :meth:`rows` costs nothing later."""
+        b, m = mask.shape
+        rows, cols = mask.nonzero(as_tuple=True)  # row-major
+        counts = torch.bincount(rows, minlength=b)
+        width = int(counts.max()) if b else 0
+        if max_width is not None and width > max_width:
+            return None
+        idx, valid, _ = pad_rows(rows, cols, counts, max(width, 1))
+        pattern = cls(idx, m, valid)
+        crow = torch.zeros(b + 1, dtype=torch.int64, device=mask.device)
+        crow[1:] = counts.cumsum(0)
+        pattern._rows = (cols, rows, crow)
+        return pattern
+
     def flat(self, values: Tensor) -> Tensor:
         """(B, K) values → (E,) values of the entries."""
         return values.reshape(-1) if self.mask is None else values[self.mask]
@@ -100,6 +119,17 @@ class SupportPattern:
         if self.mask is None:
             return entries.view(self.idx.shape)
         return entries.new_zeros(self.idx.shape).masked_scatter_(self.mask, entries)
+
+
+def pad_rows(rows: Tensor, cols: Tensor, counts: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Entries (rows, cols) in row-major order, ``counts`` (B,) per row, laid out as a padded (B, W)
+    matrix: (cols (B, W), 0 at padding; valid (B, W); pos (E,) = each entry's place in its row)."""
+    b = counts.shape[0]
+    starts = counts.cumsum(0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]  # rank of each entry in its row
+    column = torch.zeros((b, width), dtype=torch.int64, device=rows.device).index_put_((rows, pos), cols)
+    valid = torch.arange(width, device=rows.device)[None, :] < counts[:, None]
+    return column, valid, pos
 
 
 # ----------------------------------------------------------------------------- kernels

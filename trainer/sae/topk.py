@@ -2,7 +2,7 @@
 
 f = ReLU(TopK_K(π)), π = (x − b_dec) W_encᵀ + b_enc, x̂ = f W_dec + b_dec, K = ``k`` (32), unit-norm
 decoder rows. π is computed densely without autograd; the K selected entries are re-read through
-:func:`trainer.sae.sparse_ops.select_linear` (sparse backward) and decoded sparsely.
+:meth:`LinearSAE.selected` (sparse backward) and decoded sparsely.
 
 AuxK: a buffer counts tokens since each latent last fired (training mode); latents silent for
 ``dead_tokens`` tokens are dead. With e = sg(x − x̂) (in the space the SAE encodes), the top
@@ -25,7 +25,7 @@ from torch import Tensor
 from trainer.sae.base import Codes, mse
 from trainer.sae.config import SAEConfig
 from trainer.sae.linear import LinearSAE
-from trainer.sae.sparse_ops import SupportPattern, select_linear
+from trainer.sae.sparse_ops import SupportPattern
 
 DEFAULT_K = 32
 
@@ -92,12 +92,6 @@ class TopKSAE(LinearSAE):
         if valid is not None:  # padding: b_enc[idx] was added there
             val = torch.where(valid, val, 0.0)
         return Codes(m=self.config.m, idx=idx, val=val, pattern=pattern), xc, pre
-
-    def selected(self, xc: Tensor, pre: Tensor, idx: Tensor, pattern: SupportPattern) -> Tensor:
-        """π[b, idx[b,k]] read from the dense π with a sparse backward to W_enc and b_dec (through xc)
-        and to b_enc, through b_enc[idx] − sg(b_enc[idx]) (exactly 0, so the value is π's own)."""
-        bias = self.b_enc[idx]
-        return select_linear(xc, self.W_enc, idx, pre, pattern) + (bias - bias.detach())
 
     def encode_normalized(self, xi: Tensor) -> Codes:
         """Sparse codes."""
