@@ -7,8 +7,8 @@ Baselines timed in the same process:
   C W_K and C W_V formed every step, dense scores, full-sort sparsemax (:func:`sparsemax_sort`),
   dense decoder, same loss — goal: the zoo's sparsemax step ≥ 3× faster.
 
-The steered baselines (relu, gated, jumprelu, attn_relu) run with ``target_l0`` = K, relu, gated and
-jumprelu put at that L0 before timing and held there (:func:`settle_at_l0`, :func:`zoo_step`), so every variant is timed at L0 ≈ 32 (the L0 of
+The steered baselines (relu, gated, jumprelu, attn_relu) run with ``target_l0`` = K; relu, gated and
+jumprelu are put at that L0 before timing and held there (:func:`settle_at_l0`, :func:`zoo_step`), so every variant is timed at L0 ≈ 32 (the L0 of
 each variant's last step is recorded).
 
 Inputs are a fixed Gaussian batch with a shared mean direction (so norms and cosines vary like
@@ -40,6 +40,10 @@ import trainer.sae as sae_zoo
 from trainer.sparsemax import sparsemax_sort
 
 D, BATCH, K = 768, 1024, 32
+#: Variants whose penalty is steered to a target L0 (trainer.sae.steering); timed at target_l0 = K.
+STEERED = ("relu", "gated", "jumprelu", "attn_relu")
+#: Steered variants that :func:`settle_at_l0` puts at their target (and :func:`zoo_step` holds there).
+SETTLED = ("relu", "gated", "jumprelu")
 
 
 class AuthorsSparsemaxSAE(nn.Module):
@@ -95,11 +99,11 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 def zoo_step(sae: sae_zoo.SAE, x: Tensor) -> tuple[Callable[[], None], dict]:
     """A train step closure for a zoo SAE and a dict that records the last step's mean support size.
 
-    A steered variant (:data:`STEERED`) is held where :func:`settle_at_l0` put it: its Adam runs with
+    A settled variant (:data:`SETTLED`) is held where :func:`settle_at_l0` put it: its Adam runs with
     lr = 0 — the same arithmetic, no move. On the bench's one fixed batch, with a cold Adam whose first
     steps move every weight by ±lr, its L0 would otherwise leave the target within a few steps (relu:
     32 → ~1,800), where a real run's controller holds it."""
-    lr = 0.0 if sae.variant in STEERED and getattr(sae.config, "target_l0", None) else 3e-4
+    lr = 0.0 if sae.variant in SETTLED and getattr(sae.config, "target_l0", None) else 3e-4
     opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=(0.9, 0.99))
     info: dict = {}
 
@@ -125,10 +129,6 @@ def authors_step(model: AuthorsSparsemaxSAE, x: Tensor) -> Callable[[], None]:
         opt.step()
 
     return step
-
-
-#: Variants whose penalty is steered to a target L0 (trainer.sae.steering); timed at target_l0 = K.
-STEERED = ("relu", "gated", "jumprelu", "attn_relu")
 
 
 def bench_config(variant: str, d: int, m: int) -> dict:
@@ -159,7 +159,7 @@ def settle_at_l0(sae: sae_zoo.SAE, x: Tensor) -> sae_zoo.SAE:
     hundred steps; a step's cost depends on the L0 it runs at, not on how it got there. Other variants
     are returned unchanged."""
     target = getattr(sae.config, "target_l0", None)
-    if sae.variant not in ("relu", "gated", "jumprelu") or target is None:
+    if sae.variant not in SETTLED or target is None:
         return sae
     if sae.variant == "jumprelu":
         sae.train()
