@@ -105,7 +105,7 @@ def parallel_take(segments: list[tuple[np.ndarray, np.ndarray, int, int]], out: 
     n = out.shape[0]
     if GATHER_THREADS == 1 or n < 1024:
         for src, rows, a, b in segments:
-            np.take(src, rows[a:b], axis=0, out=out[a:b])
+            np.take(src, rows[a:b], axis=0, out=out[a:b], mode="clip")
         return
     with _gather_lock:
         if _gather_pool is None:
@@ -116,7 +116,7 @@ def parallel_take(segments: list[tuple[np.ndarray, np.ndarray, int, int]], out: 
         for src, rows, a, b in segments:
             a2, b2 = max(a, lo), min(b, hi)
             if a2 < b2:
-                np.take(src, rows[a2:b2], axis=0, out=out[a2:b2])
+                np.take(src, rows[a2:b2], axis=0, out=out[a2:b2], mode="clip")
 
     futures = [_gather_pool.submit(part, cuts[i], cuts[i + 1]) for i in range(GATHER_THREADS)]
     for fut in futures:
