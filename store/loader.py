@@ -240,15 +240,21 @@ class ActivationLoader:
         bufs = self._buffers(n, [c for c in self.columns if c not in mapped_cols])
         mapped: dict[str, list[Future]] = {c: [] for c in mapped_cols}
         futures = []
+        groups: dict[tuple[str, int], list] = {}  # (column, shard) -> its chunks in this window
         offset = 0
         for chunk, rows in zip(ids.tolist(), sizes.tolist()):
             for c, reader in self._readers.items():
                 if c in mapped:
                     mapped[c].append(self._pool.submit(reader.map_chunk, chunk, rows))
-                else:
+                elif reader.local:  # one pread per chunk, straight into the window buffer
                     futures.append(self._pool.submit(reader.read_into, chunk, rows,
                                                      bufs[c][offset:offset + rows]))
+                else:  # object storage: a shard's chunks that lie back to back are one ranged GET
+                    groups.setdefault((c, chunk // reader.cps), []).append(
+                        (chunk, rows, bufs[c][offset:offset + rows]))
             offset += rows
+        for (c, _), items in groups.items():
+            futures.append(self._pool.submit(self._readers[c].read_chunks_into, items))
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         return _Window(bufs, futures, self._window_perm(key[0], key[1], n), offsets, mapped)
 
