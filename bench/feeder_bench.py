@@ -4,9 +4,14 @@ Setup: a synthetic local store (float32), N ∈ {1, 4, 8} consumer actors on a l
 each consuming the same T batches and doing a fixed amount of "training" work per batch
 (an (B, d) @ (d, M) matmul + ReLU). Two modes, timed side by side in the same run:
 
-* ``shared`` (baseline of the comparison): one :class:`trainer.sweep.FeederCore` actor reads each batch
-  once with ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
-* ``independent``: each consumer has its own ``ActivationLoader`` and calls ``batch(b)`` itself.
+* ``shared``: one :class:`trainer.sweep.FeederCore` actor reads each batch once with
+  ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
+* ``independent`` (the baseline): each consumer has its own ``ActivationLoader`` and calls ``batch(b)``
+  itself.
+
+Each N runs ``--rounds`` paired rounds (both modes, the order alternating); reported per N: the
+median wall of each mode and ``wall_ratio_feeder_over_independent``, the median over rounds of feeder
+wall / independent wall (≤ 1.0: sharing one read per batch costs no wall time).
 
 Bytes read from the store are counted in the processes that read (the feeder, or each consumer) by a
 counter around the loader's window fetch (``ActivationLoader._fetch``: rows of the window × stored
@@ -24,6 +29,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--m", type=int, default=1024)
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds per N (median reported)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.mkdtemp(prefix="fbench", dir="/tmp")
@@ -174,19 +181,37 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for n in args.ns:
-            indep = trial(store, n, batches, args.batch, args.m, shared=False)
-            shared = trial(store, n, batches, args.batch, args.m, shared=True)
-            row = {"n_trainers": n, "batches": batches, "logical_batch_bytes": payload,
-                   "shared": shared, "independent": indep,
-                   "bytes_ratio_independent_over_shared": indep["bytes_read"] / max(shared["bytes_read"], 1),
-                   "wall_ratio_independent_over_shared": indep["wall_s"] / shared["wall_s"]}
+            rounds: list[dict[str, Any]] = []
+            for r in range(args.rounds):  # paired rounds, the order alternating (the box may be shared)
+                modes = (False, True) if r % 2 == 0 else (True, False)
+                got = {shared: trial(store, n, batches, args.batch, args.m, shared=shared) for shared in modes}
+                rounds.append({"shared": got[True], "independent": got[False],
+                               "wall_ratio_feeder_over_independent":
+                                   got[True]["wall_s"] / got[False]["wall_s"]})
+            shared_bytes = {x["shared"]["bytes_read"] for x in rounds}
+            indep_bytes = {x["independent"]["bytes_read"] for x in rounds}
+            assert len(shared_bytes) == 1 and len(indep_bytes) == 1, "bytes read changed between rounds"
+            row = {"n_trainers": n, "batches": batches, "logical_batch_bytes": payload, "rounds": args.rounds,
+                   "shared": {"bytes_read": shared_bytes.pop(),
+                              "wall_s": statistics.median(x["shared"]["wall_s"] for x in rounds),
+                              "feeder_reads": rounds[-1]["shared"]["feeder_reads"],
+                              "feeder_rereads": max(x["shared"]["feeder_rereads"] for x in rounds)},
+                   "independent": {"bytes_read": indep_bytes.pop(),
+                                   "wall_s": statistics.median(x["independent"]["wall_s"] for x in rounds)},
+                   "wall_ratio_feeder_over_independent":
+                       statistics.median(x["wall_ratio_feeder_over_independent"] for x in rounds),
+                   "wall_ratio_rounds": [x["wall_ratio_feeder_over_independent"] for x in rounds]}
+            row["bytes_ratio_independent_over_shared"] = (row["independent"]["bytes_read"]
+                                                          / max(row["shared"]["bytes_read"], 1))
             results.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "shared (one feeder)",
+    RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "independent loaders (one per trainer)",
+                                   "ratio": "wall_ratio_feeder_over_independent: feeder wall / independent "
+                                            "wall, median of paired rounds (<= 1.0: the feeder is not slower)",
                                    "rows": args.rows, "d": args.d, "batch_size": args.batch, "m": args.m,
                                    "torch_threads": 1, "cpus": 2, "results": results}, indent=2) + "\n")
     return 0
