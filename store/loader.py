@@ -20,9 +20,12 @@ batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` 
 ``ceil(rows_per_epoch / B)``, the batches per epoch.
 
 Reading: a window's chunks are read concurrently by a thread pool — on object storage one
-byte-range GET per chunk straight into the window buffer; for local uncompressed ``acts``
-each chunk is memory-mapped (populated) so batches are gathered straight from the page
-cache with no intermediate copy (``use_mmap=False`` reads into buffers instead) — and the next ``prefetch`` windows are submitted
+ranged GET per run of the window's chunks that lie back to back in a shard object (one per chunk
+when the window's chunks are scattered over many shards; a shard mostly inside the window whose
+index is not cached yet is fetched whole, index included, in one GET), copied into the window
+buffer; for local uncompressed ``acts`` each chunk is memory-mapped (populated) so batches are
+gathered straight from the page cache with no intermediate copy (``use_mmap=False`` reads into
+buffers instead, one ``pread`` per chunk) — and the next ``prefetch`` windows are submitted
 before the current one is consumed. Batches are assembled (gather + cast to float32) by a
 background thread into a small queue, so the consumer only waits when I/O is really the
 bottleneck. Memory ≈ (prefetch + 2) × window_chunks × chunk_rows × d × itemsize.
