@@ -6,8 +6,11 @@ each consuming the same T batches and doing a fixed amount of "training" work pe
 
 * ``shared``: one :class:`trainer.sweep.FeederCore` actor reads each batch once with
   ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
-* ``independent`` (the baseline): each consumer has its own ``ActivationLoader`` and calls ``batch(b)``
-  itself.
+* ``independent`` (the baseline): each consumer has its own ``ActivationLoader`` and streams it
+  (``iter_batches``).
+
+The consumers fetch batches exactly as ``trainer.run.Run.fit`` does (a sweep trainer: the feeder
+through ``trainer.run.Prefetcher``, two batches ahead; a run with its own loader: ``iter_batches``).
 
 Each N runs ``--rounds`` paired rounds (both modes, the order alternating); reported per N: the
 median wall of each mode and ``wall_ratio_feeder_over_independent``, the median over rounds of feeder
@@ -103,15 +106,29 @@ class Consumer:
         return rchar()
 
     def run(self, batches: int) -> float:
+        """Consume batches 0..batches-1 the way ``trainer.run.Run.fit`` does: from the feeder through
+        its :class:`trainer.run.Prefetcher` (as a sweep's ``TrainerActor``), or from the own loader's
+        ``iter_batches`` (as a run with its own loader)."""
+        from trainer.run import Prefetcher
+
+        fetch = None
+        if self.feeder is not None:
+            fetch = Prefetcher(lambda b: ray.get(ray.get(self.feeder.get.remote(b, self.name))), 0, batches)
+            stream = (fetch.get(b) for b in range(batches))
+        else:
+            stream = self.loader.iter_batches(start=0)
         checksum = 0.0
-        for b in range(batches):
-            if self.feeder is not None:
-                acts = torch.from_numpy(ray.get(ray.get(self.feeder.get.remote(b, self.name)))["acts"].copy())
-            else:
-                acts = self.loader.batch(b)["acts"]
-            if self.w is None:
-                self.w = torch.randn(acts.shape[1], self.m) / acts.shape[1] ** 0.5
-            checksum += float(torch.relu(acts @ self.w).sum())
+        try:
+            for _ in range(batches):
+                batch = next(stream)
+                acts = batch["acts"] if fetch is None else torch.from_numpy(batch["acts"].copy())
+                if self.w is None:
+                    self.w = torch.randn(acts.shape[1], self.m) / acts.shape[1] ** 0.5
+                checksum += float(torch.relu(acts @ self.w).sum())
+        finally:
+            stream.close()
+            if fetch is not None:
+                fetch.close()
         return checksum
 
 
