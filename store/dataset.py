@@ -117,7 +117,7 @@ class ChunkReader:
 
     def _cache_index(self, shard: int, tail: bytes | memoryview) -> np.ndarray:
         """Parse and cache a shard index from the object's last ``16 * cps + 4`` bytes."""
-        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.cps, 2)
+        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.cps, 2).copy()  # never pin a whole object
         with self._lock:
             self._index[shard] = idx
         return idx
