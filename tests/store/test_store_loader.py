@@ -196,8 +196,17 @@ def test_batches_are_bit_identical_to_the_reference_stream(ds_url, kw, digest, u
     assert stream_digest(loader) == digest
 
 
-def test_s3_batches_are_bit_identical_to_the_reference_stream(s3_bucket):
+def test_s3_batches_are_bit_identical_to_the_reference_stream(s3_bucket, ds_url):
     url = f"{s3_bucket}/ds"
     build_dataset(url, TOTAL)
     for kw, digest in GOLDEN_STREAMS:  # window_chunks=64 reads every shard in one coalesced range
         assert stream_digest(ActivationLoader(url, columns=("token_ids", "acts"), **kw)) == digest
+    # coalesced ranged reads split at max_bytes, chunks asked for out of order, zstd and raw columns
+    ds, local = open_dataset(url), open_dataset(ds_url)
+    for name in ("acts", "token_ids"):
+        reader = ds.reader(name)
+        for chunks, max_bytes in [([2, 0, 1, 3], 2 * 16 * 16 * 2), ([7, 5, 4], 1 << 20), ([9, 8], 1)]:
+            outs = [np.empty_like(local.read_chunk(c, name)) for c in chunks]
+            reader.read_chunks_into([(c, o.shape[0], o) for c, o in zip(chunks, outs)], max_bytes=max_bytes)
+            for c, o in zip(chunks, outs):
+                assert np.array_equal(o, local.read_chunk(c, name))
