@@ -122,9 +122,15 @@ def bench_reads(name: str, url: str, raw: callable, nbytes: int, settings: list[
                 storage_options=None) -> dict:
     """Paired, interleaved rounds (the box may be shared): raw, every loader setting, raw, every setting
     (reversed order), ... raw. A setting's ratio in a round is the mean of the two raw reads around it
-    over its own time; reported: the median of those per-round ratios (and the median times)."""
+    over its own time; reported: the median of those per-round ratios (and the median times). Each raw
+    read is the median of three back-to-back passes (a page-cache pass takes ~20 ms, so one descheduling
+    would otherwise swing a round)."""
     rows_total = nbytes // (D * 4)
-    raws = [raw()]
+
+    def raw3() -> float:
+        return statistics.median([raw() for _ in range(3)])
+
+    raws = [raw3()]
     times: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
     ratios: dict[tuple[int, int], list[float]] = {s: [] for s in settings}
     for r in range(rounds):
@@ -133,7 +139,7 @@ def bench_reads(name: str, url: str, raw: callable, nbytes: int, settings: list[
             secs, rows = loader_read(url, s[0], s[1], storage_options)
             assert rows == rows_total
             done[s] = secs
-        raws.append(raw())
+        raws.append(raw3())
         for s in settings:
             times[s].append(done[s])
             ratios[s].append((raws[-2] + raws[-1]) / 2 / done[s])
@@ -181,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         _, paths, nbytes = shard_paths(url)
         raw_read_local(paths)  # warm the page cache
         settings = [(8, 2), (64, 2)] if args.quick else [(8, 0), (8, 2), (32, 2), (64, 0), (64, 2)]
-        results["local_read"] = bench_reads("local", url, lambda: raw_read_local(paths), nbytes, settings, rounds)
+        results["local_read"] = bench_reads("local", url, lambda: raw_read_local(paths), nbytes, settings,
+                                            rounds if args.quick else 15)
         shutil.rmtree(url)
         # ---- S3 on loopback ---------------------------------------------------------------------
         from moto.server import ThreadedMotoServer
