@@ -97,7 +97,10 @@ class Consumer:
         torch.set_num_threads(1)
         torch.manual_seed(0)  # same work matrix in every consumer, so checksums must agree
         self.name, self.feeder = name, feeder
-        self.loader = None if feeder is not None else ActivationLoader(store, batch_size, seed=0,
+        # prefetch=0: its windows are only those its batches use, so the bytes column counts the same
+        # windows as the feeder's (Run.fit's default read-ahead would also map windows of later epochs
+        # this one-epoch consumer never uses; local windows are memory-mapped, so speed is the same)
+        self.loader = None if feeder is not None else ActivationLoader(store, batch_size, seed=0, prefetch=0,
                                                                          columns=("acts", "positions"))
         self.w = None
         self.m = m
