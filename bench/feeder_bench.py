@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -90,18 +91,21 @@ class BenchFeeder(FeederCore):
 class Consumer:
     """A stand-in trainer: fetches batch b (from the feeder or its own loader) and does fixed work."""
 
-    def __init__(self, name: str, store: str, batch_size: int, m: int, feeder: Any = None) -> None:
+    def __init__(self, name: str, store: str, batch_size: int, m: int, batches: int, feeder: Any = None) -> None:
         from store.loader import ActivationLoader
 
         install_read_counter()
         torch.set_num_threads(1)
         torch.manual_seed(0)  # same work matrix in every consumer, so checksums must agree
         self.name, self.feeder = name, feeder
-        # prefetch=0: its windows are only those its batches use, so the bytes column counts the same
-        # windows as the feeder's (Run.fit's default read-ahead would also map windows of later epochs
-        # this one-epoch consumer never uses; local windows are memory-mapped, so speed is the same)
-        self.loader = None if feeder is not None else ActivationLoader(store, batch_size, seed=0, prefetch=0,
-                                                                         columns=("acts", "positions"))
+        # finite epochs, just enough for the batches consumed (same batches as the endless stream): the
+        # stream ends there, so the bytes column counts only windows its batches use, as the feeder's
+        # (an endless stream's read-ahead would also fetch windows of epochs this consumer never reaches)
+        self.loader = None
+        if feeder is None:
+            rows = ActivationLoader(store, batch_size, seed=0).rows_per_epoch
+            self.loader = ActivationLoader(store, batch_size, seed=0, columns=("acts", "positions"),
+                                           epochs=math.ceil(batches * batch_size / rows))
         self.w = None
         self.m = m
 
@@ -162,7 +166,7 @@ def trial(store: str, n: int, batches: int, batch_size: int, m: int, shared: boo
     """One mode at one N: bytes read by the reading processes and wall time of the consuming phase."""
     names = [f"c{i}" for i in range(n)]
     feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0) if shared else None
-    consumers = [Consumer.remote(name, store, batch_size, m, feeder) for name in names]
+    consumers = [Consumer.remote(name, store, batch_size, m, batches, feeder) for name in names]
     ray.get([c.io.remote() for c in consumers])
     readers = [feeder] if shared else consumers
     before = ray.get([r.io.remote() for r in readers])
