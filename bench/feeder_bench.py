@@ -4,9 +4,17 @@ Setup: a synthetic local store (float32), N ∈ {1, 4, 8} consumer actors on a l
 each consuming the same T batches and doing a fixed amount of "training" work per batch
 (an (B, d) @ (d, M) matmul + ReLU). Two modes, timed side by side in the same run:
 
-* ``shared`` (baseline of the comparison): one :class:`trainer.sweep.FeederCore` actor reads each batch
-  once with ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
-* ``independent``: each consumer has its own ``ActivationLoader`` and calls ``batch(b)`` itself.
+* ``shared``: one :class:`trainer.sweep.FeederCore` actor reads each batch once with
+  ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
+* ``independent`` (the baseline): each consumer has its own ``ActivationLoader`` and streams it
+  (``iter_batches``).
+
+The consumers fetch batches exactly as ``trainer.run.Run.fit`` does (a sweep trainer: the feeder
+through ``trainer.run.Prefetcher``, two batches ahead; a run with its own loader: ``iter_batches``).
+
+Each N runs ``--rounds`` paired rounds (both modes, the order alternating); reported per N: the
+median wall of each mode and ``wall_ratio_feeder_over_independent``, the median over rounds of feeder
+wall / independent wall (≤ 1.0: sharing one read per batch costs no wall time).
 
 Bytes read from the store are counted in the processes that read (the feeder, or each consumer) by a
 counter around the loader's window fetch (``ActivationLoader._fetch``: rows of the window × stored
@@ -22,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -81,15 +91,21 @@ class BenchFeeder(FeederCore):
 class Consumer:
     """A stand-in trainer: fetches batch b (from the feeder or its own loader) and does fixed work."""
 
-    def __init__(self, name: str, store: str, batch_size: int, m: int, feeder: Any = None) -> None:
+    def __init__(self, name: str, store: str, batch_size: int, m: int, batches: int, feeder: Any = None) -> None:
         from store.loader import ActivationLoader
 
         install_read_counter()
         torch.set_num_threads(1)
         torch.manual_seed(0)  # same work matrix in every consumer, so checksums must agree
         self.name, self.feeder = name, feeder
-        self.loader = None if feeder is not None else ActivationLoader(store, batch_size, seed=0,
-                                                                         columns=("acts", "positions"))
+        # finite epochs, just enough for the batches consumed (same batches as the endless stream): the
+        # stream ends there, so the bytes column counts only windows its batches use, as the feeder's
+        # (an endless stream's read-ahead would also fetch windows of epochs this consumer never reaches)
+        self.loader = None
+        if feeder is None:
+            rows = ActivationLoader(store, batch_size, seed=0).rows_per_epoch
+            self.loader = ActivationLoader(store, batch_size, seed=0, columns=("acts", "positions"),
+                                           epochs=math.ceil(batches * batch_size / rows))
         self.w = None
         self.m = m
 
@@ -97,15 +113,29 @@ class Consumer:
         return rchar()
 
     def run(self, batches: int) -> float:
+        """Consume batches 0..batches-1 the way ``trainer.run.Run.fit`` does: from the feeder through
+        its :class:`trainer.run.Prefetcher` (as a sweep's ``TrainerActor``), or from the own loader's
+        ``iter_batches`` (as a run with its own loader)."""
+        from trainer.run import Prefetcher
+
+        fetch = None
+        if self.feeder is not None:
+            fetch = Prefetcher(lambda b: ray.get(ray.get(self.feeder.get.remote(b, self.name))), 0, batches)
+            stream = (fetch.get(b) for b in range(batches))
+        else:
+            stream = self.loader.iter_batches(start=0)
         checksum = 0.0
-        for b in range(batches):
-            if self.feeder is not None:
-                acts = torch.from_numpy(ray.get(ray.get(self.feeder.get.remote(b, self.name)))["acts"].copy())
-            else:
-                acts = self.loader.batch(b)["acts"]
-            if self.w is None:
-                self.w = torch.randn(acts.shape[1], self.m) / acts.shape[1] ** 0.5
-            checksum += float(torch.relu(acts @ self.w).sum())
+        try:
+            for _ in range(batches):
+                batch = next(stream)
+                acts = batch["acts"] if fetch is None else torch.from_numpy(batch["acts"].copy())
+                if self.w is None:
+                    self.w = torch.randn(acts.shape[1], self.m) / acts.shape[1] ** 0.5
+                checksum += float(torch.relu(acts @ self.w).sum())
+        finally:
+            stream.close()
+            if fetch is not None:
+                fetch.close()
         return checksum
 
 
@@ -136,7 +166,7 @@ def trial(store: str, n: int, batches: int, batch_size: int, m: int, shared: boo
     """One mode at one N: bytes read by the reading processes and wall time of the consuming phase."""
     names = [f"c{i}" for i in range(n)]
     feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0) if shared else None
-    consumers = [Consumer.remote(name, store, batch_size, m, feeder) for name in names]
+    consumers = [Consumer.remote(name, store, batch_size, m, batches, feeder) for name in names]
     ray.get([c.io.remote() for c in consumers])
     readers = [feeder] if shared else consumers
     before = ray.get([r.io.remote() for r in readers])
@@ -161,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--m", type=int, default=1024)
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--rounds", type=int, default=5, help="paired rounds per N (median reported)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.mkdtemp(prefix="fbench", dir="/tmp")
@@ -174,19 +205,37 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     try:
         for n in args.ns:
-            indep = trial(store, n, batches, args.batch, args.m, shared=False)
-            shared = trial(store, n, batches, args.batch, args.m, shared=True)
-            row = {"n_trainers": n, "batches": batches, "logical_batch_bytes": payload,
-                   "shared": shared, "independent": indep,
-                   "bytes_ratio_independent_over_shared": indep["bytes_read"] / max(shared["bytes_read"], 1),
-                   "wall_ratio_independent_over_shared": indep["wall_s"] / shared["wall_s"]}
+            rounds: list[dict[str, Any]] = []
+            for r in range(args.rounds):  # paired rounds, the order alternating (the box may be shared)
+                modes = (False, True) if r % 2 == 0 else (True, False)
+                got = {shared: trial(store, n, batches, args.batch, args.m, shared=shared) for shared in modes}
+                rounds.append({"shared": got[True], "independent": got[False],
+                               "wall_ratio_feeder_over_independent":
+                                   got[True]["wall_s"] / got[False]["wall_s"]})
+            shared_bytes = {x["shared"]["bytes_read"] for x in rounds}
+            indep_bytes = {x["independent"]["bytes_read"] for x in rounds}
+            assert len(shared_bytes) == 1 and len(indep_bytes) == 1, "bytes read changed between rounds"
+            row = {"n_trainers": n, "batches": batches, "logical_batch_bytes": payload, "rounds": args.rounds,
+                   "shared": {"bytes_read": shared_bytes.pop(),
+                              "wall_s": statistics.median(x["shared"]["wall_s"] for x in rounds),
+                              "feeder_reads": rounds[-1]["shared"]["feeder_reads"],
+                              "feeder_rereads": max(x["shared"]["feeder_rereads"] for x in rounds)},
+                   "independent": {"bytes_read": indep_bytes.pop(),
+                                   "wall_s": statistics.median(x["independent"]["wall_s"] for x in rounds)},
+                   "wall_ratio_feeder_over_independent":
+                       statistics.median(x["wall_ratio_feeder_over_independent"] for x in rounds),
+                   "wall_ratio_rounds": [x["wall_ratio_feeder_over_independent"] for x in rounds]}
+            row["bytes_ratio_independent_over_shared"] = (row["independent"]["bytes_read"]
+                                                          / max(row["shared"]["bytes_read"], 1))
             results.append(row)
-            print(json.dumps(row))
+            print(json.dumps(row), flush=True)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "shared (one feeder)",
+    RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "independent loaders (one per trainer)",
+                                   "ratio": "wall_ratio_feeder_over_independent: feeder wall / independent "
+                                            "wall, median of paired rounds (<= 1.0: the feeder is not slower)",
                                    "rows": args.rows, "d": args.d, "batch_size": args.batch, "m": args.m,
                                    "torch_threads": 1, "cpus": 2, "results": results}, indent=2) + "\n")
     return 0

@@ -20,9 +20,12 @@ batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` 
 ``ceil(rows_per_epoch / B)``, the batches per epoch.
 
 Reading: a window's chunks are read concurrently by a thread pool — on object storage one
-byte-range GET per chunk straight into the window buffer; for local uncompressed ``acts``
-each chunk is memory-mapped (populated) so batches are gathered straight from the page
-cache with no intermediate copy (``use_mmap=False`` reads into buffers instead) — and the next ``prefetch`` windows are submitted
+ranged GET per run of the window's chunks that lie back to back in a shard object (one per chunk
+when the window's chunks are scattered over many shards; a shard mostly inside the window whose
+index is not cached yet is fetched whole, index included, in one GET), copied into the window
+buffer; for local uncompressed ``acts`` each chunk is memory-mapped (populated) so batches are
+gathered straight from the page cache with no intermediate copy (``use_mmap=False`` reads into
+buffers instead, one ``pread`` per chunk) — and the next ``prefetch`` windows are submitted
 before the current one is consumed. Batches are assembled (gather + cast to float32) by a
 background thread into a small queue, so the consumer only waits when I/O is really the
 bottleneck. Memory ≈ (prefetch + 2) × window_chunks × chunk_rows × d × itemsize.
@@ -59,13 +62,13 @@ class _Window:
     def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future], perm: np.ndarray,
                  offsets: np.ndarray, mapped: dict[str, list[Future]]) -> None:
         self.bufs, self.futures, self.perm, self.offsets, self.mapped = bufs, futures, perm, offsets, mapped
+        self.views: dict[str, list[np.ndarray]] | None = None
 
     def wait(self) -> _Window:
-        for fut in self.futures:
-            fut.result()
-        for futs in self.mapped.values():
-            for fut in futs:
+        if self.views is None:
+            for fut in self.futures:
                 fut.result()
+            self.views = {c: [fut.result() for fut in futs] for c, futs in self.mapped.items()}
         return self
 
     def gather(self, column: str, lo: int, hi: int) -> np.ndarray:
@@ -82,7 +85,7 @@ class _Window:
             out = np.empty((p.size,) + src.shape[1:], dtype=src.dtype)
             parallel_take([(src, p, 0, p.size)], out)
             return out
-        views = [f.result() for f in self.mapped[column]]
+        views = self.wait().views[column]
         k = np.searchsorted(self.offsets, p, side="right") - 1  # chunk of each row (non-decreasing)
         r = p - self.offsets[k]  # row within that chunk
         out = np.empty((p.size,) + views[0].shape[1:], dtype=views[0].dtype)
@@ -103,22 +106,25 @@ def parallel_take(segments: list[tuple[np.ndarray, np.ndarray, int, int]], out: 
     page-cache gather)."""
     global _gather_pool
     n = out.shape[0]
-    if GATHER_THREADS == 1 or n < 1024:
-        for src, rows, a, b in segments:
-            np.take(src, rows[a:b], axis=0, out=out[a:b])
-        return
-    with _gather_lock:
-        if _gather_pool is None:
-            _gather_pool = ThreadPoolExecutor(GATHER_THREADS, thread_name_prefix="gather")
-    cuts = [n * i // GATHER_THREADS for i in range(GATHER_THREADS + 1)]
 
     def part(lo: int, hi: int) -> None:
+        # ndarray.take directly (np.take's wrapper costs a few us per call, ~64 calls per batch);
+        # mode="clip": the rows are in range by construction, and under the default mode="raise"
+        # numpy writes out= through a temporary buffer, a second copy of every byte
         for src, rows, a, b in segments:
             a2, b2 = max(a, lo), min(b, hi)
             if a2 < b2:
-                np.take(src, rows[a2:b2], axis=0, out=out[a2:b2])
+                src.take(rows[a2:b2], axis=0, out=out[a2:b2], mode="clip")
 
-    futures = [_gather_pool.submit(part, cuts[i], cuts[i + 1]) for i in range(GATHER_THREADS)]
+    if GATHER_THREADS == 1 or out.nbytes < (1 << 20):
+        part(0, n)
+        return
+    with _gather_lock:
+        if _gather_pool is None:
+            _gather_pool = ThreadPoolExecutor(GATHER_THREADS - 1, thread_name_prefix="gather")
+    cuts = [n * i // GATHER_THREADS for i in range(GATHER_THREADS + 1)]
+    futures = [_gather_pool.submit(part, cuts[i], cuts[i + 1]) for i in range(1, GATHER_THREADS)]
+    part(cuts[0], cuts[1])  # the calling thread takes the first share itself
     for fut in futures:
         fut.result()
 
@@ -240,15 +246,21 @@ class ActivationLoader:
         bufs = self._buffers(n, [c for c in self.columns if c not in mapped_cols])
         mapped: dict[str, list[Future]] = {c: [] for c in mapped_cols}
         futures = []
+        groups: dict[tuple[str, int], list] = {}  # (column, shard) -> its chunks in this window
         offset = 0
         for chunk, rows in zip(ids.tolist(), sizes.tolist()):
             for c, reader in self._readers.items():
                 if c in mapped:
                     mapped[c].append(self._pool.submit(reader.map_chunk, chunk, rows))
-                else:
+                elif reader.local:  # one pread per chunk, straight into the window buffer
                     futures.append(self._pool.submit(reader.read_into, chunk, rows,
                                                      bufs[c][offset:offset + rows]))
+                else:  # object storage: a shard's chunks that lie back to back are one ranged GET
+                    groups.setdefault((c, chunk // reader.cps), []).append(
+                        (chunk, rows, bufs[c][offset:offset + rows]))
             offset += rows
+        for (c, _), items in groups.items():
+            futures.append(self._pool.submit(self._readers[c].read_chunks_into, items))
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
         return _Window(bufs, futures, self._window_perm(key[0], key[1], n), offsets, mapped)
 

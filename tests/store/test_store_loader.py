@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -162,3 +164,49 @@ def test_eval_mask_is_deterministic_prefix_stable_and_sized(n, m, fraction, seed
         assert a.sum() <= np.ceil(n * fraction) + 1
         if fraction <= 0.5:
             assert a.sum() >= np.floor(n * fraction) - 1
+
+
+# Batch streams of the loader as it was before the gather/read changes of issue 17 (main at 9d9c38c):
+# sha256 (first 16 hex digits) of every batch's token_ids (<i8) and acts (<f4) bytes, batches 0..60.
+# A change to the reading or gathering code must leave every batch bit for bit the same.
+GOLDEN_STREAMS = [
+    (dict(batch_size=50, split="all", seed=7, window_chunks=4, epochs=2), "fef0957d2b9f249e"),
+    (dict(batch_size=37, split="train", seed=11, window_chunks=3, epochs=None, prefetch=0), "4af3989e5ac377bc"),
+    (dict(batch_size=64, split="all", seed=0, window_chunks=64, epochs=1), "42860969e30af355"),
+    (dict(batch_size=29, split="train", seed=5, window_chunks=8, epochs=2, rank=1, world=2), "08a59c84dd9e1241"),
+    (dict(batch_size=100, split="eval", seed=3, window_chunks=2, epochs=3), "054e829a8b9e95c1"),
+]
+
+
+def stream_digest(loader) -> str:
+    h = hashlib.sha256()
+    for i, batch in enumerate(loader):
+        h.update(batch["token_ids"].numpy().astype("<i8").tobytes())
+        h.update(batch["acts"].numpy().astype("<f4").tobytes())
+        if i == 60:
+            break
+    loader.close()
+    return h.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+@pytest.mark.parametrize("kw,digest", GOLDEN_STREAMS)
+def test_batches_are_bit_identical_to_the_reference_stream(ds_url, kw, digest, use_mmap):
+    loader = ActivationLoader(ds_url, columns=("token_ids", "acts"), use_mmap=use_mmap, **kw)
+    assert stream_digest(loader) == digest
+
+
+def test_s3_batches_are_bit_identical_to_the_reference_stream(s3_bucket, ds_url):
+    url = f"{s3_bucket}/ds"
+    build_dataset(url, TOTAL)
+    for kw, digest in GOLDEN_STREAMS:  # window_chunks=64 reads every shard in one coalesced range
+        assert stream_digest(ActivationLoader(url, columns=("token_ids", "acts"), **kw)) == digest
+    # coalesced ranged reads split at max_bytes, chunks asked for out of order, zstd and raw columns
+    ds, local = open_dataset(url), open_dataset(ds_url)
+    for name in ("acts", "token_ids"):
+        reader = ds.reader(name)
+        for chunks, max_bytes in [([2, 0, 1, 3], 2 * 16 * 16 * 2), ([7, 5, 4], 1 << 20), ([9, 8], 1)]:
+            outs = [np.empty_like(local.read_chunk(c, name)) for c in chunks]
+            reader.read_chunks_into([(c, o.shape[0], o) for c, o in zip(chunks, outs)], max_bytes=max_bytes)
+            for c, o in zip(chunks, outs):
+                assert np.array_equal(o, local.read_chunk(c, name))
