@@ -28,9 +28,10 @@ def batch(seed: int = 0) -> Tensor:
     return (0.5 + torch.rand(B, 1, generator=gen)) * (torch.randn(B, D, generator=gen) + 0.5 * mean)
 
 
-def sparse_sae(variant: str) -> SAE:
-    """A steered SAE whose codes on :func:`batch` have an L0 near 8 (max row support well under M/8)."""
-    extra = {"bandwidth": 0.05} if variant == "jumprelu" else {}  # wide: many entries near θ
+def sparse_sae(variant: str, bandwidth: float = 0.05) -> SAE:
+    """A steered SAE whose codes on :func:`batch` have an L0 near 8 (max row support well under M/8);
+    jumprelu with a wide ``bandwidth`` by default (many entries near θ)."""
+    extra = {"bandwidth": bandwidth} if variant == "jumprelu" else {}
     sae = sae_zoo.build({"variant": variant, "d": D, "m": M, "seed": 0, "target_l0": L0, **extra})
     if variant in ("relu", "gated"):  # b_enc = −(1 − L/M) quantile of each latent's x W_encᵀ over 10 batches
         with torch.no_grad():
@@ -56,9 +57,12 @@ def step_grads(sae: SAE, x: Tensor) -> tuple[dict[str, float], Tensor, dict[str,
     return {k: float(v.detach()) for k, v in losses.items()}, codes.to_dense().detach(), grads
 
 
-@pytest.mark.parametrize("variant", ["relu", "jumprelu", "gated"])
+@pytest.mark.parametrize("variant", ["relu", "jumprelu", "gated", "jumprelu-tiny-bandwidth"])
 def test_sparse_path_equals_dense_path(variant: str) -> None:
-    sae = sparse_sae(variant)
+    """jumprelu-tiny-bandwidth: ε = 1e-12 is below θ's float resolution, so θ − ε rounds to θ; the
+    first-batch init puts θ_j exactly on one π_bj, whose K(0) = 1 must still reach θ_j."""
+    variant, _, tiny = variant.partition("-")
+    sae = sparse_sae(variant, bandwidth=1e-12) if tiny else sparse_sae(variant)
     twin = dense_twin(sae)
     x = batch(1)
     if variant == "jumprelu":  # the data-aware init runs on the first training batch: give both the same

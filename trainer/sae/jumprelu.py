@@ -156,8 +156,9 @@ class JumpReluSAE(LinearSAE):
         """Codes, reconstruction and λ ‖f‖₀ with the STE threshold gradient.
 
         Sparse path (codes sparse enough, :meth:`LinearSAE.active_pattern`): besides the support S
-        (π > θ), the θ pseudo-derivatives need the entries just below the threshold, N = {θ − ε < π ≤ θ}
-        (a superset of where K((π − θ)/ε) ≠ 0 off the support): there f = 0 and ∂f/∂π = 0, but
+        (π > θ), the θ pseudo-derivatives need the entries just below the threshold, N = {θ − ε ≤ π ≤ θ}
+        (a superset of where K((π − θ)/ε) ≠ 0 off the support, twice as wide; "≤" keeps π = θ when ε
+        is below θ's float resolution and θ − ε rounds to θ): there f = 0 and ∂f/∂π = 0, but
         ∂L/∂θ_j gains −(θ_j/ε) K · ⟨∂L/∂x̂_b, W_dec,j⟩ from the reconstruction and −(1/ε) K · λ/B from the
         L0 term. So N is decoded too, with f = 0 (x̂ unchanged) through sg(W_dec) (its sampled dot gives
         ⟨∂L/∂x̂_b, W_dec,j⟩), and enters the L0 sum with H = 0. Everywhere else both derivatives are 0,
@@ -166,7 +167,7 @@ class JumpReluSAE(LinearSAE):
         eps = self.config.bandwidth
         pre_d, theta_d = pre.detach(), theta.detach()
         support = self.active_pattern(pre_d > theta_d)
-        near = None if support is None else self.active_pattern((pre_d <= theta_d) & (pre_d > theta_d - eps))
+        near = None if support is None else self.active_pattern((pre_d <= theta_d) & (pre_d >= theta_d - eps))
         if support is None or near is None:  # dense codes: ∂L/∂f reaches every entry near θ
             codes = Codes(m=self.config.m, dense=_JumpReLU.apply(pre, theta, eps))
             self.controller.update(codes.support_sizes())
