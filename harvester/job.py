@@ -462,21 +462,6 @@ def stop_workers(ray: Any, in_flight: list[Any], own_ray: bool) -> None:
                 ray.get(next(gen), timeout=max(0.1, deadline - time.monotonic()))
 
 
-def discard_uncommitted(writer: Any, shards: set[int]) -> None:
-    """Delete the stored objects of every shard in ``shards`` that has no commit record, so that a
-    shard is either committed (whole) or absent; run only once no task can write any more."""
-    from store.io import join_url, list_dir, remove
-    from store.layout import COMMITS_DIR, array_names, shard_key
-
-    committed = writer.committed()
-    for index in sorted(shards - committed):
-        for name in array_names(writer.manifest):
-            remove(join_url(writer.url, shard_key(name, index)), writer.storage_options)
-    for entry in list_dir(join_url(writer.url, COMMITS_DIR), writer.storage_options):
-        if ".tmp-" in entry:  # a commit record a killed writer had not renamed into place yet
-            remove(join_url(writer.url, COMMITS_DIR, entry), writer.storage_options)
-
-
 WORKER_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_", "TOKENIZERS_")
 
 
@@ -577,7 +562,7 @@ def run_job(cfg: HarvestConfig, plan: Plan, shards: Iterator[ShardWork], writer:
         bar.close()
         with signals_ignored():
             stop_workers(ray, in_flight, own_ray)
-            discard_uncommitted(writer, dispatched)
+            writer.discard_uncommitted(dispatched)
             kept = len(writer.committed())
         raise HarvestInterrupted(f"harvest interrupted with {kept} shard(s) committed at {plan.url}; run the "
                                  f"same command again to resume from them.") from None

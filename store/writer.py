@@ -28,7 +28,9 @@ is written; commit records are written atomically (temp file + rename, or one S3
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import os
 from typing import Any
@@ -40,7 +42,7 @@ from zarr.core.sync import sync
 from zarr.storage import WrapperStore
 
 from store.errors import UserError
-from store.io import filesystem, is_local, join_url, local_path, zarr_store
+from store.io import filesystem, is_local, join_url, list_dir, local_path, remove, zarr_store
 from store.layout import (
     ACTS,
     CAPACITY_SHARDS,
@@ -237,12 +239,30 @@ class DatasetWriter:
         return out
 
     def _delete_shard_objects(self, index: int) -> None:
+        """Delete shard ``index``'s objects, and on a local store the ``<object>.<uuid>.partial``
+        files that zarr's LocalStore leaves when a process is killed mid-write."""
         for name in array_names(self.manifest):
             p = join_url(self._path, shard_key(name, index))
             try:
                 self._fs.rm_file(p)
             except FileNotFoundError:
                 pass
+            if is_local(self.url):
+                folder, base = os.path.split(os.path.join(local_path(self.url), shard_key(name, index)))
+                for stray in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(base)}.*.partial")):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(stray)
+
+    def discard_uncommitted(self, shards: set[int]) -> None:
+        """Delete every trace of each shard in ``shards`` that has no commit record (its objects,
+        a killed write's partial files, a commit record not yet renamed into place), so that a
+        shard is committed (whole) or absent. Call it only once no process can write any more."""
+        for index in sorted(shards - self.committed()):
+            self._delete_shard_objects(index)
+        commits = join_url(self.url, COMMITS_DIR)
+        for entry in list_dir(commits, self.storage_options):
+            if ".tmp-" in entry:  # a commit record a killed writer had not renamed into place yet
+                remove(join_url(commits, entry), self.storage_options)
 
     def _fsync(self, key: str) -> None:
         if is_local(self.url):

@@ -225,3 +225,22 @@ def test_two_writer_processes_disjoint_shards_s3(s3_bucket, tmp_path):
         assert hashlib.sha256(fs.cat_file(f"{url[5:]}/{rel}")).hexdigest() == digest, rel
     meta = json.loads(fs.cat_file(f"{url[5:]}/zarr.json"))
     assert meta["attributes"]["dynsae"]["sealed"] is True
+
+
+def test_discard_uncommitted_leaves_each_shard_whole_or_absent(tmp_path):
+    """What a writer killed mid-shard leaves on a local store (zarr's ``<object>.<uuid>.partial``
+    files, torn objects, a commit record not yet renamed) is removed for the uncommitted shards;
+    committed shards keep every byte."""
+    url = tmp_path / "ds"
+    writer = DatasetWriter.create(str(url), make_manifest())
+    write_shards(writer, [0, 1], 4 * SHARD_ROWS)
+    kept = tree_bytes(url)
+    litter = [url / "acts" / "c" / "2" / "0", url / "acts" / "c" / "2" / "0.9f3ac2b1d0e84c7aa1b2c3d4e5f60718.partial",
+              url / "token_ids" / "c" / "2.00ff00ff00ff00ff00ff00ff00ff00ff.partial", url / "seq_ids" / "c" / "2",
+              url / "commits" / "2.json.tmp-4242"]
+    for path in litter:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x00torn")
+    writer.discard_uncommitted({0, 1, 2, 3})
+    assert tree_bytes(url) == kept
+    assert writer.committed() == {0, 1}
