@@ -14,6 +14,9 @@ Protocol (DESIGN §3):
   exist for readers, so a writer killed at any point loses at most the shard in flight.
   Different processes must write different shards; a committed shard is rewritten only
   with ``overwrite=True``.
+* ``discard_uncommitted(shards)`` (once every writer has stopped, e.g. after Ctrl-C) deletes
+  what the uncommitted ones left: torn objects, zarr's ``<object>.<uuid>.partial`` temp files
+  of a local write cut short, unrenamed commit records. Every shard is then whole or absent.
 * ``seal()`` (one process, after all writers are done) checks shards 0..n-1 are committed
   and all but the last are full, sets the arrays' final length, merges the per-shard
   statistics and marks the manifest sealed.
