@@ -497,6 +497,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         rows = int(writer.manifest.rows or 0)
         return HarvestResult(plan.url, rows, 0.0, unit, rows // plan.rows_per_seq, skipped=True)
     committed = set(writer.committed())
+    writer.remove_partial_writes()  # what a harvest killed mid-write left (no worker of ours runs yet)
     with signals_interrupt():
         return run_job(cfg, plan, shards, writer, committed, t_start, progress)
 

@@ -17,6 +17,7 @@ Protocol (DESIGN §3):
 * ``discard_uncommitted(shards)`` (once every writer has stopped, e.g. after Ctrl-C) deletes
   what the uncommitted ones left: torn objects, zarr's ``<object>.<uuid>.partial`` temp files
   of a local write cut short, unrenamed commit records. Every shard is then whole or absent.
+  ``remove_partial_writes()`` (before a resume, e.g. after SIGKILL) deletes every such temp file.
 * ``seal()`` (one process, after all writers are done) checks shards 0..n-1 are committed
   and all but the last are full, sets the arrays' final length, merges the per-shard
   statistics and marks the manifest sealed.
@@ -242,19 +243,36 @@ class DatasetWriter:
         return out
 
     def _delete_shard_objects(self, index: int) -> None:
-        """Delete shard ``index``'s objects, and on a local store the ``<object>.<uuid>.partial``
-        files that zarr's LocalStore leaves when a process is killed mid-write."""
         for name in array_names(self.manifest):
             p = join_url(self._path, shard_key(name, index))
             try:
                 self._fs.rm_file(p)
             except FileNotFoundError:
                 pass
-            if is_local(self.url):
-                folder, base = os.path.split(os.path.join(local_path(self.url), shard_key(name, index)))
-                for stray in glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(base)}.*.partial")):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(stray)
+
+    def _remove_partial_files(self, index: int | None = None) -> None:
+        """Delete the ``<object>.<uuid>.partial`` files zarr's LocalStore leaves when a process is
+        killed mid-write: shard ``index``'s, or (None) every one in the dataset, in one walk. Not on
+        the write path (a glob per shard write would list every shard's object each time)."""
+        if not is_local(self.url):
+            return  # an object store PUT is atomic: nothing partial is ever visible
+        root = local_path(self.url)
+        if index is None:
+            strays = [os.path.join(folder, f) for folder, _, files in os.walk(root)
+                      for f in files if f.endswith(".partial")]
+        else:
+            strays = []
+            for name in array_names(self.manifest):
+                folder, base = os.path.split(os.path.join(root, shard_key(name, index)))
+                strays += glob.glob(os.path.join(glob.escape(folder), f"{glob.escape(base)}.*.partial"))
+        for stray in strays:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(stray)
+
+    def remove_partial_writes(self) -> None:
+        """Before resuming (no writer of this dataset running): delete every partial file a killed
+        writer left; uncommitted objects are replaced when their shard is written again."""
+        self._remove_partial_files()
 
     def discard_uncommitted(self, shards: set[int]) -> None:
         """Delete every trace of each shard in ``shards`` that has no commit record (its objects,
@@ -262,6 +280,7 @@ class DatasetWriter:
         shard is committed (whole) or absent. Call it only once no process can write any more."""
         for index in sorted(shards - self.committed()):
             self._delete_shard_objects(index)
+            self._remove_partial_files(index)
         commits = join_url(self.url, COMMITS_DIR)
         for entry in list_dir(commits, self.storage_options):
             if ".tmp-" in entry:  # a commit record a killed writer had not renamed into place yet

@@ -244,3 +244,18 @@ def test_discard_uncommitted_leaves_each_shard_whole_or_absent(tmp_path):
     writer.discard_uncommitted({0, 1, 2, 3})
     assert tree_bytes(url) == kept
     assert writer.committed() == {0, 1}
+
+
+def test_remove_partial_writes_before_a_resume(tmp_path):
+    """After a SIGKILL nobody ran the discard: the resume removes every partial file in one walk
+    and keeps every committed byte."""
+    url = tmp_path / "ds"
+    writer = DatasetWriter.create(str(url), make_manifest())
+    write_shards(writer, [0], 4 * SHARD_ROWS)
+    kept = tree_bytes(url)
+    for path in (url / "acts" / "c" / "3" / "0.0123456789abcdef0123456789abcdef.partial",
+                 url / "positions" / "c" / "1.fedcba9876543210fedcba9876543210.partial"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x00torn")
+    DatasetWriter.open(str(url)).remove_partial_writes()
+    assert tree_bytes(url) == kept
