@@ -38,6 +38,8 @@ from store.manifest import CommitRecord, DatasetManifest
 from store.split import chunks_for_split, eval_chunk_mask
 
 EMPTY = np.uint64(2**64 - 1)
+#: Shard files a reader keeps memory-mapped (a window of 64 chunks touches at most 64 shards).
+MAPPED_SHARDS = 256
 
 
 def read_array_meta(url: str, name: str, storage_options: dict | None = None) -> dict[str, Any]:
@@ -66,6 +68,7 @@ class ChunkReader:
         self.cps = manifest.chunks_per_shard
         self.zstd = self._parse_codecs(meta)
         self._index: dict[int, np.ndarray] = {}
+        self._maps: dict[int, np.ndarray] = {}  # shard -> its mapped bytes, LRU order
         self._lock = threading.Lock()
         self._storage_options = storage_options
 
@@ -137,25 +140,37 @@ class ChunkReader:
         return self.local and not self.zstd
 
     def map_chunk(self, chunk: int, rows: int) -> np.ndarray:
-        """Read-only view of the first ``rows`` rows of a chunk, memory-mapped from the page cache.
+        """Read-only view of the first ``rows`` rows of a chunk, straight from the page cache.
 
-        The mapping is populated up front (``MAP_POPULATE``) so that gathers from it never
-        page-fault; it stays valid for as long as the returned array is referenced.
+        Each shard file is memory-mapped once (whole, not populated: a sequential pass over a chunk
+        faults its pages in with the kernel's fault-around) and the mapping is kept for the next
+        windows and epochs, up to :data:`MAPPED_SHARDS` shards (least recently used dropped; a
+        dropped mapping lives on while views of it do).
         """
         shard, j = divmod(chunk, self.cps)
         offset, _ = (int(v) for v in self.shard_index(shard)[j])
         shape = (rows, self.width) if self.name == ACTS else (rows,)
         if offset == int(EMPTY):
             return np.zeros(shape, dtype=self.dtype)
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        length = offset - start + rows * self.row_bytes
+        return self._shard_map(shard)[offset:offset + rows * self.row_bytes].view(self.dtype).reshape(shape)
+
+    def _shard_map(self, shard: int) -> np.ndarray:
+        """The whole shard object as read-only bytes, memory-mapped (cached)."""
+        with self._lock:
+            mapped = self._maps.pop(shard, None)
+            if mapped is not None:
+                self._maps[shard] = mapped  # most recently used last
+                return mapped
         fd = os.open(os.path.join(self.root, shard_key(self.name, shard)), os.O_RDONLY)
         try:
-            mm = mmap.mmap(fd, length, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0),
-                           prot=mmap.PROT_READ, offset=start)
+            mapped = np.frombuffer(mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ), dtype=np.uint8)
         finally:
             os.close(fd)
-        return np.frombuffer(mm, dtype=self.dtype, count=rows * self.width, offset=offset - start).reshape(shape)
+        with self._lock:
+            self._maps[shard] = mapped
+            while len(self._maps) > MAPPED_SHARDS:
+                self._maps.pop(next(iter(self._maps)))
+        return mapped
 
     def read_into(self, chunk: int, rows: int, out: np.ndarray) -> None:
         """Read the first ``rows`` rows of inner chunk ``chunk`` into ``out`` (C-contiguous)."""

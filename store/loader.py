@@ -8,9 +8,9 @@ The row stream of one rank is the concatenation of epochs e = 0, 1, 2, ...; epoc
 2. cut into windows of ``window_chunks`` consecutive chunks (the last may be smaller);
 3. the rows of each window permuted by a permutation seeded by ``(seed, e, w)``.
 
-Batch ``b`` is rows [b·B, (b+1)·B) of that stream (within a batch, each window's rows come in
-window order: the shuffle decides which rows share a batch, and a sorted gather is one sequential
-pass), so it is a pure function of
+Batch ``b`` is rows [b·B, (b+1)·B) of that stream, with each window's rows of a batch in window
+order (the shuffle decides which rows share a batch; their order inside it does not change a mean
+loss), so it is a pure function of
 (dataset, split, seed, rank, world, window_chunks, batch_size, b): ``loader.batch(b)``
 re-reads it on demand and ``iter_batches(start=b)`` resumes exactly. Batches may straddle
 windows and epochs. Every row of the rank's split appears exactly once per epoch. With
@@ -19,16 +19,23 @@ finite ``epochs`` the stream ends after ``epochs`` epochs and the last batch is 
 batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` is
 ``ceil(rows_per_epoch / B)``, the batches per epoch.
 
-Reading: a window's chunks are read concurrently by a thread pool — on object storage one
-ranged GET per run of the window's chunks that lie back to back in a shard object (one per chunk
-when the window's chunks are scattered over many shards; a shard mostly inside the window whose
-index is not cached yet is fetched whole, index included, in one GET), copied into the window
-buffer; for local uncompressed ``acts`` each chunk is memory-mapped (populated) so batches are
-gathered straight from the page cache with no intermediate copy (``use_mmap=False`` reads into
-buffers instead, one ``pread`` per chunk) — and the next ``prefetch`` windows are submitted
-before the current one is consumed. Batches are assembled (gather + cast to float32) by a
-background thread into a small queue, so the consumer only waits when I/O is really the
-bottleneck. Memory ≈ (prefetch + 2) × window_chunks × chunk_rows × d × itemsize.
+Reading: a window's chunks are read concurrently by a thread pool, and each read task scatters
+its chunk's rows to their places in the window's *batch order* (``store.scatter``: each chunk is
+read sequentially once and rows are written with streaming stores; a gather of each batch's rows
+at random costs ~4× as much, see ``bench/README.md``), so a batch is then one contiguous slice of
+the window buffer: handed out as is when it needs no cast (float32 acts, int64 columns; the
+window's buffer is reused only once every such batch has been freed, see :class:`_BufferPool`),
+else cast (float16 → float32) into a new tensor. Either way a batch is the caller's: modifying it
+changes no other batch; keeping one keeps its window's buffer alive, so ``clone()`` a batch you
+keep for long. Local uncompressed chunks are scattered straight from the page cache (each shard
+file memory-mapped once per reader; ``use_mmap=False`` reads each chunk with one ``pread`` into
+a staging buffer instead); on object
+storage a task reads one shard's chunks of the window with one ranged GET per run of chunks that
+lie back to back (a shard mostly inside the window whose index is not cached yet is fetched whole,
+index included, in one GET). The next ``prefetch`` windows are submitted before the current one is
+consumed, and batches are assembled by a background thread into a small queue, so the consumer
+only waits when I/O is really the bottleneck. Memory ≈ (prefetch + 2) × window_chunks ×
+chunk_rows × d × itemsize (window buffers are recycled).
 """
 
 from __future__ import annotations
@@ -37,7 +44,8 @@ import math
 import os
 import queue
 import threading
-from collections import OrderedDict
+import weakref
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
@@ -49,84 +57,103 @@ from store.dataset import Dataset, open_dataset
 from store.errors import UserError
 from store.io import is_local
 from store.layout import ACTS, ROW_ARRAYS
+from store.scatter import aligned_empty, scatter_rows
 
 WindowKey = tuple[int, int]
+_NUMPY = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64)}
 Batch = torch.Tensor | dict[str, torch.Tensor]
 _DONE = object()
 
 
 class _Window:
-    """One window being fetched: per-column buffers (or memory-mapped chunk views), the read
-    futures, the row offset of each chunk within the window and the window's row permutation."""
+    """One window being fetched: per column, a buffer that receives the window's rows in *batch
+    order* (see :meth:`ActivationLoader._batch_order`), and the read futures (each reads a chunk,
+    or on object storage a shard's run of chunks, and scatters its rows to their places)."""
 
-    def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future], perm: np.ndarray,
-                 offsets: np.ndarray, mapped: dict[str, list[Future]]) -> None:
-        self.bufs, self.futures, self.perm, self.offsets, self.mapped = bufs, futures, perm, offsets, mapped
-        self.views: dict[str, list[np.ndarray]] | None = None
+    def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future]) -> None:
+        self.bufs, self.futures = bufs, futures
+        self.ready = False
+        self.lent: set[tuple[int, int]] = set()  # row ranges handed out as views
+        self.leases = 0  # of those, the ones still alive
+        self.retired = False  # the stream or the cache has passed this window
 
     def wait(self) -> _Window:
-        if self.views is None:
+        if not self.ready:
             for fut in self.futures:
                 fut.result()
-            self.views = {c: [fut.result() for fut in futs] for c, futs in self.mapped.items()}
+            self.ready = True
         return self
 
-    def gather(self, column: str, lo: int, hi: int) -> np.ndarray:
-        """The rows ``perm[lo:hi]`` of the window for one column (a fresh array), in window order.
+    def rows(self, column: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` of the window in batch order (a view): the rows ``perm[lo:hi]`` sorted by
+        their place in the window, when ``[lo, hi)`` is a piece of one batch.
 
         The shuffle decides *which* rows form a batch; within the batch they come sorted by their
-        place in the window. Order inside a batch does not change a mean loss, and sorted rows make
-        the gather one forward pass with one copy per byte (per chunk: a ``take`` straight into a
-        contiguous slice of the output) instead of a gather followed by a scatter.
+        place in the window. Order inside a batch does not change a mean loss, and it lets each
+        chunk's rows be scattered to their places in one sequential pass over the chunk.
         """
-        p = np.sort(self.perm[lo:hi])
-        if column in self.bufs:
-            src = self.bufs[column]
-            out = np.empty((p.size,) + src.shape[1:], dtype=src.dtype)
-            parallel_take([(src, p, 0, p.size)], out)
-            return out
-        views = self.wait().views[column]
-        k = np.searchsorted(self.offsets, p, side="right") - 1  # chunk of each row (non-decreasing)
-        r = p - self.offsets[k]  # row within that chunk
-        out = np.empty((p.size,) + views[0].shape[1:], dtype=views[0].dtype)
-        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
-        ends = np.r_[starts[1:], p.size]
-        parallel_take([(views[int(k[a])], r, int(a), int(b)) for a, b in zip(starts, ends)], out)
-        return out
+        return self.wait().bufs[column][lo:hi]
 
 
-GATHER_THREADS = max(1, min(4, os.cpu_count() or 1))
-_gather_pool: ThreadPoolExecutor | None = None
-_gather_lock = threading.Lock()
+class _BufferPool:
+    """Window buffers, reused once nothing points into them.
 
+    A batch that is one piece of one window and needs no cast (float32 acts, int64 columns) is
+    handed out as a view of the window buffer, not a copy; the window then holds a *lease* until
+    that batch's memory is freed (``weakref.finalize`` on the numpy view the tensor keeps alive;
+    the finalizer only appends to a deque, so it may run in any thread). The stream hands out each
+    row range once, and ``batch(b)`` reads a window again when a range it asks for was lent before,
+    so modifying a batch in place changes no other batch. A window's buffers are reused when the
+    stream or the cache has passed it (``retire``) and its last lease is back; a consumer that
+    keeps a batch keeps its window's buffers alive.
+    """
 
-def parallel_take(segments: list[tuple[np.ndarray, np.ndarray, int, int]], out: np.ndarray) -> None:
-    """``out[a:b] = src[rows[a:b]]`` for every (src, rows, a, b), the output rows split evenly across
-    :data:`GATHER_THREADS` threads (``np.take`` releases the GIL: on 2 cores this nearly doubles a
-    page-cache gather)."""
-    global _gather_pool
-    n = out.shape[0]
+    def __init__(self, keep: int) -> None:
+        self.keep = keep  # free buffer sets kept at most
+        self.free: list[dict[str, np.ndarray]] = []
+        self.returned: deque[_Window] = deque()  # one entry per lease given back
+        self.lock = threading.Lock()
 
-    def part(lo: int, hi: int) -> None:
-        # ndarray.take directly (np.take's wrapper costs a few us per call, ~64 calls per batch);
-        # mode="clip": the rows are in range by construction, and under the default mode="raise"
-        # numpy writes out= through a temporary buffer, a second copy of every byte
-        for src, rows, a, b in segments:
-            a2, b2 = max(a, lo), min(b, hi)
-            if a2 < b2:
-                src.take(rows[a2:b2], axis=0, out=out[a2:b2], mode="clip")
+    def _settle(self) -> None:
+        """Count the leases given back; reuse retired windows whose last lease is back (lock held)."""
+        while self.returned:
+            win = self.returned.popleft()
+            win.leases -= 1
+            if win.retired and win.leases == 0:
+                self._reuse(win)
 
-    if GATHER_THREADS == 1 or out.nbytes < (1 << 20):
-        part(0, n)
-        return
-    with _gather_lock:
-        if _gather_pool is None:
-            _gather_pool = ThreadPoolExecutor(GATHER_THREADS - 1, thread_name_prefix="gather")
-    cuts = [n * i // GATHER_THREADS for i in range(GATHER_THREADS + 1)]
-    futures = [_gather_pool.submit(part, cuts[i], cuts[i + 1]) for i in range(1, GATHER_THREADS)]
-    part(cuts[0], cuts[1])  # the calling thread takes the first share itself
-    for fut in futures:
-        fut.result()
+    def _reuse(self, win: _Window) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(win.bufs)
+
+    def take(self, n: int) -> dict[str, np.ndarray] | None:
+        """A free buffer set of at least ``n`` rows, or None."""
+        with self.lock:
+            self._settle()
+            for i, bufs in enumerate(self.free):
+                if next(iter(bufs.values())).shape[0] >= n:
+                    return self.free.pop(i)
+        return None
+
+    def retire(self, win: _Window) -> None:
+        with self.lock:
+            self._settle()
+            win.retired = True
+            if win.leases == 0:
+                self._reuse(win)
+
+    def lend(self, win: _Window, column: str, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` of a window column as a view, under a lease."""
+        with self.lock:
+            win.lent.add((lo, hi))
+            win.leases += 1
+        view = win.rows(column, lo, hi)
+        weakref.finalize(view, self.returned.append, win).atexit = False
+        return view
+
+    def clear(self) -> None:
+        with self.lock:
+            self.free.clear()
 
 
 class ActivationLoader:
@@ -162,14 +189,14 @@ class ActivationLoader:
         self.sizes = self.dataset.chunk_sizes[self.chunks]
         self.rows_per_epoch = int(self.sizes.sum())
         self.windows_per_epoch = math.ceil(self.chunks.size / self.window_chunks)
+        self.max_window_rows = int(np.sort(self.sizes)[-self.window_chunks:].sum())
         self.total_rows = None if epochs is None else epochs * self.rows_per_epoch
         threads = io_threads or (min(8, 2 * (os.cpu_count() or 1)) if is_local(self.url) else 16)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-io")
         self._readers = {c: self.dataset.reader(c) for c in cols}
         self._cache: OrderedDict[WindowKey, _Window] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._free: list[dict[str, np.ndarray]] = []
-        self._free_lock = threading.Lock()
+        self._buffer_pool = _BufferPool(keep=self.prefetch + 2)
         self._stops: list[threading.Event] = []
 
     # ---- the plan (pure functions of the settings) ----------------------------------------------
@@ -188,6 +215,26 @@ class ActivationLoader:
 
     def _window_perm(self, epoch: int, w: int, n: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch, w, 0x5117]).permutation(n)
+
+    def _batch_order(self, epoch: int, w: int, n: int) -> np.ndarray:
+        """``place[i]``: where window row ``i`` goes in the window's batch order.
+
+        Batch order is the window's permuted rows ``perm`` cut at the stream's batch boundaries
+        (the first piece is the tail of a batch that started in an earlier window), each piece
+        sorted: rows ``[lo, hi)`` of it are batch piece ``(lo, hi)`` of :meth:`_pieces`.
+        """
+        perm = self._window_perm(epoch, w, n)
+        first = epoch * self.rows_per_epoch + int(self._epoch_order(epoch)[2][w])  # stream row of row 0
+        phase = -first % self.batch_size  # rows until the first batch boundary in the window
+        seat = np.empty(n, dtype=np.int64)
+        seat[perm] = np.arange(n, dtype=np.int64)  # row r is perm[seat[r]]
+        piece = (seat - phase) // self.batch_size + 1  # the batch piece row r falls in
+        if n // self.batch_size + 2 < 1 << 16:
+            piece = piece.astype(np.uint16)  # numpy's stable sort is a radix sort for 16-bit keys
+        order = np.argsort(piece, kind="stable")  # by piece, rows of a piece in window order
+        place = np.empty(n, dtype=np.int64)
+        place[order] = np.arange(n, dtype=np.int64)
+        return place
 
     def _pieces(self, start: int, stop: int) -> list[tuple[WindowKey, int, int]]:
         """Split stream rows [start, stop) into (window, lo, hi) pieces of window-local rows."""
@@ -219,50 +266,51 @@ class ActivationLoader:
         return math.ceil(rows / self.batch_size)
 
     # ---- fetching ---------------------------------------------------------------------------
-    def _buffers(self, n: int, cols: list[str]) -> dict[str, np.ndarray]:
-        if not cols:
-            return {}
-        with self._free_lock:
-            for i, bufs in enumerate(self._free):
-                if set(bufs) == set(cols) and next(iter(bufs.values())).shape[0] >= n:
-                    self._free.pop(i)
-                    return {c: b[:n] for c, b in bufs.items()}
-        d = self.dataset.manifest.d
-        return {c: np.empty((n, d) if c == ACTS else (n,), dtype=self.dataset.column_dtype(c))
-                for c in cols}
+    def _buffers(self, n: int) -> dict[str, np.ndarray]:
+        """Window buffers of at least ``n`` rows per column (a recycled set when one is free)."""
+        bufs = self._buffer_pool.take(n)
+        if bufs is not None:
+            return bufs
+        d, rows = self.dataset.manifest.d, max(n, self.max_window_rows)  # any window fits any set
+        return {c: aligned_empty((rows, d) if c == ACTS else (rows,), self.dataset.column_dtype(c))
+                for c in self.columns}
 
-    def _recycle(self, win: _Window) -> None:
-        if not win.bufs:
+    def _read_and_scatter(self, column: str, items: list[tuple[int, int, int]], buf: np.ndarray,
+                          place: np.ndarray) -> None:
+        """Read chunks ``(chunk, rows, window offset)`` of one column and scatter their rows to their
+        places in the window buffer: straight from the page cache when the chunk can be mapped, else
+        through a staging buffer (local: one ``pread`` per chunk; object storage: the items are one
+        shard's chunks, fetched with as few ranged GETs as lie back to back)."""
+        reader = self._readers[column]
+        if self.use_mmap and reader.can_map:
+            for chunk, rows, offset in items:
+                scatter_rows(reader.map_chunk(chunk, rows), buf, place[offset:offset + rows])
             return
-        with self._free_lock:
-            if len(self._free) < self.prefetch + 2:
-                self._free.append({c: b.base if b.base is not None else b for c, b in win.bufs.items()})
+        staging = np.empty((sum(rows for _, rows, _ in items),) + buf.shape[1:], dtype=buf.dtype)
+        starts = np.cumsum([0] + [rows for _, rows, _ in items])
+        reader.read_chunks_into([(chunk, rows, staging[a:a + rows])
+                                 for (chunk, rows, _), a in zip(items, starts.tolist())])
+        for (_, rows, offset), a in zip(items, starts.tolist()):
+            scatter_rows(staging[a:a + rows], buf, place[offset:offset + rows])
 
     def _fetch(self, key: WindowKey) -> _Window:
         """Start reading window ``key`` (returns at once; ``.wait()`` for the data)."""
         ids, sizes = self._window_span(*key)
         n = int(sizes.sum())
-        mapped_cols = [c for c, r in self._readers.items() if self.use_mmap and r.can_map]
-        bufs = self._buffers(n, [c for c in self.columns if c not in mapped_cols])
-        mapped: dict[str, list[Future]] = {c: [] for c in mapped_cols}
-        futures = []
-        groups: dict[tuple[str, int], list] = {}  # (column, shard) -> its chunks in this window
-        offset = 0
-        for chunk, rows in zip(ids.tolist(), sizes.tolist()):
-            for c, reader in self._readers.items():
-                if c in mapped:
-                    mapped[c].append(self._pool.submit(reader.map_chunk, chunk, rows))
-                elif reader.local:  # one pread per chunk, straight into the window buffer
-                    futures.append(self._pool.submit(reader.read_into, chunk, rows,
-                                                     bufs[c][offset:offset + rows]))
-                else:  # object storage: a shard's chunks that lie back to back are one ranged GET
-                    groups.setdefault((c, chunk // reader.cps), []).append(
-                        (chunk, rows, bufs[c][offset:offset + rows]))
-            offset += rows
-        for (c, _), items in groups.items():
-            futures.append(self._pool.submit(self._readers[c].read_chunks_into, items))
-        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-        return _Window(bufs, futures, self._window_perm(key[0], key[1], n), offsets, mapped)
+        bufs = self._buffers(n)
+        place = self._batch_order(key[0], key[1], n)
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).tolist()
+        tasks: list[tuple[str, list[tuple[int, int, int]]]] = []
+        for c, reader in self._readers.items():
+            if reader.local:  # one task per chunk
+                tasks += [(c, [item]) for item in zip(ids.tolist(), sizes.tolist(), offsets)]
+            else:  # object storage: a shard's chunks in this window are one task (few ranged GETs)
+                groups: dict[int, list[tuple[int, int, int]]] = {}
+                for item in zip(ids.tolist(), sizes.tolist(), offsets):
+                    groups.setdefault(item[0] // reader.cps, []).append(item)
+                tasks += [(c, items) for items in groups.values()]
+        futures = [self._pool.submit(self._read_and_scatter, c, items, bufs[c], place) for c, items in tasks]
+        return _Window(bufs, futures)
 
     def _next_key(self, key: WindowKey) -> WindowKey | None:
         epoch, w = key
@@ -273,34 +321,42 @@ class ActivationLoader:
         return epoch + 1, 0
 
     def _assemble(self, pieces: list[tuple[_Window, int, int]]) -> Batch:
+        """The batch of ``pieces``: float32 acts, int64 other columns. One piece that needs no cast is
+        a view of its window buffer under a lease (see :class:`_BufferPool`); otherwise a copy."""
         out: dict[str, torch.Tensor] = {}
         for c in self.columns:
-            parts = []
-            for win, lo, hi in pieces:
-                # numpy's gather into fresh memory is several times faster than index_select here
-                part = torch.from_numpy(win.gather(c, lo, hi))
-                parts.append(part.float() if c == ACTS else part.long())
-            out[c] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            dtype = torch.float32 if c == ACTS else torch.int64
+            if len(pieces) > 1:
+                out[c] = torch.cat([torch.from_numpy(win.rows(c, lo, hi)).to(dtype) for win, lo, hi in pieces])
+                continue
+            win, lo, hi = pieces[0]
+            rows = win.rows(c, lo, hi)
+            out[c] = (torch.from_numpy(self._buffer_pool.lend(win, c, lo, hi)) if rows.dtype == _NUMPY[dtype]
+                      else torch.from_numpy(rows).to(dtype, copy=True))
         return out[self.columns[0]] if len(self.columns) == 1 else out
 
     # ---- random access ------------------------------------------------------------------------
-    def _cached_window(self, key: WindowKey) -> _Window:
-        with self._cache_lock:
-            win = self._cache.get(key)
-            if win is not None:
-                self._cache.move_to_end(key)
-                return win
-        win = self._fetch(key).wait()
-        with self._cache_lock:
-            self._cache[key] = win
-            while len(self._cache) > 2:
-                self._cache.popitem(last=False)
-        return win
-
     def batch(self, b: int) -> Batch:
-        """Batch ``b`` of the stream (pure function of the settings and ``b``)."""
+        """Batch ``b`` of the stream (pure function of the settings and ``b``).
+
+        The last two windows read stay cached, so consecutive batches read each window once; asked
+        for rows it has lent before (which their holder may have modified), a window is read again.
+        Calls are serialised: a window the cache drops has its buffers recycled."""
         start, stop = self._batch_range(b)
-        return self._assemble([(self._cached_window(k), lo, hi) for k, lo, hi in self._pieces(start, stop)])
+        with self._cache_lock:
+            pieces = []
+            for key, lo, hi in self._pieces(start, stop):
+                win = self._cache.pop(key, None)
+                if win is not None and (lo, hi) in win.lent:
+                    self._buffer_pool.retire(win)
+                    win = None
+                win = win or self._fetch(key).wait()
+                self._cache[key] = win  # most recently used last
+                pieces.append((win, lo, hi))
+            batch = self._assemble(pieces)
+            while len(self._cache) > 2:
+                self._buffer_pool.retire(self._cache.popitem(last=False)[1])
+        return batch
 
     # ---- streaming ----------------------------------------------------------------------------
     def _produce(self, start_batch: int, out: queue.Queue, stop: threading.Event) -> None:
@@ -340,7 +396,7 @@ class ActivationLoader:
                 first = pieces[-1][0]
                 for key in list(inflight):  # drop windows the stream has passed
                     if key < first:
-                        self._recycle(inflight.pop(key).wait())
+                        self._buffer_pool.retire(inflight.pop(key).wait())
                 ensure(first)
                 if not put(batch):
                     return
@@ -382,7 +438,7 @@ class ActivationLoader:
             stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._cache.clear()
-        self._free.clear()
+        self._buffer_pool.clear()
 
     def __enter__(self) -> ActivationLoader:
         return self

@@ -71,6 +71,78 @@ def test_acts_match_the_stored_rows(ds_url):
         assert batch["token_ids"].dtype == torch.int64
 
 
+@pytest.fixture(scope="module")
+def f32_url(tmp_path_factory):
+    """float32 acts: batches that need no cast are lent as views of the window buffer."""
+    url = str(tmp_path_factory.mktemp("loader32") / "ds")
+    build_dataset(url, TOTAL, dtype="float32")
+    return url
+
+
+def stored_f32() -> torch.Tensor:
+    return torch.from_numpy(np.concatenate([shard_data(s, min(64, TOTAL - 64 * s))["acts"] for s in range(10)]))
+
+
+@pytest.mark.parametrize("use_mmap", [True, False])
+def test_float32_batches_are_the_stored_rows(f32_url, use_mmap):
+    stored = stored_f32()
+    loader = ActivationLoader(f32_url, batch_size=48, split="all", seed=2, window_chunks=3, epochs=2,
+                              columns=("acts", "token_ids"), use_mmap=use_mmap)
+    for batch in loader:
+        assert torch.equal(batch["acts"], stored[batch["token_ids"]])
+
+
+def test_a_kept_batch_is_never_overwritten(f32_url):
+    """Batches are views of window buffers that are reused: a batch (or a slice of it) the consumer
+    keeps must hold its window's buffer back from reuse, however far the stream goes on."""
+    stored = stored_f32()
+    loader = ActivationLoader(f32_url, batch_size=32, split="all", seed=4, window_chunks=2, epochs=None,
+                              columns=("acts", "token_ids"), prefetch=1)
+    kept, kept_slice = [], None
+    for i, batch in enumerate(loader.iter_batches()):
+        if i in (0, 5):
+            kept.append((batch["acts"], batch["token_ids"]))
+        if i == 9:
+            kept_slice = (batch["acts"][3:7], batch["token_ids"][3:7])  # the batch itself is dropped
+        if i == 120:  # ~100 windows later: every free buffer has been reused many times
+            break
+    for acts, tok in kept + [kept_slice]:
+        assert torch.equal(acts, stored[tok])
+
+
+def test_modifying_a_batch_changes_no_other_batch(f32_url):
+    loader = ActivationLoader(f32_url, batch_size=32, split="all", seed=4, window_chunks=4, epochs=1,
+                              columns=("acts", "token_ids"))
+    first = loader.batch(0)  # inside the first window (>= 56 rows): a view of its buffer
+    first["acts"].mul_(0)  # in place
+    again = loader.batch(0)
+    assert torch.equal(again["acts"], stored_f32()[again["token_ids"]])
+    assert again["acts"].abs().sum() > 0
+
+
+def test_window_buffers_are_reused(f32_url, monkeypatch):
+    """A consumer that drops its batches: the stream runs on a bounded set of window buffers."""
+    import store.loader as loader_module
+
+    made = []
+
+    def counting_empty(shape, dtype):
+        made.append(shape)
+        return loader_module.aligned_empty.__wrapped__(shape, dtype)
+
+    counting_empty.__wrapped__ = loader_module.aligned_empty
+    monkeypatch.setattr(loader_module, "aligned_empty", counting_empty)
+    loader = ActivationLoader(f32_url, batch_size=16, split="all", seed=4, window_chunks=8, epochs=5,
+                              prefetch=2)
+    assert loader.windows_per_epoch * 5 == 25
+    n = sum(1 for _ in loader)
+    assert n == len(loader)
+    # (prefetch + 1) windows in flight, one more that the batches in the queue and in the consumer's
+    # hand may still point into: (prefetch + 2) buffer sets of one column each
+    assert len(made) <= 4
+    loader.close()
+
+
 def test_last_batch_is_short_with_finite_epochs(ds_url):
     loader = ActivationLoader(ds_url, batch_size=100, split="all", epochs=1, columns="token_ids")
     sizes = [b.shape[0] for b in loader]
