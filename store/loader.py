@@ -70,6 +70,8 @@ class _Window:
     order* (see :meth:`ActivationLoader._batch_order`), and the read futures (each reads a chunk,
     or on object storage a shard's run of chunks, and scatters its rows to their places)."""
 
+    kind = "window"
+
     def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future]) -> None:
         self.bufs, self.futures = bufs, futures
         self.ready = False
@@ -95,44 +97,56 @@ class _Window:
         return self.wait().bufs[column][lo:hi]
 
 
+class _CastBatch:
+    """A batch-sized float32 buffer that a cast batch (float16 acts) was written into."""
+
+    kind = "cast"
+
+    def __init__(self, bufs: np.ndarray) -> None:
+        self.bufs, self.leases, self.retired = bufs, 0, True  # reusable as soon as its lease is back
+
+
 class _BufferPool:
-    """Window buffers, reused once nothing points into them.
+    """Window buffers and cast-batch buffers, reused once nothing points into them.
 
     A batch that is one piece of one window and needs no cast (float32 acts, int64 columns) is
-    handed out as a view of the window buffer, not a copy; the window then holds a *lease* until
-    that batch's memory is freed (``weakref.finalize`` on the numpy view the tensor keeps alive;
-    the finalizer only appends to a deque, so it may run in any thread). The stream hands out each
-    row range once, and ``batch(b)`` reads a window again when a range it asks for was lent before,
-    so modifying a batch in place changes no other batch. A window's buffers are reused when the
-    stream or the cache has passed it (``retire``) and its last lease is back; a consumer that
-    keeps a batch keeps its window's buffers alive.
+    handed out as a view of the window buffer, not a copy; float16 acts are cast into a pooled
+    batch-sized float32 buffer (a fresh allocation per batch costs page faults: ~4× the cast
+    itself). Either way the holder of the memory gets a *lease* until that batch's memory is freed
+    (``weakref.finalize`` on the numpy view the tensor keeps alive; the finalizer only appends to a
+    deque, so it may run in any thread). The stream hands out each row range once, and
+    ``batch(b)`` reads a window again when a range it asks for was lent before, so modifying a
+    batch in place changes no other batch. A window's buffers are reused when the stream or the
+    cache has passed it (``retire``) and its last lease is back, a cast buffer when its lease is
+    back; a consumer that keeps a batch keeps that memory alive.
     """
 
-    def __init__(self, keep: int) -> None:
-        self.keep = keep  # free buffer sets kept at most
-        self.free: list[dict[str, np.ndarray]] = []
-        self.returned: deque[_Window] = deque()  # one entry per lease given back
+    def __init__(self, keep_windows: int, keep_casts: int = 6) -> None:
+        self.keep = {"window": keep_windows, "cast": keep_casts}  # free sets kept at most
+        self.free: dict[str, list] = {"window": [], "cast": []}
+        self.returned: deque[_Window | _CastBatch] = deque()  # one entry per lease given back
         self.lock = threading.Lock()
 
     def _settle(self) -> None:
-        """Count the leases given back; reuse retired windows whose last lease is back (lock held)."""
+        """Count the leases given back; reuse retired holders whose last lease is back (lock held)."""
         while self.returned:
-            win = self.returned.popleft()
-            win.leases -= 1
-            if win.retired and win.leases == 0:
-                self._reuse(win)
+            holder = self.returned.popleft()
+            holder.leases -= 1
+            if holder.retired and holder.leases == 0:
+                self._reuse(holder)
 
-    def _reuse(self, win: _Window) -> None:
-        if len(self.free) < self.keep:
-            self.free.append(win.bufs)
+    def _reuse(self, holder: _Window | _CastBatch) -> None:
+        free = self.free[holder.kind]
+        if len(free) < self.keep[holder.kind]:
+            free.append(holder.bufs)
 
     def take(self, n: int) -> dict[str, np.ndarray] | None:
-        """A free buffer set of at least ``n`` rows, or None."""
+        """A free window buffer set of at least ``n`` rows, or None."""
         with self.lock:
             self._settle()
-            for i, bufs in enumerate(self.free):
+            for i, bufs in enumerate(self.free["window"]):
                 if next(iter(bufs.values())).shape[0] >= n:
-                    return self.free.pop(i)
+                    return self.free["window"].pop(i)
         return None
 
     def retire(self, win: _Window) -> None:
@@ -142,18 +156,29 @@ class _BufferPool:
             if win.leases == 0:
                 self._reuse(win)
 
-    def lend(self, win: _Window, column: str, lo: int, hi: int) -> np.ndarray:
-        """Rows ``[lo, hi)`` of a window column as a view, under a lease."""
+    def lend(self, holder: _Window | _CastBatch, view: np.ndarray) -> np.ndarray:
+        """``view`` (memory of ``holder``) handed out under a lease."""
         with self.lock:
-            win.lent.add((lo, hi))
-            win.leases += 1
-        view = win.rows(column, lo, hi)
-        weakref.finalize(view, self.returned.append, win).atexit = False
+            holder.leases += 1
+        weakref.finalize(view, self.returned.append, holder).atexit = False
         return view
+
+    def cast(self, rows: np.ndarray, capacity: int) -> np.ndarray:
+        """``rows`` as float32 in a pooled buffer of ``capacity`` rows, under a lease."""
+        shape = (capacity,) + rows.shape[1:]
+        with self.lock:
+            self._settle()
+            free = self.free["cast"]
+            bufs = next((free.pop(i) for i, a in enumerate(free) if a.shape == shape), None)
+        bufs = aligned_empty(shape, np.float32) if bufs is None else bufs
+        view = bufs[:rows.shape[0]]
+        torch.from_numpy(view).copy_(torch.from_numpy(rows))  # the cast, on torch's threads
+        return self.lend(_CastBatch(bufs), view)
 
     def clear(self) -> None:
         with self.lock:
-            self.free.clear()
+            for free in self.free.values():
+                free.clear()
 
 
 class ActivationLoader:
@@ -196,7 +221,7 @@ class ActivationLoader:
         self._readers = {c: self.dataset.reader(c) for c in cols}
         self._cache: OrderedDict[WindowKey, _Window] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._buffer_pool = _BufferPool(keep=self.prefetch + 2)
+        self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2)
         self._stops: list[threading.Event] = []
 
     # ---- the plan (pure functions of the settings) ----------------------------------------------
@@ -321,8 +346,9 @@ class ActivationLoader:
         return epoch + 1, 0
 
     def _assemble(self, pieces: list[tuple[_Window, int, int]]) -> Batch:
-        """The batch of ``pieces``: float32 acts, int64 other columns. One piece that needs no cast is
-        a view of its window buffer under a lease (see :class:`_BufferPool`); otherwise a copy."""
+        """The batch of ``pieces``: float32 acts, int64 other columns. One piece is lent: as a view of
+        its window buffer when it needs no cast, else cast into a pooled buffer (acts; see
+        :class:`_BufferPool`); a small int column cast or a batch that straddles windows is a copy."""
         out: dict[str, torch.Tensor] = {}
         for c in self.columns:
             dtype = torch.float32 if c == ACTS else torch.int64
@@ -331,8 +357,13 @@ class ActivationLoader:
                 continue
             win, lo, hi = pieces[0]
             rows = win.rows(c, lo, hi)
-            out[c] = (torch.from_numpy(self._buffer_pool.lend(win, c, lo, hi)) if rows.dtype == _NUMPY[dtype]
-                      else torch.from_numpy(rows).to(dtype, copy=True))
+            if rows.dtype == _NUMPY[dtype]:
+                win.lent.add((lo, hi))
+                out[c] = torch.from_numpy(self._buffer_pool.lend(win, rows))
+            elif c == ACTS:
+                out[c] = torch.from_numpy(self._buffer_pool.cast(rows, self.batch_size))
+            else:
+                out[c] = torch.from_numpy(rows).to(dtype, copy=True)
         return out[self.columns[0]] if len(self.columns) == 1 else out
 
     # ---- random access ------------------------------------------------------------------------

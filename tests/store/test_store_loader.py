@@ -92,12 +92,14 @@ def test_float32_batches_are_the_stored_rows(f32_url, use_mmap):
         assert torch.equal(batch["acts"], stored[batch["token_ids"]])
 
 
-def test_a_kept_batch_is_never_overwritten(f32_url):
-    """Batches are views of window buffers that are reused: a batch (or a slice of it) the consumer
-    keeps must hold its window's buffer back from reuse, however far the stream goes on."""
-    stored = stored_f32()
-    loader = ActivationLoader(f32_url, batch_size=32, split="all", seed=4, window_chunks=2, epochs=None,
-                              columns=("acts", "token_ids"), prefetch=1)
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_kept_batch_is_never_overwritten(ds_url, f32_url, dtype):
+    """Batches are views of window buffers (float32) or pooled cast buffers (float16) that are reused:
+    a batch (or a slice of it) the consumer keeps must hold its memory back from reuse, however far
+    the stream goes on."""
+    stored = stored_f32() if dtype == "float32" else stored_f32().half().float()
+    loader = ActivationLoader(f32_url if dtype == "float32" else ds_url, batch_size=32, split="all", seed=4,
+                              window_chunks=2, epochs=None, columns=("acts", "token_ids"), prefetch=1)
     kept, kept_slice = [], None
     for i, batch in enumerate(loader.iter_batches()):
         if i in (0, 5):
@@ -120,8 +122,10 @@ def test_modifying_a_batch_changes_no_other_batch(f32_url):
     assert again["acts"].abs().sum() > 0
 
 
-def test_window_buffers_are_reused(f32_url, monkeypatch):
-    """A consumer that drops its batches: the stream runs on a bounded set of window buffers."""
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_window_and_cast_buffers_are_reused(ds_url, f32_url, dtype, monkeypatch):
+    """A consumer that drops its batches: the stream runs on a bounded set of window buffers (and,
+    for float16 acts, of float32 buffers the batches are cast into)."""
     import store.loader as loader_module
 
     made = []
@@ -132,14 +136,19 @@ def test_window_buffers_are_reused(f32_url, monkeypatch):
 
     counting_empty.__wrapped__ = loader_module.aligned_empty
     monkeypatch.setattr(loader_module, "aligned_empty", counting_empty)
-    loader = ActivationLoader(f32_url, batch_size=16, split="all", seed=4, window_chunks=8, epochs=5,
-                              prefetch=2)
-    assert loader.windows_per_epoch * 5 == 25
+    loader = ActivationLoader(f32_url if dtype == "float32" else ds_url, batch_size=16, split="all", seed=4,
+                              window_chunks=8, epochs=5, prefetch=2)
+    assert loader.windows_per_epoch * 5 == 25 and len(loader) > 150
     n = sum(1 for _ in loader)
     assert n == len(loader)
+    windows = [shape for shape in made if shape[0] == loader.max_window_rows]
+    casts = [shape for shape in made if shape[0] == 16]
+    assert len(windows) + len(casts) == len(made)
     # (prefetch + 1) windows in flight, one more that the batches in the queue and in the consumer's
     # hand may still point into: (prefetch + 2) buffer sets of one column each
-    assert len(made) <= 4
+    assert len(windows) <= 4
+    # batches alive at once: 2 in the queue, the one being assembled, the consumer's
+    assert len(casts) == 0 if dtype == "float32" else 1 <= len(casts) <= 5
     loader.close()
 
 
