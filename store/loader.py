@@ -169,7 +169,8 @@ class _BufferPool:
         with self.lock:
             self._settle()
             free = self.free["cast"]
-            bufs = next((free.pop(i) for i, a in enumerate(free) if a.shape == shape), None)
+            match = [i for i, a in enumerate(free) if a.shape == shape]
+            bufs = free.pop(match[-1]) if match else None  # the most recently freed: likely still cached
         bufs = aligned_empty(shape, np.float32) if bufs is None else bufs
         view = bufs[:rows.shape[0]]
         torch.from_numpy(view).copy_(torch.from_numpy(rows))  # the cast, on torch's threads
