@@ -63,7 +63,7 @@ def install_read_counter() -> None:
         win = original(self, key)
         ds = self.dataset
         row_bytes = sum(ds.column_dtype(c).itemsize * (ds.manifest.d if c == "acts" else 1) for c in self.columns)
-        _BYTES[0] += len(win.perm) * row_bytes
+        _BYTES[0] += int(self._window_span(*key)[1].sum()) * row_bytes  # the window's rows
         return win
 
     counted.counted = True  # type: ignore[attr-defined]
