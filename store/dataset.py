@@ -17,6 +17,7 @@ import json
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -149,10 +150,9 @@ class ChunkReader:
         """
         shard, j = divmod(chunk, self.cps)
         offset, _ = (int(v) for v in self.shard_index(shard)[j])
-        shape = (rows, self.width) if self.name == ACTS else (rows,)
         if offset == int(EMPTY):
-            return np.zeros(shape, dtype=self.dtype)
-        return self._shard_map(shard)[offset:offset + rows * self.row_bytes].view(self.dtype).reshape(shape)
+            return self._empty(rows)
+        return self._shard_map(shard)[offset:offset + rows * self.row_bytes].view(self.dtype).reshape(self._shape(rows))
 
     def _shard_map(self, shard: int) -> np.ndarray:
         """The whole shard object as read-only bytes, memory-mapped (cached)."""
@@ -175,43 +175,51 @@ class ChunkReader:
     def read_into(self, chunk: int, rows: int, out: np.ndarray) -> None:
         """Read the first ``rows`` rows of inner chunk ``chunk`` into ``out`` (C-contiguous)."""
         shard, j = divmod(chunk, self.cps)
-        offset, nbytes = (int(v) for v in self.shard_index(shard)[j])
-        if offset == int(EMPTY):
-            out[:rows] = 0 if self.name == ACTS else -1
+        offset, _ = (int(v) for v in self.shard_index(shard)[j])
+        if (offset != int(EMPTY) and not self.zstd and out.dtype == self.dtype and out.flags.c_contiguous):
+            key = shard_key(self.name, shard)  # straight into out, no intermediate bytes
+            self._read_range(key, offset, offset + rows * self.row_bytes, memoryview(out[:rows]).cast("B"))
             return
-        key = shard_key(self.name, shard)
-        if self.zstd:
-            self._decode_into(self._read_range(key, offset, offset + nbytes), rows, out)
-            return
-        need = rows * self.row_bytes
-        if out.dtype == self.dtype and out.flags.c_contiguous:
-            self._read_range(key, offset, offset + need, memoryview(out[:rows]).cast("B"))
-        else:
-            self._decode_into(self._read_range(key, offset, offset + need), rows, out)
+        out[:rows] = next(self.iter_chunks([(chunk, rows)]))[1]
 
-    def _decode_into(self, raw: bytes | memoryview, rows: int, out: np.ndarray) -> None:
-        """The first ``rows`` rows of one stored inner chunk (``raw``: its stored bytes) into ``out``."""
+    def _shape(self, rows: int) -> tuple[int, ...]:
+        return (rows, self.width) if self.name == ACTS else (rows,)
+
+    def _empty(self, rows: int) -> np.ndarray:
+        """The rows of a chunk its shard does not store: zeros (acts), -1 (integer columns)."""
+        return np.full(self._shape(rows), 0 if self.name == ACTS else -1, dtype=self.dtype)
+
+    def _decode(self, raw: bytes | memoryview, rows: int) -> np.ndarray:
+        """The first ``rows`` rows of one stored inner chunk (``raw``: its stored bytes), read-only,
+        over ``raw`` itself unless the chunk is compressed."""
         if self.zstd:
             from numcodecs import Zstd
 
             raw = Zstd().decode(raw)
-        out[:rows] = np.frombuffer(raw, dtype=self.dtype, count=rows * self.width).reshape(out[:rows].shape)
+        return np.frombuffer(raw, dtype=self.dtype, count=rows * self.width).reshape(self._shape(rows))
 
-    def read_chunks_into(self, items: list[tuple[int, int, np.ndarray]], max_bytes: int = 64 << 20) -> None:
-        """:meth:`read_into` for several ``(chunk, rows, out)`` of **one shard**.
+    def iter_chunks(self, items: list[tuple[int, int]], max_bytes: int = 64 << 20) -> Iterator[tuple[int, np.ndarray]]:
+        """``(i, rows)`` for each ``items[i] = (chunk, rows)``: the chunk's first ``rows`` rows as a
+        read-only array over the fetched bytes (no copy), in the order they arrive.
 
-        On object storage, chunks stored back to back in the shard are fetched with one ranged GET
-        (up to ``max_bytes`` each) instead of one GET per chunk, then copied to their ``out``. A
-        request costs a round trip and, on some servers, a pass over the object; a window that holds
-        several chunks of a shard (small datasets, large windows) then costs a few requests, like a
-        sequential read of the shard. Local files keep one ``pread`` per chunk (straight into ``out``).
+        Object storage: the items must be chunks of **one shard**; chunks stored back to back in
+        it are fetched with one ranged GET (up to ``max_bytes`` each) instead of one GET per chunk.
+        A request costs a round trip and, on some servers, a pass over the object; a window that
+        holds several chunks of a shard (small datasets, large windows) then costs a few requests,
+        like a sequential read of the shard. Local files: one ``pread`` per chunk.
         """
         if self.local or len(items) < 2:
-            for chunk, rows, out in items:
-                self.read_into(chunk, rows, out)
+            for i, (chunk, rows) in enumerate(items):
+                shard, j = divmod(chunk, self.cps)
+                offset, nbytes = (int(v) for v in self.shard_index(shard)[j])
+                if offset == int(EMPTY):
+                    yield i, self._empty(rows)
+                    continue
+                need = nbytes if self.zstd else rows * self.row_bytes
+                yield i, self._decode(self._read_range(shard_key(self.name, shard), offset, offset + need), rows)
             return
         shard = items[0][0] // self.cps
-        assert all(c // self.cps == shard for c, _, _ in items), "read_chunks_into takes chunks of one shard"
+        assert all(c // self.cps == shard for c, _ in items), "iter_chunks takes chunks of one shard"
         key = shard_key(self.name, shard)
         whole = None
         if shard not in self._index and 2 * len(items) >= self.cps:
@@ -221,15 +229,15 @@ class ChunkReader:
                 self._cache_index(shard, whole[size - 16 * self.cps - 4:])
         index = self.shard_index(shard)
         located = []
-        for chunk, rows, out in items:
+        for i, (chunk, rows) in enumerate(items):
             offset, nbytes = (int(v) for v in index[chunk % self.cps])
             if offset == int(EMPTY):
-                self.read_into(chunk, rows, out)  # fills the empty chunk, no I/O
+                yield i, self._empty(rows)  # no I/O
             else:
-                located.append((offset, nbytes, nbytes if self.zstd else rows * self.row_bytes, rows, out))
+                located.append((offset, nbytes, nbytes if self.zstd else rows * self.row_bytes, rows, i))
         located.sort(key=lambda it: it[0])
-        runs: list[list[tuple[int, int, int, int, np.ndarray]]] = []
-        for it in located:  # (offset, stored bytes, bytes needed, rows, out)
+        runs: list[list[tuple[int, int, int, int, int]]] = []
+        for it in located:  # (offset, stored bytes, bytes needed, rows, item)
             if runs and runs[-1][-1][0] + runs[-1][-1][1] == it[0] and it[0] + it[2] - runs[-1][0][0] <= max_bytes:
                 runs[-1].append(it)
             else:
@@ -237,8 +245,8 @@ class ChunkReader:
         for run in runs:
             start, stop = run[0][0], run[-1][0] + run[-1][2]
             data = whole[start:stop] if whole is not None else memoryview(self._read_range(key, start, stop))
-            for offset, _, length, rows, out in run:
-                self._decode_into(data[offset - start:offset - start + length], rows, out)
+            for offset, _, length, rows, i in run:
+                yield i, self._decode(data[offset - start:offset - start + length], rows)
 
 
 class Dataset:

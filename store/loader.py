@@ -28,8 +28,8 @@ window's buffer is reused only once every such batch has been freed, see :class:
 else cast (float16 → float32) into a new tensor. Either way a batch is the caller's: modifying it
 changes no other batch; keeping one keeps its window's buffer alive, so ``clone()`` a batch you
 keep for long. Local uncompressed chunks are scattered straight from the page cache (each shard
-file memory-mapped once per reader; ``use_mmap=False`` reads each chunk with one ``pread`` into
-a staging buffer instead); on object
+file memory-mapped once per reader; ``use_mmap=False`` reads each chunk with one ``pread`` and
+scatters from the bytes read); on object
 storage a task reads one shard's chunks of the window with one ranged GET per run of chunks that
 lie back to back (a shard mostly inside the window whose index is not cached yet is fetched whole,
 index included, in one GET). The next ``prefetch`` windows are submitted before the current one is
@@ -304,20 +304,17 @@ class ActivationLoader:
     def _read_and_scatter(self, column: str, items: list[tuple[int, int, int]], buf: np.ndarray,
                           place: np.ndarray) -> None:
         """Read chunks ``(chunk, rows, window offset)`` of one column and scatter their rows to their
-        places in the window buffer: straight from the page cache when the chunk can be mapped, else
-        through a staging buffer (local: one ``pread`` per chunk; object storage: the items are one
+        places in the window buffer, straight from the page cache when the chunk can be mapped, else
+        from the fetched bytes (local: one ``pread`` per chunk; object storage: the items are one
         shard's chunks, fetched with as few ranged GETs as lie back to back)."""
         reader = self._readers[column]
         if self.use_mmap and reader.can_map:
             for chunk, rows, offset in items:
                 scatter_rows(reader.map_chunk(chunk, rows), buf, place[offset:offset + rows])
             return
-        staging = np.empty((sum(rows for _, rows, _ in items),) + buf.shape[1:], dtype=buf.dtype)
-        starts = np.cumsum([0] + [rows for _, rows, _ in items])
-        reader.read_chunks_into([(chunk, rows, staging[a:a + rows])
-                                 for (chunk, rows, _), a in zip(items, starts.tolist())])
-        for (_, rows, offset), a in zip(items, starts.tolist()):
-            scatter_rows(staging[a:a + rows], buf, place[offset:offset + rows])
+        for i, rows in reader.iter_chunks([(chunk, n) for chunk, n, _ in items]):
+            offset = items[i][2]
+            scatter_rows(rows, buf, place[offset:offset + rows.shape[0]])
 
     def _fetch(self, key: WindowKey) -> _Window:
         """Start reading window ``key`` (returns at once; ``.wait()`` for the data)."""

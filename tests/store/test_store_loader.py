@@ -287,7 +287,8 @@ def test_s3_batches_are_bit_identical_to_the_reference_stream(s3_bucket, ds_url)
     for name in ("acts", "token_ids"):
         reader = ds.reader(name)
         for chunks, max_bytes in [([2, 0, 1, 3], 2 * 16 * 16 * 2), ([7, 5, 4], 1 << 20), ([9, 8], 1)]:
-            outs = [np.empty_like(local.read_chunk(c, name)) for c in chunks]
-            reader.read_chunks_into([(c, o.shape[0], o) for c, o in zip(chunks, outs)], max_bytes=max_bytes)
-            for c, o in zip(chunks, outs):
-                assert np.array_equal(o, local.read_chunk(c, name))
+            got = dict(reader.iter_chunks([(c, local.read_chunk(c, name).shape[0]) for c in chunks],
+                                          max_bytes=max_bytes))
+            assert sorted(got) == list(range(len(chunks)))
+            for i, c in enumerate(chunks):
+                assert np.array_equal(got[i], local.read_chunk(c, name))
