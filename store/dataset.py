@@ -39,8 +39,9 @@ from store.manifest import CommitRecord, DatasetManifest
 from store.split import chunks_for_split, eval_chunk_mask
 
 EMPTY = np.uint64(2**64 - 1)
-#: Shard files a reader keeps memory-mapped (a window of 64 chunks touches at most 64 shards).
-MAPPED_SHARDS = 256
+#: Shard files a reader keeps memory-mapped (a default window of 64 chunks touches at most 64
+#: shards). Each mapping holds a file descriptor (Python's mmap keeps a duplicate open).
+MAPPED_SHARDS = 64
 
 
 def read_array_meta(url: str, name: str, storage_options: dict | None = None) -> dict[str, Any]:

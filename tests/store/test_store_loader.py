@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
@@ -149,6 +150,22 @@ def test_window_and_cast_buffers_are_reused(ds_url, f32_url, dtype, monkeypatch)
     assert len(windows) <= 4
     # batches alive at once: 2 in the queue, the one being assembled, the consumer's
     assert len(casts) == 0 if dtype == "float32" else 1 <= len(casts) <= 5
+    loader.close()
+
+
+def test_a_reader_keeps_a_bounded_number_of_shard_files_open(f32_url, monkeypatch):
+    """Shard files stay mapped for the next windows (each mapping holds a file descriptor), but at
+    most MAPPED_SHARDS of them: a long stream over many shards must not run out of descriptors."""
+    import store.dataset as dataset_module
+
+    monkeypatch.setattr(dataset_module, "MAPPED_SHARDS", 3)
+    stored = stored_f32()
+    before = len(os.listdir("/proc/self/fd"))
+    loader = ActivationLoader(f32_url, batch_size=32, split="all", seed=5, window_chunks=2, epochs=2,
+                              columns=("acts", "token_ids"))
+    for batch in loader:  # 10 shards, each window from up to 2 of them
+        assert torch.equal(batch["acts"], stored[batch["token_ids"]])
+    assert len(os.listdir("/proc/self/fd")) <= before + 3
     loader.close()
 
 
