@@ -25,7 +25,7 @@ read sequentially once and rows are written with streaming stores; a gather of e
 at random costs ~4× as much, see ``bench/README.md``), so a batch is then one contiguous slice of
 the window buffer: handed out as is when it needs no cast (float32 acts, int64 columns; the
 window's buffer is reused only once every such batch has been freed, see :class:`_BufferPool`),
-else cast (float16 → float32) into a new tensor. Either way a batch is the caller's: modifying it
+else cast (float16 → float32) into a pooled float32 buffer. Either way a batch is the caller's: modifying it
 changes no other batch; keeping one keeps its window's buffer alive, so ``clone()`` a batch you
 keep for long. Local uncompressed chunks are scattered straight from the page cache (each shard
 file memory-mapped once per reader; ``use_mmap=False`` reads each chunk with one ``pread`` and
@@ -111,7 +111,7 @@ class _BufferPool:
 
     A batch that is one piece of one window and needs no cast (float32 acts, int64 columns) is
     handed out as a view of the window buffer, not a copy; float16 acts are cast into a pooled
-    batch-sized float32 buffer (a fresh allocation per batch costs page faults: ~4× the cast
+    batch-sized float32 buffer (a fresh allocation per batch costs page faults: ~5× the cast
     itself). Either way the holder of the memory gets a *lease* until that batch's memory is freed
     (``weakref.finalize`` on the numpy view the tensor keeps alive; the finalizer only appends to a
     deque, so it may run in any thread). The stream hands out each row range once, and
