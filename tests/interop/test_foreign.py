@@ -175,3 +175,20 @@ def test_remote_foreign_folder_leaves_no_temporary_copy(tmp_path, s3_bucket, mon
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     assert load_foreign(f"{s3_bucket}/std").config.m == M
     assert list(scratch.iterdir()) == []
+
+
+def test_foreign_decoder_directions_are_unit_decoder_rows(tmp_path):
+    """SAELens and sparsify folders: decoder_directions() = W_dec rows / their norms."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from evaluator.foreign import load_foreign
+
+    sl = saelens_sae("standard")
+    sl.save_model(tmp_path / "sl")
+    torch.manual_seed(3)
+    coder = SparseCoder(D, SparseCoderConfig(num_latents=M, k=5))
+    coder.save_to_disk(tmp_path / "sp")
+    for folder, w_dec in ((tmp_path / "sl", sl.W_dec), (tmp_path / "sp", coder.W_dec)):
+        u = load_foreign(str(folder)).decoder_directions()
+        w = w_dec.detach().float()
+        torch.testing.assert_close(u, w / w.norm(dim=-1, keepdim=True))
