@@ -27,6 +27,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from harvester.sources import SourceConfig, parse_source
 from store.config import StrictModel
 from store.errors import UserError
+from store.names import check_dir_name
 
 __all__ = ["HarvestConfig", "HookConfig", "ModelConfig", "SourceConfig", "config_hash", "data_key", "dataset_name"]
 
@@ -98,6 +99,11 @@ class HarvestConfig(StrictModel):
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
     ray_address: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name_safe(cls, value: str | None) -> str | None:
+        return check_dir_name(value)
 
     @field_validator("source", mode="wrap")
     @classmethod

@@ -11,7 +11,7 @@ import json
 import sys
 
 from store.config import add_storage_options_argument
-from store.errors import run_cli
+from store.errors import redact, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     problems = verify_dataset(args.url, args.storage_options, sample_chunks=args.sample_chunks)
     for problem in problems:
-        print(problem)
+        print(redact(problem))
     if problems:
         print(f"{len(problems)} problem(s) found in {args.url}.", file=sys.stderr)
         return 1

@@ -38,6 +38,7 @@ from pydantic_core import PydanticCustomError
 
 from store.config import StrictModel, set_dotted, validate
 from store.errors import UserError
+from store.names import check_dir_name
 
 #: Fields that may change between the run that made a run directory and a run that resumes it
 #: (``fail_at_step``: a field of older configs, now a test-only environment variable; listed so the
@@ -82,9 +83,7 @@ class TrainConfig(StrictModel):
     @field_validator("name", "sweep")
     @classmethod
     def _path_safe(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", value):
-            raise ValueError("use letters, digits and . _ = + - only (it becomes a directory name)")
-        return value
+        return check_dir_name(value)
 
     @field_validator("sae")
     @classmethod
@@ -199,7 +198,7 @@ class SweepConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _name_safe(cls, value: str) -> str:
-        return TrainConfig._path_safe(value)  # type: ignore[return-value]
+        return check_dir_name(value)  # type: ignore[return-value]
 
     @field_validator("grid", mode="before")
     @classmethod
