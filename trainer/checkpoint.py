@@ -14,6 +14,8 @@ Layout of ``<runs_root>/[<sweep>/]<name>/``:
                        ``torch.load(weights_only=True)``: a file planted on a shared bucket cannot run code.
 * ``metrics.jsonl``    one JSON row per logged step (rows past the checkpoint are dropped on resume).
 * ``eval.json``        written by the evaluator (``dynsae sweep`` or ``dynsae eval``).
+* ``lease.json``       the owner record of the run while one writes it (:mod:`store.lease`): a second run of the
+                       same directory waits for it; gone once the run has ended.
 
 Every file is written to a temporary key next to it and then moved into place (a rename on local
 disks after an fsync, a server-side copy on object stores), and a checkpoint writes ``trainer_state.pt``

@@ -43,7 +43,7 @@ from store.names import check_dir_name
 #: Fields that may change between the run that made a run directory and a run that resumes it
 #: (``fail_at_step``: a field of older configs, now a test-only environment variable; listed so the
 #: run directories those configs made still resume).
-RESUMABLE_FIELDS = ("tokens", "fail_at_step", "storage_options", "device")
+RESUMABLE_FIELDS = ("tokens", "fail_at_step", "storage_options", "device", "take_over_stale_lease")
 
 DEFAULT_DEAD_TOKENS = 10_000_000
 
@@ -79,6 +79,9 @@ class TrainConfig(StrictModel):
         "train on x/s with s = median‖x‖/√d from the dataset statistics (sae.input_scale), as SAELens does: "
         "L1/L0 coefficients and learning rates then mean the same on every model and layer."))
     storage_options: dict[str, Any] | None = None
+    take_over_stale_lease: bool = Field(default=False, description=(
+        "take over the run directory's lease (or, in a sweep's base, the sweep's) when its owner's heartbeat is "
+        "stale: that writer is gone (store.lease)."))
 
     @field_validator("name", "sweep")
     @classmethod

@@ -34,6 +34,7 @@ from store.dataset import open_dataset
 from store.errors import UserError
 from store.filters import RowFilter
 from store.io import join_url
+from store.lease import leased
 from store.loader import ActivationLoader
 from trainer.checkpoint import (
     CONFIG_FILE,
@@ -211,9 +212,15 @@ class Run(RunPlan):
         self.finished = False
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = 0
-        self.check_existing()
-        self._resume()
-        self.dir.write_json(CONFIG_FILE, self.config_record())  # only once the resume has succeeded
+        # one writer per run directory: a second run of it waits for this lease (given back by fit)
+        self.lease = leased(self.url, "run", cfg.storage_options, take_over_stale=cfg.take_over_stale_lease)
+        try:
+            self.check_existing()
+            self._resume()
+            self.dir.write_json(CONFIG_FILE, self.config_record())  # only once the resume has succeeded
+        except BaseException:
+            self.lease.release()
+            raise
 
     def _resume(self) -> None:
         state = self.dir.load_state()
@@ -241,6 +248,7 @@ class Run(RunPlan):
 
     def checkpoint(self) -> None:
         """Weights, metrics, then the state record (the commit point), each written atomically."""
+        self.lease.check()  # never commit over the work of a writer that took this directory over
         self.dir.save_weights(self.sae)
         self.dir.write_metrics(self.metrics)
         self.dir.save_state({
@@ -311,6 +319,12 @@ class Run(RunPlan):
 
     def fit(self, batches: BatchSource | None = None) -> str:
         """Train to the budget from wherever the run stands; returns the run URL."""
+        try:
+            return self._fit(batches)
+        finally:
+            self.lease.release()
+
+    def _fit(self, batches: BatchSource | None) -> str:
         if self.step >= self.total_steps:
             if not self.finished or self.dir.load_state() is None:
                 self.checkpoint()

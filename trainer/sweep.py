@@ -56,6 +56,7 @@ import ray
 
 from store.errors import UserError
 from store.io import join_url
+from store.lease import leased
 from store.loader import ActivationLoader
 from trainer.checkpoint import RunDir
 from trainer.config import RayConfig, SweepConfig, TrainConfig, expand_sweep
@@ -413,17 +414,21 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
     write the summary; returns the summary dict. ``evaluation`` is handed to every run (its training
     metrics, :class:`trainer.run.RunEvaluation`). Raises :class:`SweepInterrupted` on SIGINT/SIGTERM."""
     runs = validate_sweep(sweep, source)
-    started_ray = connect(sweep)  # before catching signals: ray.init installs handlers of its own
-    actors = SweepActors()
-    try:
-        with catch_interrupts() as flag:
-            try:
-                summary = train_and_evaluate(sweep, runs, evaluator, actors, flag, progress, evaluation)
-            finally:  # however the sweep ends (a signal included), none of its actors outlives it
-                actors.kill_all()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    first = runs[0][1]
+    # one sweep writes a sweep directory at a time: a second one waits, then finds the runs finished
+    with leased(join_url(first.runs_root, sweep.name), "sweep", first.storage_options,
+                take_over_stale=first.take_over_stale_lease, take_over_key="base.take_over_stale_lease"):
+        started_ray = connect(sweep)  # before catching signals: ray.init installs handlers of its own
+        actors = SweepActors()
+        try:
+            with catch_interrupts() as flag:
+                try:
+                    summary = train_and_evaluate(sweep, runs, evaluator, actors, flag, progress, evaluation)
+                finally:  # however the sweep ends (a signal included), none of its actors outlives it
+                    actors.kill_all()
+        finally:
+            if started_ray:
+                ray.shutdown()
     failed = [r for r in summary["runs"] if r["status"] != "finished"]
     if failed:
         raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(summary['runs'])} runs failed "

@@ -280,3 +280,27 @@ def test_sigterm_stops_a_harvest_like_ctrl_c():
         while time.time() < deadline:
             time.sleep(0.01)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_two_harvests_started_together_leave_one_sealed_dataset(reference, tiny_gpt2, tmp_path):
+    """A harvest subprocess and an in-process harvest of the same config at the same time: one takes the
+    dataset's lease and writes it, the other waits and finds it sealed; the dataset verifies and holds the
+    reference bytes."""
+    from store.lease import LEASE_FILE
+    from store.verify import verify_dataset
+
+    cfg, result = reference
+    out = tmp_path / "together"
+    proc = subprocess.Popen(cli_args(out, tiny_gpt2), cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        mine = harvest(cfg.model_copy(update={"output": str(out)}), progress=False)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert verify_dataset(mine.url) == []
+    assert digests(mine.url) == digests(result.url)
+    assert not (Path(mine.url) / LEASE_FILE).exists()
+    assert [p.name for p in out.iterdir()] == [Path(mine.url).name]
