@@ -96,6 +96,9 @@ class DatasetManifest(StrictModel):
     hook: HookInfo
     source: SourceInfo
     class_names: list[str] | None = None
+    #: True when a ``doc_ids`` array (one source document id per sequence) is stored: labelled text,
+    #: where documents are never packed together (see :mod:`store.layout`).
+    documents: bool = False
     rows: int | None = Field(default=None, ge=0)
     split: EvalSplit = Field(default_factory=EvalSplit)
     stats: DatasetStats | None = None
