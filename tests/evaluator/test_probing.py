@@ -89,3 +89,73 @@ def test_probe_accuracy_does_not_depend_on_class_ids(seed, classes):
     a = sparse_probe(codes, labels, test, 5)
     assert 0.0 <= a <= 1.0
     assert a == sparse_probe(codes, rename[labels], test, 5)
+
+
+# ---- in the eval pass: a labelled store dataset, documents spanning several sequences --------------
+
+D, CTX, CLASSES = 8, 4, ("alpha", "beta", "gamma")
+
+
+def write_labelled_dataset(url: str) -> str:
+    """60 documents of 1-3 sequences (class = doc % 3; rows = 2·e_class + noise), labels and doc_ids."""
+    from store import DatasetWriter
+    from store.manifest import DatasetManifest
+
+    rng = np.random.default_rng(0)
+    doc_of_seq = np.concatenate([[doc] * (1 + doc % 3 if doc % 5 else 1) for doc in range(60)])
+    labels = (doc_of_seq % 3).astype(np.int32)
+    rows = np.repeat(2.0 * np.eye(D)[labels], CTX, axis=0) + rng.normal(0, 1.0, (len(labels) * CTX, D))
+    manifest = DatasetManifest(d=D, dtype="float32", shard_rows=32, chunk_rows=8, context_length=CTX,
+                               model={"name": "none", "kind": "hf_causal_lm"}, hook={"layer": 0, "site": "resid_pre"},
+                               source={"name": "hand-made"}, class_names=list(CLASSES), documents=True,
+                               split={"fraction": 0.5, "seed": 0})
+    writer = DatasetWriter.create(url, manifest)
+    per_shard = 32 // CTX
+    for shard, s0 in enumerate(range(0, len(labels), per_shard)):
+        s1 = min(s0 + per_shard, len(labels))
+        writer.write_shard(shard, rows[s0 * CTX:s1 * CTX].astype(np.float32), labels=labels[s0:s1],
+                           doc_ids=doc_of_seq[s0:s1])
+    writer.seal()
+    return url
+
+
+def relu_mirror_sae():
+    """A ReLU SAE with codes relu([x, −x]) (W_enc = [I; −I], no biases): pooled codes are checkable by hand."""
+    from trainer.sae import build
+
+    sae = build({"variant": "relu", "d": D, "m": 2 * D, "seed": 0})
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([torch.eye(D), -torch.eye(D)]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae.eval()
+
+
+def test_eval_pass_pools_codes_per_document_and_probes(tmp_path):
+    from ev_helpers import make_run
+
+    from evaluator.evaluate import evaluate_run
+    from store import open_dataset
+
+    url = write_labelled_dataset(str(tmp_path / "labelled"))
+    run = make_run(str(tmp_path / "run"), url, relu_mirror_sae(), exclude_positions=(0,))
+    report = evaluate_run(run, ce_contexts=0, batch_size=20, progress=False)
+    # the same numbers from the stored arrays directly: per eval document, mean over rows at positions ≥ 1
+    ds = open_dataset(url)
+    seqs = np.concatenate([np.arange(a // CTX, b // CTX) for a, b in ds.split_row_ranges("eval")])
+    docs = np.unique(ds.doc_ids()[seqs])
+    x = np.concatenate([ds.read(a, b) for a, b in ds.split_row_ranges("eval")]).astype(np.float64)
+    pos = np.concatenate([ds.read(a, b, "positions") for a, b in ds.split_row_ranges("eval")])
+    row_doc = np.repeat(ds.doc_ids()[seqs], CTX)
+
+    def doc_means(values: np.ndarray) -> np.ndarray:
+        return np.stack([values[(row_doc == doc) & (pos != 0)].mean(0) for doc in docs])
+
+    raw = doc_means(x)
+    codes = doc_means(np.concatenate([np.maximum(x, 0), np.maximum(-x, 0)], axis=1))
+    labels = ds.labels()[seqs][np.searchsorted(ds.doc_ids()[seqs], docs)]
+    expect = probe_metrics(codes, raw, labels)
+    assert report.probe["documents"] == len(docs) < len(seqs)  # documents span several sequences
+    for key in [f"probe_top{n}" for n in PROBE_SIZES] + [f"probe_raw_top{n}" for n in PROBE_SIZES] + ["probe_raw_all"]:
+        assert getattr(report, key) == pytest.approx(expect[key]), key
+    assert report.probe_raw_all > 0.8 and report.probe_skipped is None  # 2·e_class in noise of std 1
