@@ -407,7 +407,7 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
         hook={"layer": cfg.hook.layer, "site": cfg.hook.site, "name": hook_name},
         source={"name": source_name(cfg.source), "kind": cfg.source.kind,
                 "split": cfg.source.split_name(), "revision": source_revision(cfg.source), "files": files},
-        class_names=plan.class_names, documents=plan.documents, split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
+        class_names=plan.class_names, documents=plan.documents or None, split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
         harvester_version=harvester_version(), config_hash=config_hash(plan.cfg),
     )
 

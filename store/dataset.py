@@ -28,13 +28,13 @@ from store.io import filesystem, is_local, join_url, local_path, zarr_store
 from store.layout import (
     ACTS,
     DOC_IDS,
-    INT_DTYPES,
     LABELS,
-    ROW_ARRAYS,
     SEQ_ARRAYS,
     array_names,
+    column_dtype,
     read_commits,
     read_manifest,
+    row_columns,
     shard_key,
 )
 from store.manifest import CommitRecord, DatasetManifest
@@ -296,8 +296,8 @@ class Dataset:
 
     def reader(self, name: str) -> ChunkReader:
         """The byte-range chunk reader of row array ``name``."""
-        if name not in ROW_ARRAYS:
-            raise UserError(f"column {name!r} is not one of {list(ROW_ARRAYS)}; pick one of those.")
+        if name not in row_columns(self.manifest):
+            raise UserError(f"column {name!r} is not one of {list(row_columns(self.manifest))}; pick one of those.")
         if name not in self._readers:
             self._readers[name] = ChunkReader(self.url, name, self.manifest, self.commits,
                                               self.storage_options, self._metas.get(name))
@@ -305,7 +305,7 @@ class Dataset:
 
     def column_dtype(self, name: str) -> np.dtype:
         """Stored dtype of a row array."""
-        return np.dtype(self.manifest.dtype if name == ACTS else INT_DTYPES[name])
+        return np.dtype(column_dtype(self.manifest, name))
 
     def read_chunk(self, chunk: int, name: str = ACTS) -> np.ndarray:
         """All rows of inner chunk ``chunk`` of array ``name``."""
@@ -383,7 +383,7 @@ def check_arrays(url: str, manifest: DatasetManifest, metas: dict[str, dict]) ->
     for name in array_names(m):
         meta = metas[name]
         shape = meta.get("shape", [])
-        want_dtype = m.dtype if name == ACTS else INT_DTYPES[name]
+        want_dtype = column_dtype(m, name)
         if meta.get("data_type") != want_dtype:
             problems.append(f"array {name!r} of {url} stores {meta.get('data_type')} but the manifest "
                             f"implies {want_dtype}; the dataset is inconsistent, re-harvest it.")
