@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 
@@ -122,9 +123,24 @@ class ChunkReader:
             return os.path.getsize(os.path.join(self.root, key))
         return int(self.fs.size(join_url(self.path, key)))
 
-    def _cache_index(self, shard: int, tail: bytes | memoryview) -> np.ndarray:
-        """Parse and cache a shard index from the object's last ``16 * cps + 4`` bytes."""
-        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.cps, 2).copy()  # never pin a whole object
+    def _cache_index(self, shard: int, tail: bytes | memoryview, size: int) -> np.ndarray:
+        """Check, parse and cache a shard index from the last ``16 * cps + 4`` bytes of its ``size``-byte
+        object: the index's crc32c must match and every chunk it locates must lie inside the object, so a
+        damaged shard is refused instead of read as other rows (crc32c of 16·cps bytes: see bench/store_bench)."""
+        n_index = 16 * self.cps + 4
+        problem = None
+        if len(tail) != n_index:
+            problem = "is shorter than its commit record says (truncated)"
+        elif google_crc32c.value(bytes(tail[:-4])) != int.from_bytes(bytes(tail[-4:]), "little"):
+            problem = "has a shard index whose crc32c checksum does not match"
+        else:
+            idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.cps, 2).copy()  # never pin a whole object
+            stored = idx[idx[:, 0] != EMPTY]
+            if stored.size and int((stored[:, 0] + stored[:, 1]).max()) > size - n_index:
+                problem = "has a shard index pointing past the end of the object (truncated)"
+        if problem is not None:
+            raise UserError(f"shard {shard} of {self.name!r} in {self.url} ({shard_key(self.name, shard)}) {problem}; "
+                            f"it is damaged — run `python -m store verify {self.url}` and re-harvest that shard.")
         with self._lock:
             self._index[shard] = idx
         return idx
@@ -136,7 +152,8 @@ class ChunkReader:
             return idx
         size = self._object_size(shard)
         n_index = 16 * self.cps + 4  # uint64 (offset, nbytes) per chunk + crc32c
-        return self._cache_index(shard, self._read_range(shard_key(self.name, shard), size - n_index, size))
+        return self._cache_index(shard, self._read_range(shard_key(self.name, shard), max(size - n_index, 0), size),
+                                 size)
 
     @property
     def can_map(self) -> bool:
@@ -229,7 +246,7 @@ class ChunkReader:
             size = self._object_size(shard)
             if size <= max_bytes:  # most of a small shard: one GET for the object, index included
                 whole = memoryview(self._read_range(key, 0, size))
-                self._cache_index(shard, whole[size - 16 * self.cps - 4:])
+                self._cache_index(shard, whole[max(size - 16 * self.cps - 4, 0):], size)
         index = self.shard_index(shard)
         located = []
         for i, (chunk, rows) in enumerate(items):
