@@ -33,7 +33,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
-FAULT_MARKER = "fault_injected"
 
 
 class RunDir:
