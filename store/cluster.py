@@ -2,8 +2,8 @@
 and leave nothing running. The one module that calls ``ray.init``.
 
 * :func:`ray_session` joins the cluster at ``address`` (else the job's, ``RAY_ADDRESS``), uses a Ray
-  this process already initialised as it is, or starts a local instance: no dashboard (no HTTP API),
-  no Ray client server, its own short temp dir (under ``RAY_TMPDIR``, else ``/tmp``), and Ray's own
+  this process already initialised as it is, or starts a local instance: the dashboard on 127.0.0.1
+  only and without its web UI, no Ray client server, its own short temp dir (under ``RAY_TMPDIR``, else ``/tmp``), and Ray's own
   authentication default, which for a local ``ray.init`` in Ray ≥ 2.59 is token authentication
   (``RAY_AUTH_MODE`` unset: Ray generates ``~/.ray/auth_token`` and every RPC must carry it; the
   project never sets ``RAY_AUTH_MODE``, only a test environment does). Ray 2.60 maps a requested node
