@@ -235,8 +235,7 @@ def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny
     import sys
 
     data = sweep_dict(tiny_store, str(tmp_path / "runs"))
-    data["grid"] = {"sae.variant": ["relu", "topk"]}
-    data["base"]["sae"]["k"] = 4
+    data["grid"] = {"sae.variant": ["relu", "sparsemax"]}
     path = write_yaml(tmp_path / "sweep.yaml", data)
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "-m", "trainer", "sweep", path, "--no-progress"], cwd=repo,
@@ -250,7 +249,7 @@ def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny
     assert proc.returncode == 0, err[-2000:]
     assert [r["status"] for r in summary["runs"]] == ["finished", "finished"]
     assert not list((tmp_path / "runs").rglob("lease.json"))
-    for variant in ("relu", "topk"):
+    for variant in ("relu", "sparsemax"):
         run_dir = tmp_path / "runs" / "sw" / f"variant-{variant}"
         state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
         assert state["step"] == STEPS
