@@ -68,22 +68,22 @@ def test_harvest_sweep_and_eval_through_a_faulty_endpoint_match_a_clean_run(ray_
         dataset = harvest(cfg, progress=False).url
         assert verify_dataset(dataset, options) == []
         sweep = SweepConfig.model_validate({
-            "name": "sw", "grid": {"sae.variant": ["relu", "topk"]},
-            "base": {"dataset": dataset, "runs_root": f"{root}/runs", "sae": {"variant": "relu", "m": 32, "k": 4},
+            "name": "sw", "grid": {"sae.variant": ["relu", "sparsemax"]},
+            "base": {"dataset": dataset, "runs_root": f"{root}/runs", "sae": {"variant": "relu", "m": 32},
                      "batch_size": 64, "tokens": 64 * 8, "checkpoint_every": 4, "log_every": 2, "device": "cpu",
                      "storage_options": options},
             "ray": {"num_cpus_per_trainer": 0.5, "feeder_window": 16}, "eval_max_tokens": 256,
             "evaluator_options": {"ce_contexts": 2}})
         summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor)
         assert [r["status"] for r in summary["runs"]] == ["finished", "finished"]
-        run = f"{root}/runs/sw/variant-topk"
+        run = f"{root}/runs/sw/variant-sparsemax"
         out = f"{root}/eval-again.json"
         assert run_cli(evaluator_main, ["run", run, "--ce-contexts", "2", "--max-tokens", "256", "--out", out,
                                         "--storage-options", json.dumps(options)]) == 0
         results[kind] = {
             "data": objects(f"{root}/data", options),
-            "weights": {v: objects(f"{root}/runs/sw/variant-{v}", options)["/sae.safetensors"] for v in ("relu", "topk")},
-            "evals": [stable(read_json(f"{root}/runs/sw/variant-{v}/eval.json", options)) for v in ("relu", "topk")],
+            "weights": {v: objects(f"{root}/runs/sw/variant-{v}", options)["/sae.safetensors"] for v in ("relu", "sparsemax")},
+            "evals": [stable(read_json(f"{root}/runs/sw/variant-{v}/eval.json", options)) for v in ("relu", "sparsemax")],
             "eval_again": stable(read_json(out, options)),
         }
     clean, bad = results["clean"], results["faulty"]
