@@ -1,17 +1,8 @@
 """A run directory on any fsspec URL, written so that nothing is reported complete when it isn't.
 
-Layout of ``<runs_root>/[<sweep>/]<name>/``:
-
-* ``config.json``      the run config (``TrainConfig``) with ``sae`` resolved (``d`` included), the row
-                       filter's description and the dataset's manifest hash. ``trainer.sae.load(run_dir)``
-                       reads its ``"sae"`` key.
-* ``sae.safetensors``  the weights as of the last checkpoint (written by ``SAE.save_weights``).
-* ``trainer_state.pt`` the commit record of a checkpoint: model + optimizer state, step, tokens seen,
-                       dead-concept counters, RNG states, data cursor (the loader batch index of the next
-                       step), schedule, ``finished``. Resume reads weights from here, never from
-                       ``sae.safetensors``, so the pair can never be out of step.
-* ``metrics.jsonl``    one JSON row per logged step (rows past the checkpoint are dropped on resume).
-* ``eval.json``        written by the evaluator (``dynsae sweep`` or ``dynsae eval``).
+The directory's files, their names and their record types are the run format
+(:mod:`trainer.run_format`, written down in ``docs/run-format.md``); this module writes the
+checkpoint: weights, metrics, then the commit record of the training state.
 
 Every file is written to a temporary key next to it and then moved into place (a rename on local
 disks, a server-side copy on object stores), and a checkpoint writes ``trainer_state.pt`` last: a
@@ -21,19 +12,13 @@ crash at any point leaves the previous checkpoint intact and readable.
 from __future__ import annotations
 
 import io as io_module
-import json
 from typing import Any
 
 import torch
 
 from store import io
-
-STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "sae.safetensors"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-FAULT_MARKER = "fault_injected"
+from trainer import run_format
+from trainer.run_format import STATE_FILE
 
 
 class RunDir:
@@ -65,14 +50,11 @@ class RunDir:
         return io.read_json(self.file_url(name), self.storage_options)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Rewrite ``metrics.jsonl`` (atomically) with ``rows``."""
-        self.write_bytes(METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        """Rewrite the metrics file (atomically) with ``rows``."""
+        run_format.write_metrics(self.url, rows, self.storage_options)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        raw = self.read_bytes(METRICS_FILE)
-        if not raw:
-            return []
-        return [json.loads(line) for line in raw.decode().splitlines() if line.strip()]
+        return [line.model_dump(mode="json") for line in run_format.read_metrics(self.url, self.storage_options)]
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Write ``trainer_state.pt`` (the checkpoint's commit point)."""

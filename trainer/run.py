@@ -35,14 +35,16 @@ from store.errors import UserError
 from store.filters import RowFilter
 from store.io import join_url
 from store.loader import ActivationLoader
-from trainer.checkpoint import (
-    CONFIG_FILE,
-    FAULT_MARKER,
-    RunDir,
-    rng_state,
-    set_rng_state,
-)
+from trainer.checkpoint import RunDir, rng_state, set_rng_state
 from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
+from trainer.run_format import (
+    FAULT_MARKER,
+    STATE_FILE,
+    RowFilterRecord,
+    RunConfig,
+    read_config_json,
+    write_run_config,
+)
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
@@ -149,30 +151,26 @@ class RunPlan:
         self.total_steps = cfg.total_steps
         self.dead_tokens = cfg.resolved_dead_tokens
 
-    def config_record(self) -> dict[str, Any]:
-        """What ``config.json`` holds: the run config with the resolved sae, filter and dataset hash."""
+    def config_record(self) -> RunConfig:
+        """The run's config record: the run config with the resolved sae, the row filter it applies and
+        the dataset hash."""
         record = self.cfg.model_dump(mode="json")
         record["sae"] = self.sae_cfg.model_dump(mode="json")
         if record.get("storage_options"):  # may hold credentials: keep the keys, never the values
             record["storage_options"] = {k: "<redacted>" for k in record["storage_options"]}
-        record["filter"] = {
-            "exclude_positions": list(self.cfg.exclude_positions),
-            "max_norm_multiple": self.cfg.max_norm_multiple,
-            "median_norm": self.median_norm,
-            "description": self.row_filter.describe(),
-        }
+        record["filter"] = RowFilterRecord.of(self.row_filter, self.median_norm)
         record["dataset_manifest_hash"] = self.manifest_hash
         record["total_steps"] = self.total_steps
         record["dead_tokens_resolved"] = self.dead_tokens
-        return record
+        return RunConfig(**record)
 
     def check_existing(self) -> None:
         """Refuse a run directory made by a different config (only tokens and the like may differ)."""
-        new = self.config_record()
-        old = self.dir.read_json(CONFIG_FILE)
+        new = self.config_record().model_dump(mode="json")
+        old = read_config_json(self.url, self.cfg.storage_options)
         if old is None:
             return
-        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved"}
+        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved", "format_version"}
         if self.cfg.dead_tokens is None:  # derived from tokens, and so is the SAE's dead_tokens
             old = {**old, "sae": {**old.get("sae", {}), "dead_tokens": None}}
             new = {**new, "sae": {**new["sae"], "dead_tokens": None}}
@@ -211,7 +209,7 @@ class Run(RunPlan):
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = 0
         self.check_existing()
-        self.dir.write_json(CONFIG_FILE, self.config_record())
+        write_run_config(self.url, self.config_record(), cfg.storage_options)
         self._resume()
 
     def _resume(self) -> None:
@@ -227,7 +225,7 @@ class Run(RunPlan):
         self.since_fired = state["since_fired"].to(self.device)
         set_rng_state(state["rng"])
         if int(state["data_cursor"]) != self.step:
-            raise UserError(f"checkpoint {self.dir.file_url('trainer_state.pt')} is inconsistent "
+            raise UserError(f"checkpoint {self.dir.file_url(STATE_FILE)} is inconsistent "
                             "(data cursor != step); delete the run directory to start over.")
         self.metrics = [row for row in self.dir.read_metrics() if row.get("step", 0) <= self.step]
         self.finished = self.step >= self.total_steps
