@@ -1,6 +1,6 @@
 """``dynsae export RUN_URL OUT_DIR --format saelens|sparsify``: a run as a folder the field's tools read.
 
-Formats (DESIGN §11):
+Formats (``docs/interop.md``):
 
 * ``saelens`` — ``cfg.json`` + ``sae_weights.safetensors``, loaded by ``sae_lens.SAE.load_from_disk``
   (sae-lens ≥ 6.54) and so by SAE-Dashboard, SAEBench and Neuronpedia. relu → ``standard``,
@@ -19,7 +19,7 @@ Folding (the exported forward computes what ours computes, with no per-call extr
   b_enc·c, b_dec·c, thresholds·c, b_mag·c, W_enc and W_dec unchanged — so a unit-norm TopK decoder
   stays unit-norm, which is what SAE-Dashboard's norm folding needs (we mark it with
   ``rescale_acts_by_decoder_norm: true``, a no-op on unit rows). Sparsemax codes are not homogeneous,
-  so mlp_sparsemax folds the encoder side instead (DESIGN's W_enc/s, W_dec·s, b_dec·s).
+  so mlp_sparsemax folds the encoder side instead (W_enc/s, W_dec·s, b_dec·s).
 * Per-token norm (``SAE.unit_input``: x/‖x‖ in, ×‖x‖ out). A linear variant trained that way
   becomes SAELens's ``normalize_activations: "constant_norm_rescale"`` (SAELens encodes
   x·√d/‖x‖ and multiplies its output by ‖x‖/√d), with c = √d in the fold above — a stock

@@ -1,6 +1,6 @@
 """Score one trainer run on its dataset's held-out ``eval`` split and write ``<run>/eval.json``.
 
-What is measured (definitions in :mod:`evaluator.metrics`, DESIGN §7):
+What is measured (definitions in :mod:`evaluator.metrics`, ``docs/metrics.md``):
 
 * Reconstruction (fvu, nmse_uncentered, explained_variance) on the rows the run's row filter
   keeps (``exclude_positions``, ``max_norm_multiple`` — the same :class:`store.filters.RowFilter`

@@ -1,6 +1,6 @@
 """Configs of one training run (:class:`TrainConfig`) and of a sweep (:class:`SweepConfig`).
 
-Decisions written down here (DESIGN §6 is silent on them):
+Decisions written down here (beyond ``docs/sweep.md``):
 
 * ``sae`` is the SAE zoo config (:class:`trainer.sae.SAEConfig`) *without* ``d``: ``d`` comes from the
   dataset manifest and is filled in by :func:`resolve_sae`; a ``d`` given by hand must agree with it.

@@ -1,6 +1,6 @@
 """One SAE training run: ``python -m trainer run CONFIG.yaml`` / :func:`train`.
 
-The loop (DESIGN §6): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
+The loop (``docs/sweep.md``): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
 row filter (``store.filters.RowFilter``: ``exclude_positions``, ``max_norm_multiple`` × the dataset's
 median norm), with Adam (lr warm-up, optional decay), ``sae.post_step()`` after each optimizer step,
 and dead-concept counters in tokens since last fired. Checkpoints every ``checkpoint_every`` steps and

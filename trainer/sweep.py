@@ -1,5 +1,5 @@
 """Ray sweeps: :func:`run_sweep` (``python -m trainer sweep SWEEP.yaml`` trains; ``dynsae sweep`` also
-evaluates) (DESIGN §6).
+evaluates) (``docs/sweep.md``).
 
 * The grid (dotted keys -> lists, or a list of such mappings: the union of their products) over a base
   run config becomes one run per point, named from its grid values (``variant-relu_m-3072``) under

@@ -14,6 +14,7 @@ a key that the variant's config does not have is an error naming it.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from typing import Any
 
@@ -30,10 +31,8 @@ def variants() -> dict[str, type[SAE]]:
     """Every registered variant (importing each module of ``trainer.sae`` once)."""
     global _discovered
     if not _discovered:
-        import trainer.sae as package
-
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+        for info in pkgutil.iter_modules([os.path.dirname(__file__)]):  # discovery: no module named here
+            importlib.import_module(f"{__package__}.{info.name}")
         _discovered = True
     return dict(sorted(REGISTERED.items()))
 

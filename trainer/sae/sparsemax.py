@@ -1,4 +1,4 @@
-"""The Sparsemax SAE ("Improving Sparse Autoencoder with Dynamic Attention"), DESIGN §5.
+"""The Sparsemax SAE ("Improving Sparse Autoencoder with Dynamic Attention"), ``docs/variants.md``.
 
 On the cross-attention architecture (:mod:`trainer.sae.cross_attention`): z = (x_n W_Kᵀ) Cᵀ, sparsemax
 threshold τ(z) and support S = {m : z_m > τ} from :func:`trainer.sparsemax.sparsemax_mask`, codes
