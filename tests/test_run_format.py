@@ -16,7 +16,7 @@ from trainer import run_format as rf
 ROOT = Path(__file__).resolve().parents[1]
 CONTRACT = ROOT / "trainer" / "run_format.py"
 #: Every file name the contract owns (run directory, sweep directory).
-RUN_FILES = (rf.CONFIG_FILE, rf.WEIGHTS_FILE, rf.STATE_FILE, rf.METRICS_FILE, rf.EVAL_FILE, rf.FAULT_MARKER,
+RUN_FILES = (rf.CONFIG_FILE, rf.WEIGHTS_FILE, rf.STATE_FILE, rf.METRICS_FILE, rf.EVAL_FILE,
              rf.SUMMARY_FILE, rf.SUMMARY_CSV, rf.REPORT_FILE)
 #: The packages that read or write run directories (the harvester's "config.json" is a model's own file).
 READERS = ("trainer", "evaluator", "dynsae")

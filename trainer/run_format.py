@@ -50,7 +50,6 @@ WEIGHTS_FILE = "sae.safetensors"
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
-FAULT_MARKER = "fault_injected"
 SUMMARY_FILE = "summary.json"
 SUMMARY_CSV = "summary.csv"
 REPORT_FILE = "report.md"
@@ -220,10 +219,21 @@ def write_metrics(run_url: str, rows: list[dict[str, Any]], storage_options: io.
 
 
 def read_metrics(run_url: str, storage_options: io.StorageOptions = None) -> list[MetricsLine]:
-    raw = io.read_bytes(io.join_url(run_url, METRICS_FILE), storage_options)
+    """The lines of ``metrics.jsonl``; a line that is not a metrics object is a UserError naming it."""
+    url = io.join_url(run_url, METRICS_FILE)
+    raw = io.read_bytes(url, storage_options)
     if not raw:
         return []
-    return [MetricsLine.model_validate(json.loads(line)) for line in raw.decode().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(MetricsLine.model_validate_json(line))
+        except ValidationError:
+            raise UserError(f"line {number} of {url} is not a JSON object with step and tokens; the file is "
+                            "corrupt — delete that line (or the file) and resume.") from None
+    return rows
 
 
 # ---- eval.json -----------------------------------------------------------------------------------

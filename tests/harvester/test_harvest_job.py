@@ -269,14 +269,18 @@ def test_bad_input_is_one_sentence_before_any_work(tiny_gpt2, tiny_clip, tmp_pat
 
 
 def test_sigterm_stops_a_harvest_like_ctrl_c():
-    """Inside a harvest SIGTERM raises KeyboardInterrupt (so the same cleanup runs); outside, the
-    previous handlers are back."""
-    from harvester.job import signals_interrupt
+    """Inside a Ray session (harvest and sweep alike) SIGTERM, like SIGINT, sets the flag the driver's
+    waits look at, which raises the interrupt naming the signal (so the same cleanup runs and the exit
+    status is 128 + signal); outside, the previous handlers are back."""
+    from store.cluster import Interrupted, catch_interrupts
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), signals_interrupt():
+    with catch_interrupts() as flag:
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.time() + 10  # the handler runs at the next bytecode; poll until it has
-        while time.time() < deadline:
+        while flag.signum is None and time.time() < deadline:
             time.sleep(0.01)
+        with pytest.raises(Interrupted, match="SIGTERM") as err:
+            flag.check()
+    assert err.value.signum == signal.SIGTERM and isinstance(err.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is before
