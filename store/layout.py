@@ -28,14 +28,18 @@ from typing import Any
 
 from store.errors import UserError
 from store.io import filesystem, join_url, protocol
-from store.manifest import MANIFEST_KEY, CommitRecord, DatasetManifest
+from store.manifest import (  # the array names are part of the schema
+    ACTS,
+    LABELS,
+    MANIFEST_KEY,
+    POSITIONS,
+    ROW_ARRAYS,
+    SEQ_IDS,
+    TOKEN_IDS,
+    CommitRecord,
+    DatasetManifest,
+)
 
-ACTS = "acts"
-TOKEN_IDS = "token_ids"
-SEQ_IDS = "seq_ids"
-POSITIONS = "positions"
-LABELS = "labels"
-ROW_ARRAYS = (ACTS, TOKEN_IDS, SEQ_IDS, POSITIONS)
 INT_DTYPES = {TOKEN_IDS: "int32", SEQ_IDS: "int64", POSITIONS: "int16", LABELS: "int32"}
 CAPACITY_SHARDS = 2**24
 COMMITS_DIR = "commits"
