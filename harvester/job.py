@@ -19,6 +19,11 @@ shard ``k`` holds sequences ``[k·S, (k+1)·S)`` with ``S = shard_rows / rows_pe
 forward batches are cut inside a shard starting at its first sequence. So 1 worker and N workers,
 and a run resumed after a crash (committed shards are skipped), store the same bytes.
 
+Labelled text (a source with a label option) is packed one document at a time
+(:func:`harvester.packing.pack_documents`): each context stores its document's class in
+``labels`` and the document's index in the source order in ``doc_ids`` (the manifest lists the
+class names and says ``documents``).
+
 Text is tokenized and packed on the driver (it must be, for a streaming source to be cut
 deterministically); the driver keeps one range more in flight than there are workers so that
 tokenizing overlaps compute. A fast tokenizer does ~1M tokens/s per core, so with many GPU
@@ -40,8 +45,22 @@ import numpy as np
 from harvester.config import HarvestConfig, config_hash, dataset_name
 from harvester.models import ModelAdapter, ModelInfo, load_model, resolve_layer
 from harvester.models import inspect_model as inspect_adapter
-from harvester.packing import TokenSpec, pack_contexts, token_spec, token_stream
-from harvester.sources import ImageItems, image_items, iter_documents, source_name, source_revision
+from harvester.packing import (
+    TokenSpec,
+    pack_contexts,
+    pack_documents,
+    tagged_token_stream,
+    token_spec,
+    token_stream,
+)
+from harvester.sources import (
+    ImageItems,
+    image_items,
+    iter_documents,
+    iter_labelled_documents,
+    source_name,
+    source_revision,
+)
 from store.cluster import Interrupted, RaySession, ray_session
 from store.errors import UserError
 
@@ -94,6 +113,7 @@ class Plan:
     seqs_per_shard: int
     total_seqs: int | None = None  # None: until the text source runs out
     class_names: list[str] | None = None
+    documents: bool = False  # labelled text: per-sequence doc_ids are stored
     threads: int = 0  # torch threads per task (its CPUs); 0 = torch's default
 
 
@@ -106,6 +126,7 @@ class ShardWork:
     tokens: np.ndarray | None = None
     items: list[Any] | None = None
     labels: np.ndarray | None = None
+    doc_ids: np.ndarray | None = None
 
     @property
     def n_seqs(self) -> int:
@@ -141,16 +162,28 @@ def inspect_model(cfg: HarvestConfig) -> Inspected:
     return Inspected(inspected.info, inspected.tokenizer, spec)
 
 
-def text_shards(cfg: HarvestConfig, spec: TokenSpec, tokenizer: Any, seqs_per_shard: int) -> Iterator[ShardWork]:
-    """Shards of packed contexts in source order (the last one may be short)."""
+def text_shards(cfg: HarvestConfig, spec: TokenSpec, tokenizer: Any, seqs_per_shard: int,
+                labelled: bool = False) -> Iterator[ShardWork]:
+    """Shards of packed contexts in source order (the last one may be short); ``labelled``: one
+    document per context, with its class and document id (the document's index in the source)."""
     max_contexts = None if cfg.max_tokens is None else cfg.max_tokens // cfg.context_length
-    contexts = pack_contexts(token_stream(iter_documents(cfg.source, cfg.storage_options), tokenizer, spec),
-                             cfg.context_length, spec.bos_id, max_contexts)
+    if labelled:
+        tagged = ((text, (label, doc)) for doc, (text, label)
+                  in enumerate(iter_labelled_documents(cfg.source, cfg.storage_options)))
+        contexts: Iterator[Any] = pack_documents(tagged_token_stream(tagged, tokenizer, spec), cfg.context_length,
+                                                 spec.bos_id, max_contexts)
+    else:
+        contexts = ((ctx, None, None) for ctx in pack_contexts(
+            token_stream(iter_documents(cfg.source, cfg.storage_options), tokenizer, spec),
+            cfg.context_length, spec.bos_id, max_contexts))
     for index in itertools.count():
         block = list(itertools.islice(contexts, seqs_per_shard))
         if not block:
             return
-        yield ShardWork(index, index * seqs_per_shard, tokens=np.stack(block).astype(np.int32))
+        tokens = np.stack([ctx for ctx, _, _ in block]).astype(np.int32)
+        labels = np.asarray([lab for _, lab, _ in block], dtype=np.int32) if labelled else None
+        docs = np.asarray([doc for _, _, doc in block], dtype=np.int64) if labelled else None
+        yield ShardWork(index, index * seqs_per_shard, tokens=tokens, labels=labels, doc_ids=docs)
         if len(block) < seqs_per_shard:
             return
 
@@ -212,6 +245,8 @@ def compute_shard(plan: Plan, adapter: ModelAdapter, work: ShardWork) -> dict[st
         out["token_ids"] = work.tokens.reshape(-1).astype(np.int32)
     if work.labels is not None:
         out["labels"] = np.asarray(work.labels, dtype=np.int32)
+    if work.doc_ids is not None:
+        out["doc_ids"] = np.asarray(work.doc_ids, dtype=np.int64)
     return out
 
 
@@ -318,6 +353,7 @@ def plan_job(cfg: HarvestConfig) -> tuple[Plan, Iterator[ShardWork], dict[str, A
         class_names = items.class_names
     else:
         rows_per_seq = cfg.context_length
+        class_names = cfg.source.document_classes(cfg.storage_options)
         if info.max_positions and cfg.context_length > info.max_positions:
             raise UserError(f"context_length={cfg.context_length} exceeds the {info.max_positions} positions of "
                             f"model {cfg.model.name!r}; lower context_length.")
@@ -329,16 +365,18 @@ def plan_job(cfg: HarvestConfig) -> tuple[Plan, Iterator[ShardWork], dict[str, A
     if cfg.source.is_image:
         shards: Iterator[ShardWork] = image_shards(items, seqs_per_shard)
     else:
-        shards = text_shards(cfg, inspected.spec, inspected.tokenizer, seqs_per_shard)
+        shards = text_shards(cfg, inspected.spec, inspected.tokenizer, seqs_per_shard, class_names is not None)
     first = next(shards, None)
     if first is None:
+        whole = " in any one labelled document (they are never packed together)" if class_names else ""
         raise UserError(f"source {source_name(cfg.source)} ({cfg.source.kind}) holds fewer than "
-                        f"{cfg.context_length} tokens of text; point source at a non-empty corpus.")
+                        f"{cfg.context_length} tokens of text{whole}; point source at a non-empty corpus.")
     shards = itertools.chain([first], shards)
     url = join_output(cfg)
     total_seqs = len(items.items) if cfg.source.is_image else (
         None if cfg.max_tokens is None else cfg.max_tokens // cfg.context_length)
-    plan = Plan(cfg, url, layer, info.d, rows_per_seq, seqs_per_shard, total_seqs, class_names)
+    plan = Plan(cfg, url, layer, info.d, rows_per_seq, seqs_per_shard, total_seqs, class_names,
+                documents=class_names is not None and not cfg.source.is_image)
     fields = {"chunk_rows": chunk_rows, "shard_rows": shard_rows}
     return plan, shards, fields
 
@@ -364,7 +402,8 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
         hook={"layer": cfg.hook.layer, "site": cfg.hook.site, "name": hook_name},
         source={"name": source_name(cfg.source), "kind": cfg.source.kind,
                 "split": cfg.source.split_name(), "revision": source_revision(cfg.source), "files": files},
-        class_names=plan.class_names, split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
+        class_names=plan.class_names, documents=plan.documents or None,
+        split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
         harvester_version=harvester_version(), config_hash=config_hash(plan.cfg),
     )
 
