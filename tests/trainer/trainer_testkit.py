@@ -113,15 +113,11 @@ def kill_pids_using(path: str) -> None:
 
 
 def straight_config(run_dir, runs_root):
-    """A run's ``config.json`` as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
-    import json
-    from pathlib import Path
-
+    """A run's config as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
     from trainer.config import TrainConfig
+    from trainer.run_format import read_run_config
 
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
-        record.pop(key)
+    record = read_run_config(str(run_dir)).settings()
     record.update(runs_root=str(runs_root), sweep=None)
     return TrainConfig.model_validate(record)
 
