@@ -19,11 +19,11 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-import torch
 import yaml
 from trainer_testkit import (
     assert_same_weights,
     base_config,
+    checkpoint_step,
     kill_pids_using,
     no_pids_using,
     straight_config,
@@ -91,11 +91,6 @@ def submit_when_agent_ready(cmd: list[str], env: dict[str, str], seconds: float 
 
 STEPS = 300
 RUNS = ("variant-relu", "variant-topk")
-
-
-def checkpoint_step(run_dir: Path) -> int:
-    state = run_dir / "trainer_state.pt"
-    return int(torch.load(state, weights_only=True)["step"]) if state.exists() else 0
 
 
 def training_worker(head_pid: int) -> psutil.Process | None:

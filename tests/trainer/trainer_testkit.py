@@ -53,6 +53,16 @@ def base_config(store: str, runs_root: str, **over) -> dict:
     return cfg
 
 
+def checkpoint_step(run_dir) -> int:
+    """The step of a run's last committed checkpoint (0 if none); the checkpoint must load whole."""
+    from pathlib import Path
+
+    import torch
+
+    state = Path(run_dir) / "trainer_state.pt"
+    return int(torch.load(state, weights_only=True)["step"]) if state.exists() else 0
+
+
 def wait_until(condition, seconds: float, what: str, interval: float = 0.1):
     """Poll ``condition()`` until it returns something truthy (returned) or ``seconds`` pass (AssertionError)."""
     import time
