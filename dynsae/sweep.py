@@ -13,6 +13,7 @@ import sys
 from store.cli import CommandHelp, command_parser
 from store.config import add_config_arguments
 from store.errors import run_cli
+from trainer.run_format import SUMMARY_CSV, SUMMARY_FILE
 
 HELP = CommandHelp(
     does="Train a grid of sparse autoencoders (variants x dictionary sizes x seeds ...) on one shared stream "
@@ -21,7 +22,7 @@ HELP = CommandHelp(
          "re-running resumes every run.",
     reads="the sweep config and the dataset it names",
     writes="<runs_root>/<sweep>/: one run folder per grid point with its evaluation, and a summary "
-           "(summary.json, summary.csv); prints the summary's URL",
+           f"({SUMMARY_FILE}, {SUMMARY_CSV}); prints the summary's URL",
     example="deploy/configs/sweep-gpt2-dict-sizes.yaml --set base.tokens=10000000")
 
 
