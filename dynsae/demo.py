@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         syn = out["synthetic"]
         bad = [r for r in syn["summary"].get("runs", []) if r.get("status") != "finished"]
         if bad:
-            raise UserError(f"{len(bad)} synthetic demo runs failed; see {syn['sweep']}/summary.json.")
+            raise UserError(f"{len(bad)} synthetic demo runs failed; see {summary_url(syn['sweep'])}.")
         print(f"synthetic ground-truth report: {syn['report']}")
     return 0
 

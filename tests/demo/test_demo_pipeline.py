@@ -112,6 +112,6 @@ def test_synthetic_phase_scores_every_run_against_the_truth(demo_out):
         assert 0 < r["eval_gt_mcc"] <= 1 and 0 <= r["eval_gt_recovered"] <= 1 and 0 <= r["eval_gt_f1"] <= 1
         assert "synthetic dataset" in r["eval_ce_skipped"]
         if r["sae.variant"] == "topk":
-            assert r["target_l0"] == pytest.approx(sum(l0) / 2)
+            assert r["target_l0"] == pytest.approx(sum(l0) / 2, abs=1e-3)  # stored to 3 decimals
     report = (demo_out / "runs" / "demo-synth" / "report.md").read_text()
     assert "## About this run" in report and "known unit features" in report
