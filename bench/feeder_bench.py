@@ -4,7 +4,7 @@ Setup: a synthetic local store (float32), N ∈ {1, 4, 8} consumer actors on a l
 each consuming the same T batches and doing a fixed amount of "training" work per batch
 (an (B, d) @ (d, M) matmul + ReLU). Two modes, timed side by side in the same run:
 
-* ``shared``: one :class:`trainer.sweep.FeederCore` actor reads each batch once with
+* ``shared``: one :class:`trainer.feeder.FeederCore` actor reads each batch once with
   ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
 * ``independent`` (the baseline): each consumer has its own ``ActivationLoader`` and streams it
   (``iter_batches``).
@@ -43,7 +43,7 @@ import numpy as np
 import ray
 import torch
 
-from trainer.sweep import FeederCore
+from trainer.feeder import FeederCore, feeder_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feeder.json"
 
@@ -120,7 +120,7 @@ class Consumer:
 
         fetch = None
         if self.feeder is not None:
-            fetch = Prefetcher(lambda b: ray.get(ray.get(self.feeder.get.remote(b, self.name))), 0, batches)
+            fetch = Prefetcher(feeder_batches(self.feeder, self.name), 0, batches)
             stream = (fetch.get(b) for b in range(batches))
         else:
             stream = self.loader.iter_batches(start=0)
@@ -128,7 +128,7 @@ class Consumer:
         try:
             for _ in range(batches):
                 batch = next(stream)
-                acts = batch["acts"] if fetch is None else torch.from_numpy(batch["acts"].copy())
+                acts = batch.acts_on("cpu")
                 if self.w is None:
                     self.w = torch.randn(acts.shape[1], self.m) / acts.shape[1] ** 0.5
                 checksum += float(torch.relu(acts @ self.w).sum())

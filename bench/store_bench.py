@@ -128,7 +128,7 @@ def loader_read(url: str, window: int, prefetch: int, storage_options=None) -> t
     rows, marks = 0, []
     t0 = time.perf_counter()
     for batch in loader:
-        rows += batch.shape[0]
+        rows += batch.rows
         if rows % per_epoch == 0:
             marks.append(time.perf_counter())
             if len(marks) == WARM_EPOCHS + TIMED_EPOCHS:
