@@ -139,25 +139,121 @@ class Consumer:
         return checksum
 
 
-def make_bench_store(url: str, rows: int, d: int) -> str:
-    """A float32 store of ``rows`` random rows (the bench's own synthetic data)."""
+@ray.remote(num_cpus=0)
+class Taker:
+    """A consumer that does nothing but take batches, as a sweep's trainer takes them (the feeder through
+    :class:`trainer.run.Prefetcher`, two batches ahead): the feeder's ceiling."""
+
+    def __init__(self, name: str, feeder: Any) -> None:
+        self.name, self.feeder = name, feeder
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, batches: int) -> tuple[int, int]:
+        """(rows, bytes) of batches 0..batches-1."""
+        from trainer.run import Prefetcher
+
+        fetch = Prefetcher(feeder_batches(self.feeder, self.name), 0, batches)
+        rows = nbytes = 0
+        try:
+            for b in range(batches):
+                batch = fetch.get(b)
+                rows, nbytes = rows + batch.rows, nbytes + batch.nbytes
+        finally:
+            fetch.close()
+        return rows, nbytes
+
+
+def loader_alone(store: str, batch_size: int, batches: int) -> float:
+    """Seconds for one loader (the feeder's settings and columns, in this process, no Ray) to stream
+    batches 0..batches-1: the rate a feeder could at best pass on."""
+    from store.loader import ActivationLoader
+    from trainer.run import BATCH_COLUMNS
+
+    rows = ActivationLoader(store, batch_size, seed=0).rows_per_epoch
+    loader = ActivationLoader(store, batch_size, seed=0, columns=BATCH_COLUMNS,
+                              epochs=math.ceil(batches * batch_size / rows))
+    t0 = time.perf_counter()
+    for b, _ in enumerate(loader):
+        if b + 1 == batches:
+            break
+    seconds = time.perf_counter() - t0
+    loader.close()
+    return seconds
+
+
+def ceiling_trial(store: str, n: int, batches: int, batch_size: int) -> dict[str, Any]:
+    """One feeder serving ``n`` takers: wall of the taking phase, rows and bytes taken, store reads."""
+    names = [f"t{i}" for i in range(n)]
+    feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0)
+    takers = [Taker.remote(name, feeder) for name in names]
+    ray.get([t.ready.remote() for t in takers] + [feeder.io.remote()])
+    t0 = time.perf_counter()
+    taken = ray.get([t.run.remote(batches) for t in takers])
+    wall = time.perf_counter() - t0
+    stats = ray.get(feeder.reads.remote())
+    for actor in takers + [feeder]:
+        ray.kill(actor)
+    return {"wall_s": wall, "rows_per_taker": taken[0][0], "bytes_per_taker": taken[0][1],
+            "feeder_reads": stats["reads"], "feeder_bytes_read": stats["bytes_read"]}
+
+
+def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds: int) -> list[dict[str, Any]]:
+    """Per stored dtype and N: the rate (rows/s and GB/s of stored bytes) at which one feeder serves N
+    takers, against one loader alone on the same data, in paired rounds (loader, feeder, loader, ...:
+    each round's ratio against the mean of the loader runs around it; medians reported)."""
+    out = []
+    for dtype in ("float16", "float32"):
+        store = make_bench_store(os.path.join(tmp, f"ceiling-{dtype}"), rows, d, dtype)
+        batches = 2 * rows // batch_size  # two epochs
+        row_bytes = d * np.dtype(dtype).itemsize + 2  # acts + int16 positions, as stored
+        loader_alone(store, batch_size, batches)  # page cache, numba kernel
+        for n in ns:
+            alone = [loader_alone(store, batch_size, batches)]
+            trials, ratios = [], []
+            for _ in range(rounds):
+                trials.append(ceiling_trial(store, n, batches, batch_size))
+                alone.append(loader_alone(store, batch_size, batches))
+                ratios.append(((alone[-1] + alone[-2]) / 2) / trials[-1]["wall_s"])
+            wall = statistics.median(t["wall_s"] for t in trials)
+            loader_s = statistics.median(alone)
+            total_rows = batches * batch_size
+            row = {"dtype": dtype, "n_takers": n, "batches": batches, "batch_size": batch_size, "d": d,
+                   "rounds": rounds, "loader_alone_s": loader_s, "loader_rows_s": total_rows / loader_s,
+                   "loader_GB_s": total_rows * row_bytes / loader_s / 1e9, "feeder_wall_s": wall,
+                   "feeder_rows_s_per_taker": total_rows / wall,
+                   "feeder_GB_s_per_taker": total_rows * row_bytes / wall / 1e9,
+                   "feeder_GB_s_all_takers": n * total_rows * row_bytes / wall / 1e9,
+                   "ratio_feeder_over_loader": statistics.median(ratios), "ratio_rounds": ratios,
+                   "feeder_reads": trials[-1]["feeder_reads"], "reads_per_batch": trials[-1]["feeder_reads"] / batches,
+                   "bytes_per_batch_through_feeder": trials[-1]["bytes_per_taker"] / batches}
+            assert all(t["rows_per_taker"] == total_rows for t in trials)
+            out.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "ratio_rounds"}), flush=True)
+        shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def make_bench_store(url: str, rows: int, d: int, dtype: str = "float32") -> str:
+    """A store of ``rows`` random rows in ``dtype`` (the bench's own synthetic data)."""
     from store.manifest import DatasetManifest, HookInfo, ModelInfo, SourceInfo
     from store.stats import StatsAccumulator
     from store.writer import DatasetWriter
 
     shard_rows = 8192
-    manifest = DatasetManifest(d=d, dtype="float32", shard_rows=shard_rows, chunk_rows=1024, context_length=128,
+    manifest = DatasetManifest(d=d, dtype=dtype, shard_rows=shard_rows, chunk_rows=1024, context_length=128,
                                model=ModelInfo(name="synthetic"), hook=HookInfo(layer=0, site="resid_post"),
                                source=SourceInfo(name="synthetic"))
     writer = DatasetWriter.create(url, manifest)
     rng = np.random.default_rng(0)
     stats = StatsAccumulator(d)
     for s in range(rows // shard_rows):
-        acts = rng.normal(size=(shard_rows, d)).astype(np.float32)
+        acts = rng.normal(size=(shard_rows, d)).astype(dtype)
         idx = np.arange(s * shard_rows, (s + 1) * shard_rows)
         writer.write_shard(s, acts, token_ids=(idx % 1000).astype(np.int32), seq_ids=(idx // 128).astype(np.int64),
                            positions=(idx % 128).astype(np.int16))
-        stats.update(acts)
+        stats.update(acts.astype(np.float32))
     writer.seal(stats=stats.result())
     return url
 
@@ -192,6 +288,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int, default=1024)
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds per N (median reported)")
+    parser.add_argument("--parts", nargs="+", choices=["sharing", "ceiling"], default=["sharing", "ceiling"])
+    parser.add_argument("--ceiling-rows", type=int, default=131072)
+    parser.add_argument("--ceiling-d", type=int, default=768)
+    parser.add_argument("--ceiling-batch", type=int, default=4096)
+    parser.add_argument("--ceiling-rounds", type=int, default=3)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.mkdtemp(prefix="fbench", dir="/tmp")
@@ -202,9 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = batches * args.batch * (args.d * 4 + 8)  # acts float32 + positions int64 per row (logical)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(tmp, "ray"), log_to_driver=False,
              _node_ip_address="127.0.0.1")
-    results = []
+    results, ceilings = [], []
     try:
-        for n in args.ns:
+        for n in args.ns if "sharing" in args.parts else []:
             rounds: list[dict[str, Any]] = []
             for r in range(args.rounds):  # paired rounds, the order alternating (the box may be shared)
                 modes = (False, True) if r % 2 == 0 else (True, False)
@@ -229,15 +330,23 @@ def main(argv: list[str] | None = None) -> int:
                                                           / max(row["shared"]["bytes_read"], 1))
             results.append(row)
             print(json.dumps(row), flush=True)
+        if "ceiling" in args.parts:
+            ceilings = ceiling(tmp, args.ceiling_rows, args.ceiling_d, args.ceiling_batch, args.ns, args.ceiling_rounds)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = results if "sharing" in args.parts else old.get("results", [])  # a partial run keeps the rest
+    ceilings = ceilings if "ceiling" in args.parts else old.get("ceiling", [])
     RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "independent loaders (one per trainer)",
                                    "ratio": "wall_ratio_feeder_over_independent: feeder wall / independent "
                                             "wall, median of paired rounds (<= 1.0: the feeder is not slower)",
                                    "rows": args.rows, "d": args.d, "batch_size": args.batch, "m": args.m,
-                                   "torch_threads": 1, "cpus": 2, "results": results}, indent=2) + "\n")
+                                   "torch_threads": 1, "cpus": 2, "results": results,
+                                   "ceiling_baseline": "one ActivationLoader alone (iter_batches, the feeder's "
+                                                       "columns), no Ray, paired rounds",
+                                   "ceiling": ceilings, "loadavg": os.getloadavg()}, indent=2) + "\n")
     return 0
 
 
