@@ -1,8 +1,9 @@
 """The one batch type of the data path: :class:`Batch`, what the loader yields and the trainer takes.
 
 A batch holds the requested row columns of B rows, each in the dtype the dataset stores
-(acts float16 or float32, token_ids int32, seq_ids int64, positions int16; see
-``docs/store-format.md``); a column not requested is ``None``. Nothing on the way casts: the
+(acts float16 or float32, token_ids int32, seq_ids int64, positions int16, a dataset's extra
+integer columns such as a synthetic dataset's ``true_l0`` in ``extra``); a column not requested
+is ``None`` (or absent from ``extra``). Nothing on the way casts: the
 loader hands out the stored bytes, the feeder puts the same record into Ray's object store, and
 whoever computes casts once where it computes (:meth:`Batch.acts_on`: on a GPU after the copy,
 at half the bytes for a float16 dataset; on the CPU inside the step).
@@ -16,7 +17,7 @@ copies).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -31,11 +32,20 @@ class Batch:
     token_ids: Tensor | None = None  # (B,) int32
     seq_ids: Tensor | None = None  # (B,) int64
     positions: Tensor | None = None  # (B,) int16
+    extra: dict[str, Tensor] = field(default_factory=dict)  # the dataset's extra columns, by name
+
+    @classmethod
+    def of(cls, columns: dict[str, Tensor]) -> Batch:
+        """The batch of ``columns`` by name (standard columns to their fields, the rest to ``extra``)."""
+        named = {f.name for f in fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in columns.items() if k in named},
+                   extra={k: v for k, v in columns.items() if k not in named})
 
     @property
     def columns(self) -> dict[str, Tensor]:
-        """The present columns by name, in field order."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
+        """The present columns by name (field order, then the extra columns)."""
+        standard = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**{k: v for k, v in standard.items() if v is not None}, **self.extra}
 
     @property
     def rows(self) -> int:
@@ -48,7 +58,7 @@ class Batch:
 
     def head(self, n: int) -> Batch:
         """The first ``n`` rows (views)."""
-        return Batch(**{name: t[:n] for name, t in self.columns.items()})
+        return Batch.of({name: t[:n] for name, t in self.columns.items()})
 
     def acts_on(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
         """The activations on ``device`` as ``dtype``: copied at the stored width, then cast there
@@ -66,4 +76,4 @@ def _from_numpy(arrays: dict[str, np.ndarray]) -> Batch:
     """A :class:`Batch` over ``arrays`` without a copy (read-only arrays from the object store too)."""
     with warnings.catch_warnings():  # the object store's arrays are read-only; a batch is never written
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return Batch(**{name: torch.from_numpy(a) for name, a in arrays.items()})
+        return Batch.of({name: torch.from_numpy(a) for name, a in arrays.items()})
