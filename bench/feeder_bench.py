@@ -1,4 +1,4 @@
-"""Feeder sharing: N trainers fed by one feeder actor vs N trainers with their own loaders.
+"""Feeder: N trainers fed by one feeder actor vs N trainers with their own loaders, and the feeder's ceiling.
 
 Setup: a synthetic local store (float32), N ∈ {1, 4, 8} consumer actors on a local Ray instance,
 each consuming the same T batches and doing a fixed amount of "training" work per batch
@@ -23,7 +23,17 @@ natural probe, but local chunks are memory-mapped and this sandbox does not acco
 worker threads. Wall time is the consuming phase only (actors are started and
 warmed up before the clock starts). Results: ``bench/results/feeder.json``.
 
-Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024]``.
+**Ceiling** (``--parts ceiling``): how fast one feeder can stream. N = 1, 4, 8 *takers* (Ray actors
+that do nothing but take batches, as a sweep's trainer takes them: :func:`trainer.feeder.feeder_batches`
+through the :class:`trainer.run.Prefetcher`) each take the same 2 epochs of batches (B = 4,096,
+d = 768, acts + positions) of a float16 and of a float32 dataset from one feeder, against **one loader
+alone** (``iter_batches`` of the same batches and columns in the bench's process, no Ray), in paired
+rounds (loader, feeder, loader, ...; each round's feeder rate against the mean of the loader runs
+around it). Reported per dtype and N: rows/s and GB/s (stored bytes) per taker and for all takers,
+the ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads
+per batch (1) and the bytes of a batch through the object store (half for float16).
+
+Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024] [--parts sharing ceiling]``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,9 @@ and exits 0. ``--device cpu --quick`` runs the same code on the CPU at toy sizes
    reference) and on the device in fp32 and under bf16 autocast (as ``dtype: bfloat16`` trains). Reported:
    the largest relative difference ‖w_dev − w_cpu‖ / ‖w_cpu‖ over the weight tensors and whether it
    is within the stated tolerance (fp32: FP32_RTOL = 1e-4, summation order only; bf16: BF16_RTOL =
-   5e-2 — bf16 keeps 8 bits of mantissa, and a near-tied latent may be selected differently).
+   0.1 — bf16 keeps 8 bits of mantissa, a near-tied latent may be selected differently, and a bias
+   that starts at zero is small against its own change: b_dec of TopK moves 4 % under bf16 on the
+   CPU at the quick sizes. A wrong step — a missing term, a sign, NaN — is off by ~1).
 2. **Sparsemax op** (``trainer.sparsemax.sparsemax``) on the device against the sort formula
    (``sparsemax_sort``) on the same device, B = 4,096 × M = 24,576 (quick: 256 × 512), σ set for a
    support of ~30: max |Δp| and |Δ∇z| (goal: ≤ SPARSEMAX_ATOL) and the forward time of each.
@@ -50,7 +52,7 @@ from trainer.sparsemax import sparsemax, sparsemax_sort  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu.json"
 STEPS = 3
-FP32_RTOL, BF16_RTOL, SPARSEMAX_ATOL = 1e-4, 5e-2, 1e-5
+FP32_RTOL, BF16_RTOL, SPARSEMAX_ATOL = 1e-4, 1e-1, 1e-5
 
 
 def sizes(quick: bool) -> dict[str, int]:
@@ -78,7 +80,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
 
 def trained_weights(variant: str, s: dict[str, int], device: torch.device, autocast: torch.dtype | None
                     ) -> tuple[dict[str, torch.Tensor], float]:
-    """The weights after STEPS train steps on ``device`` (CPU copies) and the median step time."""
+    """The parameters after STEPS train steps on ``device`` (CPU copies) and the median step time."""
     torch.manual_seed(0)
     sae = sae_zoo.build({"variant": variant, "d": s["d"], "m": s["m"], "seed": 0}).to(device)
     step, _ = zoo_step(sae, make_batch(s["batch"], s["d"]).to(device))  # forward, backward, Adam, post_step
@@ -86,7 +88,9 @@ def trained_weights(variant: str, s: dict[str, int], device: torch.device, autoc
     for _ in range(STEPS):
         with torch.autocast(device.type, dtype=autocast) if autocast is not None else nullcontext():
             times.append(timed(step, device)[1])
-    return {k: v.detach().float().cpu() for k, v in sae.state_dict().items()}, statistics.median(times)
+    # parameters only: buffers such as tokens-since-fired counters legitimately differ when a near-tied
+    # latent is selected differently under bf16
+    return {k: v.detach().float().cpu() for k, v in sae.named_parameters()}, statistics.median(times)
 
 
 def relative_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:

@@ -264,11 +264,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller data, fewer settings")
     ap.add_argument("--only", choices=["steady", "first-epoch", "s3"], nargs="+",
                     default=["steady", "first-epoch", "s3"], help="the parts to run (default: all)")
+    ap.add_argument("--rounds", type=int, help="paired rounds (default: 15, quick: 3; first epoch: 9, quick: 3)")
+    ap.add_argument("--defaults-only", action="store_true", help="local float32: only the default settings")
     ap.add_argument("--first-epoch-child", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.first_epoch_child:
         return first_epoch_child(args.first_epoch_child)
-    rounds = 3  # --quick; a full run does 15 paired rounds locally and on S3
+    rounds = args.rounds or (3 if args.quick else 15)  # paired rounds, locally and on S3
     local_shards = 2 if args.quick else 4
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "loadavg_start": os.getloadavg()},
@@ -276,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="storebench", dir="/tmp")
     try:
         if "steady" in args.only:
-            results.update(steady_local(tmp, local_shards, rounds if args.quick else 15))
+            settings = [(64, 2)] if args.defaults_only else [(8, 2), (64, 2)] if args.quick else [
+                (8, 0), (8, 2), (32, 2), (64, 0), (64, 2)]
+            results.update(steady_local(tmp, local_shards, rounds, settings))
         if "first-epoch" in args.only:
             # four default windows: 4 x 64 chunks (quick: chunks of 1,024 rows, full: 4,096)
             chunk = 1024 if args.quick else CHUNK
@@ -287,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
                               d=FIRST_D, chunk_rows=chunk)
                 _, paths, _ = shard_paths(url)
                 raw_read_local(paths)  # into the page cache
-                got = results[f"first_epoch_fresh_process_{dtype}"] = bench_first_epoch(url, 3 if args.quick else 9)
+                got = results[f"first_epoch_fresh_process_{dtype}"] = bench_first_epoch(url, args.rounds or (3 if args.quick else 9))
                 print(f"first epoch, fresh process, {dtype} ({got['bytes'] / 2**20:.0f} MiB, {FIRST_WINDOWS} windows): "
                       f"{got['ratio']:.2f} x raw (median of {got['rounds']} rounds: "
                       f"{', '.join(f'{r:.2f}' for r in got['ratio_rounds'])})", flush=True)
@@ -304,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def steady_local(tmp: str, shards: int, rounds: int) -> dict:
+def steady_local(tmp: str, shards: int, rounds: int, settings: list[tuple[int, int]]) -> dict:
     """Local write timing, and the paired read bench of float32 files at every setting and of float16
     files (the harvester's default storage dtype; batches stay float16) at the defaults."""
     results = {}
@@ -316,7 +320,6 @@ def steady_local(tmp: str, shards: int, rounds: int) -> dict:
     print(f"local write: {wr['MB_s']:.0f} MB/s vs raw {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x", flush=True)
     _, paths, nbytes = shard_paths(url)
     raw_read_local(paths)  # warm the page cache
-    settings = [(8, 2), (64, 2)] if rounds < 15 else [(8, 0), (8, 2), (32, 2), (64, 0), (64, 2)]
     results["local_read"] = bench_reads("local", url, lambda: raw_read_local(paths), nbytes, shards * 65536,
                                         settings, rounds)
     results["index_check"] = index_check_cost(paths, 65536 // CHUNK, results["local_read"]["baseline"]["seconds"])
@@ -358,7 +361,7 @@ def s3_reads(quick: bool, rounds: int) -> tuple[dict, dict]:
         print(f"s3 write: {wr['MB_s']:.0f} MB/s vs raw put {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x", flush=True)
         s3_settings = [(8, 2), (64, 2)] if quick else [(8, 0), (8, 2), (16, 2), (64, 0), (64, 2)]
         read = bench_reads("s3", s3url, lambda: raw_read_remote(fs, s3paths), nbytes, s3_shards * 16384,
-                           s3_settings, rounds if quick else 15)
+                           s3_settings, rounds)
     finally:
         server.stop()
     return write, read

@@ -16,7 +16,9 @@ trainer of any group will ask for within a window are dropped when the window is
 holds about ``window`` batches per group); until then they serve restarted trainers and late
 starters. ``Feeder.reads()`` reports the counts.
 
-A trainer takes its batches with :func:`feeder_batches` (a :data:`trainer.run.BatchSource`).
+A trainer takes its batches with :func:`feeder_batches` (a :data:`trainer.run.BatchSource`), ``SPAN``
+batches' references per call to the actor: one call per batch per trainer would make the actor's
+round trips, not the store, the feeder's ceiling (``bench/feeder_bench.py``).
 """
 
 from __future__ import annotations
@@ -122,6 +124,12 @@ class FeederCore:
             self.cond.notify_all()
         return ref
 
+    def get_span(self, b: int, n: int, trainer: str) -> list[Any]:
+        """The ObjectRefs of batches ``b .. b+n-1`` (up to the stream's end) for ``trainer``, in one call:
+        a trainer asks once per ``n`` batches, so one feeder serves many trainers at the loader's pace
+        (each call to an actor costs both sides a round trip)."""
+        return [self.get(i, trainer) for i in range(b, min(b + n, self.total))]
+
     def done(self, trainer: str) -> None:
         """``trainer`` finished (or gave up): nobody waits for it and it wants no batch any more."""
         with self.cond:
@@ -144,12 +152,21 @@ class Feeder(FeederCore):
     Trainers take its batches with :func:`feeder_batches`."""
 
 
-def feeder_batches(feeder: Any, trainer: str) -> Callable[[int], Batch]:
-    """Batch ``b`` for ``trainer`` from a :class:`Feeder` handle: the actor call returns the batch's
-    ObjectRef (one ``ray.put`` shared by every trainer), whose value is the :class:`Batch`, read
-    zero-copy from the object store."""
+#: Batches a trainer takes from the feeder per call (:func:`feeder_batches`).
+SPAN = 4
+
+
+def feeder_batches(feeder: Any, trainer: str, span: int = SPAN) -> Callable[[int], Batch]:
+    """Batch ``b`` for ``trainer`` from a :class:`Feeder` handle. Asked for a batch it does not hold, it
+    takes the ObjectRefs of the next ``span`` batches in one call (:meth:`FeederCore.get_span`; each
+    batch one ``ray.put`` shared by every trainer); the batch is the ref's value, a :class:`Batch` read
+    zero-copy from the object store. Calls come from one thread at a time (the trainer's prefetcher)."""
+    held: dict[int, Any] = {}
 
     def batch(b: int) -> Batch:
-        return ray.get(ray.get(feeder.get.remote(b, trainer)))
+        if b not in held:
+            held.clear()
+            held.update(enumerate(ray.get(feeder.get_span.remote(b, span, trainer)), start=b))
+        return ray.get(held.pop(b))
 
     return batch

@@ -97,3 +97,20 @@ def test_feeder_passes_the_stored_dtype_through_ray(ray_local, tmp_path, dtype):
     assert ray.get(feeder.reads.remote())["bytes_read"] == 64 * (16 * got.acts.element_size() + 2)
     assert torch.equal(got.acts_on("cpu"), want.acts.float())
     ray.kill(feeder)
+
+
+def test_a_span_is_the_batches_one_by_one(tiny_store):
+    """``get_span`` (what a trainer asks for, SPAN batches a call) reads each batch once, moves the
+    trainer's cursor past the span, and stops at the stream's end."""
+    import ray
+
+    def value(x):
+        return ray.get(x) if isinstance(x, ray.ObjectRef) else x
+
+    feeder = FeederCore(tiny_store, 64, 0, 6, ["t"], window=8, prefetch=0)
+    span = [value(x) for x in feeder.get_span(2, 3, "t")]
+    assert [b.rows for b in span] == [64, 64, 64] and feeder.cursors["t"] == 5
+    for i, got in enumerate(span, start=2):
+        assert torch.equal(got.acts, feeder.loader.batch(i).acts)
+    assert len(feeder.get_span(4, 4, "t")) == 2  # batches 4 and 5: the stream has 6
+    assert feeder.reads()["reads"] == 4 and feeder.reads()["rereads"] == 0  # 2, 3, 4, 5 once each
