@@ -35,11 +35,11 @@ def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
     from store.loader import ActivationLoader
 
     loader = ActivationLoader(tiny_store, 64, seed=0, columns=("acts", "positions"))
-    got = feeder_batches(feeder, "late")(3)  # the loader's Batch, unchanged
+    got = feeder_batches(feeder, "late", span=4)(3)  # the loader's Batch, unchanged
     assert isinstance(got, Batch) and got.token_ids is None and got.seq_ids is None
     assert torch.equal(got.acts, loader.batch(3).acts) and torch.equal(got.positions, loader.batch(3).positions)
-    # batch 3 had left the window (and batch 4, read ahead for "late" when the window has free room)
-    assert 1 <= ray.get(feeder.reads.remote())["rereads"] <= 2
+    # batches 3..6 (one span) had left the window (and batch 7, read ahead when the window has free room)
+    assert 4 <= ray.get(feeder.reads.remote())["rereads"] <= 5
     ray.kill(feeder)
 
 
