@@ -22,8 +22,6 @@ fast path accepts.
 from __future__ import annotations
 
 import atexit
-import contextlib
-import mmap
 import os
 import threading
 
@@ -42,24 +40,10 @@ ENABLED = numba is not None and os.environ.get("DYNSAE_STREAMING_SCATTER", "1") 
 ALIGN = 64
 
 
-#: Arrays of at least this many bytes are mapped on their own and asked for transparent huge pages.
-HUGE_PAGE_BYTES = 2 << 20
-
-
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | str) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary.
-
-    A large one (window buffers) is an anonymous mapping with ``MADV_HUGEPAGE``: its first touch
-    faults once per 2 MiB instead of once per 4 KiB (on the bench VM first-touching 512 MiB of fresh
-    memory cost 0.25–0.9 s in 4 KiB pages), and the scatter's random row writes miss the TLB less."""
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary."""
     dtype = np.dtype(dtype)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if nbytes >= HUGE_PAGE_BYTES:
-        mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            with contextlib.suppress(OSError):  # huge pages off in this kernel: 4 KiB pages, same bytes
-                mapping.madvise(mmap.MADV_HUGEPAGE)
-        return np.frombuffer(mapping, dtype=np.uint8).view(dtype).reshape(shape)  # page aligned
     raw = np.empty(nbytes + ALIGN, dtype=np.uint8)
     skip = -raw.ctypes.data % ALIGN
     return raw[skip:skip + nbytes].view(dtype).reshape(shape)

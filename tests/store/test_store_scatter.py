@@ -40,7 +40,6 @@ def test_scatter_equals_numpy_fancy_assignment(n, extra, width, dtype, skew, see
 
 
 def test_aligned_empty_is_64_byte_aligned():
-    # small (numpy's allocator) and large (own huge-page mapping) arrays alike; writable
     for shape, dtype in [((3, 5), "float16"), ((1000, 768), "float32"), ((7,), "int64"), ((2048, 1024), "float16")]:
         a = aligned_empty(shape, dtype)
         assert a.shape == shape and a.dtype == np.dtype(dtype) and a.ctypes.data % 64 == 0 and a.flags.c_contiguous
