@@ -93,7 +93,7 @@ def test_matched_within_window(sizes):
     # fvu: Δ = 0.21 − 0.12 = 0.09 > 2·√((0.02² + 0.0002)/2) = 2·√3e-4 ≈ 0.0346 → sparsemax better
     v = fc.verdicts["fvu"]
     assert v.delta == pytest.approx(0.09) and v.pooled_std == pytest.approx(math.sqrt(3e-4))
-    assert v.outcome == "sparsemax better"
+    assert v.outcome == "reference better"
     # ce: Δ = 0.065 − 0.06 = 0.005 ≤ 2·√((0.01² + 0.0002)/2) ≈ 0.0245 → within seed spread
     v = fc.verdicts["ce_degradation"]
     assert v.delta == pytest.approx(0.005) and v.pooled_std == pytest.approx(math.sqrt(1.5e-4))
@@ -116,7 +116,7 @@ def test_interpolated_in_log_l0(sizes):
     assert m.metrics["dead_frac"].mean == pytest.approx(1 / 6)
     # fvu Δ = 0.05 − 0.12 = −0.07, |Δ| > 2·√3e-4 → sparsemax worse
     v = fc.verdicts["fvu"]
-    assert v.delta == pytest.approx(-0.07) and v.outcome == "sparsemax worse"
+    assert v.delta == pytest.approx(-0.07) and v.outcome == "reference worse"
 
 
 def test_unmatched_is_not_conclusive(sizes):
