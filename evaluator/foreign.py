@@ -91,6 +91,16 @@ class ForeignSAE(nn.Module):
             return self.inner.decode(codes.val, codes.idx).float()
         return self.inner.decode(codes.to_dense().to(self.inner.dtype)).float()
 
+    @torch.no_grad()
+    def decoder_directions(self) -> Tensor:
+        """Unit rows of the library's W_dec (M, d) float32: the direction latent j adds to x̂ (both libraries
+        decode x̂ = Σ_j f_j W_dec,j + b_dec; SAELens's activation normalisation is a positive scale)."""
+        rows = self.inner.W_dec.detach().float()
+        if tuple(rows.shape) != (self.config.m, self.config.d):
+            raise UserError(f"the {self.config.source_format} SAE at {self.config.source_url} has W_dec of shape "
+                            f"{tuple(rows.shape)}, not (d_sae, d_in) = ({self.config.m}, {self.config.d}).")
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
     def to(self, *args: Any, **kwargs: Any) -> ForeignSAE:
         """Move the wrapped SAE with its own ``to`` (SAELens keeps its device in an attribute)."""
         self.inner = self.inner.to(*args, **kwargs)

@@ -142,3 +142,20 @@ def test_foreign_folder_needs_a_dataset(tmp_path, capsys):
     saelens_sae("standard").save_model(folder)
     assert dynsae_main(["eval", str(folder)]) == 2
     assert "pass --dataset" in capsys.readouterr().err
+
+
+def test_foreign_decoder_directions_are_unit_decoder_rows(tmp_path):
+    """SAELens and sparsify folders: decoder_directions() = W_dec rows / their norms."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from evaluator.foreign import load_foreign
+
+    sl = saelens_sae("standard")
+    sl.save_model(tmp_path / "sl")
+    torch.manual_seed(3)
+    coder = SparseCoder(D, SparseCoderConfig(num_latents=M, k=5))
+    coder.save_to_disk(tmp_path / "sp")
+    for folder, w_dec in ((tmp_path / "sl", sl.W_dec), (tmp_path / "sp", coder.W_dec)):
+        u = load_foreign(str(folder)).decoder_directions()
+        w = w_dec.detach().float()
+        torch.testing.assert_close(u, w / w.norm(dim=-1, keepdim=True))

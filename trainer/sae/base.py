@@ -367,6 +367,20 @@ class SAE(nn.Module):
         """This SAE in eai-sparsify's terms; :class:`NotRepresentable` when it has none."""
         raise NotRepresentable("sparsify holds TopK SAEs only")
 
+    # -- what each latent means in activation space
+    def decoder_matrix(self) -> Tensor:  # pragma: no cover - abstract
+        """(M, d) matrix whose row j is what latent j adds to the reconstruction per unit of code (before
+        any ×‖x‖ or input_scale, positive factors that do not change its direction)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decoder_directions(self) -> Tensor:
+        """Unit decoder directions u_j (M, d), float32, in the original activation space: the direction
+        latent j adds to x̂, u_j = D_j/‖D_j‖ with D = :meth:`decoder_matrix` (a zero row stays 0). What the
+        ground-truth metrics compare with the true features (``docs/metrics.md``)."""
+        rows = self.decoder_matrix().detach().float()
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
     def post_step(self) -> None:
         """Call after every optimiser step: renormalises unit-norm decoders."""
         for module in self.modules():
