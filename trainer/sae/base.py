@@ -207,6 +207,13 @@ def reconstruction(x_hat: Tensor, x: Tensor, loss: str, norms: Tensor | None = N
     return (sq / norms[:, None]).mean(), plain  # mean_{t,i} (x̂ − x)² / ‖x_t‖
 
 
+class Reconstructions(tuple):
+    """Further reconstructions y_g (each (B, d), in the space the SAE encodes) returned as a penalty value
+    by ``forward_normalized``: :meth:`SAE.forward` replaces them by Σ_g of their reconstruction losses,
+    computed exactly as the main one (the same ``loss`` setting, ×‖x‖ where the SAE rescales). Used by
+    the Matryoshka SAE for its nested prefixes."""
+
+
 # ----------------------------------------------------------------------------- base
 
 #: variant name -> SAE class, filled as variant modules are imported (see trainer.sae.registry).
@@ -233,8 +240,9 @@ class SAE(nn.Module):
     #: How sentences name the variant ("the Sparsemax SAE"); "" = the variant string.
     title: ClassVar[str] = ""
     #: False when the variant chooses its support per token and so has no L0 knob (no ``target_l0``):
-    #: the sweep trains it before the steered baselines and the report shows its support sizes.
-    #: Must agree with the config (checked when the class is defined).
+    #: the sweep trains it before the steered baselines and the report shows its support sizes. Follows
+    #: the config (``target_l0`` among its fields) when not set; when set, it must agree (checked when the
+    #: class is defined).
     has_l0_knob: ClassVar[bool] = True
     #: True for the one variant every other family is compared against at its L0 (the report's
     #: matched-sparsity reference). Not inherited: a subclass is a baseline unless it says so.
@@ -247,7 +255,9 @@ class SAE(nn.Module):
             cls.is_reference = False
         if cls.__dict__.get("variant"):
             knob = "target_l0" in cls.config_class.model_fields
-            if cls.has_l0_knob != knob:
+            if "has_l0_knob" not in cls.__dict__:
+                cls.has_l0_knob = knob
+            elif cls.has_l0_knob != knob:
                 raise TypeError(f"SAE variant {cls.variant!r}: has_l0_knob = {cls.has_l0_knob} but its config "
                                 f"{'has' if knob else 'has no'} target_l0; make them agree.")
             if cls.variant in REGISTERED and REGISTERED[cls.variant].__qualname__ != cls.__qualname__:
@@ -331,6 +341,9 @@ class SAE(nn.Module):
         losses: dict[str, Tensor] = {"recon": recon, "mse": plain_mse}
         total = recon
         for name, (coef, value) in penalties.items():
+            if isinstance(value, Reconstructions):  # Σ_g of the reconstruction loss of each further y_g
+                value = sum((reconstruction(y_g * norms[:, None] if norms is not None else y_g, x, self.config.loss,
+                                            norms)[0] for y_g in value), x.new_zeros(()))
             losses[name] = value
             if torch.is_tensor(coef):  # a steered coefficient: logged beside its penalty
                 losses[f"{name}_coef"] = coef.detach()
@@ -339,7 +352,8 @@ class SAE(nn.Module):
         return self._unscale(x_hat), codes, losses
 
     def forward_normalized(self, xi: Tensor) -> tuple[Codes, Tensor, dict[str, tuple[float, Tensor]]]:
-        """Default: encode, decode, no penalty."""
+        """Default: encode, decode, no penalty. Penalties are ``{name: (coefficient, value)}``; a value may
+        be :class:`Reconstructions` (their summed reconstruction loss is the penalty)."""
         codes = self.encode_normalized(xi)
         return codes, self.decode_normalized(codes), {}
 
