@@ -2,6 +2,7 @@
 
 ``dynsae store ...``   -> ``python -m store ...``
 ``dynsae harvest ...`` -> ``python -m harvester run ...``
+``dynsae synth ...``   -> ``python -m harvester synth ...`` (synthetic activations, known dictionary)
 ``dynsae train ...``   -> :mod:`dynsae.train` (``python -m trainer run`` + the evaluator's metrics)
 ``dynsae sweep ...``   -> :mod:`dynsae.sweep` (``python -m trainer sweep`` + the evaluator)
 ``dynsae eval ...``    -> ``python -m evaluator run ...``
@@ -20,6 +21,7 @@ import sys
 ROUTES: dict[str, tuple[str, list[str]]] = {
     "store": ("store.__main__", []),
     "harvest": ("harvester.__main__", ["run"]),
+    "synth": ("harvester.__main__", ["synth"]),
     "train": ("dynsae.train", []),
     "sweep": ("dynsae.sweep", []),
     "eval": ("evaluator.__main__", ["run"]),

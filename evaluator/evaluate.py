@@ -17,6 +17,11 @@ What is measured (definitions in :mod:`evaluator.metrics`, DESIGN §7):
   recorded in ``ce_skipped``.
 * Zero-shot concept classification (vision) when a :class:`~evaluator.zeroshot.ZeroShotConfig`
   is given and the dataset's model is open_clip.
+* Ground truth (``gt_mcc``, ``gt_recovered``, ``gt_f1``, ``gt_l0_spearman``, ``docs/metrics.md``) when
+  the dataset has a ``ground_truth.safetensors`` (``dynsae synth``): the SAE's unit decoder directions
+  (``decoder_directions()``) matched to the true features, and per kept eval row the latents that
+  fire against the features present (looked up by the row's ``seq_id``). Otherwise skipped with
+  the reason in ``gt_skipped``; CE and zero-shot are skipped on a synthetic dataset (no model).
 """
 
 from __future__ import annotations
@@ -35,7 +40,15 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from evaluator.ce import splice_ce
-from evaluator.metrics import METRICS_VERSION, ReconstructionAccumulator, SparsityAccumulator, suggest_topk
+from evaluator.metrics import (
+    METRICS_VERSION,
+    RECOVERED_COSINE,
+    GroundTruthAccumulator,
+    ReconstructionAccumulator,
+    SparsityAccumulator,
+    feature_matching,
+    suggest_topk,
+)
 from store import io
 from store.config import StrictModel
 from store.errors import UserError
@@ -44,6 +57,7 @@ from store.filters import RowFilter
 EVAL_FILE = "eval.json"
 CONFIG_FILE = "config.json"
 DEFAULT_CE_CONTEXTS = 64
+SYNTHETIC_NO_MODEL = "synthetic dataset (dynsae synth): there is no model to splice the SAE into"
 
 
 class FilterInfo(StrictModel):
@@ -114,6 +128,13 @@ class EvalReport(StrictModel):
     ce: dict[str, Any] | None = None
     zeroshot: dict[str, Any] | None = None
     zeroshot_skipped: str | None = None
+    # ground truth (synthetic datasets; None with gt_skipped set otherwise)
+    gt_mcc: float | None = None
+    gt_recovered: float | None = None
+    gt_f1: float | None = None
+    gt_l0_spearman: float | None = None
+    gt_skipped: str | None = None
+    ground_truth: dict[str, Any] | None = None
 
 
 # ---- small helpers ---------------------------------------------------------------------------
@@ -183,32 +204,43 @@ def codes_rows(codes: Any, mask: Tensor) -> Any:
 
 
 class EvalAccumulators:
-    """Reconstruction over kept and over all rows, sparsity over kept rows."""
+    """Reconstruction over kept and over all rows, sparsity over kept rows, and (with a ground truth
+    and its feature matching) the ground-truth counts over kept rows."""
 
-    def __init__(self, m: int) -> None:
+    def __init__(self, m: int, truth: Any = None, assignment: Tensor | None = None) -> None:
         self.kept = ReconstructionAccumulator()
         self.all = ReconstructionAccumulator()
         self.sparsity = SparsityAccumulator(m)
+        self.truth = truth
+        self.gt = None if truth is None else GroundTruthAccumulator(assignment, m)
 
-    def update(self, x: Tensor, x_hat: Tensor, codes: Any, keep: Tensor, positions: Tensor | None) -> None:
-        """One batch: rows ``x``, reconstructions, their codes and the filter's keep mask."""
+    def update(self, x: Tensor, x_hat: Tensor, codes: Any, keep: Tensor, positions: Tensor | None,
+               seq_ids: Tensor | None = None) -> None:
+        """One batch: rows ``x``, reconstructions, their codes, the filter's keep mask (and the rows'
+        seq_ids when there is a ground truth)."""
         self.all.update(x, x_hat)
         self.kept.update(x[keep], x_hat[keep])
         kept_codes = codes_rows(codes, keep)
         self.sparsity.update(kept_codes.support_sizes(), kept_codes.fire_counts(),
                              torch.linalg.vector_norm(x[keep].float(), dim=-1),
                              None if positions is None else positions[keep])
+        if self.gt is not None:
+            rows = seq_ids[keep].cpu().numpy()  # a synthetic row's seq_id is its global row index
+            self.gt.update(kept_codes, self.truth.presence(rows))
 
 
 def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilter, median_norm: float | None, *,
                      max_tokens: int | None, batch_size: int, device: str,
-                     storage_options: dict[str, Any] | None = None, progress: bool = True) -> EvalAccumulators:
-    """Stream the eval split through the SAE (no grad) into :class:`EvalAccumulators`."""
+                     storage_options: dict[str, Any] | None = None, progress: bool = True,
+                     truth: Any = None, assignment: Tensor | None = None) -> EvalAccumulators:
+    """Stream the eval split through the SAE (no grad) into :class:`EvalAccumulators` (with
+    ground-truth counts when ``truth`` and its feature ``assignment`` are given)."""
     from store import ActivationLoader
 
+    columns = ("acts", "positions") + (("seq_ids",) if truth is not None else ())
     loader = ActivationLoader(dataset_url, batch_size, split="eval", seed=0, epochs=1,
-                              columns=("acts", "positions"), storage_options=storage_options)
-    acc = EvalAccumulators(sae.config.m)
+                              columns=columns, storage_options=storage_options)
+    acc = EvalAccumulators(sae.config.m, truth, assignment)
     total = loader.rows_per_epoch if max_tokens is None else min(max_tokens, loader.rows_per_epoch)
     if total == 0:
         raise UserError(f"dataset {dataset_url} has no rows in its eval split; harvest with a non-zero "
@@ -217,14 +249,15 @@ def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilt
     seen = 0
     with loader, torch.no_grad():
         for batch in loader:
-            x, positions = batch["acts"], batch["positions"]
+            x, positions, seq_ids = batch["acts"], batch["positions"], batch.get("seq_ids")
             if max_tokens is not None:
                 x, positions = x[: max_tokens - seen], positions[: max_tokens - seen]
+                seq_ids = None if seq_ids is None else seq_ids[: max_tokens - seen]
             x, positions = x.to(device), positions.to(device)
             keep = row_filter.keep_mask(x, positions, median_norm)
             codes = sae.encode(x)
             x_hat = sae.decode(codes, x)
-            acc.update(x, x_hat, codes, keep, positions)
+            acc.update(x, x_hat, codes, keep, positions, None if seq_ids is None else seq_ids.to(device))
             seen += x.shape[0]
             bar.update(x.shape[0])
             if max_tokens is not None and seen >= max_tokens:
@@ -302,6 +335,8 @@ def ce_section(dataset: Any, sae: torch.nn.Module, row_filter: RowFilter, median
     info = dataset.manifest.model
     if ce_contexts <= 0:
         return None, "ce_contexts = 0"
+    if dataset.manifest.generator is not None:
+        return None, SYNTHETIC_NO_MODEL
     if info.kind != "hf_causal_lm":
         return None, f"model {info.name!r} is of kind {info.kind!r}, not an HF causal LM"
     if "token_ids" not in dataset.arrays:
@@ -349,10 +384,13 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
                         f"d = {manifest.d}; the run config points at the wrong dataset.")
     row_filter = run_filter(cfg)
     median_norm = manifest.stats.median_norm if manifest.stats is not None else None
+    truth, gt_skipped = ground_truth_of(dataset_url, manifest.d, storage_options)
+    matching = None if truth is None else feature_matching(torch.from_numpy(truth.features), sae.decoder_directions())
     acc = score_eval_split(sae, dataset_url, row_filter, median_norm, max_tokens=max_tokens,
                            batch_size=batch_size, device=device, storage_options=storage_options,
-                           progress=progress)
+                           progress=progress, truth=truth, assignment=None if matching is None else matching["assignment"])
     kept, everything, sparsity = acc.kept.result(), acc.all.result(), acc.sparsity.result()
+    gt = ground_truth_section(matching, acc.gt)
     ce, ce_skipped = ce_section(dataset, sae, row_filter, median_norm, ce_contexts, device, ce_batch_size,
                                 model_cache, progress)
     zs, zs_skipped = zeroshot_section(manifest, sae, row_filter, zeroshot, device, model_cache)
@@ -392,15 +430,43 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         "ce": ce or None,
         "zeroshot": zs,
         "zeroshot_skipped": zs_skipped,
+        **{k: gt.get(k) for k in ("gt_mcc", "gt_recovered", "gt_f1", "gt_l0_spearman")},
+        "gt_skipped": gt_skipped,
+        "ground_truth": {k: v for k, v in gt.items() if not k.startswith("gt_")} or None,
     }))
     if write:
         io.write_json(out or io.join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
     return report
 
 
+def ground_truth_of(dataset_url: str, d: int, storage_options: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """(the dataset's ground truth, None) or (None, the reason the gt_* metrics are skipped)."""
+    from harvester import ground_truth
+
+    truth = ground_truth.load(dataset_url, d, storage_options)
+    if truth is None:
+        return None, f"dataset {dataset_url} has no {ground_truth.FILE} (only `dynsae synth` datasets have a known dictionary)"
+    return truth, None
+
+
+def ground_truth_section(matching: dict[str, Any] | None, gt: GroundTruthAccumulator | None) -> dict[str, Any]:
+    """The gt_* metrics and their details ({} without a ground truth)."""
+    if matching is None or gt is None:
+        return {}
+    counts = gt.result()
+    best = matching["best_cosine"]
+    return {"gt_mcc": matching["gt_mcc"], "gt_recovered": matching["gt_recovered"], "gt_f1": counts["gt_f1"],
+            "gt_l0_spearman": counts["gt_l0_spearman"], "features": int(best.numel()),
+            "matched": int((matching["assignment"] >= 0).sum()), "recovered_cosine": RECOVERED_COSINE,
+            "best_cosine_quantiles": {str(q): float(best.quantile(q)) for q in (0.1, 0.5, 0.9)},
+            "f1_defined": counts["f1_defined"], "rows": counts["rows"], "true_l0_mean": counts["true_l0_mean"]}
+
+
 def zeroshot_section(manifest: Any, sae: torch.nn.Module, row_filter: RowFilter, config: Any, device: str,
                      model_cache: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
     """Zero-shot results for open_clip datasets when a config is given; else (None, reason)."""
+    if manifest.generator is not None:
+        return None, SYNTHETIC_NO_MODEL
     if config is None or not config.datasets:
         return None, "no zero-shot datasets configured"
     if manifest.model.kind != "open_clip":

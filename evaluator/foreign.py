@@ -28,9 +28,11 @@ import contextlib
 import io as _pyio
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from store import io
@@ -131,16 +133,24 @@ def neither_error(url: str) -> UserError:
                      "of those.")
 
 
-def local_copy(url: str, names: tuple[str, ...], storage_options: io.StorageOptions) -> str:
-    """A local folder holding ``names`` of ``url`` (the folder itself when it is local)."""
+@contextlib.contextmanager
+def local_copy(url: str, names: tuple[str, ...], storage_options: io.StorageOptions) -> Iterator[str]:
+    """A local folder holding ``names`` of ``url``: the folder itself when it is local, else a temporary copy
+    removed on exit (both libraries load the weights into memory, so the copy is not needed afterwards)."""
     if io.is_local(url):
-        return io.local_path(url)
-    folder = tempfile.mkdtemp(prefix="dynsae-foreign-")
-    for name in names:
-        data = io.read_bytes(io.join_url(url, name), storage_options)
-        with open(os.path.join(folder, name), "wb") as fh:
-            fh.write(data or b"")
-    return folder
+        yield io.local_path(url)
+        return
+    with tempfile.TemporaryDirectory(prefix="dynsae-foreign-") as folder:
+        for name in names:
+            data = io.read_bytes(io.join_url(url, name), storage_options)
+            with open(os.path.join(folder, name), "wb") as fh:
+                fh.write(data or b"")
+        yield folder
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (at most 200 characters), for a one-sentence error."""
+    return (str(err).splitlines() or [""])[0][:200]
 
 
 def _import(module: str, extra: str) -> Any:
@@ -165,9 +175,10 @@ def load_saelens(url: str, storage_options: io.StorageOptions = None) -> Foreign
         raise UserError(f"{io.join_url(url, CFG)} names architecture {arch!r}, which SAELens does not know"
                         f"{hint}; the known ones are {', '.join(sorted(SAE_CLASS_REGISTRY))}.")
     try:
-        inner = sae_lens.SAE.load_from_disk(local_copy(url, (CFG, SAELENS_WEIGHTS), storage_options))
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"SAELens cannot load {url}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+        with local_copy(url, (CFG, SAELENS_WEIGHTS), storage_options) as folder:
+            inner = sae_lens.SAE.load_from_disk(folder)
+    except (KeyError, ValueError, RuntimeError, TypeError, SafetensorError, OSError) as err:
+        raise UserError(f"SAELens cannot load {url}: {type(err).__name__}: {first_line(err)}; "
                         "re-save it with sae.save_model().") from None
     c = inner.cfg
     norm = c.normalize_activations
@@ -186,9 +197,10 @@ def load_sparsify(url: str, storage_options: io.StorageOptions = None) -> Foreig
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
     sparsify = _import("sparsify", "eai-sparsify")
     try:
-        inner = sparsify.SparseCoder.load_from_disk(local_copy(url, (CFG, SPARSIFY_WEIGHTS), storage_options))
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise UserError(f"sparsify cannot load {url}: {type(err).__name__}: {str(err).splitlines()[0][:200]}; "
+        with local_copy(url, (CFG, SPARSIFY_WEIGHTS), storage_options) as folder:
+            inner = sparsify.SparseCoder.load_from_disk(folder)
+    except (KeyError, ValueError, RuntimeError, TypeError, SafetensorError, OSError) as err:
+        raise UserError(f"sparsify cannot load {url}: {type(err).__name__}: {first_line(err)}; "
                         "re-save it with SparseCoder.save_to_disk().") from None
     if inner.cfg.transcode or inner.W_skip is not None:
         raise UserError(f"{url} is a sparsify transcoder or has a skip connection; only plain SAEs "

@@ -20,6 +20,18 @@ N rows, a ∈ R^M the codes of a row):
   size with ‖x‖ and with the token position.
 * ``dead_frac`` = fraction of concepts that never fired on the evaluated rows;
   ``dense_frac`` = fraction that fired on more than 10% of them.
+
+Ground truth (synthetic datasets, ``docs/metrics.md``): true features F (n, d) unit rows, the SAE's
+unit decoder directions u_j (M, d), Cos_ij = ⟨F_i, u_j⟩, and per eval row t its true support S_t:
+
+* ``gt_mcc`` = (1/n) Σ_i Cos_{i,π(i)}, π the one-to-one assignment of true features to latents that
+  maximises Σ_i Cos_{i,π(i)} (Hungarian); with M < n only M features are matched and the others count 0.
+* ``gt_recovered`` = (1/n) #{i : max_j Cos_ij ≥ 0.9}.
+* ``gt_f1`` = mean over true features i of F1(latent π(i) fires, i ∈ S_t) over the eval rows:
+  F1 = 2TP / (2TP + FP + FN) ("fires" = code ≠ 0); an unmatched feature scores 0; a feature that is
+  never present and whose latent never fires (F1 = 0/0) is left out of the mean.
+* ``gt_l0_spearman`` = Spearman ρ(L0_t, |S_t|) over the eval rows (Pearson of average ranks);
+  None when either is constant (e.g. a TopK SAE's L0).
 """
 
 from __future__ import annotations
@@ -30,7 +42,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-METRICS_VERSION = "1"
+METRICS_VERSION = "2"  # 2: ground-truth metrics (gt_*)
 DENSE_THRESHOLD = 0.1  # a concept firing on more than this fraction of rows is "dense"
 
 
@@ -293,3 +305,108 @@ def suggest_topk(sparsity: dict[str, Any]) -> dict[str, Any]:
         "p10": sparsity.get("support_p10"),
         "p90": sparsity.get("support_p90"),
     }
+
+
+# ---- ground truth (synthetic datasets) ----------------------------------------------------------
+
+#: A true feature counts as recovered when some decoder direction has cosine ≥ this with it.
+RECOVERED_COSINE = 0.9
+
+
+def feature_matching(features: Tensor, directions: Tensor) -> dict[str, Any]:
+    """Hungarian matching of true features (n, d) to unit decoder directions (M, d), maximising Σ cosine.
+
+    Returns ``gt_mcc``, ``gt_recovered``, ``assignment`` (n,) int64 (the latent matched to feature i,
+    −1 when M < n leaves it unmatched), ``matched_cosine`` (n,) float64 (0 where unmatched) and
+    ``best_cosine`` (n,) = max_j Cos_ij. Both inputs are normalised here (rows of norm 0 stay 0).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    f, u = _f64(features), _f64(directions)
+    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = (f @ u.T).numpy()  # Cos_ij = ⟨F_i, u_j⟩
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    n = cos.shape[0]
+    assignment = torch.full((n,), -1, dtype=torch.int64)
+    assignment[torch.from_numpy(rows)] = torch.from_numpy(cols).to(torch.int64)
+    matched = torch.zeros(n, dtype=torch.float64)
+    matched[torch.from_numpy(rows)] = torch.from_numpy(cos[rows, cols])
+    best = torch.from_numpy(cos.max(axis=1)) if cos.shape[1] else torch.zeros(n, dtype=torch.float64)
+    return {"gt_mcc": float(matched.sum()) / n, "gt_recovered": float((best >= RECOVERED_COSINE).double().mean()),
+            "assignment": assignment, "matched_cosine": matched, "best_cosine": best}
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..N of ``values`` (float64), ties given their average rank."""
+    from scipy.stats import rankdata
+
+    return torch.from_numpy(rankdata(_f64(values).numpy(), method="average"))
+
+
+def spearman(a: Tensor, b: Tensor) -> float | None:
+    """Spearman ρ of paired series: Pearson r of their average ranks; None when either is constant."""
+    if a.numel() != b.numel():
+        raise ValueError(f"paired series differ in length: {a.numel()} vs {b.numel()}")
+    if a.numel() < 2 or bool((a == a.reshape(-1)[0]).all()) or bool((b == b.reshape(-1)[0]).all()):
+        return None
+    acc = CorrelationAccumulator()
+    acc.update(average_ranks(a.reshape(-1)), average_ranks(b.reshape(-1)))
+    return acc.result()
+
+
+class GroundTruthAccumulator:
+    """Streaming counts for ``gt_f1`` and the (L0_t, |S_t|) pairs for ``gt_l0_spearman``.
+
+    ``assignment`` (n,) is :func:`feature_matching`'s; ``m`` the number of latents. ``update`` takes
+    a batch's codes (a ``Codes`` object or dense (B, M)) and ``present`` (B, n) bool (i ∈ S_t).
+    """
+
+    def __init__(self, assignment: Tensor, m: int) -> None:
+        self.assignment = assignment.to(torch.int64).cpu()
+        n = self.assignment.numel()
+        self.feature_of = torch.full((m,), -1, dtype=torch.int64)  # latent j -> the feature it is matched to
+        ok = self.assignment >= 0
+        self.feature_of[self.assignment[ok]] = torch.arange(n)[ok]
+        self.tp = torch.zeros(n, dtype=torch.int64)
+        self.fp = torch.zeros(n, dtype=torch.int64)
+        self.fn = torch.zeros(n, dtype=torch.int64)
+        self.l0: list[Tensor] = []
+        self.true_l0: list[Tensor] = []
+
+    def fires(self, codes: Any) -> Tensor:
+        """(B, n) bool: the latent matched to feature i is non-zero in row b."""
+        n = self.assignment.numel()
+        dense = codes if isinstance(codes, Tensor) else codes.dense
+        if dense is not None:
+            out = torch.zeros(dense.shape[0], n, dtype=torch.bool)
+            ok = self.assignment >= 0
+            out[:, ok] = (dense.detach().cpu()[:, self.assignment[ok]] != 0)
+            return out
+        idx, val = codes.idx.detach().cpu(), codes.val.detach().cpu()
+        feat = self.feature_of[idx]
+        hit = (val != 0) & (feat >= 0)
+        out = torch.zeros(idx.shape[0], n, dtype=torch.bool)
+        rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+        out[rows[hit], feat[hit]] = True
+        return out
+
+    def update(self, codes: Any, present: Tensor) -> None:
+        """Add a batch: its codes and which true features each row holds."""
+        fires, present = self.fires(codes), present.cpu().bool()
+        self.tp += (fires & present).sum(0)
+        self.fp += (fires & ~present).sum(0)
+        self.fn += (~fires & present).sum(0)
+        self.l0.append(support_sizes(codes).detach().cpu().to(torch.int64))
+        self.true_l0.append(present.sum(-1).to(torch.int64))
+
+    def result(self) -> dict[str, Any]:
+        """``gt_f1`` (mean F1 over true features), ``gt_l0_spearman`` and their parts."""
+        denom = 2 * self.tp + self.fp + self.fn
+        defined = denom > 0
+        f1 = torch.where(defined, 2 * self.tp.double() / denom.clamp_min(1).double(), torch.nan)
+        l0 = torch.cat(self.l0) if self.l0 else torch.zeros(0, dtype=torch.int64)
+        true_l0 = torch.cat(self.true_l0) if self.true_l0 else torch.zeros(0, dtype=torch.int64)
+        return {"gt_f1": float(f1[defined].mean()) if bool(defined.any()) else math.nan,
+                "gt_l0_spearman": spearman(l0, true_l0), "f1_defined": int(defined.sum()), "rows": int(l0.numel()),
+                "true_l0_mean": float(true_l0.double().mean()) if true_l0.numel() else math.nan}

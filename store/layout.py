@@ -43,7 +43,24 @@ COMMITS_DIR = "commits"
 
 def array_names(manifest: DatasetManifest) -> tuple[str, ...]:
     """Arrays present in a dataset with this manifest."""
-    return ROW_ARRAYS + ((LABELS,) if manifest.class_names is not None else ())
+    return ROW_ARRAYS + ((LABELS,) if manifest.class_names is not None else ()) + extra_column_names(manifest)
+
+
+def extra_column_names(manifest: DatasetManifest) -> tuple[str, ...]:
+    """The manifest's extra per-row integer columns (``extra_columns``), in order."""
+    return tuple(manifest.extra_columns or ())
+
+
+def row_columns(manifest: DatasetManifest) -> tuple[str, ...]:
+    """Every per-row array a reader may ask for: the standard ones and the extra columns."""
+    return ROW_ARRAYS + extra_column_names(manifest)
+
+
+def column_dtype(manifest: DatasetManifest, name: str) -> str:
+    """Stored dtype of array ``name``: the manifest's for acts, else the integer column's."""
+    if name == ACTS:
+        return manifest.dtype
+    return INT_DTYPES[name] if name in INT_DTYPES else (manifest.extra_columns or {})[name]
 
 
 def shard_key(name: str, shard: int) -> str:

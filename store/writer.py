@@ -58,8 +58,10 @@ from store.layout import (
     TOKEN_IDS,
     array_names,
     capacity_rows,
+    column_dtype,
     commit_key,
     committed_shards,
+    extra_column_names,
     read_commits,
     read_group_attrs,
     read_manifest,
@@ -93,8 +95,8 @@ def create_arrays(group: zarr.Group, manifest: DatasetManifest) -> None:
     common = {"config": {"write_empty_chunks": True}, "overwrite": True}
     group.create_array(ACTS, shape=(cap, m.d), dtype=m.dtype, chunks=(m.chunk_rows, m.d),
                        shards=(m.shard_rows, m.d), compressors=None, fill_value=0, **common)
-    for name in (TOKEN_IDS, SEQ_IDS, POSITIONS):
-        group.create_array(name, shape=(cap,), dtype=INT_DTYPES[name], chunks=(m.chunk_rows,),
+    for name in (TOKEN_IDS, SEQ_IDS, POSITIONS, *extra_column_names(m)):
+        group.create_array(name, shape=(cap,), dtype=column_dtype(m, name), chunks=(m.chunk_rows,),
                            shards=(m.shard_rows,), compressors=ZstdCodec(level=3), fill_value=-1, **common)
     if m.class_names is not None:
         per_shard = m.shard_rows // m.context_length
@@ -105,7 +107,7 @@ def create_arrays(group: zarr.Group, manifest: DatasetManifest) -> None:
 def write_manifest(url: str, manifest: DatasetManifest, storage_options: dict | None) -> None:
     """Store the manifest in the group attributes."""
     group = zarr.open_group(zarr_store(url, storage_options), mode="r+", zarr_format=3)
-    group.update_attributes({MANIFEST_KEY: manifest.model_dump(mode="json")})
+    group.update_attributes({MANIFEST_KEY: manifest.dump()})
 
 
 def resize_arrays(url: str, manifest: DatasetManifest, rows: int, storage_options: dict | None) -> None:
@@ -166,7 +168,7 @@ class DatasetWriter:
             manifest.created = _now()
         try:
             group = zarr.create_group(zarr_store(url, storage_options), zarr_format=3, overwrite=True,
-                                      attributes={MANIFEST_KEY: manifest.model_dump(mode="json")})
+                                      attributes={MANIFEST_KEY: manifest.dump()})
             create_arrays(group, manifest)
         except (PermissionError, OSError) as err:
             raise UserError(f"cannot create a dataset at {url} ({err}); check the path/bucket and "
@@ -194,7 +196,7 @@ class DatasetWriter:
         return committed_shards(self.url, self.storage_options)
 
     def _prepare(self, index: int, acts: Any, token_ids: Any, seq_ids: Any, positions: Any,
-                 labels: Any) -> dict[str, np.ndarray]:
+                 labels: Any, extra: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Validate and convert one shard's columns; returns name -> array to store."""
         m = self.manifest
         where = f"shard {index} of {self.url}"
@@ -240,6 +242,12 @@ class DatasetWriter:
                 raise UserError(f"{where}: with labels, seq_ids must be the global image index "
                                 "(row // context_length) so that labels[seq_id] is the row's class.")
             out[LABELS] = lab
+        want, given = set(extra_column_names(m)), set(extra or {})
+        if want != given:
+            raise UserError(f"{where}: extra columns {sorted(given)} given but the manifest declares "
+                            f"{sorted(want)}; pass exactly the manifest's extra_columns.")
+        for name in extra_column_names(m):
+            out[name] = _as_int(extra[name], name, rows, column_dtype(m, name), where)
         return out
 
     def _delete_shard_objects(self, index: int) -> None:
@@ -309,14 +317,16 @@ class DatasetWriter:
             self._fs.pipe_file(join_url(self._path, commit_key(record.shard)), data)
 
     def write_shard(self, index: int, acts: Any, token_ids: Any = None, seq_ids: Any = None,
-                    positions: Any = None, labels: Any = None, overwrite: bool = False) -> CommitRecord:
-        """Write shard ``index`` (all arrays, each in one piece), then its commit record."""
+                    positions: Any = None, labels: Any = None, overwrite: bool = False,
+                    extra: dict[str, Any] | None = None) -> CommitRecord:
+        """Write shard ``index`` (all arrays, each in one piece), then its commit record. ``extra``: one
+        value per row for each of the manifest's ``extra_columns``."""
         m = self.manifest
         if m.sealed:
             raise UserError(f"{self.url} is sealed; write to a new dataset (or re-create it with overwrite).")
         if index < 0 or index >= CAPACITY_SHARDS:
             raise UserError(f"shard index {index} is out of range 0..{CAPACITY_SHARDS - 1}.")
-        cols = self._prepare(index, acts, token_ids, seq_ids, positions, labels)
+        cols = self._prepare(index, acts, token_ids, seq_ids, positions, labels, extra)
         ckey = join_url(self._path, commit_key(index))
         if self._fs.exists(ckey):
             if not overwrite:

@@ -38,6 +38,8 @@ from store.loader import ActivationLoader
 from trainer.checkpoint import (
     CONFIG_FILE,
     FAULT_MARKER,
+    STATE_FILE,
+    STATE_VERSION,
     RunDir,
     rng_state,
     set_rng_state,
@@ -46,7 +48,6 @@ from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
-STATE_VERSION = 1
 
 BatchSource = Callable[[int], Any]
 
@@ -211,23 +212,28 @@ class Run(RunPlan):
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = 0
         self.check_existing()
-        self.dir.write_json(CONFIG_FILE, self.config_record())
         self._resume()
+        self.dir.write_json(CONFIG_FILE, self.config_record())  # only once the resume has succeeded
 
     def _resume(self) -> None:
         state = self.dir.load_state()
         if state is None:
             self.dir.write_metrics([])
             return
-        self.sae.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.tokens = int(state["tokens"])
-        self.tokens_trained = int(state["tokens_trained"])
-        self.since_fired = state["since_fired"].to(self.device)
-        set_rng_state(state["rng"])
-        if int(state["data_cursor"]) != self.step:
-            raise UserError(f"checkpoint {self.dir.file_url('trainer_state.pt')} is inconsistent "
+        try:
+            self.sae.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.since_fired = state["since_fired"].to(self.device)
+            set_rng_state(state["rng"])
+            self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            self.tokens_trained = int(state["tokens_trained"])
+            consistent = int(state["data_cursor"]) == self.step
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise UserError(f"checkpoint {self.dir.file_url(STATE_FILE)} does not fit this run's SAE and optimiser "
+                            f"({type(err).__name__}); it is corrupt or from another config — delete the run "
+                            "directory to start over.") from None
+        if not consistent:
+            raise UserError(f"checkpoint {self.dir.file_url(STATE_FILE)} is inconsistent "
                             "(data cursor != step); delete the run directory to start over.")
         self.metrics = [row for row in self.dir.read_metrics() if row.get("step", 0) <= self.step]
         self.finished = self.step >= self.total_steps

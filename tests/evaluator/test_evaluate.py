@@ -14,6 +14,7 @@ from ev_helpers import CTX, LAYER, make_run, write_text_dataset
 
 from evaluator.__main__ import main
 from evaluator.evaluate import EvalReport, evaluate_run
+from evaluator.metrics import METRICS_VERSION
 from store import open_dataset
 from store.errors import UserError, run_cli
 
@@ -74,7 +75,7 @@ def test_eval_json_fields(relu_run, text_dataset):
     evaluate_run(relu_run, ce_contexts=0, batch_size=256, progress=False)
     data = json.loads((Path(relu_run) / "eval.json").read_text())
     report = EvalReport.model_validate(data)
-    assert report.metrics_version == "1"
+    assert report.metrics_version == METRICS_VERSION
     assert report.dataset_url == text_dataset
     assert report.dataset_manifest_hash == open_dataset(text_dataset).manifest.manifest_hash()
     assert report.package_version and report.git_commit and len(report.git_commit) >= 40
@@ -83,6 +84,7 @@ def test_eval_json_fields(relu_run, text_dataset):
     assert report.ce_skipped == "ce_contexts = 0" and report.ce_clean is None
     assert report.suggested_topk["k"] == max(1, round(report.l0))
     assert report.zeroshot is None and report.zeroshot_skipped
+    assert report.gt_mcc is None and report.gt_f1 is None and "no ground_truth.safetensors" in report.gt_skipped
 
 
 def test_max_tokens_and_norm_filter(tmp_path, text_dataset, trained_relu):

@@ -66,7 +66,7 @@ def test_run_dir_contents_and_bos_filter(tiny_store, tmp_path):
 
     median = open_dataset(tiny_store).manifest.stats.median_norm
     assert record["sae"]["input_scale"] == pytest.approx(median / 4.0)  # √16
-    state = torch.load(Path(url, "trainer_state.pt"), weights_only=False)
+    state = torch.load(Path(url, "trainer_state.pt"), weights_only=True)
     assert state["step"] == steps and state["data_cursor"] == steps and state["finished"]
     assert state["tokens"] == tokens
     # every 8th row is a BOS row (position 0): 7/8 of the rows are trained on
@@ -92,7 +92,7 @@ def test_max_norm_filter_drops_outlier_rows(tiny_store, tmp_path):
     cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), exclude_positions=[],
                                                  max_norm_multiple=5.0, tokens=tokens, log_every=100))
     url = train(cfg, progress=False)
-    state = torch.load(Path(url, "trainer_state.pt"), weights_only=False)
+    state = torch.load(Path(url, "trainer_state.pt"), weights_only=True)
     assert state["tokens_trained"] == tokens * (CONTEXT - 1) // CONTEXT
     record = json.loads(Path(url, "config.json").read_text())
     assert record["filter"]["max_norm_multiple"] == 5.0 and record["filter"]["median_norm"] > 0
@@ -117,7 +117,7 @@ def test_crash_and_rerun_equals_straight_run(tiny_store, tmp_path):
     first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert first.returncode == 17, first.stderr
     url_b = str(tmp_path / "b" / "r")
-    state = torch.load(Path(url_b, "trainer_state.pt"), weights_only=False)
+    state = torch.load(Path(url_b, "trainer_state.pt"), weights_only=True)
     assert state["step"] == 10 and not state["finished"]
     assert not list(Path(url_b).glob(".*tmp*"))  # no half-written files left behind
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -137,7 +137,7 @@ def test_extend_budget_and_config_mismatch(tiny_store, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in weights(url).items())
     # a larger budget continues it; with a flat lr that equals a straight run of the larger budget
     train(TrainConfig.model_validate({**cfg, "tokens": 64 * 16}), progress=False)
-    assert torch.load(Path(url, "trainer_state.pt"), weights_only=False)["step"] == 16
+    assert torch.load(Path(url, "trainer_state.pt"), weights_only=True)["step"] == 16
     straight = train(TrainConfig.model_validate({**cfg, "tokens": 64 * 16, "runs_root": str(tmp_path / "s")}),
                      progress=False)
     assert_same_weights(url, straight)
