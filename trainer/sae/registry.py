@@ -5,7 +5,8 @@ Adding a variant = adding one file ``trainer/sae/<name>.py`` holding a class tha
 pydantic config deriving from :class:`trainer.sae.config.SAEConfig` with ``variant:
 Literal["<name>"]``). Every module of the ``trainer.sae`` package is imported when the registry is
 first used (:func:`variants`), and defining the class registers it (``SAE.__init_subclass__``): no
-list, no entry point, nothing else to edit.
+list, no entry point, nothing else to edit: the sweep and the report read the class's traits through
+:func:`family` / :func:`reference_variant`, export calls its ``to_saelens`` / ``to_sparsify``.
 
 The SAE config a user writes is the union of the variants' configs discriminated by ``variant``:
 a key that the variant's config does not have is an error naming it.
