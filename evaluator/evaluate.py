@@ -22,6 +22,11 @@ What is measured (definitions in :mod:`evaluator.metrics`, DESIGN §7):
   (``decoder_directions()``) matched to the true features, and per kept eval row the latents that
   fire against the features present (looked up by the row's ``seq_id``). Otherwise skipped with
   the reason in ``gt_skipped``; CE and zero-shot are skipped on a synthetic dataset (no model).
+* Sparse probing whenever the dataset has labels (labelled text, or images with classes):
+  the codes and the raw activations of the kept eval rows are mean-pooled per document (a
+  labelled text document: the sequences sharing its ``doc_ids`` entry; an image: its rows), and
+  :func:`evaluator.metrics.probe_metrics` gives ``probe_top{n}``, ``probe_raw_top{n}`` and
+  ``probe_raw_all`` (docs/metrics.md). Otherwise skipped with the reason in ``probe_skipped``.
 """
 
 from __future__ import annotations
@@ -31,9 +36,11 @@ import importlib.metadata
 import json
 import math
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -43,10 +50,12 @@ from evaluator.ce import splice_ce
 from evaluator.metrics import (
     METRICS_VERSION,
     RECOVERED_COSINE,
+    DocumentMeans,
     GroundTruthAccumulator,
     ReconstructionAccumulator,
     SparsityAccumulator,
     feature_matching,
+    probe_metrics,
     suggest_topk,
 )
 from store import io
@@ -135,6 +144,18 @@ class EvalReport(StrictModel):
     gt_l0_spearman: float | None = None
     gt_skipped: str | None = None
     ground_truth: dict[str, Any] | None = None
+    # sparse probing (None with probe_skipped set when the dataset has no labels)
+    probe_top1: float | None = None
+    probe_top5: float | None = None
+    probe_top10: float | None = None
+    probe_top50: float | None = None
+    probe_raw_top1: float | None = None
+    probe_raw_top5: float | None = None
+    probe_raw_top10: float | None = None
+    probe_raw_top50: float | None = None
+    probe_raw_all: float | None = None
+    probe_skipped: str | None = None
+    probe: dict[str, Any] | None = Field(default=None, description="documents, split, classes, majority baseline.")
 
 
 # ---- small helpers ---------------------------------------------------------------------------
@@ -203,21 +224,53 @@ def codes_rows(codes: Any, mask: Tensor) -> Any:
 # ---- the eval-split pass ---------------------------------------------------------------------
 
 
-class EvalAccumulators:
-    """Reconstruction over kept and over all rows, sparsity over kept rows, and (with a ground truth
-    and its feature matching) the ground-truth counts over kept rows."""
+@dataclass
+class ProbeDocuments:
+    """The eval split's documents of a labelled dataset: the document of each sequence, the sorted
+    documents with eval rows and their classes."""
 
-    def __init__(self, m: int, truth: Any = None, assignment: Tensor | None = None) -> None:
+    doc_of_seq: Tensor  # (n_sequences,) int64
+    documents: np.ndarray  # sorted unique document ids of the eval sequences
+    labels: np.ndarray  # class of each of ``documents``
+
+
+def probe_documents(dataset: Any) -> ProbeDocuments | None:
+    """The eval documents of ``dataset`` (None when it has no labels): labelled text groups the
+    sequences by ``doc_ids``, any other labelled dataset (images) makes each sequence a document."""
+    labels = dataset.labels()
+    if labels is None:
+        return None
+    doc_of_seq = dataset.doc_ids()
+    ctx = dataset.manifest.context_length
+    seqs = np.concatenate([np.arange(start // ctx, stop // ctx) for start, stop in dataset.split_row_ranges("eval")]
+                          or [np.zeros(0, dtype=np.int64)])
+    documents, first = np.unique(doc_of_seq[seqs], return_index=True)
+    return ProbeDocuments(torch.from_numpy(doc_of_seq.astype(np.int64)), documents, labels[seqs[first]])
+
+
+DENSE_SLICE = 1024  # rows of codes made dense at a time for pooling
+
+
+class EvalAccumulators:
+    """Reconstruction over kept and over all rows, sparsity over kept rows, (with a ground truth and
+    its feature matching) the ground-truth counts over kept rows, and (labelled datasets) the
+    per-document means of the kept rows' codes and activations for sparse probing."""
+
+    def __init__(self, m: int, truth: Any = None, assignment: Tensor | None = None, d: int | None = None,
+                 probe: ProbeDocuments | None = None) -> None:
         self.kept = ReconstructionAccumulator()
         self.all = ReconstructionAccumulator()
         self.sparsity = SparsityAccumulator(m)
         self.truth = truth
         self.gt = None if truth is None else GroundTruthAccumulator(assignment, m)
+        self.probe = probe
+        self.probe_codes = None if probe is None else DocumentMeans(probe.documents, m)
+        self.probe_raw = None if probe is None or d is None else DocumentMeans(probe.documents, d)
 
     def update(self, x: Tensor, x_hat: Tensor, codes: Any, keep: Tensor, positions: Tensor | None,
                seq_ids: Tensor | None = None) -> None:
         """One batch: rows ``x``, reconstructions, their codes, the filter's keep mask (and the rows'
-        seq_ids when there is a ground truth)."""
+        seq_ids when there is a ground truth or document labels)."""
         self.all.update(x, x_hat)
         self.kept.update(x[keep], x_hat[keep])
         kept_codes = codes_rows(codes, keep)
@@ -227,20 +280,49 @@ class EvalAccumulators:
         if self.gt is not None:
             rows = seq_ids[keep].cpu().numpy()  # a synthetic row's seq_id is its global row index
             self.gt.update(kept_codes, self.truth.presence(rows))
+        if self.probe is not None and seq_ids is not None:
+            self.pool(x, codes, keep, seq_ids)
+
+    def pool(self, x: Tensor, codes: Any, keep: Tensor, seq_ids: Tensor) -> None:
+        """Add the kept rows' dense codes and activations to their documents' means."""
+        assert self.probe is not None and self.probe_codes is not None
+        docs = self.probe.doc_of_seq[seq_ids.to("cpu", torch.int64)]
+        keep_cpu = keep.to("cpu")
+        for start in range(0, x.shape[0], DENSE_SLICE):
+            part = torch.zeros_like(keep_cpu)
+            part[start:start + DENSE_SLICE] = keep_cpu[start:start + DENSE_SLICE]
+            if not bool(part.any()):
+                continue
+            self.probe_codes.update(codes_rows(codes, part.to(keep.device)).to_dense().detach(), docs[part])
+            if self.probe_raw is not None:
+                self.probe_raw.update(x[part.to(x.device)], docs[part])
+
+    def probe_result(self) -> dict[str, Any]:
+        """:func:`evaluator.metrics.probe_metrics` of the pooled documents (``probe_skipped`` when the
+        dataset has no labels)."""
+        if self.probe is None or self.probe_codes is None or self.probe_raw is None:
+            return {"probe_skipped": "the dataset has no labels (harvest labelled text with source.label_from, "
+                                     "label_field or label_by)"}
+        docs, codes = self.probe_codes.result()
+        _, raw = self.probe_raw.result()
+        labels = self.probe.labels[np.searchsorted(self.probe.documents, docs)]
+        return probe_metrics(codes, raw, labels)
 
 
 def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilter, median_norm: float | None, *,
                      max_tokens: int | None, batch_size: int, device: str,
                      storage_options: dict[str, Any] | None = None, progress: bool = True,
-                     truth: Any = None, assignment: Tensor | None = None) -> EvalAccumulators:
+                     truth: Any = None, assignment: Tensor | None = None,
+                     probe: ProbeDocuments | None = None) -> EvalAccumulators:
     """Stream the eval split through the SAE (no grad) into :class:`EvalAccumulators` (with
-    ground-truth counts when ``truth`` and its feature ``assignment`` are given)."""
+    ground-truth counts when ``truth`` and its feature ``assignment`` are given, and the
+    per-document pools of sparse probing when ``probe`` gives the eval documents)."""
     from store import ActivationLoader
 
-    columns = ("acts", "positions") + (("seq_ids",) if truth is not None else ())
+    columns = ("acts", "positions") + (("seq_ids",) if truth is not None or probe is not None else ())
     loader = ActivationLoader(dataset_url, batch_size, split="eval", seed=0, epochs=1,
                               columns=columns, storage_options=storage_options)
-    acc = EvalAccumulators(sae.config.m, truth, assignment)
+    acc = EvalAccumulators(sae.config.m, truth, assignment, sae.config.d, probe)
     total = loader.rows_per_epoch if max_tokens is None else min(max_tokens, loader.rows_per_epoch)
     if total == 0:
         raise UserError(f"dataset {dataset_url} has no rows in its eval split; harvest with a non-zero "
@@ -388,9 +470,12 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
     matching = None if truth is None else feature_matching(torch.from_numpy(truth.features), sae.decoder_directions())
     acc = score_eval_split(sae, dataset_url, row_filter, median_norm, max_tokens=max_tokens,
                            batch_size=batch_size, device=device, storage_options=storage_options,
-                           progress=progress, truth=truth, assignment=None if matching is None else matching["assignment"])
+                           progress=progress, truth=truth,
+                           assignment=None if matching is None else matching["assignment"],
+                           probe=probe_documents(dataset))
     kept, everything, sparsity = acc.kept.result(), acc.all.result(), acc.sparsity.result()
     gt = ground_truth_section(matching, acc.gt)
+    probe = acc.probe_result()
     ce, ce_skipped = ce_section(dataset, sae, row_filter, median_norm, ce_contexts, device, ce_batch_size,
                                 model_cache, progress)
     zs, zs_skipped = zeroshot_section(manifest, sae, row_filter, zeroshot, device, model_cache)
@@ -433,6 +518,7 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         **{k: gt.get(k) for k in ("gt_mcc", "gt_recovered", "gt_f1", "gt_l0_spearman")},
         "gt_skipped": gt_skipped,
         "ground_truth": {k: v for k, v in gt.items() if not k.startswith("gt_")} or None,
+        **probe,
     }))
     if write:
         io.write_json(out or io.join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)

@@ -1,8 +1,8 @@
 """Comparisons at matched sparsity (DESIGN §7, report.md "Matched sparsity"): pure functions on small records.
 
 The question the report answers: at the same dictionary size M and the same L0, is the reference
-family (the Sparsemax SAE) better than each baseline family, beyond seed noise? Everything here is computed from the runs'
-``config.json`` + ``eval.json`` (:func:`run_point`); nothing is hard-coded per variant.
+family (the Sparsemax SAE) better than each baseline family, beyond seed noise? Everything here is
+computed from the runs' ``config.json`` + ``eval.json`` (:func:`run_point`); nothing is hard-coded per variant.
 
 Decisions:
 
@@ -25,10 +25,12 @@ Decisions:
   with n = min(n_a, n_b) seeds behind it.
 * **Unmatched** (no run in the window and points on one side only): the nearest frontier point in
   |ln l0 − ln L| is shown, noted "not at the same sparsity", and never gets a verdict.
-* **Verdict** per metric (fvu, ce_degradation, dead_frac; lower is better for all three), with
-  Δ = baseline − reference and the pooled std s_p = √((s_a² + s_b²)/2):
+* **Verdict** per metric, with Δ = baseline − reference and the pooled std s_p = √((s_a² + s_b²)/2).
+  Lower is better for fvu, ce_degradation and dead_frac; higher is better for the concept metrics
+  (:data:`HIGHER_IS_BETTER`: sparse probing ``probe_top{n}`` and ground-truth recovery ``gt_*``):
 
-      |Δ| > Z·s_p (Z = :data:`Z` = 2)  ⇒  reference better (Δ > 0) or worse (Δ < 0),
+      |Δ| > Z·s_p (Z = :data:`Z` = 2)  ⇒  reference better (Δ > 0 when lower is better, Δ < 0 when
+                                          higher is better) or worse (the other sign),
       otherwise                         ⇒  within seed spread.
 
   It is **not conclusive** (and says why) when the L0 is unmatched, when a side has fewer than two
@@ -49,8 +51,15 @@ from typing import Any, Literal
 WINDOW = 0.25
 #: A difference counts when |Δ| > Z × pooled std.
 Z = 2.0
-#: The compared metrics (eval.json keys); lower is better for each.
-METRICS: tuple[str, ...] = ("fvu", "ce_degradation", "dead_frac")
+#: The compared reconstruction metrics (eval.json keys); lower is better for each.
+LOWER_IS_BETTER: tuple[str, ...] = ("fvu", "ce_degradation", "dead_frac")
+#: The compared concept metrics (eval.json keys; docs/metrics.md); higher is better for each. A run
+#: without them (no labels, no ground truth) leaves them None.
+CONCEPT_METRICS: tuple[str, ...] = ("probe_top1", "probe_top5", "probe_top10", "probe_top50",
+                                    "gt_mcc", "gt_recovered", "gt_f1", "gt_l0_spearman")
+HIGHER_IS_BETTER = frozenset(CONCEPT_METRICS)
+#: Every compared metric.
+METRICS: tuple[str, ...] = LOWER_IS_BETTER + CONCEPT_METRICS
 
 Method = Literal["matched", "interpolated", "unmatched"]
 Outcome = Literal["reference better", "reference worse", "within seed spread", "not conclusive"]
@@ -151,7 +160,7 @@ class Group:
 def pool(runs: Iterable[RunPoint]) -> Group:
     """mean ± std of l0 and of every metric over the runs."""
     runs = tuple(runs)
-    return Group(runs, summarize(r.l0 for r in runs), {k: summarize(r.metrics[k] for r in runs) for k in METRICS})
+    return Group(runs, summarize(r.l0 for r in runs), {k: summarize(r.metrics.get(k) for r in runs) for k in METRICS})
 
 
 def frontier(runs: Iterable[RunPoint]) -> list[Group]:
@@ -233,9 +242,10 @@ def pooled_std(a: float, b: float) -> float:
 
 
 def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match, reference: str | None = None) -> Verdict:
-    """Decide one metric by the rule of the module docstring: |Δ| > Z·s_p decides (lower is better),
-    otherwise within seed spread; never a verdict from one seed or at an unmatched L0. ``reference``:
-    the reference family's name in the reasons (default :func:`reference_family`)."""
+    """Decide one metric by the rule of the module docstring: |Δ| > Z·s_p decides (lower is better, or
+    higher for :data:`HIGHER_IS_BETTER`), otherwise within seed spread; never a verdict from one seed or
+    at an unmatched L0. ``reference``: the reference family's name in the reasons (default
+    :func:`reference_family`)."""
     reference = reference_family() if reference is None else reference
     base = match.metrics[metric]
     delta = None if base.mean is None or ref.mean is None else base.mean - ref.mean
@@ -255,7 +265,8 @@ def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match, reference: str
     if why is not None or delta is None or pooled is None:
         return Verdict(metric, delta, pooled, "not conclusive", why or "no spread to compare against")
     if abs(delta) > Z * pooled:
-        outcome: Outcome = "reference better" if delta > 0 else "reference worse"
+        reference_better = delta < 0 if metric in HIGHER_IS_BETTER else delta > 0
+        outcome: Outcome = "reference better" if reference_better else "reference worse"
         return Verdict(metric, delta, pooled, outcome, f"|Δ| = {abs(delta):.4g} > {Z:g} × pooled std {pooled:.4g}")
     return Verdict(metric, delta, pooled, "within seed spread",
                    f"|Δ| = {abs(delta):.4g} ≤ {Z:g} × pooled std {pooled:.4g}")
@@ -301,3 +312,9 @@ def compare(points: Iterable[RunPoint], reference: str | None = None) -> list[Si
                                                  for k in METRICS}))
         out.append(SizeComparison(m, ref, rows))
     return out
+
+
+def present_metrics(points: Iterable[RunPoint]) -> tuple[str, ...]:
+    """The metrics of :data:`METRICS` that at least one run has (the reconstruction ones always)."""
+    points = list(points)
+    return tuple(k for k in METRICS if k in LOWER_IS_BETTER or any(p.metrics.get(k) is not None for p in points))

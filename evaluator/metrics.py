@@ -20,6 +20,16 @@ N rows, a ∈ R^M the codes of a row):
   size with ‖x‖ and with the token position.
 * ``dead_frac`` = fraction of concepts that never fired on the evaluated rows;
   ``dense_frac`` = fraction that fired on more than 10% of them.
+* Sparse probing (SAEBench's definition; docs/metrics.md): per document D, the mean-pooled codes
+  ā_D = (1/|D|) Σ_{t∈D} a_t over its kept rows (:class:`DocumentMeans`); the documents are split
+  (seeded, per class, :data:`PROBE_TEST_FRACTION` of each class's documents to probe-test) into
+  probe-train and probe-test, disjoint by document (:func:`probe_split`); for each class c (one vs
+  rest) the n latents with the largest |mean_{D∈c} ā_D − mean_{D∉c} ā_D| on probe-train
+  (:func:`rank_latents`) feed an L2 logistic regression on standardised inputs; a probe-test
+  document's class is the argmax over the classes' probabilities, and ``probe_top{n}`` the
+  fraction of probe-test documents classified right, n ∈ :data:`PROBE_SIZES` (:func:`sparse_probe`).
+  The same probe on the raw activations' n best dimensions gives ``probe_raw_top{n}``, on all d
+  dimensions ``probe_raw_all`` (:func:`probe_metrics`).
 
 Ground truth (synthetic datasets, ``docs/metrics.md``): true features F (n, d) unit rows, the SAE's
 unit decoder directions u_j (M, d), Cos_ij = ⟨F_i, u_j⟩, and per eval row t its true support S_t:
@@ -37,12 +47,14 @@ unit decoder directions u_j (M, d), Cos_ij = ⟨F_i, u_j⟩, and per eval row t 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-METRICS_VERSION = "2"  # 2: ground-truth metrics (gt_*)
+METRICS_VERSION = "3"  # 2: ground-truth metrics (gt_*); 3: sparse probing (probe_top{n}, probe_raw_*)
 DENSE_THRESHOLD = 0.1  # a concept firing on more than this fraction of rows is "dense"
 
 
@@ -306,6 +318,116 @@ def suggest_topk(sparsity: dict[str, Any]) -> dict[str, Any]:
         "p90": sparsity.get("support_p90"),
     }
 
+
+# ---- sparse probing (SAEBench) ---------------------------------------------------------------------
+
+#: The probe sizes n of ``probe_top{n}`` (the paper's on-1/5/10/50 columns).
+PROBE_SIZES: tuple[int, ...] = (1, 5, 10, 50)
+#: Fraction of each class's documents that go to probe-test.
+PROBE_TEST_FRACTION = 0.3
+#: Seed of the probe-train / probe-test split (the same split for every run on a dataset).
+PROBE_SEED = 0
+#: Inverse L2 strength of the logistic regressions (scikit-learn's C, liblinear solver, standardised inputs).
+PROBE_C = 1.0
+
+
+class DocumentMeans:
+    """Streaming per-document mean of row vectors, ā_D = (1/|D|) Σ_{t∈D} v_t, in float64.
+
+    ``documents`` lists every document id that may occur (sorted unique); rows of other ids are an
+    error. ``result()`` gives the ids with at least one row and their means."""
+
+    def __init__(self, documents: np.ndarray, width: int) -> None:
+        self.documents = torch.as_tensor(np.asarray(documents, dtype=np.int64))
+        if self.documents.numel() > 1 and not bool((self.documents[1:] > self.documents[:-1]).all()):
+            raise ValueError("documents must be sorted and unique")
+        self.sums = torch.zeros(self.documents.numel(), width, dtype=torch.float64)
+        self.counts = torch.zeros(self.documents.numel(), dtype=torch.int64)
+
+    def update(self, values: Tensor, docs: Tensor) -> None:
+        """Add rows ``values`` (B, width) of documents ``docs`` (B,)."""
+        docs = docs.detach().to("cpu", torch.int64).reshape(-1)
+        if docs.numel() == 0:
+            return
+        pos = torch.searchsorted(self.documents, docs).clamp_max(max(self.documents.numel() - 1, 0))
+        if self.documents.numel() == 0 or not bool((self.documents[pos] == docs).all()):
+            raise ValueError("a row belongs to a document that is not in the documents list")
+        self.sums.index_add_(0, pos, _f64(values))
+        self.counts.index_add_(0, pos, torch.ones_like(pos))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(document ids with rows, (n, width) float64 means)."""
+        seen = self.counts > 0
+        means = self.sums[seen] / self.counts[seen, None].to(torch.float64)
+        return self.documents[seen].numpy(), means.numpy()
+
+
+def probe_split(labels: np.ndarray, test_fraction: float = PROBE_TEST_FRACTION,
+                seed: int = PROBE_SEED) -> np.ndarray:
+    """Bool mask of the probe-test documents: a seeded permutation of all documents, of which each
+    class sends its first round(test_fraction · n_c) to probe-test (at least one document stays in
+    probe-train). The documents a class sends depend on the seed and the class's members only."""
+    labels = np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        k = min(int(round(test_fraction * len(members))), len(members) - 1)
+        test[members[:k]] = True
+    return test
+
+
+def rank_latents(features: np.ndarray, is_class: np.ndarray) -> np.ndarray:
+    """Feature indices by decreasing |mean over the class − mean over the rest| (ties: lower index first)."""
+    diff = np.abs(features[is_class].mean(0) - features[~is_class].mean(0))
+    return np.argsort(-diff, kind="stable")
+
+
+def sparse_probe(features: np.ndarray, labels: np.ndarray, test: np.ndarray, n: int | None) -> float:
+    """Multi-class accuracy on the ``test`` documents of one-vs-rest L2 logistic regressions, each on
+    its class's top-``n`` features (:func:`rank_latents` on the probe-train documents; None = all
+    features), inputs standardised with probe-train statistics; class = argmax of the probabilities.
+    Classes absent from probe-train are never predicted."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train, x_test, y_test = features[~test], labels[~test], features[test], labels[test]
+    classes = np.unique(y_train)
+    if len(classes) < 2 or len(y_test) == 0:
+        raise ValueError("a probe needs two classes in probe-train and a probe-test document")
+    scores = np.empty((len(y_test), len(classes)))
+    for j, c in enumerate(classes):
+        is_class = y_train == c
+        keep = rank_latents(x_train, is_class)[:n]
+        scaler = StandardScaler().fit(x_train[:, keep])
+        model = LogisticRegression(C=PROBE_C, solver="liblinear", max_iter=1000).fit(scaler.transform(x_train[:, keep]), is_class)
+        scores[:, j] = model.predict_proba(scaler.transform(x_test[:, keep]))[:, 1]
+    return float(np.mean(classes[np.argmax(scores, axis=1)] == y_test))
+
+
+def probe_metrics(codes: np.ndarray, raw: np.ndarray, labels: np.ndarray,
+                  sizes: Sequence[int] = PROBE_SIZES, seed: int = PROBE_SEED) -> dict[str, Any]:
+    """``probe_top{n}`` (codes), ``probe_raw_top{n}`` and ``probe_raw_all`` (raw activations) for
+    documents' pooled ``codes`` (D, M) and ``raw`` activations (D, d) with class ``labels`` (D,), and
+    the split's details; ``{"probe_skipped": reason}`` when there are too few labelled documents."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=np.int64)
+    if int((counts >= 2).sum()) < 2:
+        return {"probe_skipped": f"{len(labels)} labelled documents in the eval split, fewer than two classes "
+                                 "with two documents each"}
+    test = probe_split(labels, seed=seed)
+    out: dict[str, Any] = {}
+    for n in sizes:
+        out[f"probe_top{n}"] = sparse_probe(codes, labels, test, n)
+        out[f"probe_raw_top{n}"] = sparse_probe(raw, labels, test, n)
+    out["probe_raw_all"] = sparse_probe(raw, labels, test, None)
+    majority = np.bincount(labels[~test]).argmax()
+    out["probe"] = {"documents": len(labels), "train_documents": int((~test).sum()),
+                    "test_documents": int(test.sum()), "classes": int((counts > 0).sum()),
+                    "class_counts": [int(v) for v in counts], "test_fraction": PROBE_TEST_FRACTION,
+                    "seed": seed, "C": PROBE_C, "sizes": list(sizes),
+                    "majority_baseline": float(np.mean(labels[test] == majority))}
+    return out
 
 # ---- ground truth (synthetic datasets) ----------------------------------------------------------
 

@@ -240,7 +240,17 @@ def plot_support(run: RunRecord, url: str, storage_options: io.StorageOptions = 
 
 
 FRONTIER_PNG = "frontier.png"
-_METRIC_NAMES = {"fvu": "fvu", "ce_degradation": "ce_degradation", "dead_frac": "dead"}
+_METRIC_NAMES = {"dead_frac": "dead"}
+
+
+def metric_name(key: str) -> str:
+    """How the report names an eval.json metric (``dead_frac`` → ``dead``; others as they are)."""
+    return _METRIC_NAMES.get(key, key)
+
+
+def metric_spec(key: str) -> str:
+    """Format of a metric in the tables: 4 decimals for fvu and ce_degradation, else 3."""
+    return ".4f" if key in ("fvu", "ce_degradation") else ".3f"
 
 
 def plot_frontier(points: list[matched.RunPoint], url: str, storage_options: io.StorageOptions = None) -> None:
@@ -307,10 +317,10 @@ def _how(match: matched.Match) -> str:
 
 def _sentence(family: str, v: matched.Verdict, reference_title: str) -> str:
     """One verdict sentence; Δ and the threshold printed at the metric's table precision."""
-    name = _METRIC_NAMES[v.metric]
+    name = metric_name(v.metric)
     if v.outcome == "not conclusive" or v.delta is None or v.pooled_std is None:
         return f"- {family}, {name}: **not conclusive** — {v.reason}."
-    spec = ".3f" if v.metric == "dead_frac" else ".4f"
+    spec = metric_spec(v.metric)
     within = v.outcome == "within seed spread"
     rule = (f"Δ = {format(v.delta, '+' + spec)}, |Δ| {'≤' if within else '>'} {matched.Z:g} × pooled std = "
             f"{format(matched.Z * v.pooled_std, spec)}")
@@ -320,23 +330,30 @@ def _sentence(family: str, v: matched.Verdict, reference_title: str) -> str:
     return f"- {family}, {name}: the {reference_title} is **{better}** than {family} ({rule})."
 
 
-def matched_section(comparisons: list[matched.SizeComparison]) -> list[str]:
-    """Markdown lines of the "Matched sparsity" section (the plot is written by :func:`plot_frontier`)."""
+def matched_section(comparisons: list[matched.SizeComparison],
+                    metrics: tuple[str, ...] = matched.LOWER_IS_BETTER) -> list[str]:
+    """Markdown lines of the "Matched sparsity" section for ``metrics`` (those the runs have:
+    :func:`evaluator.matched.present_metrics`); the plot is written by :func:`plot_frontier`."""
     w, z = f"{matched.WINDOW:.0%}", f"{matched.Z:g}"
     reference = matched.reference_family()
     title = family(reference).title
+    concept = [k for k in metrics if k in matched.HIGHER_IS_BETTER]
+    direction = ("lower is better for fvu, ce_degradation and dead" + (
+        f"; higher is better for {', '.join(concept)} (concept quality: sparse probing accuracy on labelled "
+        "documents, recovery of a synthetic dataset's true features; docs/metrics.md)" if concept else ""))
     lines = [
         "## Matched sparsity", "",
         "Comparisons between variants are only meaningful at equal sparsity (the same L0) and with more than "
         "one seed; this section says where that holds.", "",
         f"How: per dictionary size M, L = the {title}'s mean L0 over its runs (variant `{reference}`, default "
-        f"input_norm). A baseline family's fvu / ce_degradation / dead at L is the mean ± sample std over its runs "
+        f"input_norm). A baseline family's fvu / ce_degradation / dead (and every metric below) at L is the mean ± "
+        f"sample std over its runs "
         f"with |L0 − L| ≤ {w}·L (**matched**). When it has no run there but frontier points (seeds averaged per "
         "config) on both sides of L, the two bracketing points a, b are **interpolated** linearly in log L0: "
         "t = (ln L − ln L0_a)/(ln L0_b − ln L0_a), y = (1 − t)·y_a + t·y_b, with the spread interpolated alike from "
         "their seed std, s = (1 − t)·s_a + t·s_b. Otherwise the nearest point is shown, **not at the same "
-        f"sparsity**. Δ = baseline − {reference}; lower is better for all three metrics. Runs without an eval.json "
-        "or a positive L0 take no part.", "",
+        f"sparsity**. Δ = baseline − {reference}; {direction}. The other metrics are compared the same way. "
+        "Runs without an eval.json or a positive L0 take no part.", "",
         f"Rule: with the pooled std s_p = √((s_a² + s_b²)/2), |Δ| > {z}·s_p means one side is better; otherwise the "
         "difference is within seed spread. With one seed on either side (for an interpolation: at either "
         "bracketing point), or without a matched L0, the comparison is **not conclusive**.", "",
@@ -347,30 +364,103 @@ def matched_section(comparisons: list[matched.SizeComparison]) -> list[str]:
         if ref is None:
             lines += [f"No {reference} run at M = {size.m}: nothing to compare {', '.join(size.others)} against.", ""]
             continue
-        lines += [f"{title} ({_seeds(ref.runs)}): L0 = {_pm(ref.l0, '.2f')}, fvu = {_pm(ref.metrics['fvu'])}, "
-                  f"ce_degradation = {_pm(ref.metrics['ce_degradation'])}, dead = {_pm(ref.metrics['dead_frac'], '.3f')}.",
-                  ""]
+        values = ", ".join(f"{metric_name(k)} = {_pm(ref.metrics[k], metric_spec(k))}" for k in metrics)
+        lines += [f"{title} ({_seeds(ref.runs)}): L0 = {_pm(ref.l0, '.2f')}, {values}.", ""]
         if not size.families:
             lines += [f"No baseline at M = {size.m}.", ""]
             continue
-        lines += ["| family | values obtained by | L0 | fvu | Δ fvu | ce_degradation | Δ ce_degradation | dead | Δ dead |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        head = "".join(f" {metric_name(k)} | Δ {metric_name(k)} |" for k in metrics)
+        lines += ["| family | values obtained by | L0 |" + head, "|---|---|---|" + "---|---|" * len(metrics)]
         for fc in size.families:
             mt = fc.match
             l0 = f"≈ {_f(mt.l0.mean, '.1f')}" if mt.method == "interpolated" else _pm(mt.l0, ".1f")
             cells = []
-            for k in matched.METRICS:
-                spec = ".3f" if k == "dead_frac" else ".4f"
+            for k in metrics:
+                spec = metric_spec(k)
                 delta = fc.verdicts[k].delta
                 cells += [_pm(mt.metrics[k], spec), "–" if delta is None else format(delta, "+" + spec)]
             lines.append(f"| {mt.family} | {_how(mt)} | {l0} | " + " | ".join(cells) + " |")
         lines += ["", "Verdicts:", ""]
         for fc in size.families:
-            lines += [_sentence(fc.match.family, fc.verdicts[k], title) for k in matched.METRICS]
+            lines += [_sentence(fc.match.family, fc.verdicts[k], title) for k in metrics]
         lines.append("")
     lines += [f"![fvu–L0 frontier per M]({FRONTIER_PNG})", "",
               "fvu against L0 (log x), one panel per M and one line per family (seeds averaged per config, error "
               f"bars = std); the {title}'s points are stars, each with a ±{w} band.", ""]
+    return lines
+
+
+PROBE_SIZES = (1, 5, 10, 50)  # the paper's "on 1 / 5 / 10 / 50" columns
+GT_METRICS = ("gt_mcc", "gt_recovered", "gt_f1", "gt_l0_spearman")
+
+
+def zeroshot_accuracy(run: RunRecord, dataset: str, n: int) -> float | None:
+    """Zero-shot accuracy of ``run`` on ``dataset`` keeping each class's top-n concepts (None when absent)."""
+    res = ((run.eval or {}).get("zeroshot") or {}).get(dataset) or {}
+    value = (res.get("accuracy_top_n") or {}).get(str(n))
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def concept_columns(runs: list[RunRecord]) -> list[tuple[str, Any]]:
+    """(header, run -> value) of every concept column some run has: sparse probing on 1/5/10/50 latents
+    (text), zero-shot on 1/5/10/50 concepts per vision dataset, ground-truth recovery."""
+    evaluated = [r for r in runs if r.eval is not None]
+    columns: list[tuple[str, Any]] = []
+    if any(r.metric("probe_top1") is not None for r in evaluated):
+        columns += [(f"probe on {n}", lambda r, n=n: r.metric(f"probe_top{n}")) for n in PROBE_SIZES]
+    datasets = dict.fromkeys(name for r in evaluated for name, res in ((r.eval.get("zeroshot") or {}).items())
+                             if isinstance(res, dict) and "accuracy_top_n" in res)
+    for ds in datasets:
+        columns += [(f"zero-shot {ds} on {n}", lambda r, ds=ds, n=n: zeroshot_accuracy(r, ds, n)) for n in PROBE_SIZES]
+    columns += [(k, lambda r, k=k: r.metric(k)) for k in GT_METRICS if any(r.metric(k) is not None for r in evaluated)]
+    return columns
+
+
+def concept_section(runs: list[RunRecord]) -> list[str]:
+    """Markdown lines of the "Concept quality" section: the paper's on-1/5/10/50 table (sparse probing
+    for text, zero-shot for vision) and the ground-truth metrics, per family and M (mean ± std over the
+    runs of the cell), with the raw-activation probe baselines."""
+    evaluated = [r for r in runs if r.eval is not None]
+    lines = ["## Concept quality", ""]
+    columns = concept_columns(runs)
+    if not columns:
+        reasons = sorted({str(r.eval.get("probe_skipped")) for r in evaluated if r.eval.get("probe_skipped")})
+        lines += ["No run has concept metrics" + (f" (sparse probing: {'; '.join(reasons)})" if reasons else "")
+                  + ". They need a labelled dataset (sparse probing), zero-shot image datasets (vision) or a "
+                  "synthetic dataset with its true features (`dynsae synth`).", ""]
+        return lines
+    lines += ["Per family and M, mean ± sample std over the cell's runs (n); higher is better. **probe on n**: "
+              "SAEBench sparse probing, the accuracy of one-vs-rest logistic regressions on the n latents "
+              "whose mean-pooled per-document activation differs most between a class and the rest, on "
+              "held-out documents; **zero-shot on n**: CLIP classification keeping each class's n most "
+              "frequent concepts; **gt_ metrics**: recovery of a synthetic dataset's true dictionary "
+              "(docs/metrics.md). Cells pool every run whatever its L0: the matched comparison and its "
+              "verdicts are in the section above.", ""]
+    cells: dict[tuple[str, int], list[RunRecord]] = defaultdict(list)
+    for r in evaluated:
+        cells[(r.label, r.m)].append(r)
+    lines += ["| family | M | n | L0 | " + " | ".join(h for h, _ in columns) + " |",
+              "|---|---|---|---|" + "---|" * len(columns)]
+    for (label, m), group in cells.items():
+        values = [_pm(matched.summarize(get(r) for r in group), ".3f") for _, get in columns]
+        l0 = _pm(matched.summarize(r.metric("l0") for r in group), ".1f")
+        lines.append(f"| {label} | {m} | {len(group)} | {l0} | " + " | ".join(values) + " |")
+    raw = [r for r in evaluated if r.metric("probe_raw_all") is not None]
+    if raw:
+        def mean(key: str) -> str:
+            return _pm(matched.summarize(r.metric(key) for r in raw), ".3f")
+
+        lines += ["", "Baselines on the same documents and split, from the raw activations (the same for every run of "
+                  "a dataset): the n best of the d dimensions — " + ", ".join(
+                      f"on {n}: {mean(f'probe_raw_top{n}')}" for n in PROBE_SIZES)
+                  + f"; all d dimensions: {mean('probe_raw_all')}."]
+        probe = raw[0].eval.get("probe") or {}
+        if probe:
+            lines += ["", f"Sparse probing data: {probe.get('documents')} labelled documents of the eval split in "
+                          f"{probe.get('classes')} classes, {probe.get('train_documents')} to train the probes and "
+                          f"{probe.get('test_documents')} to test them (split seed {probe.get('seed')}); always "
+                          f"predicting the most frequent class scores {_f(probe.get('majority_baseline'), '.3f')}."]
+    lines.append("")
     return lines
 
 
@@ -399,7 +489,8 @@ def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> s
         f"{first.get('hook_site')}, metric definitions v{first.get('metrics_version')}. Row filter: "
         f"{(first.get('filter') or {}).get('description')}.",
         "",
-        *matched_section(matched.compare(points)),
+        *matched_section(matched.compare(points), matched.present_metrics(points)),
+        *concept_section(runs),
         "## fvu / ce_degradation by variant and dictionary size",
         "",
         "Cells: fvu (Σ‖x−x̂‖²/Σ‖x−μ‖² on the eval split's kept rows) / ce_degradation (ce_sae − ce_clean, "

@@ -4,7 +4,7 @@
 
 Harvests residual-stream activations into a sealed dataset and prints a summary; the last line
 printed is the dataset URL (so ``URL=$(python -m harvester run cfg.yaml | tail -1)`` works).
-Ctrl-C (SIGINT) or SIGTERM stops it within seconds with exit status 130: its Ray tasks are stopped,
+Ctrl-C (SIGINT) or SIGTERM stops it within seconds with exit status 130 or 143: its Ray tasks are stopped,
 committed shards are kept, the shards in flight are dropped, and the same command resumes.
 """
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         result = harvest(cfg, progress=not args.no_progress)
     except HarvestInterrupted as err:
         print(f"error: {err}", file=sys.stderr)
-        return 130
+        return 128 + err.signum
     if result.skipped:
         print(f"already harvested: {result.rows:,} rows ({result.sequences:,} sequences), sealed")
     else:

@@ -28,7 +28,9 @@ from store.errors import UserError
 from store.io import filesystem, is_local, join_url, local_path, zarr_store
 from store.layout import (
     ACTS,
+    DOC_IDS,
     LABELS,
+    SEQ_ARRAYS,
     array_names,
     column_dtype,
     read_commits,
@@ -341,6 +343,14 @@ class Dataset:
             return None
         return np.asarray(self.arrays[LABELS][: self.num_rows // self.manifest.context_length])
 
+    def doc_ids(self) -> np.ndarray:
+        """Source document per sequence (``doc_ids[seq_id]``): the stored ``doc_ids`` of labelled text,
+        else each sequence (image or context) is its own document (``arange``)."""
+        n = self.num_rows // self.manifest.context_length
+        if not self.manifest.documents:
+            return np.arange(n, dtype=np.int64)
+        return np.asarray(self.arrays[DOC_IDS][:n])
+
     # ---- chunks and splits -------------------------------------------------------------------
     def chunk_row_range(self, chunk: int) -> tuple[int, int]:
         """Rows [start, stop) held by inner chunk ``chunk``."""
@@ -398,7 +408,7 @@ def check_arrays(url: str, manifest: DatasetManifest, metas: dict[str, dict]) ->
             problems.append(f"array 'acts' of {url} has shape {shape} but the manifest says d={m.d}; "
                             "the dataset is inconsistent, re-harvest it.")
         if m.sealed and m.rows is not None:
-            want = m.rows // m.context_length if name == LABELS else m.rows
+            want = m.rows // m.context_length if name in SEQ_ARRAYS else m.rows
             if not shape or shape[0] != want:
                 problems.append(f"array {name!r} of {url} has {shape[0] if shape else 0} rows but the "
                                 f"manifest says {want}; the arrays have different lengths, re-seal or "

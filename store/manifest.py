@@ -19,7 +19,7 @@ from store.config import StrictModel
 SCHEMA_VERSION = 1
 MANIFEST_KEY = "dynsae"
 #: Manifest keys left out of the stored JSON when unset (see DatasetManifest.dump).
-OPTIONAL_KEYS: tuple[str, ...] = ("extra_columns", "generator")
+OPTIONAL_KEYS: tuple[str, ...] = ("documents", "extra_columns", "generator")
 QUANTILE_KEYS: tuple[str, ...] = ("0.001", "0.01", "0.1", "0.5", "0.9", "0.99", "0.999", "1.0")
 
 
@@ -98,6 +98,9 @@ class DatasetManifest(StrictModel):
     hook: HookInfo
     source: SourceInfo
     class_names: list[str] | None = None
+    #: True when a ``doc_ids`` array (one source document id per sequence) is stored: labelled text,
+    #: where documents are never packed together (see :mod:`store.layout`); None (left out) otherwise.
+    documents: bool | None = None
     extra_columns: dict[str, Literal["int16", "int32", "int64"]] | None = Field(default=None, description=(
         "per-row integer arrays beyond the standard ones, name -> dtype (e.g. a synthetic dataset's true_l0)"))
     generator: dict[str, Any] | None = Field(default=None, description=(
@@ -113,10 +116,10 @@ class DatasetManifest(StrictModel):
     @field_validator("extra_columns")
     @classmethod
     def _extra_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        from store.layout import LABELS, ROW_ARRAYS
+        from store.layout import DOC_IDS, LABELS, ROW_ARRAYS
 
         for name in value or {}:
-            if name in (*ROW_ARRAYS, LABELS) or not name.isidentifier():
+            if name in (*ROW_ARRAYS, LABELS, DOC_IDS) or not name.isidentifier():
                 raise ValueError(f"extra column {name!r} must be a new identifier, not one of the standard arrays")
         return value
 
@@ -137,7 +140,7 @@ class DatasetManifest(StrictModel):
         return self.shard_rows // self.chunk_rows
 
     def dump(self) -> dict:
-        """The manifest as JSON data; the optional fields added after schema 1 (extra_columns, generator)
+        """The manifest as JSON data; the optional fields added after schema 1 (documents, extra_columns, generator)
         only when set, so a harvested dataset's manifest (and hash) is what it was before they existed."""
         data = self.model_dump(mode="json")
         for key in OPTIONAL_KEYS:

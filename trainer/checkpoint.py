@@ -39,7 +39,6 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "sae.safetensors"
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.json"
-FAULT_MARKER = "fault_injected"
 #: Format of ``trainer_state.pt``: 2 = tensors and plain values only (loads with ``weights_only=True``).
 STATE_VERSION = 2
 STATE_KEYS = ("version", "step", "tokens", "tokens_trained", "data_cursor", "model", "optimizer",

@@ -19,7 +19,6 @@ instead of a loader of their own (``Run.fit(batches=...)``).
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,7 +36,6 @@ from store.io import join_url
 from store.loader import ActivationLoader
 from trainer.checkpoint import (
     CONFIG_FILE,
-    FAULT_MARKER,
     STATE_FILE,
     STATE_VERSION,
     RunDir,
@@ -50,6 +48,8 @@ from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
 BATCH_COLUMNS = ("acts", "positions")
 
 BatchSource = Callable[[int], Any]
+#: Called with the run after each step (and after that step's checkpoint, if it writes one).
+StepHook = Callable[["Run"], None]
 
 
 def run_url(cfg: TrainConfig) -> str:
@@ -309,8 +309,10 @@ class Run(RunPlan):
             raise UserError(f"run {self.cfg.name} was given no evaluation; use `dynsae train` / `dynsae sweep`.")
         return self.evaluation.eval_split(self.sae, self, self.device, max_tokens)
 
-    def fit(self, batches: BatchSource | None = None) -> str:
-        """Train to the budget from wherever the run stands; returns the run URL."""
+    def fit(self, batches: BatchSource | None = None, on_step: StepHook | None = None) -> str:
+        """Train to the budget from wherever the run stands; returns the run URL. ``on_step(self)`` runs
+        after every step, once the step's checkpoint (if it writes one) is committed: a caller's own
+        progress report, or a test's fault injection (a process that dies there resumes from it)."""
         if self.step >= self.total_steps:
             if not self.finished or self.dir.load_state() is None:
                 self.checkpoint()
@@ -328,7 +330,6 @@ class Run(RunPlan):
         self._t0, self._tokens_at_t0 = time.perf_counter(), self.tokens
         try:
             while self.step < self.total_steps:
-                self._maybe_fail()
                 row = self.train_step(next(stream))
                 bar.update(self.cfg.batch_size)
                 if row is not None:
@@ -339,6 +340,8 @@ class Run(RunPlan):
                                          **{f"eval_{k}": v for k, v in ev.items() if not isinstance(v, dict)}})
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self.checkpoint()
+                if on_step is not None:
+                    on_step(self)
         finally:
             bar.close()
             if fetch is not None:
@@ -355,34 +358,8 @@ class Run(RunPlan):
                     unit="tok", unit_scale=True, desc=self.cfg.name, disable=not self.progress,
                     dynamic_ncols=True, mininterval=1.0)
 
-    def _maybe_fail(self) -> None:
-        """Fault injection for tests (:func:`injected_fail_step`): die once, for real, at that step."""
-        at = injected_fail_step(self.cfg.name)
-        if at is None or self.step != at or self.dir.exists(FAULT_MARKER):
-            return
-        self.dir.write_bytes(FAULT_MARKER, f"{at} {os.getpid()}\n".encode())
-        os._exit(17)
-
-
-#: TEST-ONLY fault injection (not part of any config): ``STEP`` makes every run's process die with
-#: ``os._exit(17)`` the first time it reaches that step, ``NAME=STEP,NAME2=STEP`` only those runs.
-#: A ``fault_injected`` marker in the run directory makes it happen once per run directory.
-FAIL_AT_STEP_ENV = "DYNSAE_TEST_FAIL_AT_STEP"
-
-
-def injected_fail_step(name: str) -> int | None:
-    """The step at which run ``name`` is to die (``DYNSAE_TEST_FAIL_AT_STEP``), or None."""
-    spec = os.environ.get(FAIL_AT_STEP_ENV, "").strip()
-    if not spec:
-        return None
-    if "=" not in spec:
-        return int(spec)
-    steps = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
-    step = steps.get(name)
-    return None if step is None else int(step)
-
 
 def train(cfg: TrainConfig, *, progress: bool = True, batches: BatchSource | None = None,
-          evaluation: RunEvaluation | None = None) -> str:
+          evaluation: RunEvaluation | None = None, on_step: StepHook | None = None) -> str:
     """Run (or resume, or extend) one training run to its token budget; returns the run URL."""
-    return Run(cfg, progress=progress, evaluation=evaluation).fit(batches)
+    return Run(cfg, progress=progress, evaluation=evaluation).fit(batches, on_step)

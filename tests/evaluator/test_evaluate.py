@@ -84,6 +84,7 @@ def test_eval_json_fields(relu_run, text_dataset):
     assert report.ce_skipped == "ce_contexts = 0" and report.ce_clean is None
     assert report.suggested_topk["k"] == max(1, round(report.l0))
     assert report.zeroshot is None and report.zeroshot_skipped
+    assert report.probe_top1 is None and "no labels" in report.probe_skipped  # unlabelled text
     assert report.gt_mcc is None and report.gt_f1 is None and "no ground_truth.safetensors" in report.gt_skipped
 
 

@@ -18,7 +18,7 @@ from trainer_testkit import CONTEXT, base_config
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
 from trainer.config import TrainConfig
-from trainer.run import FAIL_AT_STEP_ENV, lr_at, train
+from trainer.run import lr_at, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,9 +103,16 @@ def write_yaml(path: Path, data: dict) -> str:
     return str(path)
 
 
+#: A training process with the test's fault hook (trainer_testkit.DieAt): it dies at step 12.
+DIE_AT_12 = ("import sys, yaml; from trainer_testkit import DieAt; from trainer.config import TrainConfig; "
+             "from trainer.run import train; cfg = TrainConfig.model_validate(yaml.safe_load(open(sys.argv[1]))); "
+             "train(cfg, progress=False, on_step=DieAt({'*': 12}))")
+
+
 def test_crash_and_rerun_equals_straight_run(tiny_store, tmp_path):
-    """The process really dies (os._exit) at step 12; re-running the same command resumes at the
-    step-10 checkpoint and ends with the weights and metrics of an uninterrupted run."""
+    """The process really dies (os._exit, from the test's on_step hook) at step 12; re-running the run
+    (`python -m trainer run`) resumes at the step-10 checkpoint and ends with the weights and metrics
+    of an uninterrupted run."""
     straight = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path / "a"), decay="cosine",
                                                       sae={"variant": "topk", "k": 4}))
     url_a = train(straight, progress=False)
@@ -113,9 +120,11 @@ def test_crash_and_rerun_equals_straight_run(tiny_store, tmp_path):
     cfg_path = write_yaml(tmp_path / "run.yaml", base_config(tiny_store, str(tmp_path / "b"), decay="cosine",
                                                              sae={"variant": "topk", "k": 4}))
     cmd = [sys.executable, "-m", "trainer", "run", cfg_path, "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), FAIL_AT_STEP_ENV: "12"}  # the test-only fault hook
-    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{Path(__file__).parent}"}
+    first = subprocess.run([sys.executable, "-c", DIE_AT_12, cfg_path], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
     assert first.returncode == 17, first.stderr
+    assert Path(tmp_path / "b" / "r" / "fault_injected").read_text().split()[0] == "12"
     url_b = str(tmp_path / "b" / "r")
     state = torch.load(Path(url_b, "trainer_state.pt"), weights_only=True)
     assert state["step"] == 10 and not state["finished"]

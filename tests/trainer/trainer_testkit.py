@@ -127,3 +127,32 @@ def assert_same_weights(run_a, run_b, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (str(run_a), key)
+
+
+#: The file a :class:`DieAt` hook writes in a run directory before it kills the process ("STEP PID").
+FAULT_MARKER = "fault_injected"
+
+
+class DieAt:
+    """A test-only fault, handed to ``Run.fit`` / ``run_sweep`` as ``on_step``: the process training run
+    ``name`` dies for real (``os._exit(17)``) once it has completed step ``steps[name]`` (``steps["*"]``:
+    any run), after that step's checkpoint if it writes one. A ``fault_injected`` marker in the run
+    directory makes it happen once per run directory, so a restarted process trains on."""
+
+    def __init__(self, steps: dict[str, int]) -> None:
+        import sys
+
+        from ray import cloudpickle
+
+        self.steps = dict(steps)
+        # Ray's workers cannot import this tests-only module: the hook travels by value
+        cloudpickle.register_pickle_by_value(sys.modules[type(self).__module__])
+
+    def __call__(self, run) -> None:
+        import os
+
+        at = self.steps.get(run.cfg.name, self.steps.get("*"))
+        if at is None or run.step != at or run.dir.exists(FAULT_MARKER):
+            return
+        run.dir.write_bytes(FAULT_MARKER, f"{at} {os.getpid()}\n".encode())
+        os._exit(17)
