@@ -33,6 +33,7 @@ from store import io
 from store.config import StrictModel, add_config_arguments, load_config, validate
 from store.errors import UserError, run_cli
 from store.io import join_url
+from trainer.run_format import summary_url
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = out["summary"].get("runs", [])
     failed = [r for r in runs if r.get("status") != "finished"]
     if failed:
-        raise UserError(f"{len(failed)} demo runs failed; see {out['sweep']}/summary.json.")
+        raise UserError(f"{len(failed)} demo runs failed; see {summary_url(out['sweep'])}.")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s: {len(runs)} runs trained and evaluated.")
     if out["concepts"]:
         print(f"concept browser: {out['concepts']}")

@@ -16,6 +16,7 @@ import sys
 
 from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
+from trainer.run_format import EVAL_FILE, REPORT_FILE
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -26,10 +27,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from evaluator.evaluate import evaluate_run
     from evaluator.zeroshot import ZeroShotConfig
     from store.config import load_config
+    from trainer.run_format import eval_url
 
     zeroshot = load_config(ZeroShotConfig, args.zeroshot, args.set) if args.zeroshot else None
     if args.out and len(args.runs) > 1:
-        raise UserError(f"--out {args.out} names one eval.json but {len(args.runs)} SAEs were given; "
+        raise UserError(f"--out {args.out} names one {EVAL_FILE} but {len(args.runs)} SAEs were given; "
                         "evaluate them one at a time or drop --out.")
     cache: dict = {}
     reports = []
@@ -44,7 +46,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                   if report.ce_skipped is None else f"CE skipped: {report.ce_skipped}")
             print(f"{url}: fvu {_fmt(report.fvu)} (unfiltered {_fmt(report.fvu_unfiltered)}), "
                   f"l0 {_fmt(report.l0, '.1f')}, dead {_fmt(report.dead_frac, '.3f')}, {ce}; "
-                  f"{report.tokens.kept} tokens -> {args.out or url.rstrip('/') + '/eval.json'}")
+                  f"{report.tokens.kept} tokens -> {args.out or eval_url(url)}")
     if args.json:
         print(json.dumps(reports if len(reports) > 1 else reports[0], indent=2))
     return 0
@@ -62,13 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluator", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="evaluate run directories, writing eval.json")
+    run = sub.add_parser("run", help=f"evaluate run directories, writing {EVAL_FILE}")
     run.add_argument("runs", nargs="+", metavar="RUN_URL",
                      help="run directory, or a SAELens / sparsify folder (needs --dataset)")
     run.add_argument("--dataset", default=None, metavar="DATASET_URL",
                      help="dataset to evaluate on (required for SAELens/sparsify folders; default: the run's)")
     run.add_argument("--out", default=None, metavar="EVAL_JSON_URL",
-                     help="where to write eval.json (default: inside the run or folder)")
+                     help=f"where to write {EVAL_FILE} (default: inside the run or folder)")
     run.add_argument("--json", action="store_true", help="print the reports as JSON")
     add_storage_options_argument(run)
     run.add_argument("--max-tokens", type=int, default=None, help="cap on eval-split rows (default: all)")
@@ -80,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key of the zero-shot config")
     run.set_defaults(func=cmd_run)
-    report = sub.add_parser("report", help="write report.md + plots for a sweep directory")
+    report = sub.add_parser("report", help=f"write {REPORT_FILE} + plots for a sweep directory")
     report.add_argument("sweep", metavar="SWEEP_URL")
     add_storage_options_argument(report)
     report.set_defaults(func=cmd_report)

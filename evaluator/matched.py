@@ -1,8 +1,9 @@
-"""Comparisons at matched sparsity (DESIGN §7, report.md "Matched sparsity"): pure functions on small records.
+"""Comparisons at matched sparsity (``docs/metrics.md``, report.md "Matched sparsity"): pure functions on run records.
 
 The question the report answers: at the same dictionary size M and the same L0, is the reference
 family (the Sparsemax SAE) better than each baseline family, beyond seed noise? Everything here is
-computed from the runs' ``config.json`` + ``eval.json`` (:func:`run_point`); nothing is hard-coded per variant.
+computed from the runs as read back from their directories (:class:`trainer.run_format.RunRecord`, :func:`comparable`); nothing
+is hard-coded per variant.
 
 Decisions:
 
@@ -40,12 +41,13 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
+
+from trainer.run_format import RunRecord
 
 #: Half-width of the matching window, relative to the reference L0: |l0 − L| ≤ WINDOW·L.
 WINDOW = 0.25
@@ -78,40 +80,15 @@ def reference_family() -> str:
     return family_label(reference_variant() or "", "none")
 
 
-@dataclass(frozen=True)
-class RunPoint:
-    """One evaluated run, reduced to what the comparison needs."""
-
-    name: str
-    family: str
-    m: int
-    config_key: str  # the sae config without its seed (canonical JSON): same key = same config
-    seed: int | None
-    target_l0: float | None
-    l0: float
-    metrics: Mapping[str, float | None]
+def family_of(run: RunRecord) -> str:
+    """The family a run belongs to (:func:`family_label` of its variant and input_norm)."""
+    return family_label(run.variant, run.input_norm)
 
 
-def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) else None
-
-
-def run_point(name: str, config: Mapping[str, Any], ev: Mapping[str, Any] | None) -> RunPoint | None:
-    """The :class:`RunPoint` of a run from its config.json and eval.json (None when not evaluated or
-    without a positive l0: log L0 is undefined there). The seed is ``config["sae"]["seed"]`` (the SAE's
-    initialisation seed), the target ``config["sae"].get("target_l0")`` (absent on old runs)."""
-    if ev is None:
-        return None
-    l0 = _finite(ev.get("l0"))
-    if l0 is None or l0 <= 0:
-        return None
-    sae = dict(config.get("sae") or {})
-    seed = sae.pop("seed", None)
-    return RunPoint(name=name, family=family_label(str(sae.get("variant", "?")), str(sae.get("input_norm", "none"))),
-                    m=int(sae.get("m", 0)), config_key=json.dumps(sae, sort_keys=True, default=str),
-                    seed=seed if isinstance(seed, int) else None, target_l0=_finite(sae.get("target_l0")),
-                    l0=l0, metrics={k: _finite(ev.get(k)) for k in METRICS})
+def comparable(run: RunRecord) -> bool:
+    """Whether a run takes part: evaluated, with a positive l0 (log L0 is undefined otherwise)."""
+    l0 = run.l0
+    return l0 is not None and l0 > 0
 
 
 @dataclass(frozen=True)
@@ -133,7 +110,7 @@ def summarize(values: Iterable[float | None]) -> Stat:
     return Stat(mean, std, len(vals))
 
 
-def n_seeds(runs: Iterable[RunPoint]) -> int:
+def n_seeds(runs: Iterable[RunRecord]) -> int:
     """Distinct seeds among the runs (a run without a recorded seed counts as its own)."""
     return len({("seed", r.seed) if r.seed is not None else ("run", r.name) for r in runs})
 
@@ -142,7 +119,7 @@ def n_seeds(runs: Iterable[RunPoint]) -> int:
 class Group:
     """Runs pooled together (one config's seeds, the runs in the window, or a family's runs at one M)."""
 
-    runs: tuple[RunPoint, ...]
+    runs: tuple[RunRecord, ...]
     l0: Stat
     metrics: Mapping[str, Stat]
 
@@ -157,15 +134,15 @@ class Group:
         return targets.pop() if len(targets) == 1 else None
 
 
-def pool(runs: Iterable[RunPoint]) -> Group:
+def pool(runs: Iterable[RunRecord]) -> Group:
     """mean ± std of l0 and of every metric over the runs."""
     runs = tuple(runs)
-    return Group(runs, summarize(r.l0 for r in runs), {k: summarize(r.metrics.get(k) for r in runs) for k in METRICS})
+    return Group(runs, summarize(r.l0 for r in runs), {k: summarize(r.metric(k) for r in runs) for k in METRICS})
 
 
-def frontier(runs: Iterable[RunPoint]) -> list[Group]:
+def frontier(runs: Iterable[RunRecord]) -> list[Group]:
     """One point per config (seeds averaged), sorted by mean l0 (runs of one family at one M expected)."""
-    by_config: dict[str, list[RunPoint]] = defaultdict(list)
+    by_config: dict[str, list[RunRecord]] = defaultdict(list)
     for r in runs:
         by_config[r.config_key].append(r)
     return sorted((pool(rs) for rs in by_config.values()), key=lambda g: g.l0.mean or 0.0)
@@ -179,7 +156,7 @@ class Match:
     method: Method
     metrics: Mapping[str, Stat]
     seeds: int                      # seeds behind the values (the smaller side for an interpolation)
-    runs: tuple[RunPoint, ...]      # the runs the values come from
+    runs: tuple[RunRecord, ...]      # the runs the values come from
     l0: Stat                        # the L0 of those runs (interpolated: L itself, n = seeds)
     bracket: tuple[Group, Group] | None = None  # interpolated: the two frontier points a, b
     t: float | None = None                       # interpolated: the weight of b
@@ -204,7 +181,7 @@ def interpolate(a: Group, b: Group, l0: float) -> tuple[dict[str, Stat], float]:
     return out, t
 
 
-def match_family(family: str, runs: Sequence[RunPoint], l0: float) -> Match:
+def match_family(family: str, runs: Sequence[RunRecord], l0: float) -> Match:
     """The family's metrics at reference L0 ``l0`` (see the module docstring): the runs within
     ±WINDOW·l0 pooled, else an interpolation in ln L0 between bracketing frontier points, else the
     nearest point, marked unmatched."""
@@ -288,13 +265,15 @@ class SizeComparison:
     others: list[str] = field(default_factory=list)  # families present when there is no reference
 
 
-def compare(points: Iterable[RunPoint], reference: str | None = None) -> list[SizeComparison]:
+def compare(points: Iterable[RunRecord], reference: str | None = None) -> list[SizeComparison]:
     """Per M (ascending): the ``reference`` family (default :func:`reference_family`) and every other
-    family matched at its L0, in order of first appearance."""
+    family matched at its L0, in order of first appearance (runs that are not :func:`comparable` take
+    no part)."""
     reference = reference_family() if reference is None else reference
-    by_m: dict[int, dict[str, list[RunPoint]]] = defaultdict(lambda: defaultdict(list))
+    points = [p for p in points if comparable(p)]
+    by_m: dict[int, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for p in points:
-        by_m[p.m][p.family].append(p)
+        by_m[p.m][family_of(p)].append(p)
     out = []
     for m in sorted(by_m):
         families = by_m[m]
@@ -314,7 +293,7 @@ def compare(points: Iterable[RunPoint], reference: str | None = None) -> list[Si
     return out
 
 
-def present_metrics(points: Iterable[RunPoint]) -> tuple[str, ...]:
+def present_metrics(points: Iterable[RunRecord]) -> tuple[str, ...]:
     """The metrics of :data:`METRICS` that at least one run has (the reconstruction ones always)."""
     points = list(points)
-    return tuple(k for k in METRICS if k in LOWER_IS_BETTER or any(p.metrics.get(k) is not None for p in points))
+    return tuple(k for k in METRICS if k in LOWER_IS_BETTER or any(p.metric(k) is not None for p in points))

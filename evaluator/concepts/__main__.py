@@ -15,7 +15,7 @@ def browser_parser() -> argparse.ArgumentParser:
         description="Build the static concept browser of a trained run in <run_dir>/concepts/ "
                     "(open concepts/index.html, no server needed). "
                     "`python -m evaluator.concepts compare RUN_A RUN_B ...` compares two runs on one input.")
-    p.add_argument("run", help="run directory (any fsspec URL) holding config.json and sae.safetensors, "
+    p.add_argument("run", help="run directory (any fsspec URL) of a trained SAE, "
                               "or a SAELens / sparsify folder (needs --dataset)")
     p.add_argument("--dataset", default=None, help="dataset URL (default: the run's own dataset; required for "
                                                    "SAELens / sparsify folders)")

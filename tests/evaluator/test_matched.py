@@ -11,6 +11,7 @@ import pytest
 
 from evaluator import matched
 from evaluator.report import discover_runs, write_report
+from trainer.run_format import RunRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +65,7 @@ def sweep(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sizes(sweep) -> dict[int, matched.SizeComparison]:
-    points = [p for p in (r.point for r in discover_runs(str(sweep))) if p is not None]
+    points = discover_runs(str(sweep))
     return {s.m: s for s in matched.compare(points)}
 
 
@@ -150,8 +151,8 @@ def test_unit_norm_family_within_spread(sizes):
 
 def test_two_runs_of_one_seed_are_one_seed():
     def pt(name, key, l0, fvu):
-        return matched.RunPoint(name, "relu", 8, key, 0, None, l0, {"fvu": fvu, "ce_degradation": None,
-                                                                    "dead_frac": 0.0})
+        return RunRecord.of(name, {"sae": {"variant": "relu", "m": 8, "seed": 0, "key": key}},
+                            {"l0": l0, "fvu": fvu, "ce_degradation": None, "dead_frac": 0.0})
     ref = matched.pool([pt("a", "s", 10.0, 0.1), pt("b", "s", 10.0, 0.2)])
     m = matched.match_family("relu", [pt("c", "x", 10.0, 0.5), pt("d", "y", 11.0, 0.6)], 10.0)
     assert m.seeds == 1
@@ -217,7 +218,7 @@ def concept_sweep(tmp_path_factory) -> Path:
 
 
 def test_concept_metrics_are_higher_is_better(concept_sweep):
-    points = [r.point for r in discover_runs(str(concept_sweep))]
+    points = discover_runs(str(concept_sweep))
     assert matched.present_metrics(points) == ("fvu", "ce_degradation", "dead_frac", "probe_top1", "gt_mcc")
     (size,) = matched.compare(points)
     topk = _family(size, "topk")

@@ -74,7 +74,7 @@ def test_report_renders_every_section(tiny_sweep):
 
 def test_report_follows_summary_json_and_cli(tiny_sweep, capsys):
     root, _ = tiny_sweep
-    summary = {"sweep": "sweep1", "runs": [{"name": "variant-relu_m-32",
+    summary = {"sweep": "sweep1", "runs": [{"name": "variant-relu_m-32", "status": "finished",
                                             "run_url": str(root / "variant-relu_m-32")}]}
     (root / "summary.json").write_text(json.dumps(summary))
     try:

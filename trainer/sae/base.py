@@ -35,12 +35,11 @@ from torch import Tensor, nn
 
 from store import io
 from store.errors import UserError
+from trainer.run_format import weights_url, write_sae_config
 from trainer.sae.config import SAEConfig
 from trainer.sae.interop import NotRepresentable, SaeLensForm, SparsifyForm
 from trainer.sae.sparse_ops import SupportPattern, sparse_decode
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "sae.safetensors"
 NORM_EPS = 1e-8
 
 
@@ -403,18 +402,18 @@ class SAE(nn.Module):
 
     # -- persistence
     def save_weights(self, url: str, storage_options: io.StorageOptions = None) -> None:
-        """Write ``<url>/sae.safetensors`` (parameters and buffers)."""
-        io.save_safetensors(io.join_url(url, WEIGHTS_FILE), self.state_dict(), storage_options,
+        """Write the weights file of ``url`` (parameters and buffers)."""
+        io.save_safetensors(weights_url(url), self.state_dict(), storage_options,
                             metadata={"variant": self.variant})
 
     def save(self, url: str, storage_options: io.StorageOptions = None) -> None:
-        """Write ``<url>/config.json`` (this SAE's config) and ``<url>/sae.safetensors``."""
-        io.write_json(io.join_url(url, CONFIG_FILE), self.config.model_dump(mode="json"), storage_options)
+        """Write this SAE's config and its weights to the directory ``url`` (the run format's files)."""
+        write_sae_config(url, self.config.model_dump(mode="json"), storage_options)
         self.save_weights(url, storage_options)
 
     def load_weights(self, url: str, storage_options: io.StorageOptions = None) -> None:
-        """Load ``<url>/sae.safetensors`` into this SAE (shapes and names must match)."""
-        path = io.join_url(url, WEIGHTS_FILE)
+        """Load the weights file of ``url`` into this SAE (shapes and names must match)."""
+        path = weights_url(url)
         state = io.load_safetensors(path, storage_options)
         if state is None:
             raise UserError(f"{path} does not exist; point at a directory written by sae.save() or a trainer run.")
@@ -427,5 +426,5 @@ class SAE(nn.Module):
         for name, tensor in state.items():
             if tensor.shape != own[name].shape:
                 raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)} but the config gives "
-                                f"{tuple(own[name].shape)}; the config.json and weights do not match.")
+                                f"{tuple(own[name].shape)}; the config and weights do not match.")
         self.load_state_dict(state)
