@@ -57,11 +57,18 @@ import torch
 from torch import Tensor
 
 from store import io
+from store.cli import CommandHelp, command_parser
 from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
 from trainer.run_format import FOREIGN_CONFIG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, RunConfig, read_run_config
 
 FORMATS = ("saelens", "sparsify")
+HELP = CommandHelp(
+    does="Write a trained SAE as a folder other tools load: SAELens (every variant; SAE-Dashboard, SAEBench "
+         "and Neuronpedia read it) or sparsify (TopK SAEs). The export computes what the trained SAE computes.",
+    reads="a run folder (or a folder written by SAE.save) and the dataset its config names, for metadata",
+    writes="OUT_DIR: cfg.json and the weights in the chosen library's names",
+    example="runs/sweep1/variant-topk_m-4096 exported/topk-4096 --format saelens")
 SAELENS_CFG = SPARSIFY_CFG = FOREIGN_CONFIG
 MIN_SAELENS_VERSION = "6.54.0"
 
@@ -220,8 +227,7 @@ def export(run_url: str, out_url: str, fmt: str = "saelens", storage_options: io
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynsae export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m dynsae.export", HELP)
     parser.add_argument("run", metavar="RUN_URL", help="run directory (or a directory written by SAE.save), any fsspec URL")
     parser.add_argument("out", metavar="OUT_DIR", help="folder to write, any fsspec URL")
     parser.add_argument("--format", default="saelens", choices=FORMATS,
