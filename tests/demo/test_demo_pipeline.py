@@ -1,6 +1,6 @@
 """The `make demo` pipeline at a tiny size, through the same code path (`dynsae demo`).
 
-Same config file as the demo (dynsae/configs/demo.yaml) — python_docs source, all 8 variants x 2
+Same config file as the demo (dynsae/configs/demo.yaml) — python_docs source, all its variants x 2
 dictionary sizes from one feeder on Ray, the evaluator actor, the report — with only the sizes
 and the model swapped for a tiny GPT-2 built in the test: 160 steps of 64 rows per run.
 """
@@ -11,12 +11,14 @@ import json
 import math
 
 import pytest
+import yaml
 from tiny_models import build_tiny_gpt2
 
 from dynsae.demo import DEFAULT_CONFIG
 from dynsae.demo import main as demo_main
 
-VARIANTS = ["sparsemax", "relu", "gated", "jumprelu", "topk", "batchtopk", "attn_relu", "mlp_sparsemax"]
+#: the demo's own grid (every variant of its matched-sparsity sweep)
+VARIANTS: list[str] = yaml.safe_load(DEFAULT_CONFIG.read_text())["sweep"]["grid"]["sae.variant"]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def test_every_run_trained_and_evaluated(demo_out):
     assert sorted((r["sae.variant"], r["sae.m"]) for r in runs) == sorted(
         (v, m) for v in VARIANTS for m in (64, 256))
     assert all(r["status"] == "finished" for r in runs)
-    # one feeder served all 16 trainers: every batch index was read from the store once
+    # one feeder served all the trainers: every batch index was read from the store once
     (reads,) = summary["feeder_reads"].values()
     assert reads["reads"] == reads["unique"] == 160 and reads["max_reads_per_batch"] == 1
     for r in runs:

@@ -141,4 +141,4 @@ def test_deploy_configs_of_the_ground_truth_comparison_validate():
     assert synth.d == 768 and synth.features == 8192
     sweep = load_config(SweepConfig, repo / "deploy/configs/sweep-synth-d768.yaml")
     assert sweep.match_l0 == "sparsemax" and sweep.grid["sae.m"] == [3072, 6144, 12288, 24576]
-    assert len(grid_points(sweep)) == 72
+    assert len(grid_points(sweep)) == 84  # 7 families x 4 sizes x 3 seeds
