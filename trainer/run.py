@@ -1,6 +1,6 @@
 """One SAE training run: ``python -m trainer run CONFIG.yaml`` / :func:`train`.
 
-The loop (DESIGN §6): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
+The loop (``docs/sweep.md``): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
 row filter (``store.filters.RowFilter``: ``exclude_positions``, ``max_norm_multiple`` × the dataset's
 median norm), with Adam (lr warm-up, optional decay), ``sae.post_step()`` after each optimizer step,
 and dead-concept counters in tokens since last fired. Checkpoints every ``checkpoint_every`` steps and
@@ -29,26 +29,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from store.batch import Batch
 from store.dataset import open_dataset
 from store.errors import UserError
 from store.filters import RowFilter
 from store.io import join_url
 from store.lease import leased
 from store.loader import ActivationLoader
-from trainer.checkpoint import (
-    CONFIG_FILE,
-    STATE_FILE,
-    STATE_VERSION,
-    RunDir,
-    rng_state,
-    set_rng_state,
-)
+from trainer.checkpoint import STATE_VERSION, RunDir, rng_state, set_rng_state
 from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
+from trainer.run_format import (
+    STATE_FILE,
+    RowFilterRecord,
+    RunConfig,
+    read_config_json,
+    write_run_config,
+)
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
+#: Training's dead-concept count: the fraction of concepts not fired for the last ``dead_tokens``
+#: training tokens. Not the evaluator's ``dead_frac`` (never fired on the eval rows).
+TRAIN_DEAD_FRAC = "train_dead_frac"
 
-BatchSource = Callable[[int], Any]
+#: Batch ``b`` of the run's stream, from wherever it comes (the sweep's feeder: :mod:`trainer.feeder`).
+BatchSource = Callable[[int], Batch]
 #: Called with the run after each step (and after that step's checkpoint, if it writes one).
 StepHook = Callable[["Run"], None]
 
@@ -76,19 +81,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
             decay = 1.0 - u if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * u))
             factor = min(factor, decay)
     return cfg.lr * factor
-
-
-def as_batch(obj: Any) -> tuple[Tensor, Tensor | None]:
-    """(acts float32 (B, d), positions (B,) or None) from a loader batch, a dict, or numpy arrays."""
-    if isinstance(obj, dict):
-        acts, positions = obj["acts"], obj.get("positions")
-    else:
-        acts, positions = obj, None
-    if isinstance(acts, np.ndarray):  # from the object store: read-only, so copy
-        acts = torch.from_numpy(np.array(acts, dtype=np.float32))
-    if isinstance(positions, np.ndarray):
-        positions = torch.from_numpy(np.array(positions, dtype=np.int64))
-    return acts.to(torch.float32), positions
 
 
 class RunEvaluation(Protocol):
@@ -151,30 +143,26 @@ class RunPlan:
         self.total_steps = cfg.total_steps
         self.dead_tokens = cfg.resolved_dead_tokens
 
-    def config_record(self) -> dict[str, Any]:
-        """What ``config.json`` holds: the run config with the resolved sae, filter and dataset hash."""
+    def config_record(self) -> RunConfig:
+        """The run's config record: the run config with the resolved sae, the row filter it applies and
+        the dataset hash."""
         record = self.cfg.model_dump(mode="json")
         record["sae"] = self.sae_cfg.model_dump(mode="json")
         if record.get("storage_options"):  # may hold credentials: keep the keys, never the values
             record["storage_options"] = {k: "<redacted>" for k in record["storage_options"]}
-        record["filter"] = {
-            "exclude_positions": list(self.cfg.exclude_positions),
-            "max_norm_multiple": self.cfg.max_norm_multiple,
-            "median_norm": self.median_norm,
-            "description": self.row_filter.describe(),
-        }
+        record["filter"] = RowFilterRecord.of(self.row_filter, self.median_norm)
         record["dataset_manifest_hash"] = self.manifest_hash
         record["total_steps"] = self.total_steps
         record["dead_tokens_resolved"] = self.dead_tokens
-        return record
+        return RunConfig(**record)
 
     def check_existing(self) -> None:
         """Refuse a run directory made by a different config (only tokens and the like may differ)."""
-        new = self.config_record()
-        old = self.dir.read_json(CONFIG_FILE)
+        new = self.config_record().model_dump(mode="json")
+        old = read_config_json(self.url, self.cfg.storage_options)
         if old is None:
             return
-        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved"}
+        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved", "format_version"}
         if self.cfg.dead_tokens is None:  # derived from tokens, and so is the SAE's dead_tokens
             old = {**old, "sae": {**old.get("sae", {}), "dead_tokens": None}}
             new = {**new, "sae": {**new["sae"], "dead_tokens": None}}
@@ -217,7 +205,7 @@ class Run(RunPlan):
         try:
             self.check_existing()
             self._resume()
-            self.dir.write_json(CONFIG_FILE, self.config_record())  # only once the resume has succeeded
+            write_run_config(self.url, self.config_record(), cfg.storage_options)  # only once the resume succeeded
         except BaseException:
             self.lease.release()
             raise
@@ -267,12 +255,13 @@ class Run(RunPlan):
         })
 
     # ----------------------------------------------------------------- training
-    def train_step(self, batch: Any) -> dict[str, Any] | None:
-        """One optimizer step on batch ``self.step``; returns the metrics row if this step logs one."""
-        acts, positions = as_batch(batch)
-        acts = acts.to(self.device, non_blocking=True)
-        if positions is not None:
-            positions = positions.to(self.device)
+    def train_step(self, batch: Batch) -> dict[str, Any] | None:
+        """One optimizer step on batch ``self.step``; returns the metrics row if this step logs one.
+
+        The batch comes in the dataset's dtype; its acts are cast to float32 once, on the run's device
+        (after the copy there, so a float16 dataset moves half the bytes to a GPU)."""
+        acts = batch.acts_on(self.device)
+        positions = None if batch.positions is None else batch.positions.to(self.device)
         keep = self.row_filter.keep_mask(acts, positions, self.median_norm)
         x = acts[keep]
         n = int(x.shape[0])
@@ -304,7 +293,7 @@ class Run(RunPlan):
                      lr: float) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "tokens_trained": self.tokens_trained,
-                               "lr": lr, "dead_frac": float((self.since_fired >= self.dead_tokens).double().mean()),
+                               "lr": lr, TRAIN_DEAD_FRAC: float((self.since_fired >= self.dead_tokens).double().mean()),
                                "tokens_per_s": (self.tokens - self._tokens_at_t0) / elapsed}
         row.update({k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1})
         if self.evaluation is not None:

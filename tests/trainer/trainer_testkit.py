@@ -9,15 +9,16 @@ CONTEXT = 8
 
 
 def make_store(url: str, *, shards: int = 4, shard_rows: int = 256, chunk_rows: int = 64, d: int = D,
-               seed: int = 0, sealed: bool = True) -> str:
+               seed: int = 0, sealed: bool = True, dtype: str = "float32") -> str:
     """A sealed store of ``shards × shard_rows`` rows: sparse codes over a fixed basis + noise, each row
     rescaled to a norm in [1, 2]; BOS rows (position 0) have norm 30 (attention-sink-like outliers), so
-    ``max_norm_multiple = 5`` drops exactly the BOS rows."""
+    ``max_norm_multiple = 5`` drops exactly the BOS rows. ``dtype``: the stored acts dtype (the rows are
+    the same; float16 rounds them)."""
     from store.manifest import DatasetManifest, HookInfo, ModelInfo, SourceInfo
     from store.stats import StatsAccumulator
     from store.writer import DatasetWriter
 
-    manifest = DatasetManifest(d=d, dtype="float32", shard_rows=shard_rows, chunk_rows=chunk_rows,
+    manifest = DatasetManifest(d=d, dtype=dtype, shard_rows=shard_rows, chunk_rows=chunk_rows,
                                context_length=CONTEXT, model=ModelInfo(name="synthetic"),
                                hook=HookInfo(layer=0, site="resid_post"), source=SourceInfo(name="synthetic"))
     writer = DatasetWriter.create(url, manifest)
@@ -32,7 +33,7 @@ def make_store(url: str, *, shards: int = 4, shard_rows: int = 256, chunk_rows: 
         norms = np.linalg.norm(acts, axis=1, keepdims=True)
         acts = (acts / norms * np.where(positions[:, None] == 0, 30.0, rng.uniform(1, 2, (shard_rows, 1))))
         acts = acts.astype(np.float32)
-        writer.write_shard(s, acts, token_ids=(rows % 97).astype(np.int32), seq_ids=(rows // CONTEXT).astype(np.int64),
+        writer.write_shard(s, acts.astype(dtype), token_ids=(rows % 97).astype(np.int32), seq_ids=(rows // CONTEXT).astype(np.int64),
                            positions=positions)
         stats.update(acts)
     if sealed:
@@ -51,6 +52,16 @@ def base_config(store: str, runs_root: str, **over) -> dict:
         else:
             cfg[key] = value
     return cfg
+
+
+def checkpoint_step(run_dir) -> int:
+    """The step of a run's last committed checkpoint (0 if none); the checkpoint must load whole."""
+    from pathlib import Path
+
+    import torch
+
+    state = Path(run_dir) / "trainer_state.pt"
+    return int(torch.load(state, weights_only=True)["step"]) if state.exists() else 0
 
 
 def wait_until(condition, seconds: float, what: str, interval: float = 0.1):
@@ -103,15 +114,11 @@ def kill_pids_using(path: str) -> None:
 
 
 def straight_config(run_dir, runs_root):
-    """A run's ``config.json`` as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
-    import json
-    from pathlib import Path
-
+    """A run's config as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
     from trainer.config import TrainConfig
+    from trainer.run_format import read_run_config
 
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
-        record.pop(key)
+    record = read_run_config(str(run_dir)).settings()
     record.update(runs_root=str(runs_root), sweep=None)
     return TrainConfig.model_validate(record)
 
