@@ -46,6 +46,24 @@ def pytest_unconfigure(config):
         os.environ.pop(CACHE_OWNER)
 
 
+# The longest files (a few minutes each on 2 cores: own Ray clusters, subprocess pipelines, SmolLM2) run
+# first, so pytest-xdist's workers (whole files each, `make test`) finish together instead of one of
+# them starting the longest file last. Any other file keeps its place after these.
+LONG_FILES = (
+    "trainer/test_sweep_signals.py", "demo/test_demo_pipeline.py", "harvester/test_harvest_job.py",
+    "trainer/test_steering_smollm2.py", "harvester/test_harvest_slow.py", "trainer/test_node_loss.py",
+    "evaluator/test_smollm2.py", "trainer/test_job_submit.py", "trainer/test_sweep.py", "interop/test_export.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order inside each file, and of the other files, is kept
+
+
 def pytest_terminal_summary(terminalreporter):
     """One line when browser tests were skipped because Debian's Chromium is not installed."""
     skipped = [r for r in terminalreporter.stats.get("skipped", []) if "chromium" in str(r.longrepr).lower()]
