@@ -16,6 +16,9 @@ Everything is timed side by side in this process:
 * **s3** (moto server on 127.0.0.1, started here): a 128 MiB float32 dataset; baseline is
   s3fs ``cat_file`` of every shard object one after the other; loader as above.
 
+* **index check**: the loader checks each shard index's crc32c (``16·cps + 4`` bytes, once per shard
+  per reader) before trusting it; reported as the crc time of every index against one raw epoch read.
+
 Reported: rows/s, MB/s (acts bytes delivered) and the ratio to the baseline, measured in paired,
 interleaved rounds (raw, every setting, raw, ...; each setting's ratio per round against the raw reads
 around it) and reported as the median over rounds, so load from other jobs on a shared box hits both
@@ -183,6 +186,30 @@ def bench_reads(name: str, url: str, raw: callable, nbytes: int, rows_total: int
     return out
 
 
+def index_check_cost(paths: list[str], chunks_per_shard: int, raw_s: float, reps: int = 200) -> dict:
+    """What the loader's shard-index check costs: crc32c of every shard's index (``16·cps`` bytes, once per
+    shard per reader; the loader caches the checked index), timed over ``reps`` passes, against one raw
+    sequential read of the same shards (the baseline's epoch)."""
+    import google_crc32c
+
+    n_index = 16 * chunks_per_shard + 4
+    tails = []
+    for p in paths:
+        with open(p, "rb") as fh:
+            fh.seek(-n_index, os.SEEK_END)
+            tails.append(fh.read(n_index))
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for tail in tails:
+            assert google_crc32c.value(tail[:-4]) == int.from_bytes(tail[-4:], "little")
+    crc_s = (time.perf_counter() - t0) / reps
+    out = {"shards": len(paths), "index_bytes": n_index, "crc_seconds_per_reader": crc_s,
+           "raw_epoch_seconds": raw_s, "ratio_to_raw_epoch": crc_s / raw_s}
+    print(f"index crc32c: {crc_s * 1e6:.1f} us for {len(paths)} shard indexes once per reader = "
+          f"{crc_s / raw_s:.2e} x one raw epoch read", flush=True)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -213,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = [(8, 2), (64, 2)] if args.quick else [(8, 0), (8, 2), (32, 2), (64, 0), (64, 2)]
         results["local_read"] = bench_reads("local", url, lambda: raw_read_local(paths), nbytes,
                                             local_shards * 65536, settings, rounds if args.quick else 15)
+        results["index_check"] = index_check_cost(paths, 65536 // CHUNK, results["local_read"]["baseline"]["seconds"])
         shutil.rmtree(url)
         # the harvester's default storage dtype: float16 files, float32 batches (a cast per row)
         url = os.path.join(tmp, "local16")

@@ -30,9 +30,18 @@ from typing import Any, ClassVar
 from pydantic import Field
 
 from store import io
+from store.cli import CommandHelp, command_parser
 from store.config import StrictModel, add_config_arguments, load_config, validate
 from store.errors import UserError, run_cli
 from store.io import join_url
+from trainer.run_format import summary_url
+
+HELP = CommandHelp(
+    does="Run the whole pipeline on a small example that needs no download: harvest activations, train a "
+         "sweep of SAEs, evaluate them and write the report. Re-running reuses what is done.",
+    reads="a demo config (default: the one shipped with dynsae)",
+    writes="the dataset, the sweep's run folders and its report under the config's output folder",
+    example="--set sweep.base.tokens=2048")
 
 DEFAULT_CONFIG = Path(__file__).with_name("configs") / "demo.yaml"
 
@@ -150,8 +159,7 @@ def build_concepts(summary: dict[str, Any], tokens: int) -> str | None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dynsae demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m dynsae.demo", HELP)
     add_config_arguments(p, config_required=False)
     return p
 
@@ -164,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = out["summary"].get("runs", [])
     failed = [r for r in runs if r.get("status") != "finished"]
     if failed:
-        raise UserError(f"{len(failed)} demo runs failed; see {out['sweep']}/summary.json.")
+        raise UserError(f"{len(failed)} demo runs failed; see {summary_url(out['sweep'])}.")
     print(f"\ndone in {time.perf_counter() - t0:.0f} s: {len(runs)} runs trained and evaluated.")
     if out["concepts"]:
         print(f"concept browser: {out['concepts']}")

@@ -1,6 +1,6 @@
 """``dynsae export RUN_URL OUT_DIR --format saelens|sparsify``: a run as a folder the field's tools read.
 
-Formats (DESIGN §11):
+Formats (``docs/interop.md``):
 
 * ``saelens`` — ``cfg.json`` + ``sae_weights.safetensors``, loaded by ``sae_lens.SAE.load_from_disk``
   (sae-lens ≥ 6.54) and so by SAE-Dashboard, SAEBench and Neuronpedia. relu → ``standard``,
@@ -19,7 +19,7 @@ Folding (the exported forward computes what ours computes, with no per-call extr
   b_enc·c, b_dec·c, thresholds·c, b_mag·c, W_enc and W_dec unchanged — so a unit-norm TopK decoder
   stays unit-norm, which is what SAE-Dashboard's norm folding needs (we mark it with
   ``rescale_acts_by_decoder_norm: true``, a no-op on unit rows). Sparsemax codes are not homogeneous,
-  so mlp_sparsemax folds the encoder side instead (DESIGN's W_enc/s, W_dec·s, b_dec·s).
+  so mlp_sparsemax folds the encoder side instead (W_enc/s, W_dec·s, b_dec·s).
 * Per-token norm (``SAE.unit_input``: x/‖x‖ in, ×‖x‖ out). A linear variant trained that way
   becomes SAELens's ``normalize_activations: "constant_norm_rescale"`` (SAELens encodes
   x·√d/‖x‖ and multiplies its output by ‖x‖/√d), with c = √d in the fold above — a stock
@@ -53,14 +53,19 @@ import torch
 from torch import Tensor
 
 from store import io
+from store.cli import CommandHelp, command_parser
 from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
+from trainer.run_format import FOREIGN_CONFIG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, RunConfig, read_run_config
 
 FORMATS = ("saelens", "sparsify")
-SAELENS_CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_CFG = "cfg.json"
-SPARSIFY_WEIGHTS = "sae.safetensors"
+HELP = CommandHelp(
+    does="Write a trained SAE as a folder other tools load: SAELens (every variant; SAE-Dashboard, SAEBench "
+         "and Neuronpedia read it) or sparsify (TopK SAEs). The export computes what the trained SAE computes.",
+    reads="a run folder (or a folder written by SAE.save) and the dataset its config names, for metadata",
+    writes="OUT_DIR: cfg.json and the weights in the chosen library's names",
+    example="runs/sweep1/variant-topk_m-4096 exported/topk-4096 --format saelens")
+SAELENS_CFG = SPARSIFY_CFG = FOREIGN_CONFIG
 MIN_SAELENS_VERSION = "6.54.0"
 #: Variants whose codes are positively homogeneous in the pre-activations (the feature-scaling fold).
 HOMOGENEOUS = ("relu", "topk", "jumprelu", "gated", "batchtopk")
@@ -194,7 +199,7 @@ def prepends_bos(dataset: Any, rows: int = 8192) -> bool:
     return bool(first.size >= 2 and (first == first[0]).all())
 
 
-def saelens_metadata(run_cfg: dict[str, Any] | None, sae: Any, storage_options: io.StorageOptions) -> dict[str, Any]:
+def saelens_metadata(run_cfg: RunConfig | None, sae: Any, storage_options: io.StorageOptions) -> dict[str, Any]:
     """The ``metadata`` section of cfg.json (module docstring)."""
     meta: dict[str, Any] = {
         "sae_lens_version": saelens_version(),
@@ -204,9 +209,9 @@ def saelens_metadata(run_cfg: dict[str, Any] | None, sae: Any, storage_options: 
         "training_architecture_details": sae.config.model_dump(mode="json"),
         "dynsae_unit_input": bool(sae.unit_input),
     }
-    if run_cfg is not None and "sae" in run_cfg:
-        meta["dynsae_run"] = {k: v for k, v in run_cfg.items() if k != "sae"}
-    dataset_url = (run_cfg or {}).get("dataset")
+    if run_cfg is not None:
+        meta["dynsae_run"] = run_cfg.model_dump(mode="json", exclude={"sae"})
+    dataset_url = run_cfg.dataset if run_cfg is not None else None
     if not dataset_url:
         return meta
     from store import open_dataset
@@ -234,13 +239,12 @@ def saelens_metadata(run_cfg: dict[str, Any] | None, sae: Any, storage_options: 
 # ---- writing -----------------------------------------------------------------------------------
 
 
-def load_run(run_url: str, storage_options: io.StorageOptions = None) -> tuple[Any, dict[str, Any]]:
-    """(our SAE in eval mode, the directory's config.json)."""
+def load_run(run_url: str, storage_options: io.StorageOptions = None) -> tuple[Any, RunConfig | None]:
+    """(our SAE in eval mode, the run config; None for an SAE saved on its own)."""
     from trainer.sae import load
 
     sae = load(run_url, storage_options).eval()
-    cfg = io.read_json_object(io.join_url(run_url, "config.json"), storage_options, what="the run config") or {}
-    return sae, cfg
+    return sae, read_run_config(run_url, storage_options)
 
 
 def export_saelens(run_url: str, out_url: str, storage_options: io.StorageOptions = None) -> str:
@@ -291,9 +295,8 @@ def export(run_url: str, out_url: str, fmt: str = "saelens", storage_options: io
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynsae export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run", metavar="RUN_URL", help="run directory (config.json + sae.safetensors), any fsspec URL")
+    parser = command_parser("python -m dynsae.export", HELP)
+    parser.add_argument("run", metavar="RUN_URL", help="run directory (or a directory written by SAE.save), any fsspec URL")
     parser.add_argument("out", metavar="OUT_DIR", help="folder to write, any fsspec URL")
     parser.add_argument("--format", default="saelens", choices=FORMATS,
                         help="saelens (every variant; SAE-Dashboard, SAEBench, Neuronpedia) or sparsify (topk)")

@@ -1,6 +1,6 @@
 """Score one trainer run on its dataset's held-out ``eval`` split and write ``<run>/eval.json``.
 
-What is measured (definitions in :mod:`evaluator.metrics`, DESIGN §7):
+What is measured (definitions in :mod:`evaluator.metrics`, ``docs/metrics.md``):
 
 * Reconstruction (fvu, nmse_uncentered, explained_variance) on the rows the run's row filter
   keeps (``exclude_positions``, ``max_norm_multiple`` — the same :class:`store.filters.RowFilter`
@@ -17,6 +17,16 @@ What is measured (definitions in :mod:`evaluator.metrics`, DESIGN §7):
   recorded in ``ce_skipped``.
 * Zero-shot concept classification (vision) when a :class:`~evaluator.zeroshot.ZeroShotConfig`
   is given and the dataset's model is open_clip.
+* Ground truth (``gt_mcc``, ``gt_recovered``, ``gt_f1``, ``gt_l0_spearman``, ``docs/metrics.md``) when
+  the dataset has a ``ground_truth.safetensors`` (``dynsae synth``): the SAE's unit decoder directions
+  (``decoder_directions()``) matched to the true features, and per kept eval row the latents that
+  fire against the features present (looked up by the row's ``seq_id``). Otherwise skipped with
+  the reason in ``gt_skipped``; CE and zero-shot are skipped on a synthetic dataset (no model).
+* Sparse probing whenever the dataset has labels (labelled text, or images with classes):
+  the codes and the raw activations of the kept eval rows are mean-pooled per document (a
+  labelled text document: the sequences sharing its ``doc_ids`` entry; an image: its rows), and
+  :func:`evaluator.metrics.probe_metrics` gives ``probe_top{n}``, ``probe_raw_top{n}`` and
+  ``probe_raw_all`` (docs/metrics.md). Otherwise skipped with the reason in ``probe_skipped``.
 """
 
 from __future__ import annotations
@@ -26,47 +36,51 @@ import importlib.metadata
 import json
 import math
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from evaluator.ce import splice_ce
-from evaluator.metrics import METRICS_VERSION, ReconstructionAccumulator, SparsityAccumulator, suggest_topk
-from store import io
-from store.config import StrictModel
+from evaluator.metrics import (
+    METRICS_VERSION,
+    RECOVERED_COSINE,
+    DocumentMeans,
+    GroundTruthAccumulator,
+    ReconstructionAccumulator,
+    SparsityAccumulator,
+    feature_matching,
+    probe_metrics,
+    suggest_topk,
+)
 from store.errors import UserError
 from store.filters import RowFilter
+from trainer.run_format import (
+    FORMAT_VERSION,
+    EvalRecord,
+    RowFilterRecord,
+    TokenCounts,
+    eval_url,
+    write_eval,
+)
 
-EVAL_FILE = "eval.json"
-CONFIG_FILE = "config.json"
 DEFAULT_CE_CONTEXTS = 64
+SYNTHETIC_NO_MODEL = "synthetic dataset (dynsae synth): there is no model to splice the SAE into"
 
 
-class FilterInfo(StrictModel):
-    """The row filter the evaluation applied (the run's own)."""
+class EvalReport(EvalRecord):
+    """Everything an evaluation writes (the run format's eval record, :class:`trainer.run_format.EvalRecord`),
+    with every metric field declared here: the one place a metric joins ``eval.json``. Scalars at the top
+    level (the sweep summary picks them up as ``eval_*``)."""
 
-    description: str
-    exclude_positions: list[int]
-    max_norm_multiple: float | None
-    median_norm: float | None
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-
-class TokenCounts(StrictModel):
-    """Eval-split rows read, kept by the row filter, dropped by it; CE tokens scored."""
-
-    eval_rows: int
-    kept: int
-    dropped: int
-    ce_tokens: int = 0
-
-
-class EvalReport(StrictModel):
-    """Everything ``eval.json`` holds. Scalars at the top level (the sweep summary picks them up)."""
-
+    format_version: int = FORMAT_VERSION
     metrics_version: str = METRICS_VERSION
     evaluator: str = "evaluator"
     package_version: str | None
@@ -83,7 +97,7 @@ class EvalReport(StrictModel):
     d: int
     input_norm: str
     device: str
-    filter: FilterInfo
+    filter: RowFilterRecord
     tokens: TokenCounts
     # headline metrics (kept rows)
     fvu: float | None
@@ -114,6 +128,25 @@ class EvalReport(StrictModel):
     ce: dict[str, Any] | None = None
     zeroshot: dict[str, Any] | None = None
     zeroshot_skipped: str | None = None
+    # ground truth (synthetic datasets; None with gt_skipped set otherwise)
+    gt_mcc: float | None = None
+    gt_recovered: float | None = None
+    gt_f1: float | None = None
+    gt_l0_spearman: float | None = None
+    gt_skipped: str | None = None
+    ground_truth: dict[str, Any] | None = None
+    # sparse probing (None with probe_skipped set when the dataset has no labels)
+    probe_top1: float | None = None
+    probe_top5: float | None = None
+    probe_top10: float | None = None
+    probe_top50: float | None = None
+    probe_raw_top1: float | None = None
+    probe_raw_top5: float | None = None
+    probe_raw_top10: float | None = None
+    probe_raw_top50: float | None = None
+    probe_raw_all: float | None = None
+    probe_skipped: str | None = None
+    probe: dict[str, Any] | None = Field(default=None, description="documents, split, classes, majority baseline.")
 
 
 # ---- small helpers ---------------------------------------------------------------------------
@@ -151,25 +184,6 @@ def git_commit() -> str | None:
     return f"{head}-dirty" if dirty else head
 
 
-def read_run_config(run_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's ``config.json`` (the trainer's run record with an ``sae`` section)."""
-    cfg = io.read_json_object(io.join_url(run_url, CONFIG_FILE), storage_options, what="a trainer run config")
-    if cfg is None:
-        raise UserError(f"{run_url} has no {CONFIG_FILE}; point at a trainer run directory "
-                        "(<runs_root>/<sweep>/<run>).")
-    for key in ("dataset", "sae"):
-        if key not in cfg:
-            raise UserError(f"{io.join_url(run_url, CONFIG_FILE)} has no {key!r} key; it is not a trainer run "
-                            "config (an SAE saved on its own has no dataset to evaluate on).")
-    return cfg
-
-
-def run_filter(cfg: dict[str, Any]) -> RowFilter:
-    """The run's row filter (trainer defaults where the run config is silent)."""
-    return RowFilter(exclude_positions=list(cfg.get("exclude_positions", [0])),
-                     max_norm_multiple=cfg.get("max_norm_multiple"))
-
-
 def codes_rows(codes: Any, mask: Tensor) -> Any:
     """The rows of a ``Codes`` object selected by a bool mask (B,)."""
     def pick(t: Tensor | None) -> Tensor | None:
@@ -182,33 +196,105 @@ def codes_rows(codes: Any, mask: Tensor) -> Any:
 # ---- the eval-split pass ---------------------------------------------------------------------
 
 
-class EvalAccumulators:
-    """Reconstruction over kept and over all rows, sparsity over kept rows."""
+@dataclass
+class ProbeDocuments:
+    """The eval split's documents of a labelled dataset: the document of each sequence, the sorted
+    documents with eval rows and their classes."""
 
-    def __init__(self, m: int) -> None:
+    doc_of_seq: Tensor  # (n_sequences,) int64
+    documents: np.ndarray  # sorted unique document ids of the eval sequences
+    labels: np.ndarray  # class of each of ``documents``
+
+
+def probe_documents(dataset: Any) -> ProbeDocuments | None:
+    """The eval documents of ``dataset`` (None when it has no labels): labelled text groups the
+    sequences by ``doc_ids``, any other labelled dataset (images) makes each sequence a document."""
+    labels = dataset.labels()
+    if labels is None:
+        return None
+    doc_of_seq = dataset.doc_ids()
+    ctx = dataset.manifest.context_length
+    seqs = np.concatenate([np.arange(start // ctx, stop // ctx) for start, stop in dataset.split_row_ranges("eval")]
+                          or [np.zeros(0, dtype=np.int64)])
+    documents, first = np.unique(doc_of_seq[seqs], return_index=True)
+    return ProbeDocuments(torch.from_numpy(doc_of_seq.astype(np.int64)), documents, labels[seqs[first]])
+
+
+DENSE_SLICE = 1024  # rows of codes made dense at a time for pooling
+
+
+class EvalAccumulators:
+    """Reconstruction over kept and over all rows, sparsity over kept rows, (with a ground truth and
+    its feature matching) the ground-truth counts over kept rows, and (labelled datasets) the
+    per-document means of the kept rows' codes and activations for sparse probing."""
+
+    def __init__(self, m: int, truth: Any = None, assignment: Tensor | None = None, d: int | None = None,
+                 probe: ProbeDocuments | None = None) -> None:
         self.kept = ReconstructionAccumulator()
         self.all = ReconstructionAccumulator()
         self.sparsity = SparsityAccumulator(m)
+        self.truth = truth
+        self.gt = None if truth is None else GroundTruthAccumulator(assignment, m)
+        self.probe = probe
+        self.probe_codes = None if probe is None else DocumentMeans(probe.documents, m)
+        self.probe_raw = None if probe is None or d is None else DocumentMeans(probe.documents, d)
 
-    def update(self, x: Tensor, x_hat: Tensor, codes: Any, keep: Tensor, positions: Tensor | None) -> None:
-        """One batch: rows ``x``, reconstructions, their codes and the filter's keep mask."""
+    def update(self, x: Tensor, x_hat: Tensor, codes: Any, keep: Tensor, positions: Tensor | None,
+               seq_ids: Tensor | None = None) -> None:
+        """One batch: rows ``x``, reconstructions, their codes, the filter's keep mask (and the rows'
+        seq_ids when there is a ground truth or document labels)."""
         self.all.update(x, x_hat)
         self.kept.update(x[keep], x_hat[keep])
         kept_codes = codes_rows(codes, keep)
         self.sparsity.update(kept_codes.support_sizes(), kept_codes.fire_counts(),
                              torch.linalg.vector_norm(x[keep].float(), dim=-1),
                              None if positions is None else positions[keep])
+        if self.gt is not None:
+            rows = seq_ids[keep].cpu().numpy()  # a synthetic row's seq_id is its global row index
+            self.gt.update(kept_codes, self.truth.presence(rows))
+        if self.probe is not None and seq_ids is not None:
+            self.pool(x, codes, keep, seq_ids)
+
+    def pool(self, x: Tensor, codes: Any, keep: Tensor, seq_ids: Tensor) -> None:
+        """Add the kept rows' dense codes and activations to their documents' means."""
+        assert self.probe is not None and self.probe_codes is not None
+        docs = self.probe.doc_of_seq[seq_ids.to("cpu", torch.int64)]
+        keep_cpu = keep.to("cpu")
+        for start in range(0, x.shape[0], DENSE_SLICE):
+            part = torch.zeros_like(keep_cpu)
+            part[start:start + DENSE_SLICE] = keep_cpu[start:start + DENSE_SLICE]
+            if not bool(part.any()):
+                continue
+            self.probe_codes.update(codes_rows(codes, part.to(keep.device)).to_dense().detach(), docs[part])
+            if self.probe_raw is not None:
+                self.probe_raw.update(x[part.to(x.device)], docs[part])
+
+    def probe_result(self) -> dict[str, Any]:
+        """:func:`evaluator.metrics.probe_metrics` of the pooled documents (``probe_skipped`` when the
+        dataset has no labels)."""
+        if self.probe is None or self.probe_codes is None or self.probe_raw is None:
+            return {"probe_skipped": "the dataset has no labels (harvest labelled text with source.label_from, "
+                                     "label_field or label_by)"}
+        docs, codes = self.probe_codes.result()
+        _, raw = self.probe_raw.result()
+        labels = self.probe.labels[np.searchsorted(self.probe.documents, docs)]
+        return probe_metrics(codes, raw, labels)
 
 
 def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilter, median_norm: float | None, *,
                      max_tokens: int | None, batch_size: int, device: str,
-                     storage_options: dict[str, Any] | None = None, progress: bool = True) -> EvalAccumulators:
-    """Stream the eval split through the SAE (no grad) into :class:`EvalAccumulators`."""
+                     storage_options: dict[str, Any] | None = None, progress: bool = True,
+                     truth: Any = None, assignment: Tensor | None = None,
+                     probe: ProbeDocuments | None = None) -> EvalAccumulators:
+    """Stream the eval split through the SAE (no grad) into :class:`EvalAccumulators` (with
+    ground-truth counts when ``truth`` and its feature ``assignment`` are given, and the
+    per-document pools of sparse probing when ``probe`` gives the eval documents)."""
     from store import ActivationLoader
 
+    columns = ("acts", "positions") + (("seq_ids",) if truth is not None or probe is not None else ())
     loader = ActivationLoader(dataset_url, batch_size, split="eval", seed=0, epochs=1,
-                              columns=("acts", "positions"), storage_options=storage_options)
-    acc = EvalAccumulators(sae.config.m)
+                              columns=columns, storage_options=storage_options)
+    acc = EvalAccumulators(sae.config.m, truth, assignment, sae.config.d, probe)
     total = loader.rows_per_epoch if max_tokens is None else min(max_tokens, loader.rows_per_epoch)
     if total == 0:
         raise UserError(f"dataset {dataset_url} has no rows in its eval split; harvest with a non-zero "
@@ -217,14 +303,15 @@ def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilt
     seen = 0
     with loader, torch.no_grad():
         for batch in loader:
-            x, positions = batch["acts"], batch["positions"]
+            x, positions, seq_ids = batch["acts"], batch["positions"], batch.get("seq_ids")
             if max_tokens is not None:
                 x, positions = x[: max_tokens - seen], positions[: max_tokens - seen]
+                seq_ids = None if seq_ids is None else seq_ids[: max_tokens - seen]
             x, positions = x.to(device), positions.to(device)
             keep = row_filter.keep_mask(x, positions, median_norm)
             codes = sae.encode(x)
             x_hat = sae.decode(codes, x)
-            acc.update(x, x_hat, codes, keep, positions)
+            acc.update(x, x_hat, codes, keep, positions, None if seq_ids is None else seq_ids.to(device))
             seen += x.shape[0]
             bar.update(x.shape[0])
             if max_tokens is not None and seen >= max_tokens:
@@ -302,6 +389,8 @@ def ce_section(dataset: Any, sae: torch.nn.Module, row_filter: RowFilter, median
     info = dataset.manifest.model
     if ce_contexts <= 0:
         return None, "ce_contexts = 0"
+    if dataset.manifest.generator is not None:
+        return None, SYNTHETIC_NO_MODEL
     if info.kind != "hf_causal_lm":
         return None, f"model {info.name!r} is of kind {info.kind!r}, not an HF causal LM"
     if "token_ids" not in dataset.arrays:
@@ -340,19 +429,25 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
     from store import open_dataset
 
     cfg, sae = open_sae(run_url, dataset_url, storage_options)
-    dataset_url = cfg["dataset"]
+    dataset_url = cfg.dataset
     dataset = open_dataset(dataset_url, storage_options=storage_options)
     manifest = dataset.manifest
     sae = sae.to(device).eval()
     if sae.config.d != manifest.d:
         raise UserError(f"run {run_url} has an SAE of d = {sae.config.d} but its dataset {dataset_url} has "
                         f"d = {manifest.d}; the run config points at the wrong dataset.")
-    row_filter = run_filter(cfg)
+    row_filter = cfg.filter.row_filter()  # the filter the trainer wrote and applied
     median_norm = manifest.stats.median_norm if manifest.stats is not None else None
+    truth, gt_skipped = ground_truth_of(dataset_url, manifest.d, storage_options)
+    matching = None if truth is None else feature_matching(torch.from_numpy(truth.features), sae.decoder_directions())
     acc = score_eval_split(sae, dataset_url, row_filter, median_norm, max_tokens=max_tokens,
                            batch_size=batch_size, device=device, storage_options=storage_options,
-                           progress=progress)
+                           progress=progress, truth=truth,
+                           assignment=None if matching is None else matching["assignment"],
+                           probe=probe_documents(dataset))
     kept, everything, sparsity = acc.kept.result(), acc.all.result(), acc.sparsity.result()
+    gt = ground_truth_section(matching, acc.gt)
+    probe = acc.probe_result()
     ce, ce_skipped = ce_section(dataset, sae, row_filter, median_norm, ce_contexts, device, ce_batch_size,
                                 model_cache, progress)
     zs, zs_skipped = zeroshot_section(manifest, sae, row_filter, zeroshot, device, model_cache)
@@ -373,8 +468,7 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         "input_norm": "unit (always: cross-attention family)" if getattr(sae, "always_unit_norm", False)
         else sae.config.input_norm,
         "device": device,
-        "filter": {"description": row_filter.describe(), "exclude_positions": row_filter.exclude_positions,
-                   "max_norm_multiple": row_filter.max_norm_multiple, "median_norm": median_norm},
+        "filter": RowFilterRecord.of(row_filter, median_norm).model_dump(),
         "tokens": {"eval_rows": everything["rows"], "kept": kept["rows"],
                    "dropped": everything["rows"] - kept["rows"], "ce_tokens": ce.get("tokens", 0)},
         "fvu": kept["fvu"], "nmse_uncentered": kept["nmse_uncentered"],
@@ -392,15 +486,44 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         "ce": ce or None,
         "zeroshot": zs,
         "zeroshot_skipped": zs_skipped,
+        **{k: gt.get(k) for k in ("gt_mcc", "gt_recovered", "gt_f1", "gt_l0_spearman")},
+        "gt_skipped": gt_skipped,
+        "ground_truth": {k: v for k, v in gt.items() if not k.startswith("gt_")} or None,
+        **probe,
     }))
     if write:
-        io.write_json(out or io.join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
+        write_eval(out or eval_url(run_url), report, storage_options)
     return report
+
+
+def ground_truth_of(dataset_url: str, d: int, storage_options: dict[str, Any] | None) -> tuple[Any, str | None]:
+    """(the dataset's ground truth, None) or (None, the reason the gt_* metrics are skipped)."""
+    from harvester import ground_truth
+
+    truth = ground_truth.load(dataset_url, d, storage_options)
+    if truth is None:
+        return None, f"dataset {dataset_url} has no {ground_truth.FILE} (only `dynsae synth` datasets have a known dictionary)"
+    return truth, None
+
+
+def ground_truth_section(matching: dict[str, Any] | None, gt: GroundTruthAccumulator | None) -> dict[str, Any]:
+    """The gt_* metrics and their details ({} without a ground truth)."""
+    if matching is None or gt is None:
+        return {}
+    counts = gt.result()
+    best = matching["best_cosine"]
+    return {"gt_mcc": matching["gt_mcc"], "gt_recovered": matching["gt_recovered"], "gt_f1": counts["gt_f1"],
+            "gt_l0_spearman": counts["gt_l0_spearman"], "features": int(best.numel()),
+            "matched": int((matching["assignment"] >= 0).sum()), "recovered_cosine": RECOVERED_COSINE,
+            "best_cosine_quantiles": {str(q): float(best.quantile(q)) for q in (0.1, 0.5, 0.9)},
+            "f1_defined": counts["f1_defined"], "rows": counts["rows"], "true_l0_mean": counts["true_l0_mean"]}
 
 
 def zeroshot_section(manifest: Any, sae: torch.nn.Module, row_filter: RowFilter, config: Any, device: str,
                      model_cache: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
     """Zero-shot results for open_clip datasets when a config is given; else (None, reason)."""
+    if manifest.generator is not None:
+        return None, SYNTHETIC_NO_MODEL
     if config is None or not config.datasets:
         return None, "no zero-shot datasets configured"
     if manifest.model.kind != "open_clip":

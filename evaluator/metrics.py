@@ -1,4 +1,4 @@
-"""Metric definitions (DESIGN §7): one module, float64 accumulation, streaming == one-shot.
+"""Metric definitions (``docs/metrics.md``): one module, float64 accumulation, streaming == one-shot.
 
 Every metric exists in two forms that agree to float64 rounding:
 
@@ -20,17 +20,41 @@ N rows, a ∈ R^M the codes of a row):
   size with ‖x‖ and with the token position.
 * ``dead_frac`` = fraction of concepts that never fired on the evaluated rows;
   ``dense_frac`` = fraction that fired on more than 10% of them.
+* Sparse probing (SAEBench's definition; docs/metrics.md): per document D, the mean-pooled codes
+  ā_D = (1/|D|) Σ_{t∈D} a_t over its kept rows (:class:`DocumentMeans`); the documents are split
+  (seeded, per class, :data:`PROBE_TEST_FRACTION` of each class's documents to probe-test) into
+  probe-train and probe-test, disjoint by document (:func:`probe_split`); for each class c (one vs
+  rest) the n latents with the largest |mean_{D∈c} ā_D − mean_{D∉c} ā_D| on probe-train
+  (:func:`rank_latents`) feed an L2 logistic regression on standardised inputs; a probe-test
+  document's class is the argmax over the classes' probabilities, and ``probe_top{n}`` the
+  fraction of probe-test documents classified right, n ∈ :data:`PROBE_SIZES` (:func:`sparse_probe`).
+  The same probe on the raw activations' n best dimensions gives ``probe_raw_top{n}``, on all d
+  dimensions ``probe_raw_all`` (:func:`probe_metrics`).
+
+Ground truth (synthetic datasets, ``docs/metrics.md``): true features F (n, d) unit rows, the SAE's
+unit decoder directions u_j (M, d), Cos_ij = ⟨F_i, u_j⟩, and per eval row t its true support S_t:
+
+* ``gt_mcc`` = (1/n) Σ_i Cos_{i,π(i)}, π the one-to-one assignment of true features to latents that
+  maximises Σ_i Cos_{i,π(i)} (Hungarian); with M < n only M features are matched and the others count 0.
+* ``gt_recovered`` = (1/n) #{i : max_j Cos_ij ≥ 0.9}.
+* ``gt_f1`` = mean over true features i of F1(latent π(i) fires, i ∈ S_t) over the eval rows:
+  F1 = 2TP / (2TP + FP + FN) ("fires" = code ≠ 0); an unmatched feature scores 0; a feature that is
+  never present and whose latent never fires (F1 = 0/0) is left out of the mean.
+* ``gt_l0_spearman`` = Spearman ρ(L0_t, |S_t|) over the eval rows (Pearson of average ranks);
+  None when either is constant (e.g. a TopK SAE's L0).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-METRICS_VERSION = "1"
+METRICS_VERSION = "3"  # 2: ground-truth metrics (gt_*); 3: sparse probing (probe_top{n}, probe_raw_*)
 DENSE_THRESHOLD = 0.1  # a concept firing on more than this fraction of rows is "dense"
 
 
@@ -293,3 +317,218 @@ def suggest_topk(sparsity: dict[str, Any]) -> dict[str, Any]:
         "p10": sparsity.get("support_p10"),
         "p90": sparsity.get("support_p90"),
     }
+
+
+# ---- sparse probing (SAEBench) ---------------------------------------------------------------------
+
+#: The probe sizes n of ``probe_top{n}`` (the paper's on-1/5/10/50 columns).
+PROBE_SIZES: tuple[int, ...] = (1, 5, 10, 50)
+#: Fraction of each class's documents that go to probe-test.
+PROBE_TEST_FRACTION = 0.3
+#: Seed of the probe-train / probe-test split (the same split for every run on a dataset).
+PROBE_SEED = 0
+#: Inverse L2 strength of the logistic regressions (scikit-learn's C, liblinear solver, standardised inputs).
+PROBE_C = 1.0
+
+
+class DocumentMeans:
+    """Streaming per-document mean of row vectors, ā_D = (1/|D|) Σ_{t∈D} v_t, in float64.
+
+    ``documents`` lists every document id that may occur (sorted unique); rows of other ids are an
+    error. ``result()`` gives the ids with at least one row and their means."""
+
+    def __init__(self, documents: np.ndarray, width: int) -> None:
+        self.documents = torch.as_tensor(np.asarray(documents, dtype=np.int64))
+        if self.documents.numel() > 1 and not bool((self.documents[1:] > self.documents[:-1]).all()):
+            raise ValueError("documents must be sorted and unique")
+        self.sums = torch.zeros(self.documents.numel(), width, dtype=torch.float64)
+        self.counts = torch.zeros(self.documents.numel(), dtype=torch.int64)
+
+    def update(self, values: Tensor, docs: Tensor) -> None:
+        """Add rows ``values`` (B, width) of documents ``docs`` (B,)."""
+        docs = docs.detach().to("cpu", torch.int64).reshape(-1)
+        if docs.numel() == 0:
+            return
+        pos = torch.searchsorted(self.documents, docs).clamp_max(max(self.documents.numel() - 1, 0))
+        if self.documents.numel() == 0 or not bool((self.documents[pos] == docs).all()):
+            raise ValueError("a row belongs to a document that is not in the documents list")
+        self.sums.index_add_(0, pos, _f64(values))
+        self.counts.index_add_(0, pos, torch.ones_like(pos))
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(document ids with rows, (n, width) float64 means)."""
+        seen = self.counts > 0
+        means = self.sums[seen] / self.counts[seen, None].to(torch.float64)
+        return self.documents[seen].numpy(), means.numpy()
+
+
+def probe_split(labels: np.ndarray, test_fraction: float = PROBE_TEST_FRACTION,
+                seed: int = PROBE_SEED) -> np.ndarray:
+    """Bool mask of the probe-test documents: a seeded permutation of all documents, of which each
+    class sends its first round(test_fraction · n_c) to probe-test (at least one document stays in
+    probe-train). The documents a class sends depend on the seed and the class's members only."""
+    labels = np.asarray(labels)
+    order = np.random.default_rng(seed).permutation(len(labels))
+    test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = order[labels[order] == c]
+        k = min(int(round(test_fraction * len(members))), len(members) - 1)
+        test[members[:k]] = True
+    return test
+
+
+def rank_latents(features: np.ndarray, is_class: np.ndarray) -> np.ndarray:
+    """Feature indices by decreasing |mean over the class − mean over the rest| (ties: lower index first)."""
+    diff = np.abs(features[is_class].mean(0) - features[~is_class].mean(0))
+    return np.argsort(-diff, kind="stable")
+
+
+def sparse_probe(features: np.ndarray, labels: np.ndarray, test: np.ndarray, n: int | None) -> float:
+    """Multi-class accuracy on the ``test`` documents of one-vs-rest L2 logistic regressions, each on
+    its class's top-``n`` features (:func:`rank_latents` on the probe-train documents; None = all
+    features), inputs standardised with probe-train statistics; class = argmax of the probabilities.
+    Classes absent from probe-train are never predicted."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    x_train, y_train, x_test, y_test = features[~test], labels[~test], features[test], labels[test]
+    classes = np.unique(y_train)
+    if len(classes) < 2 or len(y_test) == 0:
+        raise ValueError("a probe needs two classes in probe-train and a probe-test document")
+    scores = np.empty((len(y_test), len(classes)))
+    for j, c in enumerate(classes):
+        is_class = y_train == c
+        keep = rank_latents(x_train, is_class)[:n]
+        scaler = StandardScaler().fit(x_train[:, keep])
+        model = LogisticRegression(C=PROBE_C, solver="liblinear", max_iter=1000).fit(scaler.transform(x_train[:, keep]), is_class)
+        scores[:, j] = model.predict_proba(scaler.transform(x_test[:, keep]))[:, 1]
+    return float(np.mean(classes[np.argmax(scores, axis=1)] == y_test))
+
+
+def probe_metrics(codes: np.ndarray, raw: np.ndarray, labels: np.ndarray,
+                  sizes: Sequence[int] = PROBE_SIZES, seed: int = PROBE_SEED) -> dict[str, Any]:
+    """``probe_top{n}`` (codes), ``probe_raw_top{n}`` and ``probe_raw_all`` (raw activations) for
+    documents' pooled ``codes`` (D, M) and ``raw`` activations (D, d) with class ``labels`` (D,), and
+    the split's details; ``{"probe_skipped": reason}`` when there are too few labelled documents."""
+    labels = np.asarray(labels)
+    counts = np.bincount(labels) if len(labels) else np.zeros(0, dtype=np.int64)
+    if int((counts >= 2).sum()) < 2:
+        return {"probe_skipped": f"{len(labels)} labelled documents in the eval split, fewer than two classes "
+                                 "with two documents each"}
+    test = probe_split(labels, seed=seed)
+    out: dict[str, Any] = {}
+    for n in sizes:
+        out[f"probe_top{n}"] = sparse_probe(codes, labels, test, n)
+        out[f"probe_raw_top{n}"] = sparse_probe(raw, labels, test, n)
+    out["probe_raw_all"] = sparse_probe(raw, labels, test, None)
+    majority = np.bincount(labels[~test]).argmax()
+    out["probe"] = {"documents": len(labels), "train_documents": int((~test).sum()),
+                    "test_documents": int(test.sum()), "classes": int((counts > 0).sum()),
+                    "class_counts": [int(v) for v in counts], "test_fraction": PROBE_TEST_FRACTION,
+                    "seed": seed, "C": PROBE_C, "sizes": list(sizes),
+                    "majority_baseline": float(np.mean(labels[test] == majority))}
+    return out
+
+# ---- ground truth (synthetic datasets) ----------------------------------------------------------
+
+#: A true feature counts as recovered when some decoder direction has cosine ≥ this with it.
+RECOVERED_COSINE = 0.9
+
+
+def feature_matching(features: Tensor, directions: Tensor) -> dict[str, Any]:
+    """Hungarian matching of true features (n, d) to unit decoder directions (M, d), maximising Σ cosine.
+
+    Returns ``gt_mcc``, ``gt_recovered``, ``assignment`` (n,) int64 (the latent matched to feature i,
+    −1 when M < n leaves it unmatched), ``matched_cosine`` (n,) float64 (0 where unmatched) and
+    ``best_cosine`` (n,) = max_j Cos_ij. Both inputs are normalised here (rows of norm 0 stay 0).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    f, u = _f64(features), _f64(directions)
+    f = f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = (f @ u.T).numpy()  # Cos_ij = ⟨F_i, u_j⟩
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    n = cos.shape[0]
+    assignment = torch.full((n,), -1, dtype=torch.int64)
+    assignment[torch.from_numpy(rows)] = torch.from_numpy(cols).to(torch.int64)
+    matched = torch.zeros(n, dtype=torch.float64)
+    matched[torch.from_numpy(rows)] = torch.from_numpy(cos[rows, cols])
+    best = torch.from_numpy(cos.max(axis=1)) if cos.shape[1] else torch.zeros(n, dtype=torch.float64)
+    return {"gt_mcc": float(matched.sum()) / n, "gt_recovered": float((best >= RECOVERED_COSINE).double().mean()),
+            "assignment": assignment, "matched_cosine": matched, "best_cosine": best}
+
+
+def average_ranks(values: Tensor) -> Tensor:
+    """Ranks 1..N of ``values`` (float64), ties given their average rank."""
+    from scipy.stats import rankdata
+
+    return torch.from_numpy(rankdata(_f64(values).numpy(), method="average"))
+
+
+def spearman(a: Tensor, b: Tensor) -> float | None:
+    """Spearman ρ of paired series: Pearson r of their average ranks; None when either is constant."""
+    if a.numel() != b.numel():
+        raise ValueError(f"paired series differ in length: {a.numel()} vs {b.numel()}")
+    if a.numel() < 2 or bool((a == a.reshape(-1)[0]).all()) or bool((b == b.reshape(-1)[0]).all()):
+        return None
+    acc = CorrelationAccumulator()
+    acc.update(average_ranks(a.reshape(-1)), average_ranks(b.reshape(-1)))
+    return acc.result()
+
+
+class GroundTruthAccumulator:
+    """Streaming counts for ``gt_f1`` and the (L0_t, |S_t|) pairs for ``gt_l0_spearman``.
+
+    ``assignment`` (n,) is :func:`feature_matching`'s; ``m`` the number of latents. ``update`` takes
+    a batch's codes (a ``Codes`` object or dense (B, M)) and ``present`` (B, n) bool (i ∈ S_t).
+    """
+
+    def __init__(self, assignment: Tensor, m: int) -> None:
+        self.assignment = assignment.to(torch.int64).cpu()
+        n = self.assignment.numel()
+        self.feature_of = torch.full((m,), -1, dtype=torch.int64)  # latent j -> the feature it is matched to
+        ok = self.assignment >= 0
+        self.feature_of[self.assignment[ok]] = torch.arange(n)[ok]
+        self.tp = torch.zeros(n, dtype=torch.int64)
+        self.fp = torch.zeros(n, dtype=torch.int64)
+        self.fn = torch.zeros(n, dtype=torch.int64)
+        self.l0: list[Tensor] = []
+        self.true_l0: list[Tensor] = []
+
+    def fires(self, codes: Any) -> Tensor:
+        """(B, n) bool: the latent matched to feature i is non-zero in row b."""
+        n = self.assignment.numel()
+        dense = codes if isinstance(codes, Tensor) else codes.dense
+        if dense is not None:
+            out = torch.zeros(dense.shape[0], n, dtype=torch.bool)
+            ok = self.assignment >= 0
+            out[:, ok] = (dense.detach().cpu()[:, self.assignment[ok]] != 0)
+            return out
+        idx, val = codes.idx.detach().cpu(), codes.val.detach().cpu()
+        feat = self.feature_of[idx]
+        hit = (val != 0) & (feat >= 0)
+        out = torch.zeros(idx.shape[0], n, dtype=torch.bool)
+        rows = torch.arange(idx.shape[0])[:, None].expand_as(idx)
+        out[rows[hit], feat[hit]] = True
+        return out
+
+    def update(self, codes: Any, present: Tensor) -> None:
+        """Add a batch: its codes and which true features each row holds."""
+        fires, present = self.fires(codes), present.cpu().bool()
+        self.tp += (fires & present).sum(0)
+        self.fp += (fires & ~present).sum(0)
+        self.fn += (~fires & present).sum(0)
+        self.l0.append(support_sizes(codes).detach().cpu().to(torch.int64))
+        self.true_l0.append(present.sum(-1).to(torch.int64))
+
+    def result(self) -> dict[str, Any]:
+        """``gt_f1`` (mean F1 over true features), ``gt_l0_spearman`` and their parts."""
+        denom = 2 * self.tp + self.fp + self.fn
+        defined = denom > 0
+        f1 = torch.where(defined, 2 * self.tp.double() / denom.clamp_min(1).double(), torch.nan)
+        l0 = torch.cat(self.l0) if self.l0 else torch.zeros(0, dtype=torch.int64)
+        true_l0 = torch.cat(self.true_l0) if self.true_l0 else torch.zeros(0, dtype=torch.int64)
+        return {"gt_f1": float(f1[defined].mean()) if bool(defined.any()) else math.nan,
+                "gt_l0_spearman": spearman(l0, true_l0), "f1_defined": int(defined.sum()), "rows": int(l0.numel()),
+                "true_l0_mean": float(true_l0.double().mean()) if true_l0.numel() else math.nan}

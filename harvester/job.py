@@ -9,8 +9,8 @@ Order of work (every check that can fail on bad input runs before any worker sta
 3. source: the first sequences are read (an empty corpus / folder fails here);
 4. the dataset group is created (or re-opened for a resume) at
    ``<output>/<name>-<config hash>``; an output URL that cannot be written fails here;
-5. Ray (in-process when ``ray_address`` is unset) runs one streaming task per range of
-   shards; each task loads the model once per worker process, computes shard after shard and
+5. Ray (:func:`store.cluster.ray_session`: ``ray_address``, else the job's cluster, else a local
+   instance) runs one streaming task per range of shards; each task loads the model once per worker process, computes shard after shard and
    writes each finished shard from a background thread while it computes the next one;
 6. the driver seals the dataset (statistics merged from the per-shard commit records).
 
@@ -18,6 +18,11 @@ Determinism: sequence ``s`` (a context or an image) is always the ``s``-th of th
 shard ``k`` holds sequences ``[k·S, (k+1)·S)`` with ``S = shard_rows / rows_per_seq``, and the
 forward batches are cut inside a shard starting at its first sequence. So 1 worker and N workers,
 and a run resumed after a crash (committed shards are skipped), store the same bytes.
+
+Labelled text (a source with a label option) is packed one document at a time
+(:func:`harvester.packing.pack_documents`): each context stores its document's class in
+``labels`` and the document's index in the source order in ``doc_ids`` (the manifest lists the
+class names and says ``documents``).
 
 Text is tokenized and packed on the driver (it must be, for a streaming source to be cut
 deterministically); the driver keeps one range more in flight than there are workers so that
@@ -27,12 +32,8 @@ workers the driver can become the limit; raise ``batch_size`` / shard sizes or s
 
 from __future__ import annotations
 
-import contextlib
 import itertools
-import os
 import queue
-import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -44,8 +45,23 @@ import numpy as np
 from harvester.config import HarvestConfig, config_hash, dataset_name
 from harvester.models import ModelAdapter, ModelInfo, load_model, resolve_layer
 from harvester.models import inspect_model as inspect_adapter
-from harvester.packing import TokenSpec, pack_contexts, token_spec, token_stream
-from harvester.sources import ImageItems, image_items, iter_documents, source_name, source_revision
+from harvester.packing import (
+    TokenSpec,
+    pack_contexts,
+    pack_documents,
+    tagged_token_stream,
+    token_spec,
+    token_stream,
+)
+from harvester.sources import (
+    ImageItems,
+    image_items,
+    iter_documents,
+    iter_labelled_documents,
+    source_name,
+    source_revision,
+)
+from store.cluster import Interrupted, RaySession, ray_session
 from store.errors import UserError
 
 DEFAULT_CHUNK_ROWS = 4096
@@ -97,7 +113,8 @@ class Plan:
     seqs_per_shard: int
     total_seqs: int | None = None  # None: until the text source runs out
     class_names: list[str] | None = None
-    env: dict[str, str] = field(default_factory=dict)  # applied in the worker (see worker_env)
+    documents: bool = False  # labelled text: per-sequence doc_ids are stored
+    threads: int = 0  # torch threads per task (its CPUs); 0 = torch's default
 
 
 @dataclass
@@ -109,6 +126,7 @@ class ShardWork:
     tokens: np.ndarray | None = None
     items: list[Any] | None = None
     labels: np.ndarray | None = None
+    doc_ids: np.ndarray | None = None
 
     @property
     def n_seqs(self) -> int:
@@ -144,16 +162,28 @@ def inspect_model(cfg: HarvestConfig) -> Inspected:
     return Inspected(inspected.info, inspected.tokenizer, spec)
 
 
-def text_shards(cfg: HarvestConfig, spec: TokenSpec, tokenizer: Any, seqs_per_shard: int) -> Iterator[ShardWork]:
-    """Shards of packed contexts in source order (the last one may be short)."""
+def text_shards(cfg: HarvestConfig, spec: TokenSpec, tokenizer: Any, seqs_per_shard: int,
+                labelled: bool = False) -> Iterator[ShardWork]:
+    """Shards of packed contexts in source order (the last one may be short); ``labelled``: one
+    document per context, with its class and document id (the document's index in the source)."""
     max_contexts = None if cfg.max_tokens is None else cfg.max_tokens // cfg.context_length
-    contexts = pack_contexts(token_stream(iter_documents(cfg.source, cfg.storage_options), tokenizer, spec),
-                             cfg.context_length, spec.bos_id, max_contexts)
+    if labelled:
+        tagged = ((text, (label, doc)) for doc, (text, label)
+                  in enumerate(iter_labelled_documents(cfg.source, cfg.storage_options)))
+        contexts: Iterator[Any] = pack_documents(tagged_token_stream(tagged, tokenizer, spec), cfg.context_length,
+                                                 spec.bos_id, max_contexts)
+    else:
+        contexts = ((ctx, None, None) for ctx in pack_contexts(
+            token_stream(iter_documents(cfg.source, cfg.storage_options), tokenizer, spec),
+            cfg.context_length, spec.bos_id, max_contexts))
     for index in itertools.count():
         block = list(itertools.islice(contexts, seqs_per_shard))
         if not block:
             return
-        yield ShardWork(index, index * seqs_per_shard, tokens=np.stack(block).astype(np.int32))
+        tokens = np.stack([ctx for ctx, _, _ in block]).astype(np.int32)
+        labels = np.asarray([lab for _, lab, _ in block], dtype=np.int32) if labelled else None
+        docs = np.asarray([doc for _, _, doc in block], dtype=np.int64) if labelled else None
+        yield ShardWork(index, index * seqs_per_shard, tokens=tokens, labels=labels, doc_ids=docs)
         if len(block) < seqs_per_shard:
             return
 
@@ -215,6 +245,8 @@ def compute_shard(plan: Plan, adapter: ModelAdapter, work: ShardWork) -> dict[st
         out["token_ids"] = work.tokens.reshape(-1).astype(np.int32)
     if work.labels is not None:
         out["labels"] = np.asarray(work.labels, dtype=np.int32)
+    if work.doc_ids is not None:
+        out["doc_ids"] = np.asarray(work.doc_ids, dtype=np.int64)
     return out
 
 
@@ -261,10 +293,8 @@ def run_shards(plan: Plan, works: list[ShardWork]) -> Iterator[ShardDone]:
 
     from store import DatasetWriter
 
-    os.environ.update(plan.env)
-    threads = int(os.environ.get("HARVEST_THREADS", "0"))
-    if threads > 0:
-        torch.set_num_threads(threads)
+    if plan.threads > 0:
+        torch.set_num_threads(plan.threads)
     adapter = worker_adapter(plan.cfg)
     writer = DatasetWriter.open(plan.url, storage_options=plan.cfg.storage_options or None)
     background = BackgroundWriter(writer)
@@ -323,6 +353,7 @@ def plan_job(cfg: HarvestConfig) -> tuple[Plan, Iterator[ShardWork], dict[str, A
         class_names = items.class_names
     else:
         rows_per_seq = cfg.context_length
+        class_names = cfg.source.document_classes(cfg.storage_options)
         if info.max_positions and cfg.context_length > info.max_positions:
             raise UserError(f"context_length={cfg.context_length} exceeds the {info.max_positions} positions of "
                             f"model {cfg.model.name!r}; lower context_length.")
@@ -334,16 +365,18 @@ def plan_job(cfg: HarvestConfig) -> tuple[Plan, Iterator[ShardWork], dict[str, A
     if cfg.source.is_image:
         shards: Iterator[ShardWork] = image_shards(items, seqs_per_shard)
     else:
-        shards = text_shards(cfg, inspected.spec, inspected.tokenizer, seqs_per_shard)
+        shards = text_shards(cfg, inspected.spec, inspected.tokenizer, seqs_per_shard, class_names is not None)
     first = next(shards, None)
     if first is None:
+        whole = " in any one labelled document (they are never packed together)" if class_names else ""
         raise UserError(f"source {source_name(cfg.source)} ({cfg.source.kind}) holds fewer than "
-                        f"{cfg.context_length} tokens of text; point source at a non-empty corpus.")
+                        f"{cfg.context_length} tokens of text{whole}; point source at a non-empty corpus.")
     shards = itertools.chain([first], shards)
     url = join_output(cfg)
     total_seqs = len(items.items) if cfg.source.is_image else (
         None if cfg.max_tokens is None else cfg.max_tokens // cfg.context_length)
-    plan = Plan(cfg, url, layer, info.d, rows_per_seq, seqs_per_shard, total_seqs, class_names)
+    plan = Plan(cfg, url, layer, info.d, rows_per_seq, seqs_per_shard, total_seqs, class_names,
+                documents=class_names is not None and not cfg.source.is_image)
     fields = {"chunk_rows": chunk_rows, "shard_rows": shard_rows}
     return plan, shards, fields
 
@@ -369,111 +402,16 @@ def build_manifest(plan: Plan, fields: dict[str, Any]) -> Any:
         hook={"layer": cfg.hook.layer, "site": cfg.hook.site, "name": hook_name},
         source={"name": source_name(cfg.source), "kind": cfg.source.kind,
                 "split": cfg.source.split_name(), "revision": source_revision(cfg.source), "files": files},
-        class_names=plan.class_names, split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
+        class_names=plan.class_names, documents=plan.documents or None,
+        split={"fraction": cfg.eval_fraction, "seed": cfg.seed},
         harvester_version=harvester_version(), config_hash=config_hash(plan.cfg),
     )
 
 
-def ensure_ray(cfg: HarvestConfig) -> tuple[Any, bool]:
-    """(ray, whether this call started or connected it): connect to ``ray_address`` or start an
-    in-process Ray (loopback, no dashboard, short temp dir); a Ray already initialised is used as is."""
-    import ray
-
-    if ray.is_initialized():
-        return ray, False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if cfg.ray_address:
-        ray.init(address=cfg.ray_address, log_to_driver=False)
-    else:
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 _temp_dir=tempfile.mkdtemp(prefix="rayh", dir="/tmp"), _node_ip_address="127.0.0.1")
-    return ray, True
-
-
 # ---------------------------------------------------------------------------- interrupts
 
-class HarvestInterrupted(KeyboardInterrupt):
+class HarvestInterrupted(Interrupted):
     """SIGINT / SIGTERM stopped the harvest; ``str(err)`` says what is kept and how to resume."""
-
-
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-@contextlib.contextmanager
-def signals_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt like SIGINT inside the block (main thread only; Ray's own
-    SIGTERM handler, a bare exit, is replaced so that the cleanup below runs)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def signals_ignored() -> Iterator[None]:
-    """A second Ctrl-C must not cut the cleanup short: SIGINT / SIGTERM are ignored inside the block."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-STOP_TIMEOUT_S = 10.0  # per step of stopping the workers (cancel, shutdown); the whole stop stays < 30 s
-
-
-def stop_workers(ray: Any, in_flight: list[Any], own_ray: bool) -> None:
-    """Stop every task of this harvest, and every process of the Ray this harvest started.
-
-    In-flight tasks are force-cancelled (their worker processes are killed, so no shard write
-    continues after this returns). A Ray this harvest started is shut down, and any process it
-    leaves (workers outlive the raylet by a moment) is waited for, then killed.
-    """
-    import psutil
-
-    for ref in in_flight:
-        with contextlib.suppress(Exception):
-            ray.cancel(ref, force=True)
-    if own_ray:
-        family = psutil.Process().children(recursive=True)
-        with contextlib.suppress(Exception):
-            ray.shutdown()
-        _, alive = psutil.wait_procs(family, timeout=STOP_TIMEOUT_S)
-        for proc in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.kill()
-        psutil.wait_procs(alive, timeout=STOP_TIMEOUT_S)
-        return
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    for gen in in_flight:  # a shared Ray stays up: wait until each cancelled task has ended
-        with contextlib.suppress(Exception):
-            while time.monotonic() < deadline:
-                ray.get(next(gen), timeout=max(0.1, deadline - time.monotonic()))
-
-
-WORKER_ENV_PREFIXES = ("HF_", "TRANSFORMERS_", "AWS_", "TOKENIZERS_")
-
-
-def worker_env(threads: int) -> dict[str, str]:
-    """Environment for the tasks: the driver's HF_* / AWS_* settings (offline mode, S3 endpoint and
-    credentials, as the user set them) and the torch thread count matching the task's CPUs.
-
-    It travels in the plan and is applied at task start (not as a Ray runtime_env, which would start
-    fresh worker processes for every distinct environment)."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
-    env["HARVEST_THREADS"] = str(threads)
-    return env
 
 
 def task_ranges(works: Iterator[ShardWork], per_task: int) -> Iterator[list[ShardWork]]:
@@ -498,29 +436,33 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
         return HarvestResult(plan.url, rows, 0.0, unit, rows // plan.rows_per_seq, skipped=True)
     committed = set(writer.committed())
     writer.remove_partial_writes()  # what a harvest killed mid-write left (no worker of ours runs yet)
-    with signals_interrupt():
-        return run_job(cfg, plan, shards, writer, committed, t_start, progress)
+    with ray_session(cfg.ray_address, address_key="ray_address") as session:
+        counts = run_job(session, cfg, plan, shards, writer, committed, progress)
+    manifest = writer.seal()
+    rows = int(manifest.rows)
+    return HarvestResult(plan.url, rows, time.perf_counter() - t_start, unit, rows // plan.rows_per_seq,
+                         resumed_shards=counts["resumed"],
+                         extra={"new_rows": counts["new_rows"], "work_seconds": counts["work_seconds"],
+                                "shards": counts["last"] + 1, "arrivals": counts["arrivals"]})
 
 
-def run_job(cfg: HarvestConfig, plan: Plan, shards: Iterator[ShardWork], writer: Any, committed: set[int],
-            t_start: float, progress: bool) -> HarvestResult:
-    """Dispatch the uncommitted shards to Ray, collect them, seal. On SIGINT / SIGTERM: stop every
-    task (and the Ray this run started), drop the uncommitted shards' objects, and raise
+def run_job(session: RaySession, cfg: HarvestConfig, plan: Plan, shards: Iterator[ShardWork], writer: Any,
+            committed: set[int], progress: bool) -> dict[str, Any]:
+    """Dispatch the uncommitted shards to Ray and collect them; returns the counts. On SIGINT / SIGTERM:
+    stop every task (and the Ray this harvest started), drop the uncommitted shards' objects, and raise
     :class:`HarvestInterrupted` saying how to resume."""
     from tqdm import tqdm
 
-    ray, own_ray = ensure_ray(cfg)
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init installs its own (a bare exit)
+    ray = session.ray
     unit = "img" if cfg.source.is_image else "tok"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
-    plan.env = worker_env(cpus)
-    task = ray.remote(run_shards).options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker)
+    plan.threads = cpus
+    task = ray.remote(run_shards).options(**session.options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker))
     total = None if plan.total_seqs is None else plan.total_seqs * plan.rows_per_seq
     scale = 1.0 / plan.rows_per_seq if cfg.source.is_image else 1.0  # images/s for vision
     bar = tqdm(total=None if total is None else total * scale, unit=unit, unit_scale=True, disable=not progress,
                desc=f"harvest {dataset_name(cfg)}", smoothing=0.1)
-    counts = {"resumed": 0, "new_rows": 0, "last": -1}
+    counts: dict[str, Any] = {"resumed": 0, "new_rows": 0, "last": -1, "arrivals": []}
     dispatched: set[int] = set()
 
     def pending() -> Iterator[ShardWork]:
@@ -535,21 +477,22 @@ def run_job(cfg: HarvestConfig, plan: Plan, shards: Iterator[ShardWork], writer:
 
     ranges = task_ranges(pending(), MAX_SHARDS_PER_TASK)
     in_flight: list[Any] = []
-    arrivals: list[tuple[float, float, int]] = []  # (compute start, commit time, rows) per new shard
+    arrivals = counts["arrivals"]  # (compute start, commit time, rows) per new shard
     t_work = time.perf_counter()
     try:
         while True:
             # one range more than there are workers: the driver tokenizes the next range while the
             # workers compute, and a worker never waits for the driver between ranges
             while len(in_flight) <= cfg.workers and (group := next(ranges, None)) is not None:
-                in_flight.append(task.remote(plan, group))
+                in_flight.append(session.track_task(task.remote(plan, group)))
             if not in_flight:
                 break
-            ready, _ = ray.wait(in_flight, num_returns=1)
+            ready = session.wait_one(in_flight)
             try:
-                done: ShardDone = ray.get(next(ready[0]))
+                done: ShardDone = ray.get(next(ready))
             except StopIteration:
-                in_flight.remove(ready[0])
+                in_flight.remove(ready)
+                session.forget_task(ready)
                 continue
             counts["new_rows"] += done.rows
             arrivals.append((done.started, done.committed, done.rows))
@@ -559,23 +502,17 @@ def run_job(cfg: HarvestConfig, plan: Plan, shards: Iterator[ShardWork], writer:
         if isinstance(cause, UserError):
             raise cause from None
         raise
-    except KeyboardInterrupt:
+    except Interrupted as err:
         bar.close()
-        with signals_ignored():
-            stop_workers(ray, in_flight, own_ray)
-            writer.discard_uncommitted(dispatched)
-            kept = len(writer.committed())
-        raise HarvestInterrupted(f"harvest interrupted with {kept} shard(s) committed at {plan.url}; run the "
-                                 f"same command again to resume from them.") from None
+        session.close()  # every task stopped, and the Ray this harvest started: no shard write continues
+        writer.discard_uncommitted(dispatched)
+        kept = len(writer.committed())
+        raise HarvestInterrupted(err.signum, f"harvest interrupted with {kept} shard(s) committed at {plan.url}; "
+                                             "run the same command again to resume from them.") from None
     finally:
         bar.close()
-    work_s = time.perf_counter() - t_work
-    manifest = writer.seal()
-    rows = int(manifest.rows)
-    return HarvestResult(plan.url, rows, time.perf_counter() - t_start, unit, rows // plan.rows_per_seq,
-                         resumed_shards=counts["resumed"],
-                         extra={"new_rows": counts["new_rows"], "work_seconds": work_s,
-                                "shards": counts["last"] + 1, "arrivals": arrivals})
+    counts["work_seconds"] = time.perf_counter() - t_work
+    return counts
 
 
 def open_or_create(plan: Plan, manifest: Any) -> Any:

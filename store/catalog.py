@@ -65,7 +65,7 @@ def dataset_info(url: str, storage_options: dict | None = None) -> dict[str, Any
     stored = sum(o.nbytes for c in ds.commits.values() for o in c.objects.values())
     return {
         "url": url,
-        "manifest": m.model_dump(mode="json"),
+        "manifest": m.dump(),
         "manifest_hash": m.manifest_hash(),
         "committed_shards": len(ds.commits),
         "num_rows": ds.num_rows,

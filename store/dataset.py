@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 
@@ -27,12 +28,14 @@ from store.errors import UserError
 from store.io import filesystem, is_local, join_url, local_path, zarr_store
 from store.layout import (
     ACTS,
-    INT_DTYPES,
+    DOC_IDS,
     LABELS,
-    ROW_ARRAYS,
+    SEQ_ARRAYS,
     array_names,
+    column_dtype,
     read_commits,
     read_manifest,
+    row_columns,
     shard_key,
 )
 from store.manifest import CommitRecord, DatasetManifest
@@ -120,9 +123,24 @@ class ChunkReader:
             return os.path.getsize(os.path.join(self.root, key))
         return int(self.fs.size(join_url(self.path, key)))
 
-    def _cache_index(self, shard: int, tail: bytes | memoryview) -> np.ndarray:
-        """Parse and cache a shard index from the object's last ``16 * cps + 4`` bytes."""
-        idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.cps, 2).copy()  # never pin a whole object
+    def _cache_index(self, shard: int, tail: bytes | memoryview, size: int) -> np.ndarray:
+        """Check, parse and cache a shard index from the last ``16 * cps + 4`` bytes of its ``size``-byte
+        object: the index's crc32c must match and every chunk it locates must lie inside the object, so a
+        damaged shard is refused instead of read as other rows (crc32c of 16·cps bytes: see bench/store_bench)."""
+        n_index = 16 * self.cps + 4
+        problem = None
+        if len(tail) != n_index:
+            problem = "is shorter than its commit record says (truncated)"
+        elif google_crc32c.value(bytes(tail[:-4])) != int.from_bytes(bytes(tail[-4:]), "little"):
+            problem = "has a shard index whose crc32c checksum does not match"
+        else:
+            idx = np.frombuffer(tail[:-4], dtype="<u8").reshape(self.cps, 2).copy()  # never pin a whole object
+            stored = idx[idx[:, 0] != EMPTY]
+            if stored.size and int((stored[:, 0] + stored[:, 1]).max()) > size - n_index:
+                problem = "has a shard index pointing past the end of the object (truncated)"
+        if problem is not None:
+            raise UserError(f"shard {shard} of {self.name!r} in {self.url} ({shard_key(self.name, shard)}) {problem}; "
+                            f"it is damaged — run `python -m store verify {self.url}` and re-harvest that shard.")
         with self._lock:
             self._index[shard] = idx
         return idx
@@ -134,7 +152,8 @@ class ChunkReader:
             return idx
         size = self._object_size(shard)
         n_index = 16 * self.cps + 4  # uint64 (offset, nbytes) per chunk + crc32c
-        return self._cache_index(shard, self._read_range(shard_key(self.name, shard), size - n_index, size))
+        return self._cache_index(shard, self._read_range(shard_key(self.name, shard), max(size - n_index, 0), size),
+                                 size)
 
     @property
     def can_map(self) -> bool:
@@ -227,7 +246,7 @@ class ChunkReader:
             size = self._object_size(shard)
             if size <= max_bytes:  # most of a small shard: one GET for the object, index included
                 whole = memoryview(self._read_range(key, 0, size))
-                self._cache_index(shard, whole[size - 16 * self.cps - 4:])
+                self._cache_index(shard, whole[max(size - 16 * self.cps - 4, 0):], size)
         index = self.shard_index(shard)
         located = []
         for i, (chunk, rows) in enumerate(items):
@@ -294,8 +313,8 @@ class Dataset:
 
     def reader(self, name: str) -> ChunkReader:
         """The byte-range chunk reader of row array ``name``."""
-        if name not in ROW_ARRAYS:
-            raise UserError(f"column {name!r} is not one of {list(ROW_ARRAYS)}; pick one of those.")
+        if name not in row_columns(self.manifest):
+            raise UserError(f"column {name!r} is not one of {list(row_columns(self.manifest))}; pick one of those.")
         if name not in self._readers:
             self._readers[name] = ChunkReader(self.url, name, self.manifest, self.commits,
                                               self.storage_options, self._metas.get(name))
@@ -303,7 +322,7 @@ class Dataset:
 
     def column_dtype(self, name: str) -> np.dtype:
         """Stored dtype of a row array."""
-        return np.dtype(self.manifest.dtype if name == ACTS else INT_DTYPES[name])
+        return np.dtype(column_dtype(self.manifest, name))
 
     def read_chunk(self, chunk: int, name: str = ACTS) -> np.ndarray:
         """All rows of inner chunk ``chunk`` of array ``name``."""
@@ -323,6 +342,14 @@ class Dataset:
         if self.manifest.class_names is None:
             return None
         return np.asarray(self.arrays[LABELS][: self.num_rows // self.manifest.context_length])
+
+    def doc_ids(self) -> np.ndarray:
+        """Source document per sequence (``doc_ids[seq_id]``): the stored ``doc_ids`` of labelled text,
+        else each sequence (image or context) is its own document (``arange``)."""
+        n = self.num_rows // self.manifest.context_length
+        if not self.manifest.documents:
+            return np.arange(n, dtype=np.int64)
+        return np.asarray(self.arrays[DOC_IDS][:n])
 
     # ---- chunks and splits -------------------------------------------------------------------
     def chunk_row_range(self, chunk: int) -> tuple[int, int]:
@@ -373,7 +400,7 @@ def check_arrays(url: str, manifest: DatasetManifest, metas: dict[str, dict]) ->
     for name in array_names(m):
         meta = metas[name]
         shape = meta.get("shape", [])
-        want_dtype = m.dtype if name == ACTS else INT_DTYPES[name]
+        want_dtype = column_dtype(m, name)
         if meta.get("data_type") != want_dtype:
             problems.append(f"array {name!r} of {url} stores {meta.get('data_type')} but the manifest "
                             f"implies {want_dtype}; the dataset is inconsistent, re-harvest it.")
@@ -381,7 +408,7 @@ def check_arrays(url: str, manifest: DatasetManifest, metas: dict[str, dict]) ->
             problems.append(f"array 'acts' of {url} has shape {shape} but the manifest says d={m.d}; "
                             "the dataset is inconsistent, re-harvest it.")
         if m.sealed and m.rows is not None:
-            want = m.rows // m.context_length if name == LABELS else m.rows
+            want = m.rows // m.context_length if name in SEQ_ARRAYS else m.rows
             if not shape or shape[0] != want:
                 problems.append(f"array {name!r} of {url} has {shape[0] if shape else 0} rows but the "
                                 f"manifest says {want}; the arrays have different lengths, re-seal or "

@@ -20,6 +20,7 @@ depends on and which depends on none of them (ARCHITECTURE.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -140,9 +141,37 @@ def write_bytes(url: str, data: bytes, storage_options: StorageOptions = None, a
         return
     name = path.rsplit("/", 1)[-1]
     tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}" if parent else f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+    if is_local(url):
+        write_local_durably(tmp, path, data)
+        return
     with fs.open(tmp, "wb") as fh:
         fh.write(data)
     fs.mv(tmp, path)
+
+
+def write_local_durably(tmp: str, path: str, data: bytes) -> None:
+    """Write ``data`` to the local file ``tmp``, fsync it, rename it to ``path`` and fsync the folder: after a
+    power loss the file holds the old bytes or the new ones, never an empty or torn file."""
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def fsync_dir(folder: str) -> None:
+    """fsync a local folder (makes a rename in it durable)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def read_text(url: str, storage_options: StorageOptions = None) -> str | None:
@@ -244,8 +273,16 @@ def save_safetensors(url: str, tensors: dict[str, Any], storage_options: Storage
 
 
 def load_safetensors(url: str, storage_options: StorageOptions = None) -> dict[str, Any] | None:
-    """The tensors of the safetensors file at ``url`` (CPU), or None when no such file exists."""
+    """The tensors of the safetensors file at ``url`` (CPU), or None when no such file exists; a file that is
+    not valid safetensors (truncated, corrupt) is a UserError naming it."""
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
     raw = read_bytes(url, storage_options)
-    return None if raw is None else load(raw)
+    if raw is None:
+        return None
+    try:
+        return load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise UserError(f"{url} is not a valid safetensors file ({type(err).__name__}); it is truncated or "
+                        "corrupt — restore it or re-create it.") from None

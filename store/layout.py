@@ -9,6 +9,11 @@ A dataset is the Zarr v3 group ``<root>/<name>/``::
     positions/           (N,) int16                                              zstd
     labels/              (N / context_length,) int32, only when class_names is set; zstd;
                          one chunk per shard (labels[i] = class of rows [i·ctx, (i+1)·ctx))
+    doc_ids/             (N / context_length,) int64, only when the manifest says ``documents``
+                         (labelled text); zstd; one chunk per shard. doc_ids[i] = the source
+                         document sequence i was cut from: a labelled document is never packed
+                         with another one, and a long one spans several sequences that share
+                         its id (the evaluator pools a document's rows by it; docs/metrics.md)
     commits/<shard>.json CommitRecord, written after the shard's objects are stored
 
 Shard ``s`` of a row array is the object ``<array>/c/<s>/0`` (acts) or ``<array>/c/<s>``.
@@ -28,22 +33,46 @@ from typing import Any
 
 from store.errors import UserError
 from store.io import filesystem, join_url, protocol
-from store.manifest import MANIFEST_KEY, CommitRecord, DatasetManifest
+from store.manifest import (  # the array names are part of the schema
+    ACTS,
+    DOC_IDS,
+    LABELS,
+    MANIFEST_KEY,
+    POSITIONS,
+    ROW_ARRAYS,
+    SEQ_IDS,
+    TOKEN_IDS,
+    CommitRecord,
+    DatasetManifest,
+)
 
-ACTS = "acts"
-TOKEN_IDS = "token_ids"
-SEQ_IDS = "seq_ids"
-POSITIONS = "positions"
-LABELS = "labels"
-ROW_ARRAYS = (ACTS, TOKEN_IDS, SEQ_IDS, POSITIONS)
-INT_DTYPES = {TOKEN_IDS: "int32", SEQ_IDS: "int64", POSITIONS: "int16", LABELS: "int32"}
+SEQ_ARRAYS = (LABELS, DOC_IDS)  # one value per sequence (``array[seq_id]``), not per row
+INT_DTYPES = {TOKEN_IDS: "int32", SEQ_IDS: "int64", POSITIONS: "int16", LABELS: "int32", DOC_IDS: "int64"}
 CAPACITY_SHARDS = 2**24
 COMMITS_DIR = "commits"
 
 
 def array_names(manifest: DatasetManifest) -> tuple[str, ...]:
     """Arrays present in a dataset with this manifest."""
-    return ROW_ARRAYS + ((LABELS,) if manifest.class_names is not None else ())
+    return (ROW_ARRAYS + ((LABELS,) if manifest.class_names is not None else ())
+            + ((DOC_IDS,) if manifest.documents else ()) + extra_column_names(manifest))
+
+
+def extra_column_names(manifest: DatasetManifest) -> tuple[str, ...]:
+    """The manifest's extra per-row integer columns (``extra_columns``), in order."""
+    return tuple(manifest.extra_columns or ())
+
+
+def row_columns(manifest: DatasetManifest) -> tuple[str, ...]:
+    """Every per-row array a reader may ask for: the standard ones and the extra columns."""
+    return ROW_ARRAYS + extra_column_names(manifest)
+
+
+def column_dtype(manifest: DatasetManifest, name: str) -> str:
+    """Stored dtype of array ``name``: the manifest's for acts, else the integer column's."""
+    if name == ACTS:
+        return manifest.dtype
+    return INT_DTYPES[name] if name in INT_DTYPES else (manifest.extra_columns or {})[name]
 
 
 def shard_key(name: str, shard: int) -> str:

@@ -1,4 +1,4 @@
-"""ActivationLoader: windowed block shuffle with random access by batch index (DESIGN §3).
+"""ActivationLoader: windowed block shuffle with random access by batch index (``docs/store-format.md``).
 
 The row stream of one rank is the concatenation of epochs e = 0, 1, 2, ...; epoch e is:
 
@@ -56,7 +56,7 @@ import torch
 from store.dataset import Dataset, open_dataset
 from store.errors import UserError
 from store.io import is_local
-from store.layout import ACTS, ROW_ARRAYS
+from store.layout import ACTS, row_columns
 from store.scatter import aligned_empty, scatter_rows
 
 WindowKey = tuple[int, int]
@@ -191,9 +191,10 @@ class ActivationLoader:
                  io_threads: int | None = None, allow_partial: bool = False, use_mmap: bool = True) -> None:
         self.dataset = url if isinstance(url, Dataset) else open_dataset(url, allow_partial, storage_options)
         cols = (columns,) if isinstance(columns, str) else tuple(columns)
-        bad = [c for c in cols if c not in ROW_ARRAYS]
+        known = row_columns(self.dataset.manifest)
+        bad = [c for c in cols if c not in known]
         if not cols or bad:
-            raise UserError(f"columns {list(cols)} must be a non-empty subset of {list(ROW_ARRAYS)}.")
+            raise UserError(f"columns {list(cols)} must be a non-empty subset of {list(known)}.")
         checks = [(batch_size >= 1, f"batch_size={batch_size} must be at least 1"),
                   (window_chunks >= 1, f"window_chunks={window_chunks} must be at least 1"),
                   (epochs is None or epochs >= 1, f"epochs={epochs} must be None or at least 1"),

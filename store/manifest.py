@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -18,6 +18,16 @@ from store.config import StrictModel
 
 SCHEMA_VERSION = 1
 MANIFEST_KEY = "dynsae"
+#: Manifest keys left out of the stored JSON when unset (see DatasetManifest.dump).
+OPTIONAL_KEYS: tuple[str, ...] = ("documents", "extra_columns", "generator")
+#: The arrays of a dataset (``docs/store-format.md``): one per stored row, and per-sequence labels / doc ids.
+ACTS = "acts"
+TOKEN_IDS = "token_ids"
+SEQ_IDS = "seq_ids"
+POSITIONS = "positions"
+LABELS = "labels"
+DOC_IDS = "doc_ids"
+ROW_ARRAYS = (ACTS, TOKEN_IDS, SEQ_IDS, POSITIONS)
 QUANTILE_KEYS: tuple[str, ...] = ("0.001", "0.01", "0.1", "0.5", "0.9", "0.99", "0.999", "1.0")
 
 
@@ -96,6 +106,13 @@ class DatasetManifest(StrictModel):
     hook: HookInfo
     source: SourceInfo
     class_names: list[str] | None = None
+    #: True when a ``doc_ids`` array (one source document id per sequence) is stored: labelled text,
+    #: where documents are never packed together (see :mod:`store.layout`); None (left out) otherwise.
+    documents: bool | None = None
+    extra_columns: dict[str, Literal["int16", "int32", "int64"]] | None = Field(default=None, description=(
+        "per-row integer arrays beyond the standard ones, name -> dtype (e.g. a synthetic dataset's true_l0)"))
+    generator: dict[str, Any] | None = Field(default=None, description=(
+        "the config of the generator that made a synthetic dataset (None for harvested activations)"))
     rows: int | None = Field(default=None, ge=0)
     split: EvalSplit = Field(default_factory=EvalSplit)
     stats: DatasetStats | None = None
@@ -103,6 +120,14 @@ class DatasetManifest(StrictModel):
     config_hash: str | None = None
     created: str | None = None
     sealed: bool = False
+
+    @field_validator("extra_columns")
+    @classmethod
+    def _extra_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name in value or {}:
+            if name in (*ROW_ARRAYS, LABELS, DOC_IDS) or not name.isidentifier():
+                raise ValueError(f"extra column {name!r} must be a new identifier, not one of the standard arrays")
+        return value
 
     @model_validator(mode="after")
     def _geometry(self) -> DatasetManifest:
@@ -120,13 +145,25 @@ class DatasetManifest(StrictModel):
         """Inner chunks per shard."""
         return self.shard_rows // self.chunk_rows
 
+    def dump(self) -> dict:
+        """The manifest as JSON data; the optional fields added after schema 1 (documents, extra_columns, generator)
+        only when set, so a harvested dataset's manifest (and hash) is what it was before they existed."""
+        data = self.model_dump(mode="json")
+        for key in OPTIONAL_KEYS:
+            if data.get(key) is None:
+                data.pop(key, None)
+        return data
+
     def manifest_hash(self) -> str:
-        """sha256 of the canonical JSON of the whole manifest."""
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json")).encode()).hexdigest()
+        """sha256 of the canonical JSON of the whole manifest (:meth:`dump`)."""
+        return hashlib.sha256(canonical_json(self.dump()).encode()).hexdigest()
 
     def identity(self) -> dict:
         """The fields that define *what* is stored (everything the writer does not fill in)."""
-        return self.model_dump(mode="json", exclude={"rows", "stats", "created", "sealed"})
+        data = self.dump()
+        for key in ("rows", "stats", "created", "sealed"):
+            data.pop(key, None)
+        return data
 
 
 class ObjectDigest(StrictModel):

@@ -1,7 +1,8 @@
 """``verify``: every problem of a stored dataset as one sentence.
 
 Checks: the manifest validates; the dataset is sealed; shards 0..n-1 (n from the sealed row
-count) each have a valid commit record and all their objects; no stray uncommitted shard
+count) each have a valid commit record naming the shard's own objects (a record pointing at another
+shard's objects would vouch for bytes it does not describe) and all those objects; no stray uncommitted shard
 objects; the sha256 of every stored shard object matches its commit record; all arrays
 have the length the manifest says; no NaN/Inf in a sample of chunks of ``acts``.
 """
@@ -15,7 +16,7 @@ import numpy as np
 from store.dataset import Dataset, check_arrays, read_array_meta
 from store.errors import UserError
 from store.io import filesystem, join_url
-from store.layout import ACTS, array_names, committed_shards, read_commits, read_manifest
+from store.layout import ACTS, array_names, committed_shards, read_commits, read_manifest, shard_key
 
 
 def _shard_objects(fs, path: str, name: str) -> set[int]:
@@ -66,6 +67,11 @@ def verify_dataset(url: str, storage_options: dict | None = None, sample_chunks:
                 damaged.add(s)
                 problems.append(f"commit record of shard {s} of {url} lists no {name!r} object; "
                                 "rewrite that shard.")
+                continue
+            if digest.key != shard_key(name, s):
+                damaged.add(s)
+                problems.append(f"commit record of shard {s} of {url} names object {digest.key!r} for {name!r}, "
+                                f"not the shard's own {shard_key(name, s)!r}; it is corrupt, rewrite that shard.")
                 continue
             try:
                 data = fs.cat_file(join_url(path, digest.key))

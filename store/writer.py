@@ -1,6 +1,6 @@
 """Shard-owning, committed, resumable dataset writer.
 
-Protocol (DESIGN §3):
+Protocol (``docs/store-format.md``):
 
 * ``DatasetWriter.create(url, manifest)`` makes the group and its arrays at capacity shape
   (see :mod:`store.layout`). If a dataset with the same identity (manifest minus
@@ -24,9 +24,10 @@ Protocol (DESIGN §3):
 
 Defaults when columns are omitted: ``token_ids`` = −1 (no token, e.g. vision),
 ``seq_ids`` = global row // context_length, ``positions`` = global row % context_length.
-Labels (vision) are per image: ``labels[i]`` is the class of rows [i·ctx, (i+1)·ctx); a
-shard with labels must therefore have ``seq_ids == row // context_length`` so that
-``labels[seq_id]`` is that row's class. Local files are fsynced before the commit record
+Labels are per sequence (an image, or a context of labelled text): ``labels[i]`` is the class
+of rows [i·ctx, (i+1)·ctx), and ``doc_ids[i]`` (labelled text, ``manifest.documents``) the
+source document those rows come from; a shard with labels or doc_ids must therefore have
+``seq_ids == row // context_length`` so that ``labels[seq_id]`` is that row's class. Local files are fsynced before the commit record
 is written; commit records are written atomically (temp file + rename, or one S3 PUT).
 """
 
@@ -51,15 +52,19 @@ from store.layout import (
     ACTS,
     CAPACITY_SHARDS,
     COMMITS_DIR,
+    DOC_IDS,
     INT_DTYPES,
     LABELS,
     POSITIONS,
+    SEQ_ARRAYS,
     SEQ_IDS,
     TOKEN_IDS,
     array_names,
     capacity_rows,
+    column_dtype,
     commit_key,
     committed_shards,
+    extra_column_names,
     read_commits,
     read_group_attrs,
     read_manifest,
@@ -93,19 +98,20 @@ def create_arrays(group: zarr.Group, manifest: DatasetManifest) -> None:
     common = {"config": {"write_empty_chunks": True}, "overwrite": True}
     group.create_array(ACTS, shape=(cap, m.d), dtype=m.dtype, chunks=(m.chunk_rows, m.d),
                        shards=(m.shard_rows, m.d), compressors=None, fill_value=0, **common)
-    for name in (TOKEN_IDS, SEQ_IDS, POSITIONS):
-        group.create_array(name, shape=(cap,), dtype=INT_DTYPES[name], chunks=(m.chunk_rows,),
+    for name in (TOKEN_IDS, SEQ_IDS, POSITIONS, *extra_column_names(m)):
+        group.create_array(name, shape=(cap,), dtype=column_dtype(m, name), chunks=(m.chunk_rows,),
                            shards=(m.shard_rows,), compressors=ZstdCodec(level=3), fill_value=-1, **common)
-    if m.class_names is not None:
-        per_shard = m.shard_rows // m.context_length
-        group.create_array(LABELS, shape=(cap // m.context_length,), dtype=INT_DTYPES[LABELS],
-                           chunks=(per_shard,), compressors=ZstdCodec(level=3), fill_value=-1, **common)
+    per_shard = m.shard_rows // m.context_length
+    for name in array_names(m):
+        if name in SEQ_ARRAYS:
+            group.create_array(name, shape=(cap // m.context_length,), dtype=INT_DTYPES[name],
+                               chunks=(per_shard,), compressors=ZstdCodec(level=3), fill_value=-1, **common)
 
 
 def write_manifest(url: str, manifest: DatasetManifest, storage_options: dict | None) -> None:
     """Store the manifest in the group attributes."""
     group = zarr.open_group(zarr_store(url, storage_options), mode="r+", zarr_format=3)
-    group.update_attributes({MANIFEST_KEY: manifest.model_dump(mode="json")})
+    group.update_attributes({MANIFEST_KEY: manifest.dump()})
 
 
 def resize_arrays(url: str, manifest: DatasetManifest, rows: int, storage_options: dict | None) -> None:
@@ -113,7 +119,7 @@ def resize_arrays(url: str, manifest: DatasetManifest, rows: int, storage_option
     store = zarr_store(url, storage_options)
     for name in array_names(manifest):
         arr = zarr.open_array(store=store, path=name, mode="r+", zarr_format=3)
-        n = rows // manifest.context_length if name == LABELS else rows
+        n = rows // manifest.context_length if name in SEQ_ARRAYS else rows
         shape = (n, manifest.d) if name == ACTS else (n,)
         if tuple(arr.shape) != shape:
             sync(arr._async_array.resize(shape, delete_outside_chunks=False))
@@ -166,7 +172,7 @@ class DatasetWriter:
             manifest.created = _now()
         try:
             group = zarr.create_group(zarr_store(url, storage_options), zarr_format=3, overwrite=True,
-                                      attributes={MANIFEST_KEY: manifest.model_dump(mode="json")})
+                                      attributes={MANIFEST_KEY: manifest.dump()})
             create_arrays(group, manifest)
         except (PermissionError, OSError) as err:
             raise UserError(f"cannot create a dataset at {url} ({err}); check the path/bucket and "
@@ -194,7 +200,7 @@ class DatasetWriter:
         return committed_shards(self.url, self.storage_options)
 
     def _prepare(self, index: int, acts: Any, token_ids: Any, seq_ids: Any, positions: Any,
-                 labels: Any) -> dict[str, np.ndarray]:
+                 labels: Any, doc_ids: Any = None, extra: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Validate and convert one shard's columns; returns name -> array to store."""
         m = self.manifest
         where = f"shard {index} of {self.url}"
@@ -240,6 +246,20 @@ class DatasetWriter:
                 raise UserError(f"{where}: with labels, seq_ids must be the global image index "
                                 "(row // context_length) so that labels[seq_id] is the row's class.")
             out[LABELS] = lab
+        if bool(m.documents) != (doc_ids is not None):
+            raise UserError(f"{where}: doc_ids (one source document id per sequence) must be given exactly "
+                            f"when the manifest says documents; it says documents={bool(m.documents)}.")
+        if doc_ids is not None:
+            out[DOC_IDS] = _as_int(doc_ids, DOC_IDS, rows // m.context_length, "int64", where)
+            if not np.array_equal(out[SEQ_IDS], rows_global // m.context_length):
+                raise UserError(f"{where}: with doc_ids, seq_ids must be the global sequence index "
+                                "(row // context_length) so that doc_ids[seq_id] is the row's document.")
+        want, given = set(extra_column_names(m)), set(extra or {})
+        if want != given:
+            raise UserError(f"{where}: extra columns {sorted(given)} given but the manifest declares "
+                            f"{sorted(want)}; pass exactly the manifest's extra_columns.")
+        for name in extra_column_names(m):
+            out[name] = _as_int(extra[name], name, rows, column_dtype(m, name), where)
         return out
 
     def _delete_shard_objects(self, index: int) -> None:
@@ -309,14 +329,17 @@ class DatasetWriter:
             self._fs.pipe_file(join_url(self._path, commit_key(record.shard)), data)
 
     def write_shard(self, index: int, acts: Any, token_ids: Any = None, seq_ids: Any = None,
-                    positions: Any = None, labels: Any = None, overwrite: bool = False) -> CommitRecord:
-        """Write shard ``index`` (all arrays, each in one piece), then its commit record."""
+                    positions: Any = None, labels: Any = None, doc_ids: Any = None, overwrite: bool = False,
+                    extra: dict[str, Any] | None = None) -> CommitRecord:
+        """Write shard ``index`` (all arrays, each in one piece), then its commit record. ``labels`` and
+        ``doc_ids``: one value per sequence (see the module docstring); ``extra``: one value per row for
+        each of the manifest's ``extra_columns``."""
         m = self.manifest
         if m.sealed:
             raise UserError(f"{self.url} is sealed; write to a new dataset (or re-create it with overwrite).")
         if index < 0 or index >= CAPACITY_SHARDS:
             raise UserError(f"shard index {index} is out of range 0..{CAPACITY_SHARDS - 1}.")
-        cols = self._prepare(index, acts, token_ids, seq_ids, positions, labels)
+        cols = self._prepare(index, acts, token_ids, seq_ids, positions, labels, doc_ids, extra)
         ckey = join_url(self._path, commit_key(index))
         if self._fs.exists(ckey):
             if not overwrite:
@@ -330,7 +353,7 @@ class DatasetWriter:
         for name, values in cols.items():
             key = shard_key(name, index)
             self._hstore.digests.pop(key, None)
-            if name == LABELS:
+            if name in SEQ_ARRAYS:
                 per_shard = m.shard_rows // m.context_length
                 self._array(name)[index * per_shard: index * per_shard + values.shape[0]] = values
             else:

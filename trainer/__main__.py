@@ -32,8 +32,9 @@ def sweep_command(args: argparse.Namespace, evaluator: Any = None, evaluation: A
     """Run the sweep of ``args`` (config, overrides, no_progress, storage_options) with ``evaluator`` and the
     runs' ``evaluation`` handed in; print the summary URL. An interrupt is one sentence on stderr and exit
     code 128 + signal number."""
+    from store.cluster import Interrupted
     from trainer.config import SweepConfig
-    from trainer.sweep import SweepInterrupted, run_sweep
+    from trainer.sweep import run_sweep
 
     sweep = load_config(SweepConfig, args.config, args.overrides, storage_options=args.storage_options)
     if evaluator is None and sweep.evaluate:
@@ -42,7 +43,7 @@ def sweep_command(args: argparse.Namespace, evaluator: Any = None, evaluation: A
     try:
         summary = run_sweep(sweep, source=str(args.config), progress=not args.no_progress, evaluator=evaluator,
                             evaluation=evaluation)
-    except SweepInterrupted as err:
+    except Interrupted as err:
         print(f"interrupted ({err}): sweep {sweep.name} stopped and its actors are gone; every run keeps its "
               "last checkpoint, so running the same command again resumes it.", file=sys.stderr, flush=True)
         return 128 + err.signum

@@ -1,6 +1,6 @@
 """Configs of one training run (:class:`TrainConfig`) and of a sweep (:class:`SweepConfig`).
 
-Decisions written down here (DESIGN §6 is silent on them):
+Decisions written down here (beyond ``docs/sweep.md``):
 
 * ``sae`` is the SAE zoo config (:class:`trainer.sae.SAEConfig`) *without* ``d``: ``d`` comes from the
   dataset manifest and is filled in by :func:`resolve_sae`; a ``d`` given by hand must agree with it.
@@ -19,8 +19,7 @@ Decisions written down here (DESIGN §6 is silent on them):
 * ``decay``: ``none`` keeps the lr flat after warm-up; ``linear`` / ``cosine`` take it to 0 over the
   last ``decay_fraction`` of the steps. The lr is a pure function of (step, total steps).
 * ``tokens``, ``storage_options`` and ``device`` are the only fields that may differ when an existing
-  run is resumed. Fault injection for tests is not part of this schema: it is the test-only
-  environment variable ``DYNSAE_TEST_FAIL_AT_STEP`` read by :func:`trainer.run.injected_fail_step`.
+  run is resumed.
 * A sweep's ``grid`` is one mapping (dotted key -> list of values: their product) or a list of such
   mappings (the union of their products), so one sweep can hold, say, the sparsemax family and the
   steered baselines side by side; ``sae.seed`` in a grid repeats a run with other initialisations.
@@ -39,10 +38,8 @@ from pydantic_core import PydanticCustomError
 from store.config import StrictModel, set_dotted, validate
 from store.errors import UserError
 
-#: Fields that may change between the run that made a run directory and a run that resumes it
-#: (``fail_at_step``: a field of older configs, now a test-only environment variable; listed so the
-#: run directories those configs made still resume).
-RESUMABLE_FIELDS = ("tokens", "fail_at_step", "storage_options", "device")
+#: Fields that may change between the run that made a run directory and a run that resumes it.
+RESUMABLE_FIELDS = ("tokens", "storage_options", "device")
 
 DEFAULT_DEAD_TOKENS = 10_000_000
 
@@ -66,7 +63,7 @@ class TrainConfig(StrictModel):
     seed: int = 0
     data_seed: int = 0
     checkpoint_every: int = Field(default=1000, gt=0, description="steps between checkpoints.")
-    log_every: int = Field(default=50, gt=0, description="steps between metrics.jsonl rows.")
+    log_every: int = Field(default=50, gt=0, description="steps between logged metrics rows.")
     eval_every: int | None = Field(default=None, gt=0, description="steps between eval-split fvu/l0 rows.")
     eval_tokens: int = Field(default=65536, gt=0, description="eval-split rows scored at each eval_every.")
     device: str = "auto"

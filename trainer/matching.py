@@ -1,4 +1,4 @@
-"""Matched sparsity inside one sweep (``match_l0: <reference variant>``, DESIGN §5 "Sparsity targets").
+"""Matched sparsity inside one sweep (``match_l0: <reference variant>``, ``docs/sweep.md``).
 
 The Sparsemax SAE has no L0 knob (its support is chosen per token), so the baselines are matched to
 it: the sweep trains in two phases.

@@ -1,6 +1,6 @@
 """One SAE training run: ``python -m trainer run CONFIG.yaml`` / :func:`train`.
 
-The loop (DESIGN §6): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
+The loop (``docs/sweep.md``): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
 row filter (``store.filters.RowFilter``: ``exclude_positions``, ``max_norm_multiple`` × the dataset's
 median norm), with Adam (lr warm-up, optional decay), ``sae.post_step()`` after each optimizer step,
 and dead-concept counters in tokens since last fired. Checkpoints every ``checkpoint_every`` steps and
@@ -19,7 +19,6 @@ instead of a loader of their own (``Run.fit(batches=...)``).
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,20 +34,22 @@ from store.errors import UserError
 from store.filters import RowFilter
 from store.io import join_url
 from store.loader import ActivationLoader
-from trainer.checkpoint import (
-    CONFIG_FILE,
-    FAULT_MARKER,
-    RunDir,
-    rng_state,
-    set_rng_state,
-)
+from trainer.checkpoint import STATE_VERSION, RunDir, rng_state, set_rng_state
 from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
+from trainer.run_format import (
+    STATE_FILE,
+    RowFilterRecord,
+    RunConfig,
+    read_config_json,
+    write_run_config,
+)
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
-STATE_VERSION = 1
 
 BatchSource = Callable[[int], Any]
+#: Called with the run after each step (and after that step's checkpoint, if it writes one).
+StepHook = Callable[["Run"], None]
 
 
 def run_url(cfg: TrainConfig) -> str:
@@ -149,30 +150,26 @@ class RunPlan:
         self.total_steps = cfg.total_steps
         self.dead_tokens = cfg.resolved_dead_tokens
 
-    def config_record(self) -> dict[str, Any]:
-        """What ``config.json`` holds: the run config with the resolved sae, filter and dataset hash."""
+    def config_record(self) -> RunConfig:
+        """The run's config record: the run config with the resolved sae, the row filter it applies and
+        the dataset hash."""
         record = self.cfg.model_dump(mode="json")
         record["sae"] = self.sae_cfg.model_dump(mode="json")
         if record.get("storage_options"):  # may hold credentials: keep the keys, never the values
             record["storage_options"] = {k: "<redacted>" for k in record["storage_options"]}
-        record["filter"] = {
-            "exclude_positions": list(self.cfg.exclude_positions),
-            "max_norm_multiple": self.cfg.max_norm_multiple,
-            "median_norm": self.median_norm,
-            "description": self.row_filter.describe(),
-        }
+        record["filter"] = RowFilterRecord.of(self.row_filter, self.median_norm)
         record["dataset_manifest_hash"] = self.manifest_hash
         record["total_steps"] = self.total_steps
         record["dead_tokens_resolved"] = self.dead_tokens
-        return record
+        return RunConfig(**record)
 
     def check_existing(self) -> None:
         """Refuse a run directory made by a different config (only tokens and the like may differ)."""
-        new = self.config_record()
-        old = self.dir.read_json(CONFIG_FILE)
+        new = self.config_record().model_dump(mode="json")
+        old = read_config_json(self.url, self.cfg.storage_options)
         if old is None:
             return
-        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved"}
+        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved", "format_version"}
         if self.cfg.dead_tokens is None:  # derived from tokens, and so is the SAE's dead_tokens
             old = {**old, "sae": {**old.get("sae", {}), "dead_tokens": None}}
             new = {**new, "sae": {**new["sae"], "dead_tokens": None}}
@@ -211,23 +208,28 @@ class Run(RunPlan):
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = 0
         self.check_existing()
-        self.dir.write_json(CONFIG_FILE, self.config_record())
         self._resume()
+        write_run_config(self.url, self.config_record(), cfg.storage_options)  # only once the resume succeeded
 
     def _resume(self) -> None:
         state = self.dir.load_state()
         if state is None:
             self.dir.write_metrics([])
             return
-        self.sae.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.tokens = int(state["tokens"])
-        self.tokens_trained = int(state["tokens_trained"])
-        self.since_fired = state["since_fired"].to(self.device)
-        set_rng_state(state["rng"])
-        if int(state["data_cursor"]) != self.step:
-            raise UserError(f"checkpoint {self.dir.file_url('trainer_state.pt')} is inconsistent "
+        try:
+            self.sae.load_state_dict(state["model"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.since_fired = state["since_fired"].to(self.device)
+            set_rng_state(state["rng"])
+            self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            self.tokens_trained = int(state["tokens_trained"])
+            consistent = int(state["data_cursor"]) == self.step
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
+            raise UserError(f"checkpoint {self.dir.file_url(STATE_FILE)} does not fit this run's SAE and optimiser "
+                            f"({type(err).__name__}); it is corrupt or from another config — delete the run "
+                            "directory to start over.") from None
+        if not consistent:
+            raise UserError(f"checkpoint {self.dir.file_url(STATE_FILE)} is inconsistent "
                             "(data cursor != step); delete the run directory to start over.")
         self.metrics = [row for row in self.dir.read_metrics() if row.get("step", 0) <= self.step]
         self.finished = self.step >= self.total_steps
@@ -303,8 +305,10 @@ class Run(RunPlan):
             raise UserError(f"run {self.cfg.name} was given no evaluation; use `dynsae train` / `dynsae sweep`.")
         return self.evaluation.eval_split(self.sae, self, self.device, max_tokens)
 
-    def fit(self, batches: BatchSource | None = None) -> str:
-        """Train to the budget from wherever the run stands; returns the run URL."""
+    def fit(self, batches: BatchSource | None = None, on_step: StepHook | None = None) -> str:
+        """Train to the budget from wherever the run stands; returns the run URL. ``on_step(self)`` runs
+        after every step, once the step's checkpoint (if it writes one) is committed: a caller's own
+        progress report, or a test's fault injection (a process that dies there resumes from it)."""
         if self.step >= self.total_steps:
             if not self.finished or self.dir.load_state() is None:
                 self.checkpoint()
@@ -322,7 +326,6 @@ class Run(RunPlan):
         self._t0, self._tokens_at_t0 = time.perf_counter(), self.tokens
         try:
             while self.step < self.total_steps:
-                self._maybe_fail()
                 row = self.train_step(next(stream))
                 bar.update(self.cfg.batch_size)
                 if row is not None:
@@ -333,6 +336,8 @@ class Run(RunPlan):
                                          **{f"eval_{k}": v for k, v in ev.items() if not isinstance(v, dict)}})
                 if self.step % self.cfg.checkpoint_every == 0 or self.step == self.total_steps:
                     self.checkpoint()
+                if on_step is not None:
+                    on_step(self)
         finally:
             bar.close()
             if fetch is not None:
@@ -349,34 +354,8 @@ class Run(RunPlan):
                     unit="tok", unit_scale=True, desc=self.cfg.name, disable=not self.progress,
                     dynamic_ncols=True, mininterval=1.0)
 
-    def _maybe_fail(self) -> None:
-        """Fault injection for tests (:func:`injected_fail_step`): die once, for real, at that step."""
-        at = injected_fail_step(self.cfg.name)
-        if at is None or self.step != at or self.dir.exists(FAULT_MARKER):
-            return
-        self.dir.write_bytes(FAULT_MARKER, f"{at} {os.getpid()}\n".encode())
-        os._exit(17)
-
-
-#: TEST-ONLY fault injection (not part of any config): ``STEP`` makes every run's process die with
-#: ``os._exit(17)`` the first time it reaches that step, ``NAME=STEP,NAME2=STEP`` only those runs.
-#: A ``fault_injected`` marker in the run directory makes it happen once per run directory.
-FAIL_AT_STEP_ENV = "DYNSAE_TEST_FAIL_AT_STEP"
-
-
-def injected_fail_step(name: str) -> int | None:
-    """The step at which run ``name`` is to die (``DYNSAE_TEST_FAIL_AT_STEP``), or None."""
-    spec = os.environ.get(FAIL_AT_STEP_ENV, "").strip()
-    if not spec:
-        return None
-    if "=" not in spec:
-        return int(spec)
-    steps = dict(item.split("=", 1) for item in spec.split(",") if item.strip())
-    step = steps.get(name)
-    return None if step is None else int(step)
-
 
 def train(cfg: TrainConfig, *, progress: bool = True, batches: BatchSource | None = None,
-          evaluation: RunEvaluation | None = None) -> str:
+          evaluation: RunEvaluation | None = None, on_step: StepHook | None = None) -> str:
     """Run (or resume, or extend) one training run to its token budget; returns the run URL."""
-    return Run(cfg, progress=progress, evaluation=evaluation).fit(batches)
+    return Run(cfg, progress=progress, evaluation=evaluation).fit(batches, on_step)

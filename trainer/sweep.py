@@ -1,5 +1,5 @@
 """Ray sweeps: :func:`run_sweep` (``python -m trainer sweep SWEEP.yaml`` trains; ``dynsae sweep`` also
-evaluates) (DESIGN §6).
+evaluates) (``docs/sweep.md``).
 
 * The grid (dotted keys -> lists, or a list of such mappings: the union of their products) over a base
   run config becomes one run per point, named from its grid values (``variant-relu_m-3072``) under
@@ -28,9 +28,12 @@ evaluates) (DESIGN §6).
   project's evaluator; ``python -m trainer sweep`` hands in none and only trains.
 * The sweep directory gets ``summary.json`` and ``summary.csv``: one row per run with its grid values,
   init ``seed``, ``target_l0``, final training metrics and eval metrics.
-* SIGINT/SIGTERM: the driver only ever waits in short ``ray.wait`` slices, so a signal is seen within
-  a second; it raises :class:`SweepInterrupted`, and whatever ends the sweep, its actors are killed and
-  an in-process Ray it started is shut down. Checkpoints are atomic, so every run resumes exactly.
+* Ray, signals and clean-up are :mod:`store.cluster`'s (as for the harvest): the driver only ever waits in
+  short ``ray.wait`` slices, so SIGINT/SIGTERM is seen within a second and raises
+  :class:`store.cluster.Interrupted`; whatever ends the sweep, its actors are killed and a local Ray it
+  started is shut down. Checkpoints are atomic, so every run resumes exactly.
+* ``run_sweep(..., on_step=F)`` hands ``F`` to every trainer, which calls it after each step (see
+  :meth:`trainer.run.Run.fit`); the tests kill trainers with it to prove that a restart resumes exactly.
 
 Works in-process (no address: the job's cluster if ``RAY_ADDRESS`` is set, else a local instance)
 and under ``ray job submit --working-dir . -- python -m dynsae sweep X.yaml``.
@@ -38,33 +41,28 @@ and under ``ray job submit --working-dir . -- python -m dynsae sweep X.yaml``.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import os
-import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
+from store.cluster import RaySession, ray_session
 from store.errors import UserError
 from store.io import join_url
 from store.loader import ActivationLoader
-from trainer.checkpoint import RunDir
 from trainer.config import RayConfig, SweepConfig, TrainConfig, expand_sweep
 from trainer.matching import reference_l0, split_phases, with_targets
-from trainer.run import BATCH_COLUMNS, FAIL_AT_STEP_ENV, Run, RunEvaluation, RunPlan
+from trainer.run import BATCH_COLUMNS, Run, RunEvaluation, RunPlan, StepHook
+from trainer.run_format import SweepSummary, summary_url, write_summary
 
 SUMMARY_METRICS = ("step", "tokens", "tokens_trained", "loss", "fvu", "l0", "dead_frac")
-#: How long the driver blocks in one ``ray.wait`` before it looks at the signal flag again.
-WAIT_SLICE_S = 0.5
 
 #: A Ray actor class, or a callable returning an actor handle; see the module docstring.
 EvaluatorFactory = Callable[..., Any]
@@ -185,10 +183,12 @@ class Feeder(FeederCore):
 class TrainerActor:
     """One run of a sweep; constructing it (again, after a crash) resumes from the run's checkpoint."""
 
-    def __init__(self, cfg: dict[str, Any], feeder: Any, evaluation: RunEvaluation | None = None) -> None:
+    def __init__(self, cfg: dict[str, Any], feeder: Any, evaluation: RunEvaluation | None = None,
+                 on_step: StepHook | None = None) -> None:
         self.cfg = TrainConfig.model_validate(cfg)
         self.feeder = feeder
         self.evaluation = evaluation
+        self.on_step = on_step
 
     def _batch(self, b: int) -> Any:
         return ray.get(ray.get(self.feeder.get.remote(b, self.cfg.name)))
@@ -196,69 +196,18 @@ class TrainerActor:
     def train(self) -> dict[str, Any]:
         """Train the run to its budget; returns its URL and last metrics row."""
         run = Run(self.cfg, progress=False, evaluation=self.evaluation)
-        url = run.fit(self._batch)
+        url = run.fit(self._batch, on_step=self.on_step)
         self.feeder.done.remote(self.cfg.name)
         last = next((r for r in reversed(run.metrics) if "loss" in r), {})
         return {"run_url": url, "metrics": last, "pid": os.getpid()}
 
 
-class SweepInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM reached the sweep's driver; ``signum`` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@dataclass
-class Interrupts:
-    """The signal flag the driver's waits look at."""
-
-    signum: int | None = None
-
-    def check(self) -> None:
-        if self.signum is not None:
-            raise SweepInterrupted(self.signum)
-
-
-@contextlib.contextmanager
-def catch_interrupts() -> Iterator[Interrupts]:
-    """SIGINT/SIGTERM set a flag (instead of interrupting whatever C call the main thread is in); the
-    previous handlers are back afterwards. Off the main thread (no handlers possible) the flag stays unset."""
-    flag = Interrupts()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        flag.signum = signum
-
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for sig, previous in old.items():
-            signal.signal(sig, previous)
-
-
-def wait_one(refs: list[Any], flag: Interrupts) -> Any:
-    """The first of ``refs`` to be ready, waiting in short slices so a signal is seen within one."""
-    while True:
-        flag.check()
-        done, _ = ray.wait(refs, num_returns=1, timeout=WAIT_SLICE_S)
-        if done:
-            return done[0]
-
-
-def get(ref: Any, flag: Interrupts) -> Any:
-    """``ray.get(ref)`` that gives way to a signal."""
-    return ray.get(wait_one([ref], flag))
-
-
 @dataclass
 class SweepActors:
-    """Every actor the sweep started: all of them are killed when the sweep ends, however it ends."""
+    """Every actor the sweep started, by role; each is tracked by the session, which kills it when the
+    sweep ends, however it ends."""
 
+    session: RaySession
     feeders: dict[StreamKey, Any] = field(default_factory=dict)
     trainers: dict[str, Any] = field(default_factory=dict)
     evaluator: Any = None
@@ -266,22 +215,7 @@ class SweepActors:
     def kill_trainer(self, name: str) -> None:
         """Free a finished run's CPU/GPU slot now: with more runs than slots the queued trainers (and
         the evaluator) only start when finished ones are gone."""
-        _kill(self.trainers.pop(name, None))
-
-    def kill_all(self) -> None:
-        for name in list(self.trainers):
-            self.kill_trainer(name)
-        for feeder in self.feeders.values():
-            _kill(feeder)
-        self.feeders.clear()
-        _kill(self.evaluator)
-        self.evaluator = None
-
-
-def _kill(handle: Any) -> None:
-    if isinstance(handle, ray.actor.ActorHandle):
-        with contextlib.suppress(Exception):  # already dead, or Ray already gone: nothing left to kill
-            ray.kill(handle, no_restart=True)
+        self.session.kill(self.trainers.pop(name, None))
 
 
 def validate_sweep(sweep: SweepConfig, source: str) -> list[tuple[dict[str, Any], TrainConfig]]:
@@ -301,30 +235,11 @@ def stream_key(cfg: TrainConfig) -> StreamKey:
     return (cfg.dataset, cfg.batch_size, cfg.data_seed, json.dumps(cfg.storage_options, sort_keys=True))
 
 
-def connect(sweep: SweepConfig) -> bool:
-    """Join the configured cluster (or the job's, or start a local instance) unless already connected;
-    True when this call connected (so the sweep disconnects, and stops a local instance, at its end)."""
-    if ray.is_initialized():
-        return False
-    try:
-        ray.init(address=sweep.ray.address, log_to_driver=False)
-    except ConnectionError as err:
-        raise UserError(f"cannot reach the Ray cluster at ray.address = {sweep.ray.address!r} ({err}); "
-                        "start it or fix the address.") from None
-    return True
-
-
-def trainer_runtime_env() -> dict[str, Any] | None:
-    """The test-only fault-injection variable follows the driver to the trainers (Ray's worker
-    processes may have started before the driver set it)."""
-    value = os.environ.get(FAIL_AT_STEP_ENV)
-    return {"env_vars": {FAIL_AT_STEP_ENV: value}} if value else None
-
-
-def placement(rc: RayConfig) -> dict[str, Any]:
-    """Actor options that place a trainer (and the evaluator): CPUs, GPUs, custom resources."""
-    return {"num_cpus": rc.num_cpus_per_trainer, "num_gpus": rc.num_gpus_per_trainer,
-            "resources": dict(rc.trainer_resources) or None}
+def placement(rc: RayConfig, session: RaySession) -> dict[str, Any]:
+    """Actor options that place a trainer (and the evaluator): CPUs, GPUs, custom resources, and the
+    session's runtime environment."""
+    return session.options(num_cpus=rc.num_cpus_per_trainer, num_gpus=rc.num_gpus_per_trainer,
+                           resources=dict(rc.trainer_resources) or None)
 
 
 def start_feeders(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, actors: SweepActors) -> None:
@@ -332,37 +247,39 @@ def start_feeders(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig,
     streams: dict[StreamKey, list[TrainConfig]] = {}
     for _, cfg in runs:
         streams.setdefault(stream_key(cfg), []).append(cfg)
+    session = actors.session
     for key, cfgs in streams.items():
         first = cfgs[0]
-        actors.feeders[key] = Feeder.options(max_restarts=-1, max_task_retries=-1).remote(
+        actors.feeders[key] = session.track(Feeder.options(**session.options(
+            max_restarts=-1, max_task_retries=-1)).remote(
             first.dataset, first.batch_size, first.data_seed, max(c.total_steps for c in cfgs),
             [c.name for c in cfgs], rc.feeder_window, rc.feeder_prefetch, rc.feeder_lag_timeout_s,
-            first.storage_options)
+            first.storage_options))
 
 
 def launch_trainers(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, actors: SweepActors,
-                    evaluation: RunEvaluation | None = None) -> dict[Any, tuple[dict[str, Any], TrainConfig]]:
+                    evaluation: RunEvaluation | None = None,
+                    on_step: StepHook | None = None) -> dict[Any, tuple[dict[str, Any], TrainConfig]]:
     """One trainer actor per run and its ``train`` call; returns {train ObjectRef: (assignment, config)}."""
     pending = {}
     for assignment, cfg in runs:
-        actor = actors.trainers[cfg.name] = TrainerActor.options(
-            **placement(rc), max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
-            runtime_env=trainer_runtime_env()).remote(cfg.model_dump(mode="json"), actors.feeders[stream_key(cfg)],
-                                                      evaluation)
+        actor = actors.trainers[cfg.name] = actors.session.track(TrainerActor.options(
+            **placement(rc, actors.session), max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
+        ).remote(cfg.model_dump(mode="json"), actors.feeders[stream_key(cfg)], evaluation, on_step))
         pending[actor.train.remote()] = (assignment, cfg)
     return pending
 
 
 def start_evaluator(factory: EvaluatorFactory | None, sweep: SweepConfig,
-                    runs: list[tuple[dict[str, Any], TrainConfig]]) -> Any:
+                    runs: list[tuple[dict[str, Any], TrainConfig]], session: RaySession) -> Any:
     """The evaluator actor (None when none is handed in or ``evaluate`` is off)."""
     if factory is None or not sweep.evaluate:
         return None
     options = {"max_tokens": sweep.eval_max_tokens, "storage_options": runs[0][1].storage_options,
                **sweep.evaluator_options}
     if hasattr(factory, "options") and hasattr(factory, "remote"):  # a Ray actor class
-        return factory.options(**placement(sweep.ray)).remote(**options)
-    return factory(**options)
+        return session.track(factory.options(**placement(sweep.ray, session)).remote(**options))
+    return session.track(factory(**options))
 
 
 def run_row(assignment: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
@@ -371,14 +288,14 @@ def run_row(assignment: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
             "target_l0": cfg.sae.get("target_l0")}
 
 
-def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors: SweepActors, flag: Interrupts,
+def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors: SweepActors,
                   bar: Any) -> tuple[dict[str, dict[str, Any]], dict[Any, str]]:
     """Collect every run's result as it finishes (handing it to the evaluator, if any); returns the
     summary rows by run name and {evaluation ObjectRef: run name}."""
     rows: dict[str, dict[str, Any]] = {}
     evals: dict[Any, str] = {}
     while pending:
-        ref = wait_one(list(pending), flag)
+        ref = actors.session.wait_one(list(pending))
         assignment, cfg = pending.pop(ref)
         row = run_row(assignment, cfg)
         try:
@@ -396,11 +313,11 @@ def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors
     return rows, evals
 
 
-def collect_evals(rows: dict[str, dict[str, Any]], evals: dict[Any, str], flag: Interrupts) -> None:
+def collect_evals(rows: dict[str, dict[str, Any]], evals: dict[Any, str], session: RaySession) -> None:
     """Add each run's scalar eval metrics (``eval_*``) or its evaluation error to its row."""
     for ref, name in evals.items():
         try:
-            report = get(ref, flag)
+            report = session.get(ref)
             report = report.model_dump(mode="json") if hasattr(report, "model_dump") else dict(report)
             rows[name].update({f"eval_{k}": v for k, v in report.items() if _scalar(v)})
         except ray.exceptions.RayError as err:
@@ -408,22 +325,16 @@ def collect_evals(rows: dict[str, dict[str, Any]], evals: dict[Any, str], flag: 
 
 
 def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
-              evaluator: EvaluatorFactory | None = None, evaluation: RunEvaluation | None = None) -> dict[str, Any]:
+              evaluator: EvaluatorFactory | None = None, evaluation: RunEvaluation | None = None,
+              on_step: StepHook | None = None) -> dict[str, Any]:
     """Run every grid point to its budget, evaluate each finished run with ``evaluator`` (if given),
     write the summary; returns the summary dict. ``evaluation`` is handed to every run (its training
-    metrics, :class:`trainer.run.RunEvaluation`). Raises :class:`SweepInterrupted` on SIGINT/SIGTERM."""
+    metrics, :class:`trainer.run.RunEvaluation`), ``on_step`` to every trainer (:meth:`trainer.run.Run.fit`).
+    Raises :class:`store.cluster.Interrupted` on SIGINT/SIGTERM."""
     runs = validate_sweep(sweep, source)
-    started_ray = connect(sweep)  # before catching signals: ray.init installs handlers of its own
-    actors = SweepActors()
-    try:
-        with catch_interrupts() as flag:
-            try:
-                summary = train_and_evaluate(sweep, runs, evaluator, actors, flag, progress, evaluation)
-            finally:  # however the sweep ends (a signal included), none of its actors outlives it
-                actors.kill_all()
-    finally:
-        if started_ray:
-            ray.shutdown()
+    # however the sweep ends (a signal included), none of its actors outlives it
+    with ray_session(sweep.ray.address, address_key="ray.address") as session:
+        summary = train_and_evaluate(sweep, runs, evaluator, SweepActors(session), progress, evaluation, on_step)
     failed = [r for r in summary["runs"] if r["status"] != "finished"]
     if failed:
         raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(summary['runs'])} runs failed "
@@ -432,15 +343,15 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
 
 
 def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]],
-                       evaluator: EvaluatorFactory | None, actors: SweepActors, flag: Interrupts,
-                       progress: bool, evaluation: RunEvaluation | None = None) -> dict[str, Any]:
+                       evaluator: EvaluatorFactory | None, actors: SweepActors, progress: bool,
+                       evaluation: RunEvaluation | None = None, on_step: StepHook | None = None) -> dict[str, Any]:
     """The sweep's phases: feeders, then per phase the trainers, the wait for every run (each handed to
     the evaluator as it finishes) and the evaluations; the summary. One phase, or with ``match_l0`` two
     (:mod:`trainer.matching`): the second phase's runs get their target from the first phase's held-out
     L0 and are served by the same feeders (one store read per batch while the window holds the run).
     Every actor started is recorded in ``actors``."""
     start_feeders(runs, sweep.ray, actors)
-    actors.evaluator = start_evaluator(evaluator, sweep, runs)
+    actors.evaluator = start_evaluator(evaluator, sweep, runs, actors.session)
     phases = [runs]
     if sweep.match_l0 is not None:
         if actors.evaluator is None:
@@ -459,38 +370,23 @@ def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], Trai
                 for _, cfg in phase:
                     RunPlan(cfg).check_existing()
             trained.update({cfg.name: (assignment, cfg) for assignment, cfg in phase})
-            phase_rows, evals = wait_for_runs(launch_trainers(phase, sweep.ray, actors, evaluation), actors, flag, bar)
-            collect_evals(phase_rows, evals, flag)
+            pending = launch_trainers(phase, sweep.ray, actors, evaluation, on_step)
+            phase_rows, evals = wait_for_runs(pending, actors, bar)
+            collect_evals(phase_rows, evals, actors.session)
             rows.update(phase_rows)
-    reads = {json.dumps(list(key[:3])): get(f.reads.remote(), flag) for key, f in actors.feeders.items()}
+    reads = {json.dumps(list(key[:3])): actors.session.get(f.reads.remote()) for key, f in actors.feeders.items()}
     return summarize(sweep, [trained[cfg.name] for _, cfg in runs], rows, reads)
 
 
 def summarize(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]], rows: dict[str, dict[str, Any]],
               reads: dict[str, Any]) -> dict[str, Any]:
-    """The summary (rows in grid order), written to ``<runs_root>/<sweep>/summary.{json,csv}``."""
+    """The summary (rows in grid order), written to the sweep directory (:func:`trainer.run_format.write_summary`)."""
     first = runs[0][1]
     sweep_url = join_url(first.runs_root, sweep.name)
-    summary = {"sweep": sweep.name, "grid": sweep.grid, "runs": [rows[cfg.name] for _, cfg in runs],
-               "feeder_reads": reads, "summary_url": join_url(sweep_url, "summary.json")}
+    summary = SweepSummary(sweep=sweep.name, grid=sweep.grid, runs=[rows[cfg.name] for _, cfg in runs],
+                           feeder_reads=reads, summary_url=summary_url(sweep_url))
     write_summary(sweep_url, summary, first.storage_options)
-    return summary
-
-
-def write_summary(sweep_url: str, summary: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
-    """``summary.json`` (everything) and ``summary.csv`` (one row per run), written atomically."""
-    out = RunDir(sweep_url, storage_options)
-    out.write_json("summary.json", summary)
-    rows = summary["runs"]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    out.write_bytes("summary.csv", buf.getvalue().encode())
+    return summary.model_dump(mode="json")
 
 
 def _scalar(value: Any) -> bool:

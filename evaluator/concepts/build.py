@@ -86,9 +86,8 @@ def write_browser(run_url: str, *, dataset_url: str | None = None, units: int = 
     """Build the concept browser of a run; returns the URL of its index.html."""
     run = open_run(run_url, dataset_url, device=device, storage_options=storage_options)
     out_url = out or default_out(run_url)
-    local = staging_dir(out_url)
-    with torch.no_grad():
+    with staging_dir(out_url) as local, torch.no_grad():
         index, cards = build_cards(run, units=units, top=top, window=window, split=split, out=local)
-    write_site(local, index, cards)
-    publish(local, out_url, storage_options)
+        write_site(local, index, cards)
+        publish(local, out_url, storage_options)
     return join_url(out_url, "index.html")

@@ -24,9 +24,11 @@ significant digits; ``null`` marks a row excluded by the run's filter.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,10 +147,13 @@ def publish(local_dir: Path, url: str, storage_options: dict[str, Any] | None = 
     put_dir(str(local_dir), url, storage_options)
 
 
-def staging_dir(url: str) -> Path:
-    """The local folder to write into: ``url`` itself when local, else a fresh temporary folder."""
+@contextlib.contextmanager
+def staging_dir(url: str) -> Iterator[Path]:
+    """The local folder to write into: ``url`` itself when local, else a temporary folder removed on exit."""
     from store.io import is_local, local_path
 
     if is_local(url):
-        return Path(local_path(url))
-    return Path(tempfile.mkdtemp(prefix="concepts-"))
+        yield Path(local_path(url))
+        return
+    with tempfile.TemporaryDirectory(prefix="concepts-") as folder:
+        yield Path(folder)

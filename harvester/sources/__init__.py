@@ -7,6 +7,11 @@ every module of the package (``pkgutil``) the first time it is asked, and again 
 kind it does not know, so a new file here is a new ``source.kind`` with nothing else edited.
 
 A text source implements :meth:`SourceConfig.documents` (strings, in one deterministic order);
+a text source that can label its documents (``label_from: folder`` / ``label_field`` / python_docs'
+``label_by``) also implements :meth:`SourceConfig.document_classes` (the class names, or None when
+unlabelled; bad labels are refused there, before any worker starts) and
+:meth:`SourceConfig.labelled_documents` (``(text, class index)`` in one deterministic order; the
+harvester numbers them, and that number is the stored document id);
 an image source implements :meth:`SourceConfig.list_images` (items, labels, class names) and
 :meth:`SourceConfig.open_images` (RGB PIL images of some items, through :mod:`harvester.images`).
 Image order is a seeded permutation of all items (:func:`image_items`), so that ``max_images``
@@ -20,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -34,7 +39,7 @@ from store.errors import UserError
 
 __all__ = ["SourceConfig", "ImageItems", "register_source", "source_kinds", "source_class", "parse_source",
            "iter_documents", "image_items", "load_images", "source_name", "source_revision", "TokenSpec",
-           "pack_contexts", "token_spec", "token_stream", "DEFAULT_KIND"]
+           "pack_contexts", "token_spec", "token_stream", "DEFAULT_KIND", "check_classes", "iter_labelled_documents"]
 
 DEFAULT_KIND = "hf_dataset"
 _REGISTRY: dict[str, type[SourceConfig]] = {}
@@ -54,14 +59,16 @@ class ImageItems:
 class SourceConfig(StrictModel):
     """Base of every source kind's config. ``SourceConfig(kind=..., **fields)`` builds the kind's class.
 
-    Class attributes a kind sets: ``modality`` (``"text"`` or ``"image"``) and ``legacy_hash``
+    Class attributes a kind sets: ``modality`` (``"text"`` or ``"image"``), ``legacy_hash``
     (True for the five kinds that existed when the config was one flat class: their dataset-name
-    hash is computed over that flat form, so existing datasets keep their names).
+    hash is computed over that flat form, so existing datasets keep their names) and
+    ``label_keys`` (the fields that ask for document labels; see :meth:`hash_fields`).
     """
 
     kind: str
     modality: ClassVar[Literal["text", "image"]] = "text"
     legacy_hash: ClassVar[bool] = False
+    label_keys: ClassVar[tuple[str, ...]] = ()  # the kind's document-label options (None = unset)
 
     def __new__(cls, *args: Any, **data: Any) -> SourceConfig:
         if cls is SourceConfig:  # the base names no kind: build the one ``kind`` says
@@ -90,14 +97,27 @@ class SourceConfig(StrictModel):
         return None
 
     def hash_fields(self) -> dict[str, Any]:
-        """The fields the dataset-name hash covers (see ``legacy_hash``)."""
-        dumped = self.model_dump(mode="json")
-        return {**LEGACY_FIELDS, **dumped} if self.legacy_hash else dumped
+        """The fields the dataset-name hash covers (see ``legacy_hash``). The label options
+        (``label_keys``) that are set go under one ``document_label`` key, so an unlabelled config
+        keeps the name it had before labels existed and a labelled one never shares it."""
+        dumped = self.model_dump(mode="json", exclude=set(self.label_keys))
+        hashed = {**LEGACY_FIELDS, **dumped} if self.legacy_hash else dumped
+        options = {k: getattr(self, k) for k in self.label_keys if getattr(self, k) is not None}
+        return {**hashed, "document_label": options} if options else hashed
 
     # -- reading
     def documents(self, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
         """Documents of a text source, in its deterministic order."""
         raise UserError(f"source.kind {self.kind!r} is an image source; use a text source for a language model.")
+
+    def document_classes(self, storage_options: dict[str, Any] | None = None) -> list[str] | None:
+        """Class names of a labelled text source (checked with :func:`check_classes`), else None."""
+        return None
+
+    def labelled_documents(self, storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, int]]:
+        """``(text, class index into document_classes())`` of a labelled text source, in its order."""
+        raise UserError(f"source.kind {self.kind!r} has no document labels as configured; set its label "
+                        f"option (label_from / label_field / label_by) to harvest labelled text.")
 
     def list_images(self) -> ImageItems:
         """All images of an image source (items, labels, class names) in the source's own order."""
@@ -175,6 +195,30 @@ def source_revision(cfg: SourceConfig) -> str | None:
 def iter_documents(cfg: SourceConfig, storage_options: dict[str, Any] | None = None) -> Iterator[str]:
     """Documents of a text source, in its deterministic order."""
     yield from cfg.documents(storage_options)
+
+
+def iter_labelled_documents(cfg: SourceConfig,
+                            storage_options: dict[str, Any] | None = None) -> Iterator[tuple[str, int]]:
+    """``(text, class index)`` of a labelled text source, in its deterministic order."""
+    yield from cfg.labelled_documents(storage_options)
+
+
+def check_classes(source: str, names: list[str], counts: Mapping[str, int]) -> list[str]:
+    """``names`` when they make a classification task, else a UserError naming ``source``: at least two
+    classes, none without documents, and no more classes than documents."""
+    if len(names) < 2:
+        raise UserError(f"source {source} has {len(names)} document class{'es' if len(names) != 1 else ''} "
+                        f"({', '.join(names) or 'none'}); labelled text needs at least two (one sub-folder or "
+                        f"label value per class).")
+    total = sum(counts.get(n, 0) for n in names)
+    if len(names) > total:
+        raise UserError(f"source {source} has more classes ({len(names)}) than documents ({total}); "
+                        f"give every class documents.")
+    empty = [n for n in names if counts.get(n, 0) == 0]
+    if empty:
+        raise UserError(f"source {source} has no documents of class {empty[0]!r}; add documents to it or "
+                        f"remove that class.")
+    return names
 
 
 def image_items(cfg: SourceConfig, seed: int, max_images: int | None) -> ImageItems:

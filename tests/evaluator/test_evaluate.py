@@ -14,6 +14,7 @@ from ev_helpers import CTX, LAYER, make_run, write_text_dataset
 
 from evaluator.__main__ import main
 from evaluator.evaluate import EvalReport, evaluate_run
+from evaluator.metrics import METRICS_VERSION
 from store import open_dataset
 from store.errors import UserError, run_cli
 
@@ -74,7 +75,7 @@ def test_eval_json_fields(relu_run, text_dataset):
     evaluate_run(relu_run, ce_contexts=0, batch_size=256, progress=False)
     data = json.loads((Path(relu_run) / "eval.json").read_text())
     report = EvalReport.model_validate(data)
-    assert report.metrics_version == "1"
+    assert report.metrics_version == METRICS_VERSION
     assert report.dataset_url == text_dataset
     assert report.dataset_manifest_hash == open_dataset(text_dataset).manifest.manifest_hash()
     assert report.package_version and report.git_commit and len(report.git_commit) >= 40
@@ -83,6 +84,8 @@ def test_eval_json_fields(relu_run, text_dataset):
     assert report.ce_skipped == "ce_contexts = 0" and report.ce_clean is None
     assert report.suggested_topk["k"] == max(1, round(report.l0))
     assert report.zeroshot is None and report.zeroshot_skipped
+    assert report.probe_top1 is None and "no labels" in report.probe_skipped  # unlabelled text
+    assert report.gt_mcc is None and report.gt_f1 is None and "no ground_truth.safetensors" in report.gt_skipped
 
 
 def test_max_tokens_and_norm_filter(tmp_path, text_dataset, trained_relu):
@@ -95,6 +98,21 @@ def test_max_tokens_and_norm_filter(tmp_path, text_dataset, trained_relu):
     assert report.tokens.dropped > 0 and report.tokens.kept + report.tokens.dropped == 150
     assert report.fvu != report.fvu_unfiltered
     assert report.ce["norm_filter_passthrough"] == 1.05
+
+
+def test_the_filter_the_trainer_wrote_is_the_one_applied(tmp_path, text_dataset, trained_relu):
+    """The run config's ``filter`` block decides which rows are scored, not the top-level settings."""
+    run = make_run(str(tmp_path / "written"), text_dataset, trained_relu)
+    path = Path(run) / "config.json"
+    record = json.loads(path.read_text())
+    record["filter"] = {"exclude_positions": [0, 1, 2], "max_norm_multiple": None, "median_norm": None,
+                        "description": "drop positions [0, 1, 2]"}
+    path.write_text(json.dumps(record))  # top-level exclude_positions still says [0]
+    report = evaluate_run(run, ce_contexts=0, batch_size=64, progress=False)
+    assert report.filter.exclude_positions == [0, 1, 2]
+    positions = _eval_rows(text_dataset)[1].numpy()
+    assert report.tokens.eval_rows == len(positions)
+    assert report.tokens.dropped == int(np.isin(positions, [0, 1, 2]).sum()) > 0
 
 
 def test_ce_skipped_when_model_cannot_load(tmp_path, tiny_gpt2, trained_relu):

@@ -11,6 +11,7 @@ import pytest
 
 from evaluator import matched
 from evaluator.report import discover_runs, write_report
+from trainer.run_format import RunRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +65,7 @@ def sweep(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sizes(sweep) -> dict[int, matched.SizeComparison]:
-    points = [p for p in (r.point for r in discover_runs(str(sweep))) if p is not None]
+    points = discover_runs(str(sweep))
     return {s.m: s for s in matched.compare(points)}
 
 
@@ -150,8 +151,8 @@ def test_unit_norm_family_within_spread(sizes):
 
 def test_two_runs_of_one_seed_are_one_seed():
     def pt(name, key, l0, fvu):
-        return matched.RunPoint(name, "relu", 8, key, 0, None, l0, {"fvu": fvu, "ce_degradation": None,
-                                                                    "dead_frac": 0.0})
+        return RunRecord.of(name, {"sae": {"variant": "relu", "m": 8, "seed": 0, "key": key}},
+                            {"l0": l0, "fvu": fvu, "ce_degradation": None, "dead_frac": 0.0})
     ref = matched.pool([pt("a", "s", 10.0, 0.1), pt("b", "s", 10.0, 0.2)])
     m = matched.match_family("relu", [pt("c", "x", 10.0, 0.5), pt("d", "y", 11.0, 0.6)], 10.0)
     assert m.seeds == 1
@@ -192,3 +193,58 @@ def test_report_renders_matched_section(sweep):
     assert "| relu-t32-s1 | relu | 64 | none | 1 | 32 | 36.0 |" in text
     assert "| sm-s2 | sparsemax | 64 | none | 2 | – | 34.0 |" in text
     assert "| old-relu-no-target | relu | 64 | none | 3 | – | not evaluated |" in text
+
+
+# ---- concept metrics: higher is better ---------------------------------------------------------------
+
+CONCEPT_RUNS = [
+    # (name, sae, l0, fvu, extra eval.json fields)
+    ("sm-s0", {"variant": "sparsemax", "m": 64, "seed": 0}, 20.0, 0.10, {"probe_top1": 0.6, "gt_mcc": 0.90}),
+    ("sm-s1", {"variant": "sparsemax", "m": 64, "seed": 1}, 22.0, 0.12, {"probe_top1": 0.7, "gt_mcc": 0.92}),
+    ("topk-s0", {"variant": "topk", "m": 64, "seed": 0, "target_l0": 21}, 21.0, 0.08, {"probe_top1": 0.4, "gt_mcc": 0.91}),
+    ("topk-s1", {"variant": "topk", "m": 64, "seed": 1, "target_l0": 21}, 21.0, 0.10, {"probe_top1": 0.5, "gt_mcc": 0.93}),
+]
+
+
+@pytest.fixture(scope="module")
+def concept_sweep(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runs") / "concepts"
+    for name, sae, l0, fvu, extra in CONCEPT_RUNS:
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps({"name": name, "sae": sae}))
+        (root / name / "eval.json").write_text(json.dumps({"variant": sae["variant"], "m": 64, "l0": l0, "fvu": fvu,
+                                                           "dead_frac": 0.0, **extra}))
+    return root
+
+
+def test_concept_metrics_are_higher_is_better(concept_sweep):
+    points = discover_runs(str(concept_sweep))
+    assert matched.present_metrics(points) == ("fvu", "ce_degradation", "dead_frac", "probe_top1", "gt_mcc")
+    (size,) = matched.compare(points)
+    topk = _family(size, "topk")
+    # probe_top1: sparsemax 0.65 ± 0.0707, topk 0.45 ± 0.0707: Δ = −0.2, 2 × pooled std = 0.1414 ⇒ sparsemax better
+    probe = topk.verdicts["probe_top1"]
+    assert probe.delta == pytest.approx(-0.2) and probe.pooled_std == pytest.approx(math.sqrt(0.005))
+    assert probe.outcome == "sparsemax better"
+    # fvu: lower is better, topk 0.09 vs sparsemax 0.11: Δ = −0.02 within 2 × 0.01414
+    assert topk.verdicts["fvu"].outcome == "within seed spread"
+    mcc = topk.verdicts["gt_mcc"]  # 0.92 vs 0.91 ± 0.0141: within spread
+    assert mcc.delta == pytest.approx(0.01) and mcc.outcome == "within seed spread"
+    worse = matched.verdict("gt_mcc", matched.Stat(0.5, 0.01, 2), 2, topk.match)
+    assert worse.outcome == "sparsemax worse"  # topk's 0.92 is higher
+
+
+def test_report_shows_concept_verdicts_and_table(concept_sweep):
+    text = Path(write_report(str(concept_sweep))).read_text()
+    assert "higher is better for probe_top1, gt_mcc" in text
+    assert "Sparsemax SAE (2 runs, seeds 0, 1): L0 = 21.00 ± 1.41, fvu = 0.1100 ± 0.0141" in text
+    assert "probe_top1 = 0.650 ± 0.071, gt_mcc = 0.910 ± 0.014." in text
+    assert "| family | values obtained by | L0 | fvu | Δ fvu | ce_degradation | Δ ce_degradation | dead | Δ dead | " \
+           "probe_top1 | Δ probe_top1 | gt_mcc | Δ gt_mcc |" in text
+    assert "| 0.450 ± 0.071 | -0.200 | 0.920 ± 0.014 | +0.010 |" in text
+    assert ("- topk, probe_top1: the Sparsemax SAE is **better** than topk (Δ = -0.200, |Δ| > 2 × pooled std = "
+            "0.141).") in text
+    assert "- topk, gt_mcc: the difference is **within seed spread**" in text
+    assert text.index("## Matched sparsity") < text.index("## Concept quality") < text.index("## fvu / ce_degradation")
+    assert "| family | M | n | L0 | probe on 1 | probe on 5 | probe on 10 | probe on 50 | gt_mcc |" in text
+    assert "| topk | 64 | 2 | 21.0 ± 0.0 | 0.450 ± 0.071 | – | – | – | 0.920 ± 0.014 |" in text

@@ -189,3 +189,91 @@ def test_correlation_merge():
     left.update(a[:30], b[:30])
     right.update(a[30:], b[30:])
     assert left.merge(right).result() == pytest.approx(float(np.corrcoef(a, b)[0, 1]), rel=1e-12)
+
+
+# ---- ground truth ----------------------------------------------------------------------------------
+
+
+def test_feature_matching_is_the_optimal_assignment_not_the_greedy_one():
+    """cos = [[0.3, 0.31], [0, 0.95]]: feature 0's own best latent (1) is feature 1's only good one;
+    the Hungarian matching gives (0→0, 1→1), mean 1.25/2; one feature has a latent at cos ≥ 0.9."""
+    f = torch.eye(3)[:2]
+    u = torch.tensor([[0.3, 0.0, math.sqrt(1 - 0.09)], [0.31, 0.95, math.sqrt(1 - 0.31**2 - 0.95**2)]])
+    res = metrics.feature_matching(f, u)
+    assert res["assignment"].tolist() == [0, 1]
+    assert res["gt_mcc"] == pytest.approx(1.25 / 2)
+    assert res["gt_recovered"] == 0.5
+    assert res["best_cosine"].tolist() == pytest.approx([0.31, 0.95])
+
+
+def test_fewer_latents_than_features_count_the_unmatched_as_zero():
+    res = metrics.feature_matching(torch.eye(3), 2 * torch.eye(3)[:1])
+    assert res["assignment"].tolist() == [0, -1, -1]
+    assert res["gt_mcc"] == pytest.approx(1 / 3) and res["gt_recovered"] == pytest.approx(1 / 3)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), extra=st.integers(0, 4), seed=st.integers(0, 1000))
+def test_oracle_directions_score_one_in_any_order_and_scale(n, extra, seed):
+    """Directions = the true features, permuted, positively scaled, plus random extra latents: every
+    feature is found (mcc = recovered = 1) and matched to its own latent."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(n, 8, generator=g)
+    perm = torch.randperm(n + extra, generator=g)
+    u = torch.cat([f * (torch.rand(n, 1, generator=g) + 0.5), torch.randn(extra, 8, generator=g)])[perm]
+    res = metrics.feature_matching(f, u)
+    assert res["gt_mcc"] == pytest.approx(1.0) and res["gt_recovered"] == 1.0
+    assert res["assignment"].tolist() == torch.argsort(perm)[:n].tolist()
+    assert res["gt_mcc"] <= float(res["best_cosine"].mean()) + 1e-12
+
+
+def test_f1_and_spearman_by_hand_dense_and_sparse_agree():
+    """feature 0 ↔ latent 1, feature 1 ↔ latent 0. Rows: codes [[0,2,0],[1,0,5],[0,0,1]], present
+    [[1,0],[1,1],[0,0]]. Feature 0: fires [1,0,0] vs present [1,1,0] → F1 = 2/3; feature 1: fires
+    [0,1,0] vs [0,1,0] → 1; gt_f1 = 5/6. L0 = [1,2,1], |S| = [1,2,0]: ranks [1.5,3,1.5] and [2,3,1],
+    ρ = 1.5/√(1.5·2) = √3/2."""
+    dense = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 5.0], [0.0, 0.0, 1.0]])
+    present = torch.tensor([[True, False], [True, True], [False, False]])
+    from trainer.sae import Codes
+
+    sparse = Codes(m=3, idx=torch.tensor([[1, 0], [0, 2], [2, 0]]), val=torch.tensor([[2.0, 0.0], [1.0, 5.0],
+                                                                                      [1.0, 0.0]]))
+    results = []
+    for codes in (dense, Codes(m=3, dense=dense), sparse):
+        acc = metrics.GroundTruthAccumulator(torch.tensor([1, 0]), m=3)
+        acc.update(codes[:2] if isinstance(codes, torch.Tensor) else codes, present if not isinstance(
+            codes, torch.Tensor) else present[:2])
+        if isinstance(codes, torch.Tensor):
+            acc.update(codes[2:], present[2:])
+        results.append(acc.result())
+    for res in results:
+        assert res["gt_f1"] == pytest.approx(5 / 6)
+        assert res["gt_l0_spearman"] == pytest.approx(math.sqrt(3) / 2)
+        assert res["f1_defined"] == 2 and res["rows"] == 3
+
+
+def test_f1_leaves_out_features_never_present_nor_fired_and_unmatched_score_zero():
+    acc = metrics.GroundTruthAccumulator(torch.tensor([0, -1, 1]), m=2)
+    # feature 0 (latent 0) always right; feature 1 unmatched but present once → F1 0; feature 2 (latent 1)
+    # never present, never fires → 0/0, left out
+    acc.update(torch.tensor([[1.0, 0.0], [0.0, 0.0]]), torch.tensor([[True, True, False], [False, False, False]]))
+    res = acc.result()
+    assert res["gt_f1"] == pytest.approx(0.5) and res["f1_defined"] == 2
+
+
+def test_spearman_is_none_for_a_constant_series():
+    assert metrics.spearman(torch.tensor([3, 3, 3]), torch.tensor([1, 2, 3])) is None
+    assert metrics.spearman(torch.tensor([1, 2, 3]), torch.tensor([10, 20, 35])) == pytest.approx(1.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(a=st.lists(st.integers(0, 5), min_size=3, max_size=30), seed=st.integers(0, 100))
+def test_spearman_matches_scipy(a, seed):
+    from scipy.stats import spearmanr
+
+    b = torch.randint(0, 4, (len(a),), generator=torch.Generator().manual_seed(seed))
+    ours = metrics.spearman(torch.tensor(a), b)
+    if len(set(a)) == 1 or len(set(b.tolist())) == 1:
+        assert ours is None
+    else:
+        assert ours == pytest.approx(spearmanr(a, b.numpy()).statistic, abs=1e-12)

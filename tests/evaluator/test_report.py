@@ -64,6 +64,7 @@ def test_report_renders_every_section(tiny_sweep):
         assert f"| {name} | {rep.m} | {max(1, round(rep.l0))} | {rep.l0:.2f} |" in text
         assert f"![support size of {name}](support_{name}.png)" in text
     assert "K = round(mean support size" in text
+    assert "## Concept quality" in text and "No run has concept metrics (sparse probing: the dataset has no labels" in text
     for png in ("frontier.png", "fvu_vs_m.png", "l0_fvu.png", "support_variant-sparsemax_m-16.png",
                 "support_variant-sparsemax_m-32.png"):
         assert (root / png).read_bytes()[:8] == PNG_MAGIC
@@ -73,7 +74,7 @@ def test_report_renders_every_section(tiny_sweep):
 
 def test_report_follows_summary_json_and_cli(tiny_sweep, capsys):
     root, _ = tiny_sweep
-    summary = {"sweep": "sweep1", "runs": [{"name": "variant-relu_m-32",
+    summary = {"sweep": "sweep1", "runs": [{"name": "variant-relu_m-32", "status": "finished",
                                             "run_url": str(root / "variant-relu_m-32")}]}
     (root / "summary.json").write_text(json.dumps(summary))
     try:
@@ -93,3 +94,33 @@ def test_report_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no run directories"):
         write_report(str(tmp_path / "empty"))
+
+
+def test_concept_quality_table_text_probes_beside_vision_zero_shot(tmp_path):
+    """Hand-built eval.json files: the paper's on-1/5/10/50 columns (probing, zero-shot) and the raw baselines."""
+    root = tmp_path / "concepts"
+    probe = {"documents": 90, "classes": 9, "train_documents": 63, "test_documents": 27, "seed": 0,
+             "majority_baseline": 0.148}
+    runs = {
+        "sm-s0": ({"variant": "sparsemax", "m": 64, "seed": 0}, {"probe_top1": 0.30, "probe_top5": 0.50}),
+        "sm-s1": ({"variant": "sparsemax", "m": 64, "seed": 1}, {"probe_top1": 0.40, "probe_top5": 0.60}),
+        "vit-s0": ({"variant": "topk", "m": 64, "seed": 0},
+                   {"zeroshot": {"pets": {"accuracy_top_n": {"1": 0.25, "5": 0.5, "10": 0.75, "50": 1.0}}}}),
+    }
+    for name, (sae, extra) in runs.items():
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps({"name": name, "sae": sae}))
+        if "probe_top1" in extra:
+            extra = {**extra, "probe_raw_top1": 0.2, "probe_raw_top5": 0.4, "probe_raw_top10": 0.5,
+                     "probe_raw_top50": 0.7, "probe_raw_all": 0.9, "probe": probe}
+        (root / name / "eval.json").write_text(json.dumps({"variant": sae["variant"], "m": 64, "l0": 10.0,
+                                                           "fvu": 0.1, "dead_frac": 0.0, **extra}))
+    text = Path(write_report(str(root))).read_text()
+    assert ("| family | M | n | L0 | probe on 1 | probe on 5 | probe on 10 | probe on 50 | zero-shot pets on 1 | "
+            "zero-shot pets on 5 | zero-shot pets on 10 | zero-shot pets on 50 |") in text
+    assert "| sparsemax | 64 | 2 | 10.0 ± 0.0 | 0.350 ± 0.071 | 0.550 ± 0.071 | – | – | – | – | – | – |" in text
+    assert "| topk | 64 | 1 | 10.0 | – | – | – | – | 0.250 | 0.500 | 0.750 | 1.000 |" in text
+    assert ("the n best of the d dimensions — on 1: 0.200 ± 0.000, on 5: 0.400 ± 0.000, on 10: 0.500 ± 0.000, "
+            "on 50: 0.700 ± 0.000; all d dimensions: 0.900 ± 0.000.") in text
+    assert "90 labelled documents of the eval split in 9 classes, 63 to train the probes and 27 to test" in text
+    assert "most frequent class scores 0.148" in text

@@ -237,6 +237,40 @@ def test_vision_rows_labels_and_values(ray_local, tiny_clip, tmp_path):
     torch.testing.assert_close(stored, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_labelled_text_keeps_one_document_per_context(ray_local, tiny_gpt2, tmp_path):
+    """label_from folder: every context is a piece of one document, with its class and document id."""
+    from transformers import AutoTokenizer
+
+    from harvester.sources import SourceConfig
+
+    words = "the cat sat on a mat and then the dog ran far away from home".split()
+    rng = np.random.default_rng(0)
+    for cls in ("animals", "places", "things"):
+        (tmp_path / "corpus" / cls).mkdir(parents=True)
+        for i in range(4):
+            (tmp_path / "corpus" / cls / f"{i}.txt").write_text(" ".join(rng.choice(words, 20 + 25 * i)))
+    source = {"kind": "text_files", "paths": [str(tmp_path / "corpus")], "label_from": "folder"}
+    cfg = text_cfg(tiny_gpt2, tmp_path / "out", shards=2, source=source, context_length=16, chunk_rows=32,
+                   shard_rows=64, max_tokens=None, eval_fraction=0.0)
+    ds = open_dataset(harvest(cfg, progress=False).url)
+    m = ds.manifest
+    assert m.class_names == ["animals", "places", "things"] and m.documents
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    docs = list(SourceConfig(**source).labelled_documents())
+    ids = ds.read(0, ds.num_rows, "token_ids").reshape(-1, 16)
+    doc_ids, labels = ds.doc_ids(), ds.labels()
+    assert len(ids) == len(doc_ids) == len(labels) > len(set(doc_ids.tolist()))  # long documents span contexts
+    pieces: dict[int, int] = {}
+    for seq, (doc, label) in enumerate(zip(doc_ids.tolist(), labels.tolist(), strict=True)):
+        text, want = docs[doc]
+        body = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        k = pieces.get(doc, 0)
+        assert label == want and ids[seq, 0] == tok.bos_token_id
+        assert ids[seq, 1:].tolist() == body[15 * k:15 * (k + 1)]  # the k-th piece of this document only
+        pieces[doc] = k + 1
+    np.testing.assert_array_equal(ds.read(0, ds.num_rows, "seq_ids"), np.repeat(np.arange(len(ids)), 16))
+
+
 def cli_error(args: list[str]) -> str:
     err = io.StringIO()
     with redirect_stderr(err):
@@ -269,14 +303,48 @@ def test_bad_input_is_one_sentence_before_any_work(tiny_gpt2, tiny_clip, tmp_pat
 
 
 def test_sigterm_stops_a_harvest_like_ctrl_c():
-    """Inside a harvest SIGTERM raises KeyboardInterrupt (so the same cleanup runs); outside, the
-    previous handlers are back."""
-    from harvester.job import signals_interrupt
+    """Inside a Ray session (harvest and sweep alike) SIGTERM, like SIGINT, sets the flag the driver's
+    waits look at, which raises the interrupt naming the signal (so the same cleanup runs and the exit
+    status is 128 + signal); outside, the previous handlers are back."""
+    from store.cluster import Interrupted, catch_interrupts
 
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt, match="SIGTERM"), signals_interrupt():
+    with catch_interrupts() as flag:
         os.kill(os.getpid(), signal.SIGTERM)
         deadline = time.time() + 10  # the handler runs at the next bytecode; poll until it has
-        while time.time() < deadline:
+        while flag.signum is None and time.time() < deadline:
             time.sleep(0.01)
+        with pytest.raises(Interrupted, match="SIGTERM") as err:
+            flag.check()
+    assert err.value.signum == signal.SIGTERM and isinstance(err.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+PLANTED_SECRET = "planted-secret-5f0c2a9e"
+
+
+def spying_run_shards(plan, works):
+    """The harvest task, run through a spy: its arguments must not carry the planted secret, and its
+    environment must (the runtime env brought it)."""
+    import pickle
+
+    from harvester.job import run_shards
+
+    assert PLANTED_SECRET.encode() not in pickle.dumps((plan, works)), "a credential travelled as a task argument"
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") == PLANTED_SECRET, "the runtime env did not bring the credential"
+    yield from run_shards(plan, works)
+
+
+def test_credentials_reach_workers_in_the_runtime_env_not_in_arguments(reference, tiny_gpt2, tmp_path, monkeypatch):
+    """A planted AWS secret in the driver's environment reaches the harvest's tasks on a Ray the harvest
+    did not start (the session's), through their runtime env; no task argument holds it."""
+    from ray import cloudpickle
+
+    import harvester.job
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
+    monkeypatch.setattr(harvester.job, "run_shards", spying_run_shards)
+    cfg, result = reference
+    spied = harvest(text_cfg(tiny_gpt2, tmp_path, shards=2), progress=False)
+    assert digests(spied.url) == {s: digests(result.url)[s] for s in range(2)}

@@ -151,3 +151,92 @@ def test_dataset_names_of_the_flat_config_era_are_kept():
                                                           "pretrained": "openai"}}}
     for name, data in cases.items():
         assert dataset_name(HarvestConfig.model_validate(data)) == name
+
+
+# ---- labelled text ------------------------------------------------------------------------------
+
+def test_pack_documents_never_joins_documents_and_keeps_label_and_id():
+    from harvester.packing import pack_documents
+
+    docs = [(np.array([1, 2, 3, 4, 5, 9]), (1, 0)),  # 6 tokens: pieces [1 2][3 4][5 9]
+            (np.array([6, 9]), (0, 1)),              # one piece [6 9]
+            (np.array([7]), (1, 2))]                 # shorter than a piece: no context
+    out = [(c.tolist(), lab, doc) for c, lab, doc in pack_documents(docs, 3, 0)]
+    assert out == [([0, 1, 2], 1, 0), ([0, 3, 4], 1, 0), ([0, 5, 9], 1, 0), ([0, 6, 9], 0, 1)]
+    no_bos = [(c.tolist(), doc) for c, _, doc in pack_documents(docs, 4, None)]
+    assert no_bos == [([1, 2, 3, 4], 0)]  # the tail [5 9] of document 0 is dropped
+    assert len(list(pack_documents(docs, 3, 0, max_contexts=2))) == 2
+
+
+def labelled_folder(root, classes: dict[str, list[str]]):
+    for name, texts in classes.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i, text in enumerate(texts):
+            (root / name / f"d{i}.txt").write_text(text)
+    return root
+
+
+def test_text_files_label_from_folder(tmp_path):
+    root = labelled_folder(tmp_path / "corpus", {"b_cls": ["b0", "b1"], "a_cls": ["a0", "a1", "a2"]})
+    (root / "a_cls" / ".hidden").write_text("skipped")
+    cfg = SourceConfig(kind="text_files", paths=[str(root)], label_from="folder")
+    assert cfg.document_classes() == ["a_cls", "b_cls"]
+    docs = list(cfg.labelled_documents())
+    assert sorted(docs) == [("a0", 0), ("a1", 0), ("a2", 0), ("b0", 1), ("b1", 1)]
+    assert docs == list(cfg.labelled_documents())  # a fixed permutation
+    assert SourceConfig(kind="text_files", paths=[str(root)]).document_classes() is None
+
+
+@pytest.mark.parametrize("classes, message", [
+    ({"only": ["x", "y"]}, "has 1 document class"),
+    ({"a": ["x", "y"], "b": []}, "has no documents of class 'b'"),
+    ({"a": ["x"], "b": [], "c": []}, r"more classes \(3\) than documents \(1\)"),
+])
+def test_bad_label_folders_are_one_sentence_naming_the_source(tmp_path, classes, message):
+    root = labelled_folder(tmp_path / "corpus", classes)
+    cfg = SourceConfig(kind="text_files", paths=[str(root)], label_from="folder")
+    with pytest.raises(UserError, match=f"source text_files {root}.*{message}"):
+        cfg.document_classes()
+
+
+def test_text_files_label_field_jsonl(tmp_path):
+    lines = [{"text": "t0", "topic": "sport"}, {"text": "t1", "topic": "art"}, {"text": "t2", "topic": "sport"}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    cfg = SourceConfig(kind="text_files", paths=[str(tmp_path / "a.jsonl")], label_field="topic")
+    assert cfg.document_classes() == ["art", "sport"]
+    assert list(cfg.labelled_documents()) == [("t0", 1), ("t1", 0), ("t2", 1)]
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "t3"}) + "\n")
+    missing = SourceConfig(kind="text_files", paths=[str(tmp_path / "b.jsonl")], label_field="topic")
+    with pytest.raises(UserError, match="b.jsonl line 1 has no 'topic' label"):
+        missing.document_classes()
+
+
+def test_python_docs_labelled_by_module_family():
+    from pydoc_data.topics import topics
+
+    from harvester.sources.python_docs import LANGUAGE, MODULE_FAMILIES, family_documents
+
+    cfg = SourceConfig(kind="python_docs", label_by="family")
+    names = cfg.document_classes()
+    assert names == [LANGUAGE, *MODULE_FAMILIES]
+    docs = family_documents()
+    assert list(docs[:len(topics)]) == [(topics[k], 0) for k in sorted(topics)]
+    counts = np.bincount([lab for _, lab in docs], minlength=len(names))
+    assert (counts > 10).all()  # every family has documents
+    json_docs = [lab for text, lab in docs if text.startswith("json.") or text.startswith("json\n")]
+    assert json_docs and set(json_docs) == {names.index("data formats")}
+    first = [doc for _, doc in zip(range(50), cfg.labelled_documents())]
+    assert len({lab for _, lab in first}) > 3  # permuted: the first documents span the classes
+
+
+def test_labels_change_the_dataset_name_and_only_then():
+    plain = {"source": {"kind": "python_docs"}}
+    labelled = {"source": {"kind": "python_docs", "label_by": "family"}}
+    assert dataset_name(HarvestConfig.model_validate(plain)) == dataset_name(
+        HarvestConfig.model_validate({"source": {"kind": "python_docs", "label_by": None}}))
+    assert config_hash(HarvestConfig.model_validate(plain)) != config_hash(HarvestConfig.model_validate(labelled))
+    folder = {"source": {"kind": "text_files", "paths": ["a"], "label_from": "folder"}}
+    field = {"source": {"kind": "text_files", "paths": ["a"], "label_field": "label"}}
+    hashes = {config_hash(HarvestConfig.model_validate(c)) for c in
+              (folder, field, {"source": {"kind": "text_files", "paths": ["a"]}})}
+    assert len(hashes) == 3

@@ -142,3 +142,53 @@ def test_foreign_folder_needs_a_dataset(tmp_path, capsys):
     saelens_sae("standard").save_model(folder)
     assert dynsae_main(["eval", str(folder)]) == 2
     assert "pass --dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["saelens", "sparsify"])
+def test_corrupt_foreign_weights_are_one_sentence(fmt, tmp_path, text_dataset, capsys):
+    folder = tmp_path / fmt
+    if fmt == "saelens":
+        saelens_sae("standard").save_model(folder)
+        weights = folder / "sae_weights.safetensors"
+    else:
+        import sparsify
+
+        sparsify.SparseCoder(D, sparsify.SparseCoderConfig(num_latents=M, k=4)).save_to_disk(folder)
+        weights = folder / "sae.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # truncated: the header says more than is there
+    assert dynsae_main(["eval", str(folder), "--dataset", text_dataset]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and str(folder) in err
+
+
+def test_remote_foreign_folder_leaves_no_temporary_copy(tmp_path, s3_bucket, monkeypatch):
+    import tempfile
+
+    from evaluator.foreign import load_foreign
+    from store import io
+
+    folder = tmp_path / "std"
+    saelens_sae("standard").save_model(folder)
+    io.put_dir(str(folder), f"{s3_bucket}/std")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    assert load_foreign(f"{s3_bucket}/std").config.m == M
+    assert list(scratch.iterdir()) == []
+
+
+def test_foreign_decoder_directions_are_unit_decoder_rows(tmp_path):
+    """SAELens and sparsify folders: decoder_directions() = W_dec rows / their norms."""
+    from sparsify import SparseCoder, SparseCoderConfig
+
+    from evaluator.foreign import load_foreign
+
+    sl = saelens_sae("standard")
+    sl.save_model(tmp_path / "sl")
+    torch.manual_seed(3)
+    coder = SparseCoder(D, SparseCoderConfig(num_latents=M, k=5))
+    coder.save_to_disk(tmp_path / "sp")
+    for folder, w_dec in ((tmp_path / "sl", sl.W_dec), (tmp_path / "sp", coder.W_dec)):
+        u = load_foreign(str(folder)).decoder_directions()
+        w = w_dec.detach().float()
+        torch.testing.assert_close(u, w / w.norm(dim=-1, keepdim=True))

@@ -1,7 +1,8 @@
 """`ray job submit --working-dir <repo> -- python -m dynsae sweep X.yaml` (the README's cluster command)
 against a real head node on 127.0.0.1 that this test starts (its own ports and temp dir) and stops (only
-its own processes, waiting until they are gone). One trainer dies once mid-run (the test-only hook
-DYNSAE_TEST_FAIL_AT_STEP, set through the job's runtime env) and resumes."""
+its own processes, waiting until they are gone). Once a run has checkpointed, the test kills a trainer's
+worker process (SIGKILL, from outside, as a crash would); Ray restarts the actor, which resumes, and
+every run ends with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -12,14 +13,24 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 import yaml
-from trainer_testkit import base_config, kill_pids_using, no_pids_using
+from trainer_testkit import (
+    assert_same_weights,
+    base_config,
+    checkpoint_step,
+    kill_pids_using,
+    no_pids_using,
+    straight_config,
+    wait_until,
+)
 
-from trainer.run import FAIL_AT_STEP_ENV
+from trainer.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -78,13 +89,46 @@ def submit_when_agent_ready(cmd: list[str], env: dict[str, str], seconds: float 
         time.sleep(3)
 
 
+STEPS = 300
+RUNS = ("variant-relu", "variant-topk")
+
+
+def training_worker(head_pid: int) -> psutil.Process | None:
+    """A worker of the head's process family running a trainer's ``train`` (Ray titles it
+    ``ray::TrainerActor.train``)."""
+    for proc in psutil.Process(head_pid).children(recursive=True):
+        try:
+            if " ".join(proc.cmdline()).startswith("ray::TrainerActor.train"):
+                return proc
+        except psutil.Error:
+            continue
+    return None
+
+
+def kill_a_trainer_mid_run(head_pid: int, run_dirs: list[Path], submit: threading.Thread) -> int | None:
+    """Once a run has a checkpoint short of the end, SIGKILL a training worker; returns its pid (None:
+    the job ended first, which the caller reports with the job's output)."""
+    def target() -> psutil.Process | bool | None:
+        if not submit.is_alive():
+            return True
+        if any(0 < checkpoint_step(d) < STEPS // 2 for d in run_dirs):
+            return training_worker(head_pid)
+        return None
+
+    proc = wait_until(target, 400, "a trainer mid-run", 0.02)
+    if proc is True:
+        return None
+    proc.kill()
+    return proc.pid
+
+
 def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="rjs", dir="/tmp")
     port, dash = free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
            "PATH": f"{BIN}:{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    base = base_config(tiny_store, str(tmp_path / "runs"), tokens=64 * 6)
+    base = base_config(tiny_store, str(tmp_path / "runs"), tokens=64 * STEPS, checkpoint_every=10, log_every=10)
     base.pop("name")
     sweep = {"name": "job", "base": base, "grid": {"sae.variant": ["relu", "topk"]},
              "ray": {"num_cpus_per_trainer": 0.5}}
@@ -101,22 +145,27 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
          "--metrics-export-port", str(free_port()), "--runtime-env-agent-port", str(free_port()),
          "--min-worker-port", "20000", "--max-worker-port", "20999"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run_dirs = [tmp_path / "runs" / "job" / name for name in RUNS]
     try:
         wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
-        job = submit_when_agent_ready(
+        result: dict = {}
+        submit = threading.Thread(target=lambda: result.update(job=submit_when_agent_ready(
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-             "--runtime-env-json", json.dumps({"env_vars": {FAIL_AT_STEP_ENV: "variant-relu=3"}}),
-             "--", "python", "-m", "dynsae", "sweep", str(sweep_path), "--no-progress"], env)
+             "--", "python", "-m", "dynsae", "sweep", str(sweep_path), "--no-progress"], env)), daemon=True)
+        submit.start()
+        killed = kill_a_trainer_mid_run(head.pid, run_dirs, submit)
+        submit.join(timeout=500)
+        job = result["job"]
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert killed is not None, "the job ended before a trainer could be killed mid-run"
         assert "succeeded" in (job.stdout + job.stderr).lower()
+        assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
         summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
-        assert [r["status"] for r in summary["runs"]] == ["finished", "finished"]
-        for name in ("variant-relu", "variant-topk"):
+        assert [(r["status"], r["step"]) for r in summary["runs"]] == [("finished", STEPS)] * 2
+        for run_dir in run_dirs:
             for f in ("config.json", "sae.safetensors", "trainer_state.pt", "metrics.jsonl", "eval.json"):
-                assert (tmp_path / "runs" / "job" / name / f).exists(), (name, f)
+                assert (run_dir / f).exists(), (run_dir.name, f)
         assert (tmp_path / "runs" / "job" / "summary.csv").exists()
-        assert (tmp_path / "runs" / "job" / "variant-relu" / "fault_injected").read_text().split()[0] == "3"
-        assert not (tmp_path / "runs" / "job" / "variant-topk" / "fault_injected").exists()
         assert all(r["eval_fvu"] is not None for r in summary["runs"])  # dynsae sweep evaluates
     finally:
         try:
@@ -124,3 +173,8 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
         finally:
             log.close()
             shutil.rmtree(temp_dir, ignore_errors=True)
+    for run_dir in run_dirs:  # the killed trainer resumed exactly: every step trained once, same weights
+        steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(line)]
+        assert steps == sorted(set(steps)) and steps[-1] == STEPS
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))

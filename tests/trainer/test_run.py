@@ -18,7 +18,7 @@ from trainer_testkit import CONTEXT, base_config
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
 from trainer.config import TrainConfig
-from trainer.run import FAIL_AT_STEP_ENV, lr_at, train
+from trainer.run import lr_at, train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,7 +66,7 @@ def test_run_dir_contents_and_bos_filter(tiny_store, tmp_path):
 
     median = open_dataset(tiny_store).manifest.stats.median_norm
     assert record["sae"]["input_scale"] == pytest.approx(median / 4.0)  # √16
-    state = torch.load(Path(url, "trainer_state.pt"), weights_only=False)
+    state = torch.load(Path(url, "trainer_state.pt"), weights_only=True)
     assert state["step"] == steps and state["data_cursor"] == steps and state["finished"]
     assert state["tokens"] == tokens
     # every 8th row is a BOS row (position 0): 7/8 of the rows are trained on
@@ -92,7 +92,7 @@ def test_max_norm_filter_drops_outlier_rows(tiny_store, tmp_path):
     cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), exclude_positions=[],
                                                  max_norm_multiple=5.0, tokens=tokens, log_every=100))
     url = train(cfg, progress=False)
-    state = torch.load(Path(url, "trainer_state.pt"), weights_only=False)
+    state = torch.load(Path(url, "trainer_state.pt"), weights_only=True)
     assert state["tokens_trained"] == tokens * (CONTEXT - 1) // CONTEXT
     record = json.loads(Path(url, "config.json").read_text())
     assert record["filter"]["max_norm_multiple"] == 5.0 and record["filter"]["median_norm"] > 0
@@ -103,9 +103,16 @@ def write_yaml(path: Path, data: dict) -> str:
     return str(path)
 
 
+#: A training process with the test's fault hook (trainer_testkit.DieAt): it dies at step 12.
+DIE_AT_12 = ("import sys, yaml; from trainer_testkit import DieAt; from trainer.config import TrainConfig; "
+             "from trainer.run import train; cfg = TrainConfig.model_validate(yaml.safe_load(open(sys.argv[1]))); "
+             "train(cfg, progress=False, on_step=DieAt({'*': 12}))")
+
+
 def test_crash_and_rerun_equals_straight_run(tiny_store, tmp_path):
-    """The process really dies (os._exit) at step 12; re-running the same command resumes at the
-    step-10 checkpoint and ends with the weights and metrics of an uninterrupted run."""
+    """The process really dies (os._exit, from the test's on_step hook) at step 12; re-running the run
+    (`python -m trainer run`) resumes at the step-10 checkpoint and ends with the weights and metrics
+    of an uninterrupted run."""
     straight = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path / "a"), decay="cosine",
                                                       sae={"variant": "topk", "k": 4}))
     url_a = train(straight, progress=False)
@@ -113,11 +120,13 @@ def test_crash_and_rerun_equals_straight_run(tiny_store, tmp_path):
     cfg_path = write_yaml(tmp_path / "run.yaml", base_config(tiny_store, str(tmp_path / "b"), decay="cosine",
                                                              sae={"variant": "topk", "k": 4}))
     cmd = [sys.executable, "-m", "trainer", "run", cfg_path, "--no-progress"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), FAIL_AT_STEP_ENV: "12"}  # the test-only fault hook
-    first = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{Path(__file__).parent}"}
+    first = subprocess.run([sys.executable, "-c", DIE_AT_12, cfg_path], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
     assert first.returncode == 17, first.stderr
+    assert Path(tmp_path / "b" / "r" / "fault_injected").read_text().split()[0] == "12"
     url_b = str(tmp_path / "b" / "r")
-    state = torch.load(Path(url_b, "trainer_state.pt"), weights_only=False)
+    state = torch.load(Path(url_b, "trainer_state.pt"), weights_only=True)
     assert state["step"] == 10 and not state["finished"]
     assert not list(Path(url_b).glob(".*tmp*"))  # no half-written files left behind
     second = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -137,7 +146,7 @@ def test_extend_budget_and_config_mismatch(tiny_store, tmp_path):
     assert all(torch.equal(before[k], v) for k, v in weights(url).items())
     # a larger budget continues it; with a flat lr that equals a straight run of the larger budget
     train(TrainConfig.model_validate({**cfg, "tokens": 64 * 16}), progress=False)
-    assert torch.load(Path(url, "trainer_state.pt"), weights_only=False)["step"] == 16
+    assert torch.load(Path(url, "trainer_state.pt"), weights_only=True)["step"] == 16
     straight = train(TrainConfig.model_validate({**cfg, "tokens": 64 * 16, "runs_root": str(tmp_path / "s")}),
                      progress=False)
     assert_same_weights(url, straight)

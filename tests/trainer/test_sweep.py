@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from trainer_testkit import assert_same_weights, base_config, make_store, straight_config
+from trainer_testkit import DieAt, assert_same_weights, base_config, make_store, straight_config
 
 from evaluator.actor import EvaluatorActor
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
 from trainer.config import SweepConfig, expand_sweep
-from trainer.run import FAIL_AT_STEP_ENV, train
+from trainer.run import train
 from trainer.sweep import Feeder, FeederCore, run_sweep
 
 VARIANTS = ["relu", "topk", "sparsemax"]
@@ -32,15 +32,13 @@ def sweep_dict(store: str, runs_root: str, **base_over) -> dict:
             "ray": {"num_cpus_per_trainer": 0.5, "max_restarts": 2, "feeder_window": 64}}
 
 
-def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path, monkeypatch):
-    """Every trainer process dies once at step 7 (after the step-5 checkpoint; the test-only hook
-    DYNSAE_TEST_FAIL_AT_STEP); Ray restarts it and it resumes. Each run ends equal to an uninterrupted
-    run; the feeder read each batch once (the crashed trainers' re-requests are served from its
-    window); every artifact, the evaluator's eval.json and the summary are written."""
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "7")
+def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
+    """Every trainer process dies once at step 7 (after the step-5 checkpoint; the test's on_step hook
+    DieAt); Ray restarts it and it resumes. Each run ends equal to an uninterrupted run; the feeder
+    read each batch once (the crashed trainers' re-requests are served from its window); every
+    artifact, the evaluator's eval.json and the summary are written."""
     sweep = SweepConfig.model_validate(sweep_dict(tiny_store, str(tmp_path)))
-    summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor)
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)  # the straight runs below train in this process
+    summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor, on_step=DieAt({"*": 7}))
 
     reads = next(iter(summary["feeder_reads"].values()))
     assert reads["reads"] == STEPS and reads["rereads"] == 0 and reads["max_reads_per_batch"] == 1
@@ -147,7 +145,7 @@ def test_feeder_serves_far_apart_cursors_without_waiting(tiny_store):
     assert stats["held"] <= 4
 
 
-def test_resume_far_apart_runs(ray_local, tiny_store, tmp_path, monkeypatch):
+def test_resume_far_apart_runs(ray_local, tiny_store, tmp_path):
     """Two runs (grid sae.seed = 0, 1) stopped at steps 3 and 60 by the test hook (no restarts, so the
     first sweep ends with both failed), then the sweep run again: a fresh feeder with a 4-batch window
     serves both without stalling (no lag timeout), reads each batch at most once per cursor group, and
@@ -158,13 +156,11 @@ def test_resume_far_apart_runs(ray_local, tiny_store, tmp_path, monkeypatch):
     data = {"name": "far", "base": base, "grid": {"sae.seed": [0, 1]},
             "ray": {"num_cpus_per_trainer": 0.5, "max_restarts": 0, "feeder_window": 4,
                     "feeder_lag_timeout_s": 60.0}}
-    monkeypatch.setenv(FAIL_AT_STEP_ENV, "seed-0=3,seed-1=60")
     with pytest.raises(UserError, match="2 of 2 runs failed"):
-        run_sweep(SweepConfig.model_validate(data), progress=False)
+        run_sweep(SweepConfig.model_validate(data), progress=False, on_step=DieAt({"seed-0": 3, "seed-1": 60}))
     stopped = {name: torch.load(tmp_path / "far" / name / "trainer_state.pt", weights_only=False)["step"]
                for name in ("seed-0", "seed-1")}
     assert stopped == {"seed-0": 3, "seed-1": 60}
-    monkeypatch.delenv(FAIL_AT_STEP_ENV)
 
     summary = run_sweep(SweepConfig.model_validate(data), progress=False)
     assert [(r["name"], r["status"], r["step"], r["seed"]) for r in summary["runs"]] == [

@@ -53,6 +53,16 @@ def base_config(store: str, runs_root: str, **over) -> dict:
     return cfg
 
 
+def checkpoint_step(run_dir) -> int:
+    """The step of a run's last committed checkpoint (0 if none); the checkpoint must load whole."""
+    from pathlib import Path
+
+    import torch
+
+    state = Path(run_dir) / "trainer_state.pt"
+    return int(torch.load(state, weights_only=True)["step"]) if state.exists() else 0
+
+
 def wait_until(condition, seconds: float, what: str, interval: float = 0.1):
     """Poll ``condition()`` until it returns something truthy (returned) or ``seconds`` pass (AssertionError)."""
     import time
@@ -103,15 +113,11 @@ def kill_pids_using(path: str) -> None:
 
 
 def straight_config(run_dir, runs_root):
-    """A run's ``config.json`` as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
-    import json
-    from pathlib import Path
-
+    """A run's config as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
     from trainer.config import TrainConfig
+    from trainer.run_format import read_run_config
 
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
-        record.pop(key)
+    record = read_run_config(str(run_dir)).settings()
     record.update(runs_root=str(runs_root), sweep=None)
     return TrainConfig.model_validate(record)
 
@@ -127,3 +133,32 @@ def assert_same_weights(run_a, run_b, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key], b[key], atol=atol, rtol=0), (str(run_a), key)
+
+
+#: The file a :class:`DieAt` hook writes in a run directory before it kills the process ("STEP PID").
+FAULT_MARKER = "fault_injected"
+
+
+class DieAt:
+    """A test-only fault, handed to ``Run.fit`` / ``run_sweep`` as ``on_step``: the process training run
+    ``name`` dies for real (``os._exit(17)``) once it has completed step ``steps[name]`` (``steps["*"]``:
+    any run), after that step's checkpoint if it writes one. A ``fault_injected`` marker in the run
+    directory makes it happen once per run directory, so a restarted process trains on."""
+
+    def __init__(self, steps: dict[str, int]) -> None:
+        import sys
+
+        from ray import cloudpickle
+
+        self.steps = dict(steps)
+        # Ray's workers cannot import this tests-only module: the hook travels by value
+        cloudpickle.register_pickle_by_value(sys.modules[type(self).__module__])
+
+    def __call__(self, run) -> None:
+        import os
+
+        at = self.steps.get(run.cfg.name, self.steps.get("*"))
+        if at is None or run.step != at or run.dir.exists(FAULT_MARKER):
+            return
+        run.dir.write_bytes(FAULT_MARKER, f"{at} {os.getpid()}\n".encode())
+        os._exit(17)

@@ -1,4 +1,4 @@
-"""The SAE zoo (DESIGN §5): one module per variant (class + its own config), found by discovery.
+"""The SAE zoo (``docs/variants.md``): one module per variant (class + its own config), found by discovery.
 
 ``build(cfg)`` → a fresh SAE, ``load(url)`` → a saved one, ``variants()`` name → class,
 ``validate_sae(dict)`` → the variant's config. Every SAE has ``forward(x) -> (x_hat, codes, losses)``

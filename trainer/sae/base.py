@@ -34,11 +34,10 @@ from torch import Tensor, nn
 
 from store import io
 from store.errors import UserError
+from trainer.run_format import weights_url, write_sae_config
 from trainer.sae.config import SAEConfig
 from trainer.sae.sparse_ops import SupportPattern, sparse_decode
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "sae.safetensors"
 NORM_EPS = 1e-8
 
 
@@ -330,6 +329,20 @@ class SAE(nn.Module):
     def decode_normalized(self, codes: Codes) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    # -- what each latent means in activation space
+    def decoder_matrix(self) -> Tensor:  # pragma: no cover - abstract
+        """(M, d) matrix whose row j is what latent j adds to the reconstruction per unit of code (before
+        any ×‖x‖ or input_scale, positive factors that do not change its direction)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def decoder_directions(self) -> Tensor:
+        """Unit decoder directions u_j (M, d), float32, in the original activation space: the direction
+        latent j adds to x̂, u_j = D_j/‖D_j‖ with D = :meth:`decoder_matrix` (a zero row stays 0). What the
+        ground-truth metrics compare with the true features (``docs/metrics.md``)."""
+        rows = self.decoder_matrix().detach().float()
+        return rows / rows.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+
     def post_step(self) -> None:
         """Call after every optimiser step: renormalises unit-norm decoders."""
         for module in self.modules():
@@ -338,18 +351,18 @@ class SAE(nn.Module):
 
     # -- persistence
     def save_weights(self, url: str, storage_options: io.StorageOptions = None) -> None:
-        """Write ``<url>/sae.safetensors`` (parameters and buffers)."""
-        io.save_safetensors(io.join_url(url, WEIGHTS_FILE), self.state_dict(), storage_options,
+        """Write the weights file of ``url`` (parameters and buffers)."""
+        io.save_safetensors(weights_url(url), self.state_dict(), storage_options,
                             metadata={"variant": self.variant})
 
     def save(self, url: str, storage_options: io.StorageOptions = None) -> None:
-        """Write ``<url>/config.json`` (this SAE's config) and ``<url>/sae.safetensors``."""
-        io.write_json(io.join_url(url, CONFIG_FILE), self.config.model_dump(mode="json"), storage_options)
+        """Write this SAE's config and its weights to the directory ``url`` (the run format's files)."""
+        write_sae_config(url, self.config.model_dump(mode="json"), storage_options)
         self.save_weights(url, storage_options)
 
     def load_weights(self, url: str, storage_options: io.StorageOptions = None) -> None:
-        """Load ``<url>/sae.safetensors`` into this SAE (shapes and names must match)."""
-        path = io.join_url(url, WEIGHTS_FILE)
+        """Load the weights file of ``url`` into this SAE (shapes and names must match)."""
+        path = weights_url(url)
         state = io.load_safetensors(path, storage_options)
         if state is None:
             raise UserError(f"{path} does not exist; point at a directory written by sae.save() or a trainer run.")
@@ -362,5 +375,5 @@ class SAE(nn.Module):
         for name, tensor in state.items():
             if tensor.shape != own[name].shape:
                 raise UserError(f"{path}: {name} has shape {tuple(tensor.shape)} but the config gives "
-                                f"{tuple(own[name].shape)}; the config.json and weights do not match.")
+                                f"{tuple(own[name].shape)}; the config and weights do not match.")
         self.load_state_dict(state)

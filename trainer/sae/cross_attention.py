@@ -37,6 +37,11 @@ class CrossAttentionSAE(SAE):
         """q = x_n W_Kᵀ (B, d)."""
         return xn @ self.W_K.T
 
+    def decoder_matrix(self) -> Tensor:
+        """C W_V (M, d), computed as (C) @ W_V: the value vectors as they reach the output (x̂ = ‖x‖ a (C W_V)).
+        Formed only here (M·d² flops once), never in the training step."""
+        return self.C @ self.W_V
+
     def decode_normalized(self, codes: Codes) -> Tensor:
         """(a C) W_V on the unit sphere (the base class multiplies by ‖x‖)."""
         if codes.is_sparse:

@@ -75,6 +75,10 @@ class LinearSAE(SAE):
         """π[b, idx[b,k]] with a sparse backward to W_enc, b_enc and b_dec (B, K)."""
         return select_linear(xc, self.W_enc, idx, h, pattern) + self.b_enc[idx]
 
+    def decoder_matrix(self) -> Tensor:
+        """W_dec (M, d): latent i adds f_i W_dec,i to x̂ (b_dec is added whatever the codes)."""
+        return self.decoder.weight
+
     def decode_normalized(self, codes: Codes) -> Tensor:
         """x̂ = Σ_i f_i W_dec,i + b_dec."""
         return self.decoder(codes) + self.b_dec

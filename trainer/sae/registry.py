@@ -14,12 +14,14 @@ a key that the variant's config does not have is an error naming it.
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from typing import Any
 
 from store import io
 from store.errors import UserError
-from trainer.sae.base import CONFIG_FILE, REGISTERED, SAE
+from trainer.run_format import config_url, read_sae_config
+from trainer.sae.base import REGISTERED, SAE
 from trainer.sae.config import SAEConfig
 
 _discovered = False
@@ -29,10 +31,8 @@ def variants() -> dict[str, type[SAE]]:
     """Every registered variant (importing each module of ``trainer.sae`` once)."""
     global _discovered
     if not _discovered:
-        import trainer.sae as package
-
-        for info in pkgutil.iter_modules(package.__path__):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+        for info in pkgutil.iter_modules([os.path.dirname(__file__)]):  # discovery: no module named here
+            importlib.import_module(f"{__package__}.{info.name}")
         _discovered = True
     return dict(sorted(REGISTERED.items()))
 
@@ -90,16 +90,12 @@ def build(cfg: SAEConfig | dict[str, Any]) -> SAE:
 
 
 def load(url: str, storage_options: io.StorageOptions = None) -> SAE:
-    """Restore an SAE from a directory (local path or fsspec URL) holding config.json + sae.safetensors.
-
-    config.json may be the SAE config itself (written by ``sae.save``) or a trainer run config, whose
-    ``"sae"`` key holds the SAE config.
-    """
-    path = io.join_url(url, CONFIG_FILE)
-    data = io.read_json_object(path, storage_options, what="the SAE or run config")
-    if data is None:
+    """Restore an SAE from a directory (local path or fsspec URL) written by ``sae.save`` or a trainer
+    run (its config and weights files, :mod:`trainer.run_format`)."""
+    path = config_url(url)
+    sae_data = read_sae_config(url, storage_options)
+    if sae_data is None:
         raise UserError(f"{path} does not exist; point at a directory written by sae.save() or a trainer run.")
-    sae_data = data["sae"] if "sae" in data else data
     sae = build(as_config(sae_data, source=path))
     sae.load_weights(url, storage_options)
     return sae

@@ -1,4 +1,4 @@
-"""The Sparsemax SAE ("Improving Sparse Autoencoder with Dynamic Attention"), DESIGN §5.
+"""The Sparsemax SAE ("Improving Sparse Autoencoder with Dynamic Attention"), ``docs/variants.md``.
 
 On the cross-attention architecture (:mod:`trainer.sae.cross_attention`): z = (x_n W_Kᵀ) Cᵀ, sparsemax
 threshold τ(z) and support S = {m : z_m > τ} from :func:`trainer.sparsemax.sparsemax_mask`, codes
@@ -39,7 +39,7 @@ from trainer.sparsemax import sparsemax_mask
 
 NO_TARGET = ("a {variant} SAE chooses its support size per token (sparsemax), so it has no L0 target; "
              "train it first and steer the baselines to its measured L0 instead (their sae.target_l0 = the l0 "
-             "in its eval.json, or the sweep's match_l0), then compare in the report's Matched sparsity section")
+             "in its evaluation, or the sweep's match_l0), then compare in the report's Matched sparsity section")
 
 
 class SparsemaxCodesConfig(SAEConfig):

@@ -1,0 +1,112 @@
+"""store.cluster, the one home of the project's Ray plumbing: a local instance that takes a token and
+leaves nothing behind, worker settings through the runtime environment, and nobody else starting Ray
+or switching its authentication off."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from store.cluster import RaySession, worker_env_vars
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("store", "harvester", "trainer", "evaluator", "dynsae")
+
+#: Run in a fresh process: start a local instance through store.cluster, then talk to its GCS as a
+#: stranger on the network would (no token), and with the token Ray generated.
+PROBE = r"""
+import json, os, sys
+import grpc, psutil
+from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+from store.cluster import ray_session
+
+info = {}
+with ray_session() as session:
+    ray = session.ray
+    info["temp_dir"] = session.temp_dir
+    info["auth_mode"] = os.environ.get("RAY_AUTH_MODE")
+    gcs = ray.get_runtime_context().gcs_address
+    stub = gcs_service_pb2_grpc.NodeInfoGcsServiceStub(grpc.insecure_channel(gcs))
+    request = gcs_service_pb2.GetAllNodeInfoRequest()
+    try:
+        stub.GetAllNodeInfo(request, timeout=20)
+        info["without_token"] = "answered"
+    except grpc.RpcError as err:
+        info["without_token"] = err.code().name
+    token = open(os.path.expanduser("~/.ray/auth_token")).read().strip()
+    reply = stub.GetAllNodeInfo(request, timeout=20, metadata=[("authorization", f"Bearer {token}")])
+    info["with_token"] = len(reply.node_info_list)
+    info["processes"] = [" ".join(p.cmdline()) for p in psutil.Process().children(recursive=True)]
+info["temp_dir_left"] = os.path.exists(info["temp_dir"])
+print(json.dumps(info))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_local_instance_takes_a_token_and_leaves_nothing(tmp_path):
+    """With RAY_AUTH_MODE unset (as a user runs it), the local instance uses Ray's token authentication:
+    its GCS refuses a caller without the token and answers one with it. The dashboard (which Ray
+    runs in its minimal form without a frontend even when told not to include it) listens on 127.0.0.1
+    only, and when the session ends its temp dir is gone with every process that used it."""
+    home = tmp_path / "home"
+    home.mkdir()
+    ray_tmp = tempfile.mkdtemp(prefix="rcl", dir="/tmp")  # short: Ray's socket paths
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env.update(HOME=str(home), RAY_TMPDIR=ray_tmp, PYTHONPATH=str(REPO))
+    try:
+        proc = subprocess.run([sys.executable, "-c", PROBE], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=280)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert info["temp_dir"].startswith(ray_tmp)
+        assert info["auth_mode"] == "token"  # Ray's default for a local ray.init; nothing of ours turned it off
+        assert info["without_token"] == "UNAUTHENTICATED"
+        assert info["with_token"] == 1
+        assert (home / ".ray" / "auth_token").exists()
+        heads = [p.split() for p in info["processes"] if "dashboard/dashboard.py" in p]  # Ray's minimal head
+        assert all("--host=127.0.0.1" in p and "--disable-frontend" in p for p in heads), heads
+        assert not info["temp_dir_left"]
+    finally:
+        subprocess.run(["rm", "-rf", ray_tmp], check=False)
+    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _uses(p, ray_tmp)]
+    assert not leftover, leftover
+
+
+def _uses(proc_dir: Path, path: str) -> bool:
+    try:
+        return path in (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return False
+
+
+def test_options_carry_the_drivers_settings_in_the_runtime_env():
+    """On a Ray the session did not start, credentials and hub settings travel in the runtime env of
+    each actor and task (never as arguments); a local instance's workers inherit them instead."""
+    import ray
+
+    environ = {"AWS_SECRET_ACCESS_KEY": "planted-secret", "AWS_ENDPOINT_URL": "http://127.0.0.1:9",
+               "HF_HUB_OFFLINE": "1", "HOME": "/root", "RAY_AUTH_MODE": "token"}
+    joined = RaySession(ray, env_vars=worker_env_vars(environ))
+    assert joined.options(num_cpus=2) == {"num_cpus": 2, "runtime_env": {"env_vars": {
+        "AWS_SECRET_ACCESS_KEY": "planted-secret", "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}}}
+    assert RaySession(ray, started=True, connected=True).options(num_cpus=2) == {"num_cpus": 2}
+
+
+def test_only_store_cluster_starts_ray_and_nobody_turns_auth_off():
+    """One module starts Ray; no package sets RAY_AUTH_MODE (a test or CI environment may)."""
+    starts, auth = [], []
+    for package in PACKAGES:
+        for path in (REPO / package).rglob("*.py"):
+            text = path.read_text()
+            if re.search(r"\bray\.init\(", text) and path != REPO / "store" / "cluster.py":
+                starts.append(str(path.relative_to(REPO)))
+            if re.search(r"""(environ(\.setdefault\(|\[)|putenv\()\s*['"]RAY_AUTH_MODE""", text):
+                auth.append(str(path.relative_to(REPO)))
+    assert starts == [] and auth == []
