@@ -1,6 +1,6 @@
 """The `make demo` pipeline at a tiny size, through the same code path (`dynsae demo`).
 
-Same config file as the demo (dynsae/configs/demo.yaml) — python_docs source, all 8 variants x 2
+Same config file as the demo (dynsae/configs/demo.yaml) — python_docs source labelled by module family, all 8 variants x 2
 dictionary sizes from one feeder on Ray, the evaluator actor, the report — with only the sizes
 and the model swapped for a tiny GPT-2 built in the test: 160 steps of 64 rows per run.
 """
@@ -67,6 +67,9 @@ def test_every_run_trained_and_evaluated(demo_out):
         assert ev["filter"]["exclude_positions"] == [0]
         assert 0 <= ev["dead_frac"] <= 1
         assert ev["l0"] > 0
+        # the labelled python_docs corpus: every eval pass reports sparse probing
+        assert ev["probe_skipped"] is None and ev["probe"]["documents"] > 10, ev.get("probe_skipped")
+        assert all(0 <= ev[k] <= 1 for k in ("probe_top1", "probe_top50", "probe_raw_top1", "probe_raw_all"))
 
 
 def test_report_has_every_section(demo_out):
@@ -76,6 +79,7 @@ def test_report_has_every_section(demo_out):
     table = report.split("| variant | M = 64 | M = 256 |", 1)[1].split("\n\n", 1)[0]
     for variant in VARIANTS:
         assert f"| {variant} |" in table
+    assert "## Concept quality" in report and "| probe on 1 | probe on 5 | probe on 10 | probe on 50 |" in report
     for picture in ("fvu_vs_m.png", "l0_fvu.png", "support_variant-sparsemax_m-64.png"):
         assert f"]({picture})" in report
         assert (demo_out / "runs" / "demo" / picture).stat().st_size > 1000
