@@ -1,4 +1,4 @@
-"""Harvest throughput vs a bare forward pass of the same model, batches and data (DESIGN §9).
+"""Harvest throughput vs a bare forward pass of the same model, batches and data.
 
 Baseline ("bare"): the model's base network with its block list cut at the hook layer (so it
 does exactly the blocks the harvest must run), called on the same packed contexts in the same

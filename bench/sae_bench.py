@@ -1,4 +1,4 @@
-"""SAE train-step benchmark (DESIGN §9): one step (forward + backward + Adam + post_step) of every
+"""SAE train-step benchmark: one step (forward + backward + Adam + post_step) of every
 variant of the zoo at d = 768, M ∈ {3072, 24576}, B = 1024, CPU fp32, 2 threads.
 
 Baselines timed in the same process:

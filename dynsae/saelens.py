@@ -19,7 +19,7 @@ The exported forward (one linear encoder, sparsemax over the scores, one linear 
     x̂   = f W_dec + b_dec
 
 For the Sparsemax SAE the export folds W_enc = (C W_K)ᵀ and W_dec = C W_V with zero biases and
-``scale_by_input_norm``, so the decode is linear in the features (DESIGN §11).
+``scale_by_input_norm``, so the decode is linear in the features (``docs/interop.md``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """dynsae evaluator: metric definitions, CE splicing, zero-shot concept classification, reports.
 
 * :mod:`evaluator.metrics` — streaming float64 fvu / nmse_uncentered / explained_variance / l0,
-  support-size histogram, dead/dense fractions, support-size correlations (DESIGN §7).
+  support-size histogram, dead/dense fractions, support-size correlations (``docs/metrics.md``).
 * :mod:`evaluator.splice` — replace the residual stream at (layer, resid_pre|resid_post).
 * :mod:`evaluator.ce` — ``splice_ce``: ce_clean / ce_sae / ce_zero / ce_degradation / ce_recovered / kl.
 * :mod:`evaluator.zeroshot` — per-class top-n concepts spliced into a CLIP ViT.

@@ -1,4 +1,4 @@
-"""Downstream cross-entropy with the SAE spliced into the residual stream (DESIGN §7).
+"""Downstream cross-entropy with the SAE spliced into the residual stream (``docs/metrics.md``).
 
 For eval contexts of T tokens, the model runs three times per batch:
 

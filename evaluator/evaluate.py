@@ -1,6 +1,6 @@
 """Score one trainer run on its dataset's held-out ``eval`` split and write ``<run>/eval.json``.
 
-What is measured (definitions in :mod:`evaluator.metrics`, DESIGN §7):
+What is measured (definitions in :mod:`evaluator.metrics`, ``docs/metrics.md``):
 
 * Reconstruction (fvu, nmse_uncentered, explained_variance) on the rows the run's row filter
   keeps (``exclude_positions``, ``max_norm_multiple`` — the same :class:`store.filters.RowFilter`
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import ConfigDict, Field
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -58,38 +58,29 @@ from evaluator.metrics import (
     probe_metrics,
     suggest_topk,
 )
-from store import io
-from store.config import StrictModel
 from store.errors import UserError
 from store.filters import RowFilter
+from trainer.run_format import (
+    FORMAT_VERSION,
+    EvalRecord,
+    RowFilterRecord,
+    TokenCounts,
+    eval_url,
+    write_eval,
+)
 
-EVAL_FILE = "eval.json"
-CONFIG_FILE = "config.json"
 DEFAULT_CE_CONTEXTS = 64
 SYNTHETIC_NO_MODEL = "synthetic dataset (dynsae synth): there is no model to splice the SAE into"
 
 
-class FilterInfo(StrictModel):
-    """The row filter the evaluation applied (the run's own)."""
+class EvalReport(EvalRecord):
+    """Everything an evaluation writes (the run format's eval record, :class:`trainer.run_format.EvalRecord`),
+    with every metric field declared here: the one place a metric joins ``eval.json``. Scalars at the top
+    level (the sweep summary picks them up as ``eval_*``)."""
 
-    description: str
-    exclude_positions: list[int]
-    max_norm_multiple: float | None
-    median_norm: float | None
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
-
-class TokenCounts(StrictModel):
-    """Eval-split rows read, kept by the row filter, dropped by it; CE tokens scored."""
-
-    eval_rows: int
-    kept: int
-    dropped: int
-    ce_tokens: int = 0
-
-
-class EvalReport(StrictModel):
-    """Everything ``eval.json`` holds. Scalars at the top level (the sweep summary picks them up)."""
-
+    format_version: int = FORMAT_VERSION
     metrics_version: str = METRICS_VERSION
     evaluator: str = "evaluator"
     package_version: str | None
@@ -106,7 +97,7 @@ class EvalReport(StrictModel):
     d: int
     input_norm: str
     device: str
-    filter: FilterInfo
+    filter: RowFilterRecord
     tokens: TokenCounts
     # headline metrics (kept rows)
     fvu: float | None
@@ -191,25 +182,6 @@ def git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}-dirty" if dirty else head
-
-
-def read_run_config(run_url: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The run's ``config.json`` (the trainer's run record with an ``sae`` section)."""
-    cfg = io.read_json_object(io.join_url(run_url, CONFIG_FILE), storage_options, what="a trainer run config")
-    if cfg is None:
-        raise UserError(f"{run_url} has no {CONFIG_FILE}; point at a trainer run directory "
-                        "(<runs_root>/<sweep>/<run>).")
-    for key in ("dataset", "sae"):
-        if key not in cfg:
-            raise UserError(f"{io.join_url(run_url, CONFIG_FILE)} has no {key!r} key; it is not a trainer run "
-                            "config (an SAE saved on its own has no dataset to evaluate on).")
-    return cfg
-
-
-def run_filter(cfg: dict[str, Any]) -> RowFilter:
-    """The run's row filter (trainer defaults where the run config is silent)."""
-    return RowFilter(exclude_positions=list(cfg.get("exclude_positions", [0])),
-                     max_norm_multiple=cfg.get("max_norm_multiple"))
 
 
 def codes_rows(codes: Any, mask: Tensor) -> Any:
@@ -457,14 +429,14 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
     from store import open_dataset
 
     cfg, sae = open_sae(run_url, dataset_url, storage_options)
-    dataset_url = cfg["dataset"]
+    dataset_url = cfg.dataset
     dataset = open_dataset(dataset_url, storage_options=storage_options)
     manifest = dataset.manifest
     sae = sae.to(device).eval()
     if sae.config.d != manifest.d:
         raise UserError(f"run {run_url} has an SAE of d = {sae.config.d} but its dataset {dataset_url} has "
                         f"d = {manifest.d}; the run config points at the wrong dataset.")
-    row_filter = run_filter(cfg)
+    row_filter = cfg.filter.row_filter()  # the filter the trainer wrote and applied
     median_norm = manifest.stats.median_norm if manifest.stats is not None else None
     truth, gt_skipped = ground_truth_of(dataset_url, manifest.d, storage_options)
     matching = None if truth is None else feature_matching(torch.from_numpy(truth.features), sae.decoder_directions())
@@ -496,8 +468,7 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         "input_norm": "unit (always: cross-attention family)" if getattr(sae, "always_unit_norm", False)
         else sae.config.input_norm,
         "device": device,
-        "filter": {"description": row_filter.describe(), "exclude_positions": row_filter.exclude_positions,
-                   "max_norm_multiple": row_filter.max_norm_multiple, "median_norm": median_norm},
+        "filter": RowFilterRecord.of(row_filter, median_norm).model_dump(),
         "tokens": {"eval_rows": everything["rows"], "kept": kept["rows"],
                    "dropped": everything["rows"] - kept["rows"], "ce_tokens": ce.get("tokens", 0)},
         "fvu": kept["fvu"], "nmse_uncentered": kept["nmse_uncentered"],
@@ -521,7 +492,7 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
         **probe,
     }))
     if write:
-        io.write_json(out or io.join_url(run_url, EVAL_FILE), report.model_dump(mode="json"), storage_options)
+        write_eval(out or eval_url(run_url), report, storage_options)
     return report
 
 

@@ -1,7 +1,7 @@
 """SAEs from elsewhere: SAELens and sparsify folders scored with our metric definitions.
 
 ``dynsae eval DIR --dataset URL`` and ``dynsae concepts DIR --dataset URL`` accept, besides a run
-directory of ours (``config.json`` + ``sae.safetensors``):
+directory of ours (:mod:`trainer.run_format`):
 
 * a **SAELens** folder — ``cfg.json`` + ``sae_weights.safetensors``, loaded with
   ``sae_lens.SAE.load_from_disk`` (any architecture SAELens has registered: standard, topk,
@@ -38,12 +38,19 @@ from torch import Tensor, nn
 from store import io
 from store.config import StrictModel
 from store.errors import UserError
+from trainer.run_format import (
+    FOREIGN_CONFIG,
+    SAELENS_WEIGHTS,
+    SPARSIFY_WEIGHTS,
+    RunConfig,
+    folder_kind,
+    neither_error,
+    read_run_config,
+    read_sae_config,
+)
 from trainer.sae import Codes
 
-CFG = "cfg.json"
-SAELENS_WEIGHTS = "sae_weights.safetensors"
-SPARSIFY_WEIGHTS = "sae.safetensors"
-RUN_CONFIG = "config.json"
+CFG = FOREIGN_CONFIG
 
 
 class ForeignConfig(StrictModel):
@@ -114,23 +121,6 @@ class ForeignSAE(nn.Module):
 
 
 # ---- recognising and loading a folder ------------------------------------------------------------
-
-
-def folder_format(url: str, storage_options: io.StorageOptions = None) -> str | None:
-    """``"saelens"``, ``"sparsify"`` or None (not a foreign folder) from the files present."""
-    if not io.exists(io.join_url(url, CFG), storage_options):
-        return None
-    if io.exists(io.join_url(url, SAELENS_WEIGHTS), storage_options):
-        return "saelens"
-    if io.exists(io.join_url(url, SPARSIFY_WEIGHTS), storage_options):
-        return "sparsify"
-    return None
-
-
-def neither_error(url: str) -> UserError:
-    return UserError(f"{url} has no {RUN_CONFIG} + sae.safetensors (a dynsae run), no {CFG} + {SAELENS_WEIGHTS} "
-                     f"(a SAELens folder) and no {CFG} + {SPARSIFY_WEIGHTS} (a sparsify folder); point at one "
-                     "of those.")
 
 
 @contextlib.contextmanager
@@ -213,29 +203,34 @@ def load_sparsify(url: str, storage_options: io.StorageOptions = None) -> Foreig
 
 def load_foreign(url: str, storage_options: io.StorageOptions = None) -> ForeignSAE | None:
     """The SAELens/sparsify SAE at ``url``, or None when the folder is neither (e.g. a run of ours)."""
-    fmt = folder_format(url, storage_options)
-    if fmt is None:
+    fmt = folder_kind(url, storage_options)
+    if fmt not in ("saelens", "sparsify"):
         return None
     return (load_saelens if fmt == "saelens" else load_sparsify)(url, storage_options)
 
 
 def open_sae(url: str, dataset_url: str | None = None,
-             storage_options: io.StorageOptions = None) -> tuple[dict[str, Any], Any]:
+             storage_options: io.StorageOptions = None) -> tuple[RunConfig, Any]:
     """(run config, SAE) of a run of ours or a foreign folder, for the evaluator and the browser.
 
-    A run's config.json is returned with ``dataset`` replaced by ``dataset_url`` when given. A foreign
-    folder needs ``dataset_url``; its config is ``{"dataset": dataset_url}`` (default row filter),
-    and its d_in must be the dataset's d.
+    The config names the dataset to score on: ``dataset_url`` when given, else the run's own. A foreign
+    folder (or an SAE saved on its own) needs ``dataset_url`` and gets the trainer's default row filter;
+    a foreign SAE's d_in must be the dataset's d.
     """
     foreign = load_foreign(url, storage_options)
     if foreign is None:
-        if not io.exists(io.join_url(url, RUN_CONFIG), storage_options):
+        if folder_kind(url, storage_options) != "run":
             raise neither_error(url)
-        from evaluator.evaluate import read_run_config
         from trainer.sae import load
 
         cfg = read_run_config(url, storage_options)
-        return ({**cfg, "dataset": dataset_url} if dataset_url else cfg), load(url, storage_options)
+        if cfg is None:  # a directory written by SAE.save: an SAE config, no run
+            cfg = RunConfig(sae=read_sae_config(url, storage_options) or {})
+        cfg = cfg.with_dataset(dataset_url)
+        if not cfg.dataset:
+            raise UserError(f"{url} holds an SAE without a run config naming its dataset (saved on its own); "
+                            "pass --dataset URL (a dataset harvested at the SAE's model and hook).")
+        return cfg, load(url, storage_options)
     if not dataset_url:
         raise UserError(f"{url} is a {foreign.config.source_format} folder, which names no dataset of ours; "
                         "pass --dataset URL (a dataset harvested at the SAE's model and hook).")
@@ -245,4 +240,4 @@ def open_sae(url: str, dataset_url: str | None = None,
     if d != foreign.config.d:
         raise UserError(f"the {foreign.config.source_format} SAE at {url} has d_in = {foreign.config.d} but "
                         f"dataset {dataset_url} has d = {d}; pass a dataset harvested at the SAE's model and hook.")
-    return {"dataset": dataset_url}, foreign
+    return RunConfig(dataset=dataset_url, sae=foreign.config.model_dump(mode="json")), foreign

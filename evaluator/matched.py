@@ -1,18 +1,20 @@
-"""Comparisons at matched sparsity (DESIGN §7, report.md "Matched sparsity"): pure functions on small records.
+"""Comparisons at matched sparsity (``docs/metrics.md``, report.md "Matched sparsity"): pure functions on run records.
 
-The question the report answers: at the same dictionary size M and the same L0, is the Sparsemax SAE
-better than each baseline family, beyond seed noise? Everything here is computed from the runs'
-``config.json`` + ``eval.json`` (:func:`run_point`); nothing is hard-coded per variant.
+The question the report answers: at the same dictionary size M and the same L0, is the reference
+family (the Sparsemax SAE) better than each baseline family, beyond seed noise? Everything here is
+computed from the runs as read back from their directories (:class:`trainer.run_format.RunRecord`, :func:`comparable`); nothing
+is hard-coded per variant.
 
 Decisions:
 
 * **Family** = the variant, tagged ``(input_norm=unit)`` when the run got x/‖x‖ in and ×‖x‖ out
-  (:func:`family_label`). The **reference** is family ``sparsemax`` (variant ``sparsemax`` with the
-  default input_norm); every other family present at the same M is a baseline.
+  (:func:`family_label`). The **reference** is the family of the variant whose file declares
+  ``is_reference`` (``sparsemax``), with the default input_norm (:func:`reference_family`); every
+  other family present at the same M is a baseline.
 * **Config** = the run's ``sae`` section without its ``seed``: runs that differ only in the seed are
   one frontier point, their mean ± std being the seed spread (:func:`frontier`).
 * **Spread** = the sample standard deviation (n − 1 in the denominator); undefined (None) for one run.
-* **Reference L0** L = mean l0 over the sparsemax runs at that M (all its seeds and configs pooled).
+* **Reference L0** L = mean l0 over the reference runs at that M (all its seeds and configs pooled).
 * **Matched**: a baseline's runs with |l0 − L| ≤ w·L, w = :data:`WINDOW` = 0.25, pooled: mean ± std of
   each metric over those runs.
 * **Interpolated** (no run in the window, frontier points on both sides of L): between the two
@@ -24,11 +26,11 @@ Decisions:
   with n = min(n_a, n_b) seeds behind it.
 * **Unmatched** (no run in the window and points on one side only): the nearest frontier point in
   |ln l0 − ln L| is shown, noted "not at the same sparsity", and never gets a verdict.
-* **Verdict** per metric, with Δ = baseline − sparsemax and the pooled std s_p = √((s_a² + s_b²)/2).
+* **Verdict** per metric, with Δ = baseline − reference and the pooled std s_p = √((s_a² + s_b²)/2).
   Lower is better for fvu, ce_degradation and dead_frac; higher is better for the concept metrics
   (:data:`HIGHER_IS_BETTER`: sparse probing ``probe_top{n}`` and ground-truth recovery ``gt_*``):
 
-      |Δ| > Z·s_p (Z = :data:`Z` = 2)  ⇒  sparsemax better (Δ > 0 when lower is better, Δ < 0 when
+      |Δ| > Z·s_p (Z = :data:`Z` = 2)  ⇒  reference better (Δ > 0 when lower is better, Δ < 0 when
                                           higher is better) or worse (the other sign),
       otherwise                         ⇒  within seed spread.
 
@@ -39,14 +41,15 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-#: Half-width of the matching window, relative to the sparsemax L0: |l0 − L| ≤ WINDOW·L.
+from trainer.run_format import RunRecord
+
+#: Half-width of the matching window, relative to the reference L0: |l0 − L| ≤ WINDOW·L.
 WINDOW = 0.25
 #: A difference counts when |Δ| > Z × pooled std.
 Z = 2.0
@@ -59,11 +62,9 @@ CONCEPT_METRICS: tuple[str, ...] = ("probe_top1", "probe_top5", "probe_top10", "
 HIGHER_IS_BETTER = frozenset(CONCEPT_METRICS)
 #: Every compared metric.
 METRICS: tuple[str, ...] = LOWER_IS_BETTER + CONCEPT_METRICS
-#: The family every other one is compared against.
-REFERENCE = "sparsemax"
 
 Method = Literal["matched", "interpolated", "unmatched"]
-Outcome = Literal["sparsemax better", "sparsemax worse", "within seed spread", "not conclusive"]
+Outcome = Literal["reference better", "reference worse", "within seed spread", "not conclusive"]
 
 
 def family_label(variant: str, input_norm: str) -> str:
@@ -71,40 +72,23 @@ def family_label(variant: str, input_norm: str) -> str:
     return f"{variant} (input_norm=unit)" if input_norm == "unit" else variant
 
 
-@dataclass(frozen=True)
-class RunPoint:
-    """One evaluated run, reduced to what the comparison needs."""
+def reference_family() -> str:
+    """The family every other one is compared against: the ``is_reference`` variant with the default
+    input_norm ("sparsemax"); "" when no variant declares it (then nothing is compared)."""
+    from trainer.sae.registry import reference_variant
 
-    name: str
-    family: str
-    m: int
-    config_key: str  # the sae config without its seed (canonical JSON): same key = same config
-    seed: int | None
-    target_l0: float | None
-    l0: float
-    metrics: Mapping[str, float | None]
+    return family_label(reference_variant() or "", "none")
 
 
-def _finite(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
-        and math.isfinite(value) else None
+def family_of(run: RunRecord) -> str:
+    """The family a run belongs to (:func:`family_label` of its variant and input_norm)."""
+    return family_label(run.variant, run.input_norm)
 
 
-def run_point(name: str, config: Mapping[str, Any], ev: Mapping[str, Any] | None) -> RunPoint | None:
-    """The :class:`RunPoint` of a run from its config.json and eval.json (None when not evaluated or
-    without a positive l0: log L0 is undefined there). The seed is ``config["sae"]["seed"]`` (the SAE's
-    initialisation seed), the target ``config["sae"].get("target_l0")`` (absent on old runs)."""
-    if ev is None:
-        return None
-    l0 = _finite(ev.get("l0"))
-    if l0 is None or l0 <= 0:
-        return None
-    sae = dict(config.get("sae") or {})
-    seed = sae.pop("seed", None)
-    return RunPoint(name=name, family=family_label(str(sae.get("variant", "?")), str(sae.get("input_norm", "none"))),
-                    m=int(sae.get("m", 0)), config_key=json.dumps(sae, sort_keys=True, default=str),
-                    seed=seed if isinstance(seed, int) else None, target_l0=_finite(sae.get("target_l0")),
-                    l0=l0, metrics={k: _finite(ev.get(k)) for k in METRICS})
+def comparable(run: RunRecord) -> bool:
+    """Whether a run takes part: evaluated, with a positive l0 (log L0 is undefined otherwise)."""
+    l0 = run.l0
+    return l0 is not None and l0 > 0
 
 
 @dataclass(frozen=True)
@@ -126,7 +110,7 @@ def summarize(values: Iterable[float | None]) -> Stat:
     return Stat(mean, std, len(vals))
 
 
-def n_seeds(runs: Iterable[RunPoint]) -> int:
+def n_seeds(runs: Iterable[RunRecord]) -> int:
     """Distinct seeds among the runs (a run without a recorded seed counts as its own)."""
     return len({("seed", r.seed) if r.seed is not None else ("run", r.name) for r in runs})
 
@@ -135,7 +119,7 @@ def n_seeds(runs: Iterable[RunPoint]) -> int:
 class Group:
     """Runs pooled together (one config's seeds, the runs in the window, or a family's runs at one M)."""
 
-    runs: tuple[RunPoint, ...]
+    runs: tuple[RunRecord, ...]
     l0: Stat
     metrics: Mapping[str, Stat]
 
@@ -150,15 +134,15 @@ class Group:
         return targets.pop() if len(targets) == 1 else None
 
 
-def pool(runs: Iterable[RunPoint]) -> Group:
+def pool(runs: Iterable[RunRecord]) -> Group:
     """mean ± std of l0 and of every metric over the runs."""
     runs = tuple(runs)
-    return Group(runs, summarize(r.l0 for r in runs), {k: summarize(r.metrics.get(k) for r in runs) for k in METRICS})
+    return Group(runs, summarize(r.l0 for r in runs), {k: summarize(r.metric(k) for r in runs) for k in METRICS})
 
 
-def frontier(runs: Iterable[RunPoint]) -> list[Group]:
+def frontier(runs: Iterable[RunRecord]) -> list[Group]:
     """One point per config (seeds averaged), sorted by mean l0 (runs of one family at one M expected)."""
-    by_config: dict[str, list[RunPoint]] = defaultdict(list)
+    by_config: dict[str, list[RunRecord]] = defaultdict(list)
     for r in runs:
         by_config[r.config_key].append(r)
     return sorted((pool(rs) for rs in by_config.values()), key=lambda g: g.l0.mean or 0.0)
@@ -172,7 +156,7 @@ class Match:
     method: Method
     metrics: Mapping[str, Stat]
     seeds: int                      # seeds behind the values (the smaller side for an interpolation)
-    runs: tuple[RunPoint, ...]      # the runs the values come from
+    runs: tuple[RunRecord, ...]      # the runs the values come from
     l0: Stat                        # the L0 of those runs (interpolated: L itself, n = seeds)
     bracket: tuple[Group, Group] | None = None  # interpolated: the two frontier points a, b
     t: float | None = None                       # interpolated: the weight of b
@@ -197,7 +181,7 @@ def interpolate(a: Group, b: Group, l0: float) -> tuple[dict[str, Stat], float]:
     return out, t
 
 
-def match_family(family: str, runs: Sequence[RunPoint], l0: float) -> Match:
+def match_family(family: str, runs: Sequence[RunRecord], l0: float) -> Match:
     """The family's metrics at reference L0 ``l0`` (see the module docstring): the runs within
     ±WINDOW·l0 pooled, else an interpolation in ln L0 between bracketing frontier points, else the
     nearest point, marked unmatched."""
@@ -220,7 +204,7 @@ def match_family(family: str, runs: Sequence[RunPoint], l0: float) -> Match:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The comparison of one metric: Δ = baseline − sparsemax, the pooled std, the outcome and why."""
+    """The comparison of one metric: Δ = baseline − reference, the pooled std, the outcome and why."""
 
     metric: str
     delta: float | None
@@ -234,30 +218,32 @@ def pooled_std(a: float, b: float) -> float:
     return math.sqrt((a * a + b * b) / 2)
 
 
-def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match) -> Verdict:
+def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match, reference: str | None = None) -> Verdict:
     """Decide one metric by the rule of the module docstring: |Δ| > Z·s_p decides (lower is better, or
     higher for :data:`HIGHER_IS_BETTER`), otherwise within seed spread; never a verdict from one seed or
-    at an unmatched L0."""
+    at an unmatched L0. ``reference``: the reference family's name in the reasons (default
+    :func:`reference_family`)."""
+    reference = reference_family() if reference is None else reference
     base = match.metrics[metric]
     delta = None if base.mean is None or ref.mean is None else base.mean - ref.mean
     pooled = None if base.std is None or ref.std is None else pooled_std(base.std, ref.std)
     why = None
     if match.method == "unmatched":
-        why = f"not at the same sparsity: no {match.family} run within ±{WINDOW:.0%} of the sparsemax L0 " \
+        why = f"not at the same sparsity: no {match.family} run within ±{WINDOW:.0%} of the {reference} L0 " \
               "and none on both sides of it to interpolate"
     elif delta is None:
-        missing = "sparsemax" if ref.mean is None else match.family
+        missing = reference if ref.mean is None else match.family
         why = f"{metric} was not computed for {missing}"
     elif ref_seeds < 2 or ref.n < 2:
-        why = "one sparsemax seed: no spread to compare against"
+        why = f"one {reference} seed: no spread to compare against"
     elif match.seeds < 2 or base.n < 2:
         why = (f"one {match.family} seed at a bracketing point: no spread to compare against"
                if match.method == "interpolated" else f"one {match.family} seed: no spread to compare against")
     if why is not None or delta is None or pooled is None:
         return Verdict(metric, delta, pooled, "not conclusive", why or "no spread to compare against")
     if abs(delta) > Z * pooled:
-        sparsemax_better = delta < 0 if metric in HIGHER_IS_BETTER else delta > 0
-        outcome: Outcome = "sparsemax better" if sparsemax_better else "sparsemax worse"
+        reference_better = delta < 0 if metric in HIGHER_IS_BETTER else delta > 0
+        outcome: Outcome = "reference better" if reference_better else "reference worse"
         return Verdict(metric, delta, pooled, outcome, f"|Δ| = {abs(delta):.4g} > {Z:g} × pooled std {pooled:.4g}")
     return Verdict(metric, delta, pooled, "within seed spread",
                    f"|Δ| = {abs(delta):.4g} ≤ {Z:g} × pooled std {pooled:.4g}")
@@ -274,22 +260,25 @@ class SizeComparison:
     """Everything the report shows for one dictionary size M."""
 
     m: int
-    reference: Group | None  # the sparsemax runs at M (None: nothing to compare against)
+    reference: Group | None  # the reference family's runs at M (None: nothing to compare against)
     families: list[FamilyComparison] = field(default_factory=list)
     others: list[str] = field(default_factory=list)  # families present when there is no reference
 
 
-def compare(points: Iterable[RunPoint]) -> list[SizeComparison]:
-    """Per M (ascending): the sparsemax reference and every other family matched at its L0, in order
-    of first appearance."""
-    by_m: dict[int, dict[str, list[RunPoint]]] = defaultdict(lambda: defaultdict(list))
+def compare(points: Iterable[RunRecord], reference: str | None = None) -> list[SizeComparison]:
+    """Per M (ascending): the ``reference`` family (default :func:`reference_family`) and every other
+    family matched at its L0, in order of first appearance (runs that are not :func:`comparable` take
+    no part)."""
+    reference = reference_family() if reference is None else reference
+    points = [p for p in points if comparable(p)]
+    by_m: dict[int, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for p in points:
-        by_m[p.m][p.family].append(p)
+        by_m[p.m][family_of(p)].append(p)
     out = []
     for m in sorted(by_m):
         families = by_m[m]
-        ref_runs = families.get(REFERENCE)
-        others = [f for f in families if f != REFERENCE]
+        ref_runs = families.get(reference)
+        others = [f for f in families if f != reference]
         if not ref_runs:
             out.append(SizeComparison(m, None, others=others))
             continue
@@ -298,12 +287,13 @@ def compare(points: Iterable[RunPoint]) -> list[SizeComparison]:
         rows = []
         for fam in others:
             match = match_family(fam, families[fam], ref.l0.mean)
-            rows.append(FamilyComparison(match, {k: verdict(k, ref.metrics[k], ref.seeds, match) for k in METRICS}))
+            rows.append(FamilyComparison(match, {k: verdict(k, ref.metrics[k], ref.seeds, match, reference)
+                                                 for k in METRICS}))
         out.append(SizeComparison(m, ref, rows))
     return out
 
 
-def present_metrics(points: Iterable[RunPoint]) -> tuple[str, ...]:
+def present_metrics(points: Iterable[RunRecord]) -> tuple[str, ...]:
     """The metrics of :data:`METRICS` that at least one run has (the reconstruction ones always)."""
     points = list(points)
-    return tuple(k for k in METRICS if k in LOWER_IS_BETTER or any(p.metrics.get(k) is not None for p in points))
+    return tuple(k for k in METRICS if k in LOWER_IS_BETTER or any(p.metric(k) is not None for p in points))

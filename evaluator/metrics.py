@@ -1,4 +1,4 @@
-"""Metric definitions (DESIGN §7): one module, float64 accumulation, streaming == one-shot.
+"""Metric definitions (``docs/metrics.md``): one module, float64 accumulation, streaming == one-shot.
 
 Every metric exists in two forms that agree to float64 rounding:
 

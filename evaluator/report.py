@@ -1,11 +1,12 @@
 """``python -m evaluator report SWEEP_URL``: ``<sweep>/report.md`` beside PNG plots.
 
-Inputs: every run directory under the sweep root (listed in ``summary.json`` when the trainer
-wrote one, else every sub-directory holding a ``config.json``), each with its ``config.json``
-and ``eval.json``. Sections:
+Inputs: every run of the sweep directory as the run format reads it back
+(:func:`trainer.run_format.read_sweep`: the runs the sweep summary lists, else every sub-directory
+holding a run config), each with its config and eval record. Sections:
 
-1. Matched sparsity (the headline): per M, each baseline family against the Sparsemax SAE at the
-   sparsemax L0, with a verdict per metric and the per-M frontier plot (``frontier.png``); the
+1. Matched sparsity (the headline): per M, each baseline family against the reference family (the
+   variant declaring ``is_reference``: the Sparsemax SAE) at its L0, with a verdict per metric and
+   the per-M frontier plot (``frontier.png``); the
    computation and its rules are :mod:`evaluator.matched`.
 2. The paper-style table: one row per variant (with its ``input_norm`` setting), one column
    per dictionary size M, each cell ``fvu / ce_degradation`` (mean ± sample std over the runs in
@@ -14,11 +15,12 @@ and ``eval.json``. Sections:
    fvu (kept rows and all rows), CE numbers, dead/dense fractions, filter.
 4. fvu vs M per variant (``fvu_vs_m.png``).
 5. The L0–fvu frontier over all sizes (``l0_fvu.png``).
-6. The support-size histogram of each sparsemax-family run (``support_<run>.png``) and the K a
+6. The support-size histogram of each run of a variant without an L0 knob (``has_l0_knob`` false: the
+   sparsemax family, which chooses its support per token; ``support_<run>.png``) and the K a
    TopK SAE should use to match it: K = round(mean support size) (the mean is what a
    TopK/BatchTopK SAE spends per token), with the median and 10–90% range beside it.
 
-Runs without an ``eval.json`` are listed as not evaluated, never silently dropped.
+Runs without an eval record are listed as not evaluated, never silently dropped.
 """
 
 from __future__ import annotations
@@ -37,69 +39,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import LogFormatter  # noqa: E402
 
 from evaluator import matched  # noqa: E402
-from evaluator.evaluate import CONFIG_FILE, EVAL_FILE  # noqa: E402
 from evaluator.metrics import suggest_topk  # noqa: E402
 from store import io  # noqa: E402
 from store.errors import UserError  # noqa: E402
 from store.io import join_url  # noqa: E402
-
-REPORT_FILE = "report.md"
-SPARSEMAX_FAMILY = ("sparsemax", "mlp_sparsemax")
-
-
-class RunRecord:
-    """One run of the sweep: its name, URL, config and eval report (None when not evaluated)."""
-
-    def __init__(self, name: str, url: str, config: dict[str, Any], ev: dict[str, Any] | None) -> None:
-        self.name, self.url, self.config, self.eval = name, url, config, ev
-        sae = config.get("sae", {})
-        self.variant: str = sae.get("variant", "?")
-        self.m: int = int(sae.get("m", 0))
-        self.input_norm: str = sae.get("input_norm", "none")
-        self.seed: int | None = sae.get("seed")
-        self.target_l0: float | None = sae.get("target_l0")
-
-    @property
-    def label(self) -> str:
-        """Row label of the paper table: the variant, tagged when given unit-norm side information."""
-        return matched.family_label(self.variant, self.input_norm)
-
-    @property
-    def point(self) -> matched.RunPoint | None:
-        """The run as the matched-sparsity comparison sees it (None when not evaluated or l0 ≤ 0)."""
-        return matched.run_point(self.name, self.config, self.eval)
-
-    def metric(self, key: str) -> float | None:
-        """A scalar from eval.json (None when missing or not evaluated)."""
-        if self.eval is None:
-            return None
-        value = self.eval.get(key)
-        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+from trainer.run_format import EVAL_FILE, RunRecord, read_sweep, report_url  # noqa: E402
+from trainer.sae.registry import family, variants  # noqa: E402
 
 
 def discover_runs(sweep_url: str, storage_options: io.StorageOptions = None) -> list[RunRecord]:
-    """The sweep's runs, in summary.json order when there is one, else sorted by name."""
-    summary = io.read_json_object(join_url(sweep_url, "summary.json"), storage_options, what="a sweep summary")
-    entries: list[tuple[str, str]] = []
-    if summary is not None and isinstance(summary.get("runs"), list):
-        for row in summary["runs"]:
-            name = row.get("name")
-            if name:
-                entries.append((name, row.get("run_url") or join_url(sweep_url, name)))
-    else:
-        if not io.exists(sweep_url, storage_options):
-            raise UserError(f"sweep directory {sweep_url} does not exist; pass <runs_root>/<sweep name>.")
-        for name in io.list_dir(sweep_url, storage_options):
-            if io.exists(join_url(sweep_url, name, CONFIG_FILE), storage_options):
-                entries.append((name, join_url(sweep_url, name)))
-    runs = []
-    for name, url in entries:
-        config = io.read_json_object(join_url(url, CONFIG_FILE), storage_options, what="a run config")
-        if config is None:
-            continue
-        runs.append(RunRecord(name, url, config, io.read_json_object(join_url(url, EVAL_FILE), storage_options, what="an eval report")))
+    """The sweep's runs, in summary order when there is one, else sorted by name."""
+    runs = read_sweep(sweep_url, storage_options)
+    if not runs and not io.exists(sweep_url, storage_options):
+        raise UserError(f"sweep directory {sweep_url} does not exist; pass <runs_root>/<sweep name>.")
     if not runs:
-        raise UserError(f"{sweep_url} holds no run directories (sub-directories with {CONFIG_FILE}); "
+        raise UserError(f"{sweep_url} holds no run directories (sub-directories with a run config); "
                         "pass the sweep directory <runs_root>/<sweep name>.")
     return runs
 
@@ -125,10 +79,10 @@ def paper_table(runs: list[RunRecord]) -> str:
     (mean ± sample std and the count when a cell holds more than one run)."""
     evaluated = [r for r in runs if r.eval is not None]
     sizes = sorted({r.m for r in evaluated})
-    labels = list(dict.fromkeys(r.label for r in evaluated))
+    labels = list(dict.fromkeys(matched.family_of(r) for r in evaluated))
     cells: dict[tuple[str, int], list[RunRecord]] = defaultdict(list)
     for r in evaluated:
-        cells[(r.label, r.m)].append(r)
+        cells[(matched.family_of(r), r.m)].append(r)
     lines = ["| variant | " + " | ".join(f"M = {m}" for m in sizes) + " |",
              "|---|" + "---|" * len(sizes)]
     for label in labels:
@@ -159,10 +113,10 @@ def runs_table(runs: list[RunRecord]) -> str:
                          + " |" * 9)
             continue
         ev = r.eval
-        tokens = (ev.get("tokens") or {}).get("kept")
-        filt = (ev.get("filter") or {}).get("description", "")
+        tokens = ev.tokens.kept if ev.tokens is not None else None
+        filt = ev.filter.description if ev.filter is not None else ""
         lines.append(
-            f"| {r.name} | {r.variant} | {r.m} | {ev.get('input_norm', r.input_norm)} | {seed} | {target} | "
+            f"| {r.name} | {r.variant} | {r.m} | {ev.input_norm or r.input_norm} | {seed} | {target} | "
             f"{_f(r.metric('l0'), '.1f')} | "
             f"{_f(r.metric('fvu'))} | {_f(r.metric('fvu_unfiltered'))} | {_f(r.metric('ce_degradation'))} | "
             f"{_f(r.metric('ce_recovered'), '.3f')} | {_f(r.metric('kl'))} | {_f(r.metric('dead_frac'), '.3f')} | "
@@ -183,7 +137,7 @@ def plot_fvu_vs_m(runs: list[RunRecord], url: str, storage_options: io.StorageOp
     by_label: dict[str, dict[int, list[float | None]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r.metric("fvu") is not None:
-            by_label[r.label][r.m].append(r.metric("fvu"))
+            by_label[matched.family_of(r)][r.m].append(r.metric("fvu"))
     for label, points in by_label.items():
         ms = sorted(points)
         ax.plot(ms, [_mean(points[m]) for m in ms], marker="o", label=label)
@@ -208,7 +162,7 @@ def plot_l0_fvu(runs: list[RunRecord], url: str, storage_options: io.StorageOpti
     by_label: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
     for r in runs:
         if r.metric("fvu") is not None and r.metric("l0") is not None:
-            by_label[r.label].append((r.metric("l0"), r.metric("fvu"), r.m))
+            by_label[matched.family_of(r)].append((r.metric("l0"), r.metric("fvu"), r.m))
     for label, pts in by_label.items():
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -220,7 +174,7 @@ def plot_l0_fvu(runs: list[RunRecord], url: str, storage_options: io.StorageOpti
 
 def plot_support(run: RunRecord, url: str, storage_options: io.StorageOptions = None) -> dict[str, Any]:
     """Support-size histogram of one run (mean and median marked); returns the suggested TopK K."""
-    sparsity = run.eval["sparsity"]
+    sparsity = run.eval.value("sparsity")
     hist = sparsity["support_histogram"]
     sug = suggest_topk(sparsity)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -251,15 +205,17 @@ def metric_spec(key: str) -> str:
     return ".4f" if key in ("fvu", "ce_degradation") else ".3f"
 
 
-def plot_frontier(points: list[matched.RunPoint], url: str, storage_options: io.StorageOptions = None) -> None:
+def plot_frontier(points: list[RunRecord], url: str, storage_options: io.StorageOptions = None) -> None:
     """fvu against L0 (log x), one panel per M, one line per family through its frontier points (seeds
-    averaged per config, error bars = sample std), sparsemax points as stars with a ±WINDOW band."""
-    by_m: dict[int, dict[str, list[matched.RunPoint]]] = defaultdict(lambda: defaultdict(list))
+    averaged per config, error bars = sample std), the reference's points as stars with a ±WINDOW band."""
+    reference = matched.reference_family()
+    title = family(reference).title
+    by_m: dict[int, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for p in points:
-        if p.metrics["fvu"] is not None:
-            by_m[p.m][p.family].append(p)
+        if p.metric("fvu") is not None:
+            by_m[p.m][matched.family_of(p)].append(p)
     sizes = sorted(by_m)
-    families = list(dict.fromkeys(p.family for p in points))
+    families = list(dict.fromkeys(matched.family_of(p) for p in points))
     colors = {f: f"C{i % 10}" for i, f in enumerate(families)}
     fig, axes = plt.subplots(1, max(1, len(sizes)), figsize=(5 * max(1, len(sizes)), 4), squeeze=False)
     for ax, m in zip(axes[0], sizes, strict=False):
@@ -269,10 +225,10 @@ def plot_frontier(points: list[matched.RunPoint], url: str, storage_options: io.
             ys = [g.metrics["fvu"].mean for g in front]
             yerr = [g.metrics["fvu"].std or 0.0 for g in front]
             xerr = [g.l0.std or 0.0 for g in front]
-            ref = fam == matched.REFERENCE
+            ref = fam == reference
             ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, color=colors[fam], marker="*" if ref else "o",
                         markersize=14 if ref else 5, linestyle="none" if ref else "-", capsize=3,
-                        label=f"{fam} (Sparsemax SAE)" if ref else fam, zorder=3 if ref else 2)
+                        label=f"{fam} ({title})" if ref and title != fam else fam, zorder=3 if ref else 2)
             if ref:
                 for x in xs:
                     ax.axvspan(x * (1 - matched.WINDOW), x * (1 + matched.WINDOW), color=colors[fam], alpha=0.12)
@@ -284,11 +240,11 @@ def plot_frontier(points: list[matched.RunPoint], url: str, storage_options: io.
         ax.set_title(f"M = {m}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(f"fvu–L0 frontier; band: ±{matched.WINDOW:.0%} around each sparsemax L0")
+    fig.suptitle(f"fvu–L0 frontier; band: ±{matched.WINDOW:.0%} around each {reference} L0")
     _save(fig, url, storage_options)
 
 
-def _seeds(runs: tuple[matched.RunPoint, ...]) -> str:
+def _seeds(runs: tuple[RunRecord, ...]) -> str:
     seeds = sorted({r.seed for r in runs if r.seed is not None})
     listed = f", seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" if seeds else ""
     return f"{len(runs)} run{'s' if len(runs) != 1 else ''}{listed}"
@@ -311,7 +267,7 @@ def _how(match: matched.Match) -> str:
     return f"no match: nearest {_point(match.nearest)} — not at the same sparsity"
 
 
-def _sentence(family: str, v: matched.Verdict) -> str:
+def _sentence(family: str, v: matched.Verdict, reference_title: str) -> str:
     """One verdict sentence; Δ and the threshold printed at the metric's table precision."""
     name = metric_name(v.metric)
     if v.outcome == "not conclusive" or v.delta is None or v.pooled_std is None:
@@ -322,8 +278,8 @@ def _sentence(family: str, v: matched.Verdict) -> str:
             f"{format(matched.Z * v.pooled_std, spec)}")
     if within:
         return f"- {family}, {name}: the difference is **within seed spread** ({rule})."
-    better = "better" if v.outcome == "sparsemax better" else "worse"
-    return f"- {family}, {name}: the Sparsemax SAE is **{better}** than {family} ({rule})."
+    better = "better" if v.outcome == "reference better" else "worse"
+    return f"- {family}, {name}: the {reference_title} is **{better}** than {family} ({rule})."
 
 
 def matched_section(comparisons: list[matched.SizeComparison],
@@ -331,6 +287,8 @@ def matched_section(comparisons: list[matched.SizeComparison],
     """Markdown lines of the "Matched sparsity" section for ``metrics`` (those the runs have:
     :func:`evaluator.matched.present_metrics`); the plot is written by :func:`plot_frontier`."""
     w, z = f"{matched.WINDOW:.0%}", f"{matched.Z:g}"
+    reference = matched.reference_family()
+    title = family(reference).title
     concept = [k for k in metrics if k in matched.HIGHER_IS_BETTER]
     direction = ("lower is better for fvu, ce_degradation and dead" + (
         f"; higher is better for {', '.join(concept)} (concept quality: sparse probing accuracy on labelled "
@@ -339,15 +297,15 @@ def matched_section(comparisons: list[matched.SizeComparison],
         "## Matched sparsity", "",
         "Comparisons between variants are only meaningful at equal sparsity (the same L0) and with more than "
         "one seed; this section says where that holds.", "",
-        f"How: per dictionary size M, L = the Sparsemax SAE's mean L0 over its runs (variant `sparsemax`, default "
+        f"How: per dictionary size M, L = the {title}'s mean L0 over its runs (variant `{reference}`, default "
         f"input_norm). A baseline family's fvu / ce_degradation / dead (and every metric below) at L is the mean ± "
         f"sample std over its runs "
         f"with |L0 − L| ≤ {w}·L (**matched**). When it has no run there but frontier points (seeds averaged per "
         "config) on both sides of L, the two bracketing points a, b are **interpolated** linearly in log L0: "
         "t = (ln L − ln L0_a)/(ln L0_b − ln L0_a), y = (1 − t)·y_a + t·y_b, with the spread interpolated alike from "
         "their seed std, s = (1 − t)·s_a + t·s_b. Otherwise the nearest point is shown, **not at the same "
-        f"sparsity**. Δ = baseline − sparsemax; {direction}. The other metrics are compared the same way. "
-        "Runs without an eval.json or a positive L0 take no part.", "",
+        f"sparsity**. Δ = baseline − {reference}; {direction}. The other metrics are compared the same way. "
+        f"Runs without an {EVAL_FILE} or a positive L0 take no part.", "",
         f"Rule: with the pooled std s_p = √((s_a² + s_b²)/2), |Δ| > {z}·s_p means one side is better; otherwise the "
         "difference is within seed spread. With one seed on either side (for an interpolation: at either "
         "bracketing point), or without a matched L0, the comparison is **not conclusive**.", "",
@@ -356,10 +314,10 @@ def matched_section(comparisons: list[matched.SizeComparison],
         lines += [f"### M = {size.m}", ""]
         ref = size.reference
         if ref is None:
-            lines += [f"No sparsemax run at M = {size.m}: nothing to compare {', '.join(size.others)} against.", ""]
+            lines += [f"No {reference} run at M = {size.m}: nothing to compare {', '.join(size.others)} against.", ""]
             continue
         values = ", ".join(f"{metric_name(k)} = {_pm(ref.metrics[k], metric_spec(k))}" for k in metrics)
-        lines += [f"Sparsemax SAE ({_seeds(ref.runs)}): L0 = {_pm(ref.l0, '.2f')}, {values}.", ""]
+        lines += [f"{title} ({_seeds(ref.runs)}): L0 = {_pm(ref.l0, '.2f')}, {values}.", ""]
         if not size.families:
             lines += [f"No baseline at M = {size.m}.", ""]
             continue
@@ -376,11 +334,11 @@ def matched_section(comparisons: list[matched.SizeComparison],
             lines.append(f"| {mt.family} | {_how(mt)} | {l0} | " + " | ".join(cells) + " |")
         lines += ["", "Verdicts:", ""]
         for fc in size.families:
-            lines += [_sentence(fc.match.family, fc.verdicts[k]) for k in metrics]
+            lines += [_sentence(fc.match.family, fc.verdicts[k], title) for k in metrics]
         lines.append("")
     lines += [f"![fvu–L0 frontier per M]({FRONTIER_PNG})", "",
               "fvu against L0 (log x), one panel per M and one line per family (seeds averaged per config, error "
-              f"bars = std); the Sparsemax SAE's points are stars, each with a ±{w} band.", ""]
+              f"bars = std); the {title}'s points are stars, each with a ±{w} band.", ""]
     return lines
 
 
@@ -390,7 +348,7 @@ GT_METRICS = ("gt_mcc", "gt_recovered", "gt_f1", "gt_l0_spearman")
 
 def zeroshot_accuracy(run: RunRecord, dataset: str, n: int) -> float | None:
     """Zero-shot accuracy of ``run`` on ``dataset`` keeping each class's top-n concepts (None when absent)."""
-    res = ((run.eval or {}).get("zeroshot") or {}).get(dataset) or {}
+    res = ((run.eval.value("zeroshot") if run.eval is not None else None) or {}).get(dataset) or {}
     value = (res.get("accuracy_top_n") or {}).get(str(n))
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -402,7 +360,7 @@ def concept_columns(runs: list[RunRecord]) -> list[tuple[str, Any]]:
     columns: list[tuple[str, Any]] = []
     if any(r.metric("probe_top1") is not None for r in evaluated):
         columns += [(f"probe on {n}", lambda r, n=n: r.metric(f"probe_top{n}")) for n in PROBE_SIZES]
-    datasets = dict.fromkeys(name for r in evaluated for name, res in ((r.eval.get("zeroshot") or {}).items())
+    datasets = dict.fromkeys(name for r in evaluated for name, res in ((r.eval.value("zeroshot") or {}).items())
                              if isinstance(res, dict) and "accuracy_top_n" in res)
     for ds in datasets:
         columns += [(f"zero-shot {ds} on {n}", lambda r, ds=ds, n=n: zeroshot_accuracy(r, ds, n)) for n in PROBE_SIZES]
@@ -418,7 +376,7 @@ def concept_section(runs: list[RunRecord]) -> list[str]:
     lines = ["## Concept quality", ""]
     columns = concept_columns(runs)
     if not columns:
-        reasons = sorted({str(r.eval.get("probe_skipped")) for r in evaluated if r.eval.get("probe_skipped")})
+        reasons = sorted({str(r.eval.value("probe_skipped")) for r in evaluated if r.eval.value("probe_skipped")})
         lines += ["No run has concept metrics" + (f" (sparse probing: {'; '.join(reasons)})" if reasons else "")
                   + ". They need a labelled dataset (sparse probing), zero-shot image datasets (vision) or a "
                   "synthetic dataset with its true features (`dynsae synth`).", ""]
@@ -432,7 +390,7 @@ def concept_section(runs: list[RunRecord]) -> list[str]:
               "verdicts are in the section above.", ""]
     cells: dict[tuple[str, int], list[RunRecord]] = defaultdict(list)
     for r in evaluated:
-        cells[(r.label, r.m)].append(r)
+        cells[(matched.family_of(r), r.m)].append(r)
     lines += ["| family | M | n | L0 | " + " | ".join(h for h, _ in columns) + " |",
               "|---|---|---|---|" + "---|" * len(columns)]
     for (label, m), group in cells.items():
@@ -448,7 +406,7 @@ def concept_section(runs: list[RunRecord]) -> list[str]:
                   "a dataset): the n best of the d dimensions — " + ", ".join(
                       f"on {n}: {mean(f'probe_raw_top{n}')}" for n in PROBE_SIZES)
                   + f"; all d dimensions: {mean('probe_raw_all')}."]
-        probe = raw[0].eval.get("probe") or {}
+        probe = raw[0].eval.value("probe") or {}
         if probe:
             lines += ["", f"Sparse probing data: {probe.get('documents')} labelled documents of the eval split in "
                           f"{probe.get('classes')} classes, {probe.get('train_documents')} to train the probes and "
@@ -471,17 +429,18 @@ def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> s
                         f"(python -m evaluator run RUN_URL...).")
     plot_fvu_vs_m(evaluated, join_url(sweep_url, "fvu_vs_m.png"), storage_options)
     plot_l0_fvu(evaluated, join_url(sweep_url, "l0_fvu.png"), storage_options)
-    points = [p for p in (r.point for r in evaluated) if p is not None]
+    points = [r for r in evaluated if matched.comparable(r)]
     plot_frontier(points, join_url(sweep_url, FRONTIER_PNG), storage_options)
     first = evaluated[0].eval
+    assert first is not None
     lines = [
         f"# Sweep report: {sweep_url.rstrip('/').rsplit('/', 1)[-1]}",
         "",
         f"Generated {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')} from {len(runs)} runs "
-        f"({len(evaluated)} evaluated) under `{sweep_url}`. Dataset `{first.get('dataset_url')}` "
-        f"(manifest {str(first.get('dataset_manifest_hash'))[:12]}), hook layer {first.get('hook_layer')} "
-        f"{first.get('hook_site')}, metric definitions v{first.get('metrics_version')}. Row filter: "
-        f"{(first.get('filter') or {}).get('description')}.",
+        f"({len(evaluated)} evaluated) under `{sweep_url}`. Dataset `{first.dataset_url}` "
+        f"(manifest {str(first.dataset_manifest_hash)[:12]}), hook layer {first.hook_layer} "
+        f"{first.hook_site}, metric definitions v{first.metrics_version}. Row filter: "
+        f"{first.filter.description if first.filter is not None else None}.",
         "",
         *matched_section(matched.compare(points), matched.present_metrics(points)),
         *concept_section(runs),
@@ -498,18 +457,20 @@ def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> s
         runs_table(runs),
         "",
     ]
-    skipped = sorted({r.eval.get("ce_skipped") for r in evaluated if r.eval.get("ce_skipped")})
+    skipped = sorted({r.eval.value("ce_skipped") for r in evaluated if r.eval.value("ce_skipped")})
     if skipped:
         lines += [f"CE not computed: {'; '.join(skipped)}.", ""]
     lines += ["## fvu vs dictionary size", "", "![fvu vs M](fvu_vs_m.png)", "",
               "## L0–fvu frontier", "", "![L0 vs fvu](l0_fvu.png)", ""]
-    sparse_runs = [r for r in evaluated if r.variant in SPARSEMAX_FAMILY and r.eval.get("sparsity")]
-    lines += ["## Support size of the sparsemax runs (dynamic K) and the suggested TopK K", ""]
+    sparse_runs = [r for r in evaluated if not family(r.variant).has_l0_knob and r.eval.value("sparsity")]
+    dynamic = ", ".join(name for name, cls in variants().items() if not cls.has_l0_knob)
+    lines += ["## Support size of the dynamic-K runs and the suggested TopK K", ""]
     if not sparse_runs:
-        lines += ["No sparsemax-family run in this sweep.", ""]
+        lines += [f"No run of a variant that chooses its support per token ({dynamic}) in this sweep.", ""]
     else:
-        lines += ["K = round(mean support size over the eval tokens): a TopK (or BatchTopK) SAE with this K "
-                  "spends as many active concepts per token on average as the sparsemax SAE chose; the "
+        lines += [f"Variants without an L0 knob ({dynamic}) choose their support per token. "
+                  "K = round(mean support size over the eval tokens): a TopK (or BatchTopK) SAE with this K "
+                  "spends as many active concepts per token on average as the run chose; the "
                   "median and the 10–90% range show how much the per-token support varies.", "",
                   "| run | M | suggested K | mean | median | p10–p90 | corr(support size, ‖x‖) | corr(support size, position) |",
                   "|---|---|---|---|---|---|---|---|"]
@@ -517,12 +478,12 @@ def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> s
         for r in sparse_runs:
             png = f"support_{_slug(r.name)}.png"
             sug = plot_support(r, join_url(sweep_url, png), storage_options)
-            sp = r.eval["sparsity"]
+            sp = r.eval.value("sparsity")
             lines.append(f"| {r.name} | {r.m} | {sug['k']} | {_f(sug['mean'], '.2f')} | {_f(sug['median'], 'g')} | "
                          f"{_f(sug['p10'], 'g')}–{_f(sug['p90'], 'g')} | {_f(sp.get('support_norm_corr'), '.3f')} | "
                          f"{_f(sp.get('support_position_corr'), '.3f')} |")
             images.append(f"![support size of {r.name}]({png})")
         lines += [""] + images + [""]
-    url = join_url(sweep_url, REPORT_FILE)
+    url = report_url(sweep_url)
     io.write_text(url, "\n".join(lines), storage_options)
     return url

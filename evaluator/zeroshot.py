@@ -1,4 +1,4 @@
-"""Zero-shot concept classification with a CLIP ViT (DESIGN §7).
+"""Zero-shot concept classification with a CLIP ViT (``docs/metrics.md``).
 
 For each labelled image dataset:
 

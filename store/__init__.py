@@ -1,4 +1,4 @@
-"""dynsae activation store: Zarr v3 datasets on any fsspec URL (see DESIGN §3).
+"""dynsae activation store: Zarr v3 datasets on any fsspec URL (the format: ``docs/store-format.md``).
 
 Public API::
 

@@ -1,6 +1,6 @@
 """One exception type for every user-facing failure.
 
-DESIGN §10: a bad input produces one clear sentence naming the file, URL, key or
+ARCHITECTURE.md, "Bad input": a bad input produces one clear sentence naming the file, URL, key or
 value at fault and what would fix it. Code raises :class:`UserError` with that
 sentence; every command line entry point catches it (see :func:`run_cli`) and
 prints ``error: <sentence>`` with exit status 2 instead of a traceback.

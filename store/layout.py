@@ -33,15 +33,19 @@ from typing import Any
 
 from store.errors import UserError
 from store.io import filesystem, join_url, protocol
-from store.manifest import MANIFEST_KEY, CommitRecord, DatasetManifest
+from store.manifest import (  # the array names are part of the schema
+    ACTS,
+    DOC_IDS,
+    LABELS,
+    MANIFEST_KEY,
+    POSITIONS,
+    ROW_ARRAYS,
+    SEQ_IDS,
+    TOKEN_IDS,
+    CommitRecord,
+    DatasetManifest,
+)
 
-ACTS = "acts"
-TOKEN_IDS = "token_ids"
-SEQ_IDS = "seq_ids"
-POSITIONS = "positions"
-LABELS = "labels"
-DOC_IDS = "doc_ids"
-ROW_ARRAYS = (ACTS, TOKEN_IDS, SEQ_IDS, POSITIONS)
 SEQ_ARRAYS = (LABELS, DOC_IDS)  # one value per sequence (``array[seq_id]``), not per row
 INT_DTYPES = {TOKEN_IDS: "int32", SEQ_IDS: "int64", POSITIONS: "int16", LABELS: "int32", DOC_IDS: "int64"}
 CAPACITY_SHARDS = 2**24

@@ -1,4 +1,4 @@
-"""ActivationLoader: windowed block shuffle with random access by batch index (DESIGN §3).
+"""ActivationLoader: windowed block shuffle with random access by batch index (``docs/store-format.md``).
 
 The row stream of one rank is the concatenation of epochs e = 0, 1, 2, ...; epoch e is:
 

@@ -20,6 +20,14 @@ SCHEMA_VERSION = 1
 MANIFEST_KEY = "dynsae"
 #: Manifest keys left out of the stored JSON when unset (see DatasetManifest.dump).
 OPTIONAL_KEYS: tuple[str, ...] = ("documents", "extra_columns", "generator")
+#: The arrays of a dataset (``docs/store-format.md``): one per stored row, and per-sequence labels / doc ids.
+ACTS = "acts"
+TOKEN_IDS = "token_ids"
+SEQ_IDS = "seq_ids"
+POSITIONS = "positions"
+LABELS = "labels"
+DOC_IDS = "doc_ids"
+ROW_ARRAYS = (ACTS, TOKEN_IDS, SEQ_IDS, POSITIONS)
 QUANTILE_KEYS: tuple[str, ...] = ("0.001", "0.01", "0.1", "0.5", "0.9", "0.99", "0.999", "1.0")
 
 
@@ -116,8 +124,6 @@ class DatasetManifest(StrictModel):
     @field_validator("extra_columns")
     @classmethod
     def _extra_names(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        from store.layout import DOC_IDS, LABELS, ROW_ARRAYS
-
         for name in value or {}:
             if name in (*ROW_ARRAYS, LABELS, DOC_IDS) or not name.isidentifier():
                 raise ValueError(f"extra column {name!r} must be a new identifier, not one of the standard arrays")

@@ -1,4 +1,4 @@
-"""Row scatter with streaming stores: ``dst[place[i]] = src[i]`` for every row ``i`` (DESIGN §3).
+"""Row scatter with streaming stores: ``dst[place[i]] = src[i]`` for every row ``i`` (``docs/store-format.md``).
 
 The loader shuffles a window by *scattering* each chunk's rows to their places in the window's
 batch order, not by gathering each batch's rows from the chunks. Both move every byte once, but

@@ -1,6 +1,6 @@
 """Shard-owning, committed, resumable dataset writer.
 
-Protocol (DESIGN §3):
+Protocol (``docs/store-format.md``):
 
 * ``DatasetWriter.create(url, manifest)`` makes the group and its arrays at capacity shape
   (see :mod:`store.layout`). If a dataset with the same identity (manifest minus

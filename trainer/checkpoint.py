@@ -1,19 +1,10 @@
 """A run directory on any fsspec URL, written so that nothing is reported complete when it isn't.
 
-Layout of ``<runs_root>/[<sweep>/]<name>/``:
-
-* ``config.json``      the run config (``TrainConfig``) with ``sae`` resolved (``d`` included), the row
-                       filter's description and the dataset's manifest hash. ``trainer.sae.load(run_dir)``
-                       reads its ``"sae"`` key.
-* ``sae.safetensors``  the weights as of the last checkpoint (written by ``SAE.save_weights``).
-* ``trainer_state.pt`` the commit record of a checkpoint: model + optimizer state, step, tokens seen,
-                       dead-concept counters, RNG states, data cursor (the loader batch index of the next
-                       step), schedule, ``finished``. Resume reads weights from here, never from
-                       ``sae.safetensors``, so the pair can never be out of step. It holds tensors and
-                       plain values only (RNG states as uint8 tensors) and is read with
-                       ``torch.load(weights_only=True)``: a file planted on a shared bucket cannot run code.
-* ``metrics.jsonl``    one JSON row per logged step (rows past the checkpoint are dropped on resume).
-* ``eval.json``        written by the evaluator (``dynsae sweep`` or ``dynsae eval``).
+The directory's files, their names and their record types are the run format
+(:mod:`trainer.run_format`, written down in ``docs/run-format.md``); this module writes the
+checkpoint: weights, metrics, then the commit record of the training state, which holds tensors and
+plain values only (RNG states as uint8 tensors) and is read with ``torch.load(weights_only=True)``:
+a file planted on a shared bucket cannot run code.
 
 Every file is written to a temporary key next to it and then moved into place (a rename on local
 disks after an fsync, a server-side copy on object stores), and a checkpoint writes ``trainer_state.pt``
@@ -24,7 +15,6 @@ read (truncated, corrupt, not ours) is one :class:`~store.errors.UserError` sent
 from __future__ import annotations
 
 import io as io_module
-import json
 import pickle
 from typing import Any
 
@@ -33,13 +23,10 @@ import torch
 
 from store import io
 from store.errors import UserError
+from trainer import run_format
+from trainer.run_format import STATE_FILE
 
-STATE_FILE = "trainer_state.pt"
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "sae.safetensors"
-METRICS_FILE = "metrics.jsonl"
-EVAL_FILE = "eval.json"
-#: Format of ``trainer_state.pt``: 2 = tensors and plain values only (loads with ``weights_only=True``).
+#: Format of the state file: 2 = tensors and plain values only (loads with ``weights_only=True``).
 STATE_VERSION = 2
 STATE_KEYS = ("version", "step", "tokens", "tokens_trained", "data_cursor", "model", "optimizer",
               "since_fired", "rng")
@@ -74,27 +61,12 @@ class RunDir:
         return io.read_json(self.file_url(name), self.storage_options)
 
     def write_metrics(self, rows: list[dict[str, Any]]) -> None:
-        """Rewrite ``metrics.jsonl`` (atomically) with ``rows``."""
-        self.write_bytes(METRICS_FILE, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+        """Rewrite the metrics file (atomically) with ``rows``."""
+        run_format.write_metrics(self.url, rows, self.storage_options)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        """The rows of ``metrics.jsonl``; a line that is not a JSON object is a UserError naming it."""
-        raw = self.read_bytes(METRICS_FILE)
-        if not raw:
-            return []
-        rows = []
-        for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                row = None
-            if not isinstance(row, dict):
-                raise UserError(f"line {number} of {self.file_url(METRICS_FILE)} is not a JSON object; the file "
-                                "is corrupt — delete that line (or the file) and resume.")
-            rows.append(row)
-        return rows
+        """The logged rows; a damaged line is a UserError naming it (:func:`trainer.run_format.read_metrics`)."""
+        return [line.model_dump(mode="json") for line in run_format.read_metrics(self.url, self.storage_options)]
 
     def save_state(self, state: dict[str, Any]) -> None:
         """Write ``trainer_state.pt`` (the checkpoint's commit point)."""

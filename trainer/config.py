@@ -1,6 +1,6 @@
 """Configs of one training run (:class:`TrainConfig`) and of a sweep (:class:`SweepConfig`).
 
-Decisions written down here (DESIGN §6 is silent on them):
+Decisions written down here (beyond ``docs/sweep.md``):
 
 * ``sae`` is the SAE zoo config (:class:`trainer.sae.SAEConfig`) *without* ``d``: ``d`` comes from the
   dataset manifest and is filled in by :func:`resolve_sae`; a ``d`` given by hand must agree with it.
@@ -63,7 +63,7 @@ class TrainConfig(StrictModel):
     seed: int = 0
     data_seed: int = 0
     checkpoint_every: int = Field(default=1000, gt=0, description="steps between checkpoints.")
-    log_every: int = Field(default=50, gt=0, description="steps between metrics.jsonl rows.")
+    log_every: int = Field(default=50, gt=0, description="steps between logged metrics rows.")
     eval_every: int | None = Field(default=None, gt=0, description="steps between eval-split fvu/l0 rows.")
     eval_tokens: int = Field(default=65536, gt=0, description="eval-split rows scored at each eval_every.")
     device: str = "auto"

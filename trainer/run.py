@@ -1,6 +1,6 @@
 """One SAE training run: ``python -m trainer run CONFIG.yaml`` / :func:`train`.
 
-The loop (DESIGN §6): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
+The loop (``docs/sweep.md``): step ``b`` trains on ``ActivationLoader.batch(b)`` (acts + positions) after the
 row filter (``store.filters.RowFilter``: ``exclude_positions``, ``max_norm_multiple`` × the dataset's
 median norm), with Adam (lr warm-up, optional decay), ``sae.post_step()`` after each optimizer step,
 and dead-concept counters in tokens since last fired. Checkpoints every ``checkpoint_every`` steps and
@@ -34,15 +34,15 @@ from store.errors import UserError
 from store.filters import RowFilter
 from store.io import join_url
 from store.loader import ActivationLoader
-from trainer.checkpoint import (
-    CONFIG_FILE,
-    STATE_FILE,
-    STATE_VERSION,
-    RunDir,
-    rng_state,
-    set_rng_state,
-)
+from trainer.checkpoint import STATE_VERSION, RunDir, rng_state, set_rng_state
 from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
+from trainer.run_format import (
+    STATE_FILE,
+    RowFilterRecord,
+    RunConfig,
+    read_config_json,
+    write_run_config,
+)
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
@@ -150,30 +150,26 @@ class RunPlan:
         self.total_steps = cfg.total_steps
         self.dead_tokens = cfg.resolved_dead_tokens
 
-    def config_record(self) -> dict[str, Any]:
-        """What ``config.json`` holds: the run config with the resolved sae, filter and dataset hash."""
+    def config_record(self) -> RunConfig:
+        """The run's config record: the run config with the resolved sae, the row filter it applies and
+        the dataset hash."""
         record = self.cfg.model_dump(mode="json")
         record["sae"] = self.sae_cfg.model_dump(mode="json")
         if record.get("storage_options"):  # may hold credentials: keep the keys, never the values
             record["storage_options"] = {k: "<redacted>" for k in record["storage_options"]}
-        record["filter"] = {
-            "exclude_positions": list(self.cfg.exclude_positions),
-            "max_norm_multiple": self.cfg.max_norm_multiple,
-            "median_norm": self.median_norm,
-            "description": self.row_filter.describe(),
-        }
+        record["filter"] = RowFilterRecord.of(self.row_filter, self.median_norm)
         record["dataset_manifest_hash"] = self.manifest_hash
         record["total_steps"] = self.total_steps
         record["dead_tokens_resolved"] = self.dead_tokens
-        return record
+        return RunConfig(**record)
 
     def check_existing(self) -> None:
         """Refuse a run directory made by a different config (only tokens and the like may differ)."""
-        new = self.config_record()
-        old = self.dir.read_json(CONFIG_FILE)
+        new = self.config_record().model_dump(mode="json")
+        old = read_config_json(self.url, self.cfg.storage_options)
         if old is None:
             return
-        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved"}
+        ignore = set(RESUMABLE_FIELDS) | {"total_steps", "dead_tokens_resolved", "format_version"}
         if self.cfg.dead_tokens is None:  # derived from tokens, and so is the SAE's dead_tokens
             old = {**old, "sae": {**old.get("sae", {}), "dead_tokens": None}}
             new = {**new, "sae": {**new["sae"], "dead_tokens": None}}
@@ -213,7 +209,7 @@ class Run(RunPlan):
         self._tokens_at_t0 = 0
         self.check_existing()
         self._resume()
-        self.dir.write_json(CONFIG_FILE, self.config_record())  # only once the resume has succeeded
+        write_run_config(self.url, self.config_record(), cfg.storage_options)  # only once the resume succeeded
 
     def _resume(self) -> None:
         state = self.dir.load_state()

@@ -1,6 +1,6 @@
 """Exact, sort-free sparsemax (Martins & Astudillo 2016) with a support-only backward.
 
-Definitions (the sort formula, DESIGN §5). For one row z ∈ R^M sorted descending
+Definitions (the sort formula, ``docs/variants.md``). For one row z ∈ R^M sorted descending
 z_(1) ≥ … ≥ z_(M), with prefix sums c_r = Σ_{i≤r} z_(i)::
 
     k* = max{ r : 1 + r·z_(r) > c_r }         # support size

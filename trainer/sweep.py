@@ -1,5 +1,5 @@
 """Ray sweeps: :func:`run_sweep` (``python -m trainer sweep SWEEP.yaml`` trains; ``dynsae sweep`` also
-evaluates) (DESIGN §6).
+evaluates) (``docs/sweep.md``).
 
 * The grid (dotted keys -> lists, or a list of such mappings: the union of their products) over a base
   run config becomes one run per point, named from its grid values (``variant-relu_m-3072``) under
@@ -41,8 +41,6 @@ and under ``ray job submit --working-dir . -- python -m dynsae sweep X.yaml``.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 import threading
@@ -59,10 +57,10 @@ from store.cluster import RaySession, ray_session
 from store.errors import UserError
 from store.io import join_url
 from store.loader import ActivationLoader
-from trainer.checkpoint import RunDir
 from trainer.config import RayConfig, SweepConfig, TrainConfig, expand_sweep
 from trainer.matching import reference_l0, split_phases, with_targets
 from trainer.run import BATCH_COLUMNS, Run, RunEvaluation, RunPlan, StepHook
+from trainer.run_format import SweepSummary, summary_url, write_summary
 
 SUMMARY_METRICS = ("step", "tokens", "tokens_trained", "loss", "fvu", "l0", "dead_frac")
 
@@ -382,29 +380,13 @@ def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], Trai
 
 def summarize(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]], rows: dict[str, dict[str, Any]],
               reads: dict[str, Any]) -> dict[str, Any]:
-    """The summary (rows in grid order), written to ``<runs_root>/<sweep>/summary.{json,csv}``."""
+    """The summary (rows in grid order), written to the sweep directory (:func:`trainer.run_format.write_summary`)."""
     first = runs[0][1]
     sweep_url = join_url(first.runs_root, sweep.name)
-    summary = {"sweep": sweep.name, "grid": sweep.grid, "runs": [rows[cfg.name] for _, cfg in runs],
-               "feeder_reads": reads, "summary_url": join_url(sweep_url, "summary.json")}
+    summary = SweepSummary(sweep=sweep.name, grid=sweep.grid, runs=[rows[cfg.name] for _, cfg in runs],
+                           feeder_reads=reads, summary_url=summary_url(sweep_url))
     write_summary(sweep_url, summary, first.storage_options)
-    return summary
-
-
-def write_summary(sweep_url: str, summary: dict[str, Any], storage_options: dict[str, Any] | None) -> None:
-    """``summary.json`` (everything) and ``summary.csv`` (one row per run), written atomically."""
-    out = RunDir(sweep_url, storage_options)
-    out.write_json("summary.json", summary)
-    rows = summary["runs"]
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    out.write_bytes("summary.csv", buf.getvalue().encode())
+    return summary.model_dump(mode="json")
 
 
 def _scalar(value: Any) -> bool:

@@ -7,8 +7,8 @@ Decisions:
   :class:`store.ActivationLoader`, because the browser must know each row's global index to
   fetch its context later. The eval chunks are spread evenly over the dataset
   (:mod:`store.split`), so the first N eval rows are a fair sample.
-* Row filters are the run's own (``exclude_positions``, ``max_norm_multiple`` from its
-  ``config.json``), applied exactly as the trainer applies them (:class:`store.filters.RowFilter`).
+* Row filters are the run's own (the ``filter`` its run config records), applied exactly as the
+  trainer applies them (:class:`store.filters.RowFilter`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ class RunInfo:
     """A trained run: where it lives, its config, its SAE and its dataset."""
 
     url: str
-    config: dict[str, Any]
+    config: Any  # trainer.run_format.RunConfig
     sae: Any
     dataset: Any
     row_filter: Any
@@ -57,19 +57,15 @@ def open_run(run_url: str, dataset_url: str | None = None, device: str = "cpu",
     """Load a run's config, SAE (eval mode, on ``device``) and dataset, plus its row filter."""
     from evaluator.foreign import open_sae
     from store import open_dataset
-    from store.filters import RowFilter
 
     config, sae = open_sae(run_url, dataset_url, storage_options)  # a run, or a SAELens/sparsify folder
-    url = config.get("dataset")
-    if not url:
-        raise UserError(f"run {run_url} names no dataset in its config.json; pass --dataset URL.")
+    url = config.dataset
     sae = sae.eval().to(device)
     dataset = open_dataset(url, storage_options=storage_options)
     if int(dataset.manifest.d) != int(sae.config.d):
         raise UserError(f"dataset {url} has d={dataset.manifest.d} but the SAE of run {run_url} expects "
                         f"d={sae.config.d}; pass the dataset the run was trained on.")
-    row_filter = RowFilter(exclude_positions=list(config.get("exclude_positions", [0])),
-                           max_norm_multiple=config.get("max_norm_multiple"))
+    row_filter = config.filter.row_filter()
     stats = dataset.manifest.stats
     return RunInfo(run_url, config, sae, dataset, row_filter, stats.median_norm if stats else None)
 

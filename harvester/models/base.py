@@ -247,27 +247,24 @@ def register_model(cls: type[ModelKind]) -> type[ModelKind]:
 
 def model_kinds() -> dict[str, type[ModelKind]]:
     """kind -> adapter class of every model module in :mod:`harvester.models` (imported on first use)."""
-    import harvester.models as package
-
     if not _SEARCHED:  # the package imports some kind modules itself; the others are not in yet
-        _discover(package)
+        _discover()
     return dict(_REGISTRY)
 
 
-def _discover(package: Any) -> None:
-    """Import every module of the package; each registers the kinds it defines."""
-    for module in pkgutil.iter_modules(package.__path__):
-        importlib.import_module(f"{package.__name__}.{module.name}")
+def _discover() -> None:
+    """Import every module of this module's package (found by discovery: no module of the package is
+    named here, so none imports this one back); each registers the kinds it defines."""
+    for module in pkgutil.iter_modules([os.path.dirname(__file__)]):
+        importlib.import_module(f"{__package__}.{module.name}")
     _SEARCHED.append(True)
 
 
 def model_kind(kind: str) -> type[ModelKind]:
     """The adapter class of ``kind`` (the package is searched again for a kind not seen yet)."""
     if kind not in model_kinds():
-        import harvester.models as package
-
         importlib.invalidate_caches()
-        _discover(package)
+        _discover()
     if kind not in _REGISTRY:
         raise UserError(f"model.kind {kind!r} is not a model kind; use one of {', '.join(sorted(_REGISTRY))}.")
     return _REGISTRY[kind]

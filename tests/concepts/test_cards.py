@@ -23,7 +23,7 @@ def all_rows(run, split="eval"):
     rows = np.concatenate([np.arange(a, b) for a, b in ds.split_row_ranges(split)])
     acts = torch.from_numpy(np.concatenate([ds.read(a, b, "acts") for a, b in ds.split_row_ranges(split)]))
     pos = np.concatenate([ds.read(a, b, "positions") for a, b in ds.split_row_ranges(split)])
-    keep = ~np.isin(pos, run.config["exclude_positions"])
+    keep = ~np.isin(pos, run.config.filter.exclude_positions)
     return rows, acts.float(), pos, keep, encode_rows(run.sae, acts.float())
 
 

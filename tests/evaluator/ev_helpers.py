@@ -61,12 +61,13 @@ def make_run(run_url: str, dataset_url: str, sae, exclude_positions=(0,), max_no
     from pathlib import Path
 
     from store.filters import RowFilter
+    from trainer.run_format import RowFilterRecord
 
     Path(run_url).mkdir(parents=True, exist_ok=True)
     filt = RowFilter(exclude_positions=list(exclude_positions), max_norm_multiple=max_norm_multiple)
     record = {"dataset": dataset_url, "runs_root": str(Path(run_url).parent), "name": Path(run_url).name,
               "sae": sae.config.model_dump(mode="json"), "exclude_positions": list(exclude_positions),
-              "max_norm_multiple": max_norm_multiple, "filter": {"description": filt.describe()}}
+              "max_norm_multiple": max_norm_multiple, "filter": RowFilterRecord.of(filt, None).model_dump()}
     (Path(run_url) / "config.json").write_text(json.dumps(record))
     sae.save_weights(run_url)
     return run_url

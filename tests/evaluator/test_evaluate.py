@@ -100,6 +100,21 @@ def test_max_tokens_and_norm_filter(tmp_path, text_dataset, trained_relu):
     assert report.ce["norm_filter_passthrough"] == 1.05
 
 
+def test_the_filter_the_trainer_wrote_is_the_one_applied(tmp_path, text_dataset, trained_relu):
+    """The run config's ``filter`` block decides which rows are scored, not the top-level settings."""
+    run = make_run(str(tmp_path / "written"), text_dataset, trained_relu)
+    path = Path(run) / "config.json"
+    record = json.loads(path.read_text())
+    record["filter"] = {"exclude_positions": [0, 1, 2], "max_norm_multiple": None, "median_norm": None,
+                        "description": "drop positions [0, 1, 2]"}
+    path.write_text(json.dumps(record))  # top-level exclude_positions still says [0]
+    report = evaluate_run(run, ce_contexts=0, batch_size=64, progress=False)
+    assert report.filter.exclude_positions == [0, 1, 2]
+    positions = _eval_rows(text_dataset)[1].numpy()
+    assert report.tokens.eval_rows == len(positions)
+    assert report.tokens.dropped == int(np.isin(positions, [0, 1, 2]).sum()) > 0
+
+
 def test_ce_skipped_when_model_cannot_load(tmp_path, tiny_gpt2, trained_relu):
     url = write_text_dataset(str(tmp_path / "ds"), tiny_gpt2, str(tmp_path / "no-such-model"))
     run = make_run(str(tmp_path / "run"), url, trained_relu)

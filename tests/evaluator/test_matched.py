@@ -11,6 +11,7 @@ import pytest
 
 from evaluator import matched
 from evaluator.report import discover_runs, write_report
+from trainer.run_format import RunRecord
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -64,7 +65,7 @@ def sweep(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sizes(sweep) -> dict[int, matched.SizeComparison]:
-    points = [p for p in (r.point for r in discover_runs(str(sweep))) if p is not None]
+    points = discover_runs(str(sweep))
     return {s.m: s for s in matched.compare(points)}
 
 
@@ -93,7 +94,7 @@ def test_matched_within_window(sizes):
     # fvu: Δ = 0.21 − 0.12 = 0.09 > 2·√((0.02² + 0.0002)/2) = 2·√3e-4 ≈ 0.0346 → sparsemax better
     v = fc.verdicts["fvu"]
     assert v.delta == pytest.approx(0.09) and v.pooled_std == pytest.approx(math.sqrt(3e-4))
-    assert v.outcome == "sparsemax better"
+    assert v.outcome == "reference better"
     # ce: Δ = 0.065 − 0.06 = 0.005 ≤ 2·√((0.01² + 0.0002)/2) ≈ 0.0245 → within seed spread
     v = fc.verdicts["ce_degradation"]
     assert v.delta == pytest.approx(0.005) and v.pooled_std == pytest.approx(math.sqrt(1.5e-4))
@@ -116,7 +117,7 @@ def test_interpolated_in_log_l0(sizes):
     assert m.metrics["dead_frac"].mean == pytest.approx(1 / 6)
     # fvu Δ = 0.05 − 0.12 = −0.07, |Δ| > 2·√3e-4 → sparsemax worse
     v = fc.verdicts["fvu"]
-    assert v.delta == pytest.approx(-0.07) and v.outcome == "sparsemax worse"
+    assert v.delta == pytest.approx(-0.07) and v.outcome == "reference worse"
 
 
 def test_unmatched_is_not_conclusive(sizes):
@@ -150,8 +151,8 @@ def test_unit_norm_family_within_spread(sizes):
 
 def test_two_runs_of_one_seed_are_one_seed():
     def pt(name, key, l0, fvu):
-        return matched.RunPoint(name, "relu", 8, key, 0, None, l0, {"fvu": fvu, "ce_degradation": None,
-                                                                    "dead_frac": 0.0})
+        return RunRecord.of(name, {"sae": {"variant": "relu", "m": 8, "seed": 0, "key": key}},
+                            {"l0": l0, "fvu": fvu, "ce_degradation": None, "dead_frac": 0.0})
     ref = matched.pool([pt("a", "s", 10.0, 0.1), pt("b", "s", 10.0, 0.2)])
     m = matched.match_family("relu", [pt("c", "x", 10.0, 0.5), pt("d", "y", 11.0, 0.6)], 10.0)
     assert m.seeds == 1
@@ -217,20 +218,20 @@ def concept_sweep(tmp_path_factory) -> Path:
 
 
 def test_concept_metrics_are_higher_is_better(concept_sweep):
-    points = [r.point for r in discover_runs(str(concept_sweep))]
+    points = discover_runs(str(concept_sweep))
     assert matched.present_metrics(points) == ("fvu", "ce_degradation", "dead_frac", "probe_top1", "gt_mcc")
     (size,) = matched.compare(points)
     topk = _family(size, "topk")
     # probe_top1: sparsemax 0.65 ± 0.0707, topk 0.45 ± 0.0707: Δ = −0.2, 2 × pooled std = 0.1414 ⇒ sparsemax better
     probe = topk.verdicts["probe_top1"]
     assert probe.delta == pytest.approx(-0.2) and probe.pooled_std == pytest.approx(math.sqrt(0.005))
-    assert probe.outcome == "sparsemax better"
+    assert probe.outcome == "reference better"
     # fvu: lower is better, topk 0.09 vs sparsemax 0.11: Δ = −0.02 within 2 × 0.01414
     assert topk.verdicts["fvu"].outcome == "within seed spread"
     mcc = topk.verdicts["gt_mcc"]  # 0.92 vs 0.91 ± 0.0141: within spread
     assert mcc.delta == pytest.approx(0.01) and mcc.outcome == "within seed spread"
     worse = matched.verdict("gt_mcc", matched.Stat(0.5, 0.01, 2), 2, topk.match)
-    assert worse.outcome == "sparsemax worse"  # topk's 0.92 is higher
+    assert worse.outcome == "reference worse"  # topk's 0.92 is higher
 
 
 def test_report_shows_concept_verdicts_and_table(concept_sweep):

@@ -318,3 +318,33 @@ def test_sigterm_stops_a_harvest_like_ctrl_c():
             flag.check()
     assert err.value.signum == signal.SIGTERM and isinstance(err.value, KeyboardInterrupt)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+PLANTED_SECRET = "planted-secret-5f0c2a9e"
+
+
+def spying_run_shards(plan, works):
+    """The harvest task, run through a spy: its arguments must not carry the planted secret, and its
+    environment must (the runtime env brought it)."""
+    import pickle
+
+    from harvester.job import run_shards
+
+    assert PLANTED_SECRET.encode() not in pickle.dumps((plan, works)), "a credential travelled as a task argument"
+    assert os.environ.get("AWS_SECRET_ACCESS_KEY") == PLANTED_SECRET, "the runtime env did not bring the credential"
+    yield from run_shards(plan, works)
+
+
+def test_credentials_reach_workers_in_the_runtime_env_not_in_arguments(reference, tiny_gpt2, tmp_path, monkeypatch):
+    """A planted AWS secret in the driver's environment reaches the harvest's tasks on a Ray the harvest
+    did not start (the session's), through their runtime env; no task argument holds it."""
+    from ray import cloudpickle
+
+    import harvester.job
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import a test module
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", PLANTED_SECRET)
+    monkeypatch.setattr(harvester.job, "run_shards", spying_run_shards)
+    cfg, result = reference
+    spied = harvest(text_cfg(tiny_gpt2, tmp_path, shards=2), progress=False)
+    assert digests(spied.url) == {s: digests(result.url)[s] for s in range(2)}

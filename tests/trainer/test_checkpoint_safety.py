@@ -134,8 +134,8 @@ def test_state_of_another_shape_is_one_sentence(finished_run, capsys):
 
 def test_run_dir_metrics_reader(tmp_path):
     rd = RunDir(str(tmp_path))
-    rd.write_metrics([{"step": 1}, {"step": 2}])
-    assert rd.read_metrics() == [{"step": 1}, {"step": 2}]
-    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1}\n[1, 2]\n')
+    rd.write_metrics([{"step": 1, "tokens": 8}, {"step": 2, "tokens": 16}])
+    assert rd.read_metrics() == [{"step": 1, "tokens": 8}, {"step": 2, "tokens": 16}]
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step": 1, "tokens": 8}\n[1, 2]\n')
     with pytest.raises(UserError, match="line 2 of"):
         rd.read_metrics()

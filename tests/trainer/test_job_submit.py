@@ -19,11 +19,11 @@ import urllib.request
 from pathlib import Path
 
 import psutil
-import torch
 import yaml
 from trainer_testkit import (
     assert_same_weights,
     base_config,
+    checkpoint_step,
     kill_pids_using,
     no_pids_using,
     straight_config,
@@ -93,11 +93,6 @@ STEPS = 300
 RUNS = ("variant-relu", "variant-topk")
 
 
-def checkpoint_step(run_dir: Path) -> int:
-    state = run_dir / "trainer_state.pt"
-    return int(torch.load(state, weights_only=True)["step"]) if state.exists() else 0
-
-
 def training_worker(head_pid: int) -> psutil.Process | None:
     """A worker of the head's process family running a trainer's ``train`` (Ray titles it
     ``ray::TrainerActor.train``)."""
@@ -110,14 +105,19 @@ def training_worker(head_pid: int) -> psutil.Process | None:
     return None
 
 
-def kill_a_trainer_mid_run(head_pid: int, run_dirs: list[Path]) -> int:
-    """Once a run has a checkpoint short of the end, SIGKILL a training worker; returns its pid."""
-    def target() -> psutil.Process | None:
+def kill_a_trainer_mid_run(head_pid: int, run_dirs: list[Path], submit: threading.Thread) -> int | None:
+    """Once a run has a checkpoint short of the end, SIGKILL a training worker; returns its pid (None:
+    the job ended first, which the caller reports with the job's output)."""
+    def target() -> psutil.Process | bool | None:
+        if not submit.is_alive():
+            return True
         if any(0 < checkpoint_step(d) < STEPS // 2 for d in run_dirs):
             return training_worker(head_pid)
         return None
 
-    proc = wait_until(target, 300, "a trainer mid-run", 0.02)
+    proc = wait_until(target, 400, "a trainer mid-run", 0.02)
+    if proc is True:
+        return None
     proc.kill()
     return proc.pid
 
@@ -153,10 +153,11 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
             [str(BIN / "ray"), "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", str(REPO),
              "--", "python", "-m", "dynsae", "sweep", str(sweep_path), "--no-progress"], env)), daemon=True)
         submit.start()
-        killed = kill_a_trainer_mid_run(head.pid, run_dirs)
+        killed = kill_a_trainer_mid_run(head.pid, run_dirs, submit)
         submit.join(timeout=500)
         job = result["job"]
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+        assert killed is not None, "the job ended before a trainer could be killed mid-run"
         assert "succeeded" in (job.stdout + job.stderr).lower()
         assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
         summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())

@@ -19,11 +19,11 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from trainer_testkit import (
     assert_same_weights,
     base_config,
+    checkpoint_step,
     kill_pids_using,
     no_pids_using,
     straight_config,
@@ -65,18 +65,13 @@ def drive(sweep_path: str, out_path: str) -> None:
         wait_until(lambda: not thread.is_alive() or any((d / "trainer_state.pt").exists() for d in run_dirs),
                    300, "a checkpoint", 0.02)
         cluster.remove_node(worker, allow_graceful=False)
-        record["steps_at_kill"] = [_step(d) for d in run_dirs]
+        record["steps_at_kill"] = [checkpoint_step(d) for d in run_dirs]
         cluster.add_node(**WORKER)
         thread.join(timeout=400)
     finally:
         ray.shutdown()
         cluster.shutdown()
     Path(out_path).write_text(json.dumps(record))
-
-
-def _step(run_dir: Path) -> int:
-    state = run_dir / "trainer_state.pt"
-    return int(torch.load(state, weights_only=False)["step"]) if state.exists() else 0
 
 
 @pytest.mark.timeout(600)

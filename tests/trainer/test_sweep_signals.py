@@ -15,11 +15,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from trainer_testkit import (
     assert_same_weights,
     base_config,
+    checkpoint_step,
     kill_pids_using,
     no_pids_using,
     straight_config,
@@ -33,12 +33,6 @@ RUNS = ("variant-relu",)
 STEPS = 1500  # far more than five interrupted attempts get through
 
 
-def checkpoint_step(run_dir: Path) -> int:
-    """The step of the run's last committed checkpoint (0 if none); the checkpoint must load whole."""
-    state = run_dir / "trainer_state.pt"
-    return int(torch.load(state, weights_only=False)["step"]) if state.exists() else 0
-
-
 def interrupt_once(cmd: list[str], env: dict[str, str], run_dirs: list[Path], sig: int) -> None:
     """Start the sweep, wait until the driver waits on its trainers (one has committed a new checkpoint),
     send ``sig``; the sweep must exit within 30 s with 128 + sig and one sentence on how to resume."""
@@ -47,7 +41,7 @@ def interrupt_once(cmd: list[str], env: dict[str, str], run_dirs: list[Path], si
     try:
         wait_until(lambda: proc.poll() is not None or any(checkpoint_step(d) > b for d, b in zip(run_dirs, before)),
                    300, "a new checkpoint")
-        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        assert proc.poll() is None, f"the sweep ended before it could be interrupted: {proc.stderr.read()[-3000:]}"
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=30)  # honoured within 30 s, or this raises
     finally:

@@ -53,6 +53,16 @@ def base_config(store: str, runs_root: str, **over) -> dict:
     return cfg
 
 
+def checkpoint_step(run_dir) -> int:
+    """The step of a run's last committed checkpoint (0 if none); the checkpoint must load whole."""
+    from pathlib import Path
+
+    import torch
+
+    state = Path(run_dir) / "trainer_state.pt"
+    return int(torch.load(state, weights_only=True)["step"]) if state.exists() else 0
+
+
 def wait_until(condition, seconds: float, what: str, interval: float = 0.1):
     """Poll ``condition()`` until it returns something truthy (returned) or ``seconds`` pass (AssertionError)."""
     import time
@@ -103,15 +113,11 @@ def kill_pids_using(path: str) -> None:
 
 
 def straight_config(run_dir, runs_root):
-    """A run's ``config.json`` as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
-    import json
-    from pathlib import Path
-
+    """A run's config as an uninterrupted, stand-alone run (a TrainConfig) under another root."""
     from trainer.config import TrainConfig
+    from trainer.run_format import read_run_config
 
-    record = json.loads((Path(run_dir) / "config.json").read_text())
-    for key in ("filter", "dataset_manifest_hash", "total_steps", "dead_tokens_resolved"):
-        record.pop(key)
+    record = read_run_config(str(run_dir)).settings()
     record.update(runs_root=str(runs_root), sweep=None)
     return TrainConfig.model_validate(record)
 

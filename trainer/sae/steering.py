@@ -1,6 +1,6 @@
 """Sparsity steering: the penalty coefficient λ of relu, gated and attn_relu (and JumpReLU's global
 threshold scale, see :mod:`trainer.sae.jumprelu`) is driven so that the L0 of the training batches
-reaches ``target_l0`` (DESIGN §5, "Sparsity targets").
+reaches ``target_l0`` (``docs/variants.md``, "Sparsity targets").
 
 Comparisons between SAE families are only meaningful at equal sparsity. The penalty variants have
 no direct L0 knob: their L0 lands wherever λ puts it. With ``target_l0`` set, λ is steered by a
