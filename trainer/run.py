@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from store.batch import Batch
 from store.dataset import open_dataset
 from store.errors import UserError
 from store.filters import RowFilter
@@ -46,8 +47,12 @@ from trainer.run_format import (
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
+#: Training's dead-concept count: the fraction of concepts not fired for the last ``dead_tokens``
+#: training tokens. Not the evaluator's ``dead_frac`` (never fired on the eval rows).
+TRAIN_DEAD_FRAC = "train_dead_frac"
 
-BatchSource = Callable[[int], Any]
+#: Batch ``b`` of the run's stream, from wherever it comes (the sweep's feeder: :mod:`trainer.feeder`).
+BatchSource = Callable[[int], Batch]
 #: Called with the run after each step (and after that step's checkpoint, if it writes one).
 StepHook = Callable[["Run"], None]
 
@@ -75,19 +80,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
             decay = 1.0 - u if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * u))
             factor = min(factor, decay)
     return cfg.lr * factor
-
-
-def as_batch(obj: Any) -> tuple[Tensor, Tensor | None]:
-    """(acts float32 (B, d), positions (B,) or None) from a loader batch, a dict, or numpy arrays."""
-    if isinstance(obj, dict):
-        acts, positions = obj["acts"], obj.get("positions")
-    else:
-        acts, positions = obj, None
-    if isinstance(acts, np.ndarray):  # from the object store: read-only, so copy
-        acts = torch.from_numpy(np.array(acts, dtype=np.float32))
-    if isinstance(positions, np.ndarray):
-        positions = torch.from_numpy(np.array(positions, dtype=np.int64))
-    return acts.to(torch.float32), positions
 
 
 class RunEvaluation(Protocol):
@@ -255,12 +247,13 @@ class Run(RunPlan):
         })
 
     # ----------------------------------------------------------------- training
-    def train_step(self, batch: Any) -> dict[str, Any] | None:
-        """One optimizer step on batch ``self.step``; returns the metrics row if this step logs one."""
-        acts, positions = as_batch(batch)
-        acts = acts.to(self.device, non_blocking=True)
-        if positions is not None:
-            positions = positions.to(self.device)
+    def train_step(self, batch: Batch) -> dict[str, Any] | None:
+        """One optimizer step on batch ``self.step``; returns the metrics row if this step logs one.
+
+        The batch comes in the dataset's dtype; its acts are cast to float32 once, on the run's device
+        (after the copy there, so a float16 dataset moves half the bytes to a GPU)."""
+        acts = batch.acts_on(self.device)
+        positions = None if batch.positions is None else batch.positions.to(self.device)
         keep = self.row_filter.keep_mask(acts, positions, self.median_norm)
         x = acts[keep]
         n = int(x.shape[0])
@@ -292,7 +285,7 @@ class Run(RunPlan):
                      lr: float) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "tokens_trained": self.tokens_trained,
-                               "lr": lr, "dead_frac": float((self.since_fired >= self.dead_tokens).double().mean()),
+                               "lr": lr, TRAIN_DEAD_FRAC: float((self.since_fired >= self.dead_tokens).double().mean()),
                                "tokens_per_s": (self.tokens - self._tokens_at_t0) / elapsed}
         row.update({k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1})
         if self.evaluation is not None:

@@ -189,11 +189,6 @@ def mse(x_hat: Tensor, x: Tensor) -> Tensor:
     return (x_hat - x).pow(2).mean()
 
 
-def norm_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """mean_{t,i} (x̂ − x)² / ‖x_t‖ (the authors' reconstruction loss)."""
-    return reconstruction(x_hat, x, "norm_mse")[0]
-
-
 def reconstruction(x_hat: Tensor, x: Tensor, loss: str, norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(the ``loss`` term, plain mse without gradient) from one pass of squared errors; ``norms`` (B,)
     = ‖x‖ when already known. x̂ (B, …, d) may stack several reconstructions of x (B, 1, d)."""
