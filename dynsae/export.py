@@ -8,8 +8,14 @@ Formats (``docs/interop.md``):
   global inference threshold on every latent (SAELens's own inference form of BatchTopK),
   attn_relu → ``standard`` (see below); sparsemax and mlp_sparsemax → ``dynsae_sparsemax``, which
   SAELens knows after ``import dynsae.saelens``.
+  matryoshka → ``jumprelu`` like batchtopk (its prefixes matter only in training).
 * ``sparsify`` — ``cfg.json`` + ``sae.safetensors`` for ``sparsify.SparseCoder.load_from_disk``
   (eai-sparsify 1.3), topk runs only.
+
+Each variant converts itself: ``to_saelens()`` / ``to_sparsify()`` in its own file
+``trainer/sae/<name>.py`` return plain float64 tensors and cfg keys (:mod:`trainer.sae.interop`), or
+raise ``NotRepresentable`` with the reason, which this command reports in one sentence naming the
+formats that can hold the run. This module writes the folders and the metadata; it knows no variant.
 
 Folding (the exported forward computes what ours computes, with no per-call extra work):
 
@@ -44,115 +50,62 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import math
 import sys
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from store import io
+from store.cli import CommandHelp, command_parser
 from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
 from trainer.run_format import FOREIGN_CONFIG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, RunConfig, read_run_config
 
 FORMATS = ("saelens", "sparsify")
+HELP = CommandHelp(
+    does="Write a trained SAE as a folder other tools load: SAELens (every variant; SAE-Dashboard, SAEBench "
+         "and Neuronpedia read it) or sparsify (TopK SAEs). The export computes what the trained SAE computes.",
+    reads="a run folder (or a folder written by SAE.save) and the dataset its config names, for metadata",
+    writes="OUT_DIR: cfg.json and the weights in the chosen library's names",
+    example="runs/sweep1/variant-topk_m-4096 exported/topk-4096 --format saelens")
 SAELENS_CFG = SPARSIFY_CFG = FOREIGN_CONFIG
 MIN_SAELENS_VERSION = "6.54.0"
-#: Variants whose codes are positively homogeneous in the pre-activations (the feature-scaling fold).
-HOMOGENEOUS = ("relu", "topk", "jumprelu", "gated", "batchtopk")
-UNIT_NORM_TOL = 1e-4  # |‖W_dec,i‖ − 1| below this counts as a unit-norm decoder
 
 
-@dataclass
-class Folded:
-    """An SAE in SAELens terms: architecture, its extra cfg keys, weights (SAELens names), normalisation."""
-
-    architecture: str
-    tensors: dict[str, Tensor]
-    extra: dict[str, Any] = field(default_factory=dict)
-    normalize_activations: str = "none"
+# ---- the variant's own conversion ---------------------------------------------------------------
 
 
-# ---- folding ---------------------------------------------------------------------------------
+def _float32(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The stored form of converted weights (the conversions compute in float64)."""
+    return {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}
 
 
-def _f64(t: Tensor) -> Tensor:
-    return t.detach().to(torch.float64).cpu()
+def convert(sae: Any, fmt: str, run_url: str) -> Any:
+    """The variant's own conversion to ``fmt`` (``to_saelens`` / ``to_sparsify`` in its file); a format
+    that cannot express it is one :class:`UserError` sentence with the variant's reason and the formats
+    that can."""
+    from trainer.sae.interop import NotRepresentable
+
+    try:
+        return getattr(sae, f"to_{fmt}")()
+    except NotRepresentable as err:
+        reason = str(err).rstrip(".")
+    others = [f for f in FORMATS if f != fmt and representable(sae, f)]
+    hint = f"export it with --format {' or --format '.join(others)} instead" if others else \
+        "no export format can hold it"
+    raise UserError(f"run {run_url} (a {sae.config.variant} SAE) cannot be exported to {fmt}: {reason}; {hint}.")
 
 
-def fold_saelens(sae: Any) -> Folded:
-    """The SAELens form of one of our SAEs (module docstring); computed in float64, stored float32."""
-    cfg = sae.config
-    variant = cfg.variant
-    if variant in HOMOGENEOUS:
-        folded = _fold_homogeneous(sae)
-    elif variant == "attn_relu":
-        folded = Folded("standard", _cross_attention_dictionary(sae))
-    elif variant == "sparsemax":
-        folded = Folded("dynsae_sparsemax", _cross_attention_dictionary(sae),
-                        {"activation": cfg.activation, "scale_by_input_norm": True})
-    elif variant == "mlp_sparsemax":
-        folded = _fold_mlp_sparsemax(sae)
-    else:
-        raise UserError(f"SAE variant {variant!r} has no SAELens export; the exportable variants are relu, "
-                        "topk, jumprelu, gated, batchtopk, attn_relu, sparsemax and mlp_sparsemax.")
-    folded.tensors = {k: v.to(torch.float32).contiguous() for k, v in folded.tensors.items()}
-    return folded
+def representable(sae: Any, fmt: str) -> bool:
+    """Whether the variant converts itself to ``fmt``."""
+    from trainer.sae.interop import NotRepresentable
 
-
-def _norm_factor(sae: Any) -> tuple[float, str]:
-    """(c, normalize_activations): SAELens feeds the encoder c·u where our encoder sees u."""
-    if sae.unit_input:
-        return math.sqrt(sae.config.d), "constant_norm_rescale"  # SAELens: x·√d/‖x‖ in, ×‖x‖/√d out
-    return float(sae.config.input_scale), "none"  # SAELens: x = s·u
-
-
-def _fold_homogeneous(sae: Any) -> Folded:
-    """relu/topk/jumprelu/gated/batchtopk: features ×c (c·π is what SAELens computes on c·u)."""
-    c, normalize = _norm_factor(sae)
-    variant = sae.config.variant
-    w_dec = _f64(sae.decoder.weight)
-    tensors = {"W_enc": _f64(sae.W_enc).T, "W_dec": w_dec, "b_dec": c * _f64(sae.b_dec)}
-    b_enc = c * _f64(sae.b_enc)
-    extra: dict[str, Any] = {}
-    if variant == "relu":
-        architecture = "standard"
-        tensors["b_enc"] = b_enc
-    elif variant == "topk":
-        architecture = "topk"
-        tensors["b_enc"] = b_enc
-        unit = bool((w_dec.norm(dim=-1) - 1).abs().max() < UNIT_NORM_TOL)
-        extra = {"k": int(min(sae.config.k, sae.config.m)), "rescale_acts_by_decoder_norm": unit}
-    elif variant == "jumprelu":
-        architecture = "jumprelu"
-        tensors.update(b_enc=b_enc, threshold=c * _f64(sae.thresholds()))  # θ, not log θ
-    elif variant == "batchtopk":
-        architecture = "jumprelu"  # eval mode: f = π·1[π > θ] with one global θ
-        theta = float(sae.threshold) if bool(sae.threshold_set) else 0.0
-        tensors.update(b_enc=b_enc, threshold=torch.full((sae.config.m,), c * theta, dtype=torch.float64))
-    else:  # gated: π_gate = h + b_gate, π_mag = exp(r_mag) ⊙ h + b_mag
-        architecture = "gated"
-        tensors.update(b_gate=b_enc, b_mag=c * _f64(sae.b_mag), r_mag=_f64(sae.r_mag))
-    return Folded(architecture, tensors, extra, normalize)
-
-
-def _cross_attention_dictionary(sae: Any) -> dict[str, Tensor]:
-    """W_enc = (C W_K)ᵀ (d, M), W_dec = C W_V (M, d), zero biases (the scale s cancels on x/‖x‖)."""
-    c = _f64(sae.C)
-    d, m = sae.config.d, sae.config.m
-    return {"W_enc": (c @ _f64(sae.W_K)).T, "W_dec": c @ _f64(sae.W_V),
-            "b_enc": torch.zeros(m, dtype=torch.float64), "b_dec": torch.zeros(d, dtype=torch.float64)}
-
-
-def _fold_mlp_sparsemax(sae: Any) -> Folded:
-    """Sparsemax needs π itself: W_enc/c on the c·u SAELens feeds, W_dec·c, b_dec·c, b_enc as is."""
-    c, normalize = _norm_factor(sae)
-    tensors = {"W_enc": _f64(sae.W_enc).T / c, "W_dec": c * _f64(sae.decoder.weight),
-               "b_dec": c * _f64(sae.b_dec), "b_enc": _f64(sae.b_enc)}
-    return Folded("dynsae_sparsemax", tensors, {"activation": sae.config.activation,
-                                                "scale_by_input_norm": False}, normalize)
+    try:
+        getattr(sae, f"to_{fmt}")()
+    except NotRepresentable:
+        return False
+    return True
 
 
 # ---- metadata ----------------------------------------------------------------------------------
@@ -243,36 +196,22 @@ def load_run(run_url: str, storage_options: io.StorageOptions = None) -> tuple[A
 def export_saelens(run_url: str, out_url: str, storage_options: io.StorageOptions = None) -> str:
     """Write ``<out>/cfg.json`` + ``<out>/sae_weights.safetensors``; returns ``out_url``."""
     sae, run_cfg = load_run(run_url, storage_options)
-    folded = fold_saelens(sae)
-    cfg = {"architecture": folded.architecture, "d_in": sae.config.d, "d_sae": sae.config.m,
+    form = convert(sae, "saelens", run_url)
+    cfg = {"architecture": form.architecture, "d_in": sae.config.d, "d_sae": sae.config.m,
            "dtype": "float32", "device": "cpu", "apply_b_dec_to_input": True,
-           "normalize_activations": folded.normalize_activations, "reshape_activations": "none",
-           **folded.extra, "metadata": saelens_metadata(run_cfg, sae, storage_options)}
-    io.save_safetensors(io.join_url(out_url, SAELENS_WEIGHTS), folded.tensors, storage_options)
+           "normalize_activations": form.normalize_activations, "reshape_activations": "none",
+           **form.cfg, "metadata": saelens_metadata(run_cfg, sae, storage_options)}
+    io.save_safetensors(io.join_url(out_url, SAELENS_WEIGHTS), _float32(form.tensors), storage_options)
     io.write_json(io.join_url(out_url, SAELENS_CFG), cfg, storage_options)
     return out_url
 
 
 def export_sparsify(run_url: str, out_url: str, storage_options: io.StorageOptions = None) -> str:
-    """Write ``<out>/cfg.json`` + ``<out>/sae.safetensors`` (sparsify's SparseCoder) for a topk run."""
+    """Write ``<out>/cfg.json`` + ``<out>/sae.safetensors`` (sparsify's SparseCoder)."""
     sae, _ = load_run(run_url, storage_options)
-    variant = sae.config.variant
-    if variant != "topk":
-        raise UserError(f"run {run_url} is a {variant} SAE; sparsify holds TopK SAEs only, so export it with "
-                        "--format saelens (every variant goes there) or export a topk run to sparsify.")
-    if sae.unit_input:
-        raise UserError(f"run {run_url} is a topk SAE trained with input_norm 'unit' (x/‖x‖ in, ×‖x‖ out), "
-                        "which sparsify cannot express; export it with --format saelens instead.")
-    folded = _fold_homogeneous(sae)
-    t = folded.tensors
-    tensors = {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
-    unit = bool(folded.extra["rescale_acts_by_decoder_norm"])
-    cfg = {"activation": "topk", "expansion_factor": max(1, sae.config.m // sae.config.d),
-           "normalize_decoder": unit, "num_latents": sae.config.m, "k": int(folded.extra["k"]),
-           "multi_topk": False, "skip_connection": False, "transcode": False, "d_in": sae.config.d}
-    io.save_safetensors(io.join_url(out_url, SPARSIFY_WEIGHTS),
-                        {k: v.to(torch.float32).contiguous() for k, v in tensors.items()}, storage_options)
-    io.write_json(io.join_url(out_url, SPARSIFY_CFG), cfg, storage_options)
+    form = convert(sae, "sparsify", run_url)
+    io.save_safetensors(io.join_url(out_url, SPARSIFY_WEIGHTS), _float32(form.tensors), storage_options)
+    io.write_json(io.join_url(out_url, SPARSIFY_CFG), form.cfg, storage_options)
     return out_url
 
 
@@ -288,8 +227,7 @@ def export(run_url: str, out_url: str, fmt: str = "saelens", storage_options: io
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dynsae export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m dynsae.export", HELP)
     parser.add_argument("run", metavar="RUN_URL", help="run directory (or a directory written by SAE.save), any fsspec URL")
     parser.add_argument("out", metavar="OUT_DIR", help="folder to write, any fsspec URL")
     parser.add_argument("--format", default="saelens", choices=FORMATS,

@@ -10,13 +10,24 @@ from __future__ import annotations
 import argparse
 import sys
 
+from store.cli import CommandHelp, command_parser
 from store.config import add_config_arguments
 from store.errors import run_cli
+from trainer.run_format import SUMMARY_CSV, SUMMARY_FILE
+
+HELP = CommandHelp(
+    does="Train a grid of sparse autoencoders (variants x dictionary sizes x seeds ...) on one shared stream "
+         "of batches, read once from the dataset, and evaluate each as it finishes. With match_l0 the "
+         "baselines are trained to the Sparsemax SAE's measured sparsity. Runs on a local Ray or a cluster; "
+         "re-running resumes every run.",
+    reads="the sweep config and the dataset it names",
+    writes="<runs_root>/<sweep>/: one run folder per grid point with its evaluation, and a summary "
+           f"({SUMMARY_FILE}, {SUMMARY_CSV}); prints the summary's URL",
+    example="deploy/configs/sweep-gpt2-dict-sizes.yaml --set base.tokens=10000000")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dynsae sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser("python -m dynsae.sweep", HELP)
     add_config_arguments(p)
     return p
 

@@ -8,16 +8,23 @@ eval split by the same pass that writes ``eval.json``.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from store.cli import CommandHelp, command_parser
 from store.config import add_config_arguments, load_config
 from store.errors import run_cli
 
+HELP = CommandHelp(
+    does="Train one sparse autoencoder on a dataset, as a YAML config describes it (dataset, SAE variant and "
+         "size, token budget). Re-running the same command resumes from the last checkpoint; a larger token "
+         "budget extends a finished run.",
+    reads="the config and the dataset it names",
+    writes="a run folder <runs_root>/<name>/ (config, weights, checkpoint, training metrics); prints its URL",
+    example="run.yaml --set sae.variant=topk --set sae.m=4096")
+
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dynsae train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser("python -m dynsae.train", HELP)
     add_config_arguments(parser)
     args = parser.parse_args(argv)
     from evaluator.training import TrainingEvaluation

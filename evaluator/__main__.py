@@ -14,9 +14,25 @@ import importlib
 import json
 import sys
 
+from store.cli import CommandHelp, subcommand_parser
 from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
 from trainer.run_format import EVAL_FILE, REPORT_FILE
+
+RUN_HELP = CommandHelp(
+    does="Score trained SAEs on their dataset's held-out rows: reconstruction (fvu), sparsity (L0, dead "
+         "latents), the model's loss with the SAE spliced in (CE), zero-shot accuracy for vision, and, where "
+         "the dataset allows, recovery of a known dictionary and sparse probing. SAELens and sparsify folders "
+         "are scored too, on --dataset.",
+    reads="run folders (or SAELens / sparsify folders) and their dataset",
+    writes=f"{EVAL_FILE} in each folder (or --out); prints one line per SAE, or JSON with --json",
+    example="runs/sweep1/variant-relu_m-4096 --max-tokens 100000")
+REPORT_HELP = CommandHelp(
+    does="Write a sweep's report: each variant compared with the Sparsemax SAE at the same sparsity, with a "
+         "verdict per metric, a table per dictionary size, every run, and plots.",
+    reads="a sweep folder: its runs' configs and evaluations",
+    writes=f"{REPORT_FILE} and PNG plots in the sweep folder; prints the report's URL",
+    example="runs/sweep1")
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -61,10 +77,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluator", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m evaluator",
+                                     description="Evaluate trained SAEs, write sweep reports, browse concepts.")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help=f"evaluate run directories, writing {EVAL_FILE}")
+    run = subcommand_parser(sub, "run", "python -m evaluator run", RUN_HELP)
     run.add_argument("runs", nargs="+", metavar="RUN_URL",
                      help="run directory, or a SAELens / sparsify folder (needs --dataset)")
     run.add_argument("--dataset", default=None, metavar="DATASET_URL",
@@ -82,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a key of the zero-shot config")
     run.set_defaults(func=cmd_run)
-    report = sub.add_parser("report", help=f"write {REPORT_FILE} + plots for a sweep directory")
+    report = subcommand_parser(sub, "report", "python -m evaluator report", REPORT_HELP)
     report.add_argument("sweep", metavar="SWEEP_URL")
     add_storage_options_argument(report)
     report.set_defaults(func=cmd_report)

@@ -1,19 +1,20 @@
 """Comparisons at matched sparsity (``docs/metrics.md``, report.md "Matched sparsity"): pure functions on run records.
 
-The question the report answers: at the same dictionary size M and the same L0, is the Sparsemax SAE
-better than each baseline family, beyond seed noise? Everything here is computed from the runs as
-read back from their directories (:class:`trainer.run_format.RunRecord`, :func:`comparable`); nothing
+The question the report answers: at the same dictionary size M and the same L0, is the reference
+family (the Sparsemax SAE) better than each baseline family, beyond seed noise? Everything here is
+computed from the runs as read back from their directories (:class:`trainer.run_format.RunRecord`, :func:`comparable`); nothing
 is hard-coded per variant.
 
 Decisions:
 
 * **Family** = the variant, tagged ``(input_norm=unit)`` when the run got x/‖x‖ in and ×‖x‖ out
-  (:func:`family_label`). The **reference** is family ``sparsemax`` (variant ``sparsemax`` with the
-  default input_norm); every other family present at the same M is a baseline.
+  (:func:`family_label`). The **reference** is the family of the variant whose file declares
+  ``is_reference`` (``sparsemax``), with the default input_norm (:func:`reference_family`); every
+  other family present at the same M is a baseline.
 * **Config** = the run's ``sae`` section without its ``seed``: runs that differ only in the seed are
   one frontier point, their mean ± std being the seed spread (:func:`frontier`).
 * **Spread** = the sample standard deviation (n − 1 in the denominator); undefined (None) for one run.
-* **Reference L0** L = mean l0 over the sparsemax runs at that M (all its seeds and configs pooled).
+* **Reference L0** L = mean l0 over the reference runs at that M (all its seeds and configs pooled).
 * **Matched**: a baseline's runs with |l0 − L| ≤ w·L, w = :data:`WINDOW` = 0.25, pooled: mean ± std of
   each metric over those runs.
 * **Interpolated** (no run in the window, frontier points on both sides of L): between the two
@@ -25,11 +26,11 @@ Decisions:
   with n = min(n_a, n_b) seeds behind it.
 * **Unmatched** (no run in the window and points on one side only): the nearest frontier point in
   |ln l0 − ln L| is shown, noted "not at the same sparsity", and never gets a verdict.
-* **Verdict** per metric, with Δ = baseline − sparsemax and the pooled std s_p = √((s_a² + s_b²)/2).
+* **Verdict** per metric, with Δ = baseline − reference and the pooled std s_p = √((s_a² + s_b²)/2).
   Lower is better for fvu, ce_degradation and dead_frac; higher is better for the concept metrics
   (:data:`HIGHER_IS_BETTER`: sparse probing ``probe_top{n}`` and ground-truth recovery ``gt_*``):
 
-      |Δ| > Z·s_p (Z = :data:`Z` = 2)  ⇒  sparsemax better (Δ > 0 when lower is better, Δ < 0 when
+      |Δ| > Z·s_p (Z = :data:`Z` = 2)  ⇒  reference better (Δ > 0 when lower is better, Δ < 0 when
                                           higher is better) or worse (the other sign),
       otherwise                         ⇒  within seed spread.
 
@@ -48,7 +49,7 @@ from typing import Literal
 
 from trainer.run_format import RunRecord
 
-#: Half-width of the matching window, relative to the sparsemax L0: |l0 − L| ≤ WINDOW·L.
+#: Half-width of the matching window, relative to the reference L0: |l0 − L| ≤ WINDOW·L.
 WINDOW = 0.25
 #: A difference counts when |Δ| > Z × pooled std.
 Z = 2.0
@@ -61,16 +62,22 @@ CONCEPT_METRICS: tuple[str, ...] = ("probe_top1", "probe_top5", "probe_top10", "
 HIGHER_IS_BETTER = frozenset(CONCEPT_METRICS)
 #: Every compared metric.
 METRICS: tuple[str, ...] = LOWER_IS_BETTER + CONCEPT_METRICS
-#: The family every other one is compared against.
-REFERENCE = "sparsemax"
 
 Method = Literal["matched", "interpolated", "unmatched"]
-Outcome = Literal["sparsemax better", "sparsemax worse", "within seed spread", "not conclusive"]
+Outcome = Literal["reference better", "reference worse", "within seed spread", "not conclusive"]
 
 
 def family_label(variant: str, input_norm: str) -> str:
     """The family a run belongs to: its variant, tagged when given unit-norm side information."""
     return f"{variant} (input_norm=unit)" if input_norm == "unit" else variant
+
+
+def reference_family() -> str:
+    """The family every other one is compared against: the ``is_reference`` variant with the default
+    input_norm ("sparsemax"); "" when no variant declares it (then nothing is compared)."""
+    from trainer.sae.registry import reference_variant
+
+    return family_label(reference_variant() or "", "none")
 
 
 def family_of(run: RunRecord) -> str:
@@ -197,7 +204,7 @@ def match_family(family: str, runs: Sequence[RunRecord], l0: float) -> Match:
 
 @dataclass(frozen=True)
 class Verdict:
-    """The comparison of one metric: Δ = baseline − sparsemax, the pooled std, the outcome and why."""
+    """The comparison of one metric: Δ = baseline − reference, the pooled std, the outcome and why."""
 
     metric: str
     delta: float | None
@@ -211,30 +218,32 @@ def pooled_std(a: float, b: float) -> float:
     return math.sqrt((a * a + b * b) / 2)
 
 
-def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match) -> Verdict:
+def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match, reference: str | None = None) -> Verdict:
     """Decide one metric by the rule of the module docstring: |Δ| > Z·s_p decides (lower is better, or
     higher for :data:`HIGHER_IS_BETTER`), otherwise within seed spread; never a verdict from one seed or
-    at an unmatched L0."""
+    at an unmatched L0. ``reference``: the reference family's name in the reasons (default
+    :func:`reference_family`)."""
+    reference = reference_family() if reference is None else reference
     base = match.metrics[metric]
     delta = None if base.mean is None or ref.mean is None else base.mean - ref.mean
     pooled = None if base.std is None or ref.std is None else pooled_std(base.std, ref.std)
     why = None
     if match.method == "unmatched":
-        why = f"not at the same sparsity: no {match.family} run within ±{WINDOW:.0%} of the sparsemax L0 " \
+        why = f"not at the same sparsity: no {match.family} run within ±{WINDOW:.0%} of the {reference} L0 " \
               "and none on both sides of it to interpolate"
     elif delta is None:
-        missing = "sparsemax" if ref.mean is None else match.family
+        missing = reference if ref.mean is None else match.family
         why = f"{metric} was not computed for {missing}"
     elif ref_seeds < 2 or ref.n < 2:
-        why = "one sparsemax seed: no spread to compare against"
+        why = f"one {reference} seed: no spread to compare against"
     elif match.seeds < 2 or base.n < 2:
         why = (f"one {match.family} seed at a bracketing point: no spread to compare against"
                if match.method == "interpolated" else f"one {match.family} seed: no spread to compare against")
     if why is not None or delta is None or pooled is None:
         return Verdict(metric, delta, pooled, "not conclusive", why or "no spread to compare against")
     if abs(delta) > Z * pooled:
-        sparsemax_better = delta < 0 if metric in HIGHER_IS_BETTER else delta > 0
-        outcome: Outcome = "sparsemax better" if sparsemax_better else "sparsemax worse"
+        reference_better = delta < 0 if metric in HIGHER_IS_BETTER else delta > 0
+        outcome: Outcome = "reference better" if reference_better else "reference worse"
         return Verdict(metric, delta, pooled, outcome, f"|Δ| = {abs(delta):.4g} > {Z:g} × pooled std {pooled:.4g}")
     return Verdict(metric, delta, pooled, "within seed spread",
                    f"|Δ| = {abs(delta):.4g} ≤ {Z:g} × pooled std {pooled:.4g}")
@@ -251,14 +260,16 @@ class SizeComparison:
     """Everything the report shows for one dictionary size M."""
 
     m: int
-    reference: Group | None  # the sparsemax runs at M (None: nothing to compare against)
+    reference: Group | None  # the reference family's runs at M (None: nothing to compare against)
     families: list[FamilyComparison] = field(default_factory=list)
     others: list[str] = field(default_factory=list)  # families present when there is no reference
 
 
-def compare(points: Iterable[RunRecord]) -> list[SizeComparison]:
-    """Per M (ascending): the sparsemax reference and every other family matched at its L0, in order
-    of first appearance (runs that are not :func:`comparable` take no part)."""
+def compare(points: Iterable[RunRecord], reference: str | None = None) -> list[SizeComparison]:
+    """Per M (ascending): the ``reference`` family (default :func:`reference_family`) and every other
+    family matched at its L0, in order of first appearance (runs that are not :func:`comparable` take
+    no part)."""
+    reference = reference_family() if reference is None else reference
     points = [p for p in points if comparable(p)]
     by_m: dict[int, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for p in points:
@@ -266,8 +277,8 @@ def compare(points: Iterable[RunRecord]) -> list[SizeComparison]:
     out = []
     for m in sorted(by_m):
         families = by_m[m]
-        ref_runs = families.get(REFERENCE)
-        others = [f for f in families if f != REFERENCE]
+        ref_runs = families.get(reference)
+        others = [f for f in families if f != reference]
         if not ref_runs:
             out.append(SizeComparison(m, None, others=others))
             continue
@@ -276,7 +287,8 @@ def compare(points: Iterable[RunRecord]) -> list[SizeComparison]:
         rows = []
         for fam in others:
             match = match_family(fam, families[fam], ref.l0.mean)
-            rows.append(FamilyComparison(match, {k: verdict(k, ref.metrics[k], ref.seeds, match) for k in METRICS}))
+            rows.append(FamilyComparison(match, {k: verdict(k, ref.metrics[k], ref.seeds, match, reference)
+                                                 for k in METRICS}))
         out.append(SizeComparison(m, ref, rows))
     return out
 

@@ -4,8 +4,9 @@ Inputs: every run of the sweep directory as the run format reads it back
 (:func:`trainer.run_format.read_sweep`: the runs the sweep summary lists, else every sub-directory
 holding a run config), each with its config and eval record. Sections:
 
-1. Matched sparsity (the headline): per M, each baseline family against the Sparsemax SAE at the
-   sparsemax L0, with a verdict per metric and the per-M frontier plot (``frontier.png``); the
+1. Matched sparsity (the headline): per M, each baseline family against the reference family (the
+   variant declaring ``is_reference``: the Sparsemax SAE) at its L0, with a verdict per metric and
+   the per-M frontier plot (``frontier.png``); the
    computation and its rules are :mod:`evaluator.matched`.
 2. The paper-style table: one row per variant (with its ``input_norm`` setting), one column
    per dictionary size M, each cell ``fvu / ce_degradation`` (mean ± sample std over the runs in
@@ -14,7 +15,8 @@ holding a run config), each with its config and eval record. Sections:
    fvu (kept rows and all rows), CE numbers, dead/dense fractions, filter.
 4. fvu vs M per variant (``fvu_vs_m.png``).
 5. The L0–fvu frontier over all sizes (``l0_fvu.png``).
-6. The support-size histogram of each sparsemax-family run (``support_<run>.png``) and the K a
+6. The support-size histogram of each run of a variant without an L0 knob (``has_l0_knob`` false: the
+   sparsemax family, which chooses its support per token; ``support_<run>.png``) and the K a
    TopK SAE should use to match it: K = round(mean support size) (the mean is what a
    TopK/BatchTopK SAE spends per token), with the median and 10–90% range beside it.
 
@@ -42,8 +44,7 @@ from store import io  # noqa: E402
 from store.errors import UserError  # noqa: E402
 from store.io import join_url  # noqa: E402
 from trainer.run_format import EVAL_FILE, RunRecord, read_sweep, report_url  # noqa: E402
-
-SPARSEMAX_FAMILY = ("sparsemax", "mlp_sparsemax")
+from trainer.sae.registry import family, variants  # noqa: E402
 
 
 def discover_runs(sweep_url: str, storage_options: io.StorageOptions = None) -> list[RunRecord]:
@@ -206,7 +207,9 @@ def metric_spec(key: str) -> str:
 
 def plot_frontier(points: list[RunRecord], url: str, storage_options: io.StorageOptions = None) -> None:
     """fvu against L0 (log x), one panel per M, one line per family through its frontier points (seeds
-    averaged per config, error bars = sample std), sparsemax points as stars with a ±WINDOW band."""
+    averaged per config, error bars = sample std), the reference's points as stars with a ±WINDOW band."""
+    reference = matched.reference_family()
+    title = family(reference).title
     by_m: dict[int, dict[str, list[RunRecord]]] = defaultdict(lambda: defaultdict(list))
     for p in points:
         if p.metric("fvu") is not None:
@@ -222,10 +225,10 @@ def plot_frontier(points: list[RunRecord], url: str, storage_options: io.Storage
             ys = [g.metrics["fvu"].mean for g in front]
             yerr = [g.metrics["fvu"].std or 0.0 for g in front]
             xerr = [g.l0.std or 0.0 for g in front]
-            ref = fam == matched.REFERENCE
+            ref = fam == reference
             ax.errorbar(xs, ys, yerr=yerr, xerr=xerr, color=colors[fam], marker="*" if ref else "o",
                         markersize=14 if ref else 5, linestyle="none" if ref else "-", capsize=3,
-                        label=f"{fam} (Sparsemax SAE)" if ref else fam, zorder=3 if ref else 2)
+                        label=f"{fam} ({title})" if ref and title != fam else fam, zorder=3 if ref else 2)
             if ref:
                 for x in xs:
                     ax.axvspan(x * (1 - matched.WINDOW), x * (1 + matched.WINDOW), color=colors[fam], alpha=0.12)
@@ -237,7 +240,7 @@ def plot_frontier(points: list[RunRecord], url: str, storage_options: io.Storage
         ax.set_title(f"M = {m}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    fig.suptitle(f"fvu–L0 frontier; band: ±{matched.WINDOW:.0%} around each sparsemax L0")
+    fig.suptitle(f"fvu–L0 frontier; band: ±{matched.WINDOW:.0%} around each {reference} L0")
     _save(fig, url, storage_options)
 
 
@@ -264,7 +267,7 @@ def _how(match: matched.Match) -> str:
     return f"no match: nearest {_point(match.nearest)} — not at the same sparsity"
 
 
-def _sentence(family: str, v: matched.Verdict) -> str:
+def _sentence(family: str, v: matched.Verdict, reference_title: str) -> str:
     """One verdict sentence; Δ and the threshold printed at the metric's table precision."""
     name = metric_name(v.metric)
     if v.outcome == "not conclusive" or v.delta is None or v.pooled_std is None:
@@ -275,8 +278,8 @@ def _sentence(family: str, v: matched.Verdict) -> str:
             f"{format(matched.Z * v.pooled_std, spec)}")
     if within:
         return f"- {family}, {name}: the difference is **within seed spread** ({rule})."
-    better = "better" if v.outcome == "sparsemax better" else "worse"
-    return f"- {family}, {name}: the Sparsemax SAE is **{better}** than {family} ({rule})."
+    better = "better" if v.outcome == "reference better" else "worse"
+    return f"- {family}, {name}: the {reference_title} is **{better}** than {family} ({rule})."
 
 
 def matched_section(comparisons: list[matched.SizeComparison],
@@ -284,6 +287,8 @@ def matched_section(comparisons: list[matched.SizeComparison],
     """Markdown lines of the "Matched sparsity" section for ``metrics`` (those the runs have:
     :func:`evaluator.matched.present_metrics`); the plot is written by :func:`plot_frontier`."""
     w, z = f"{matched.WINDOW:.0%}", f"{matched.Z:g}"
+    reference = matched.reference_family()
+    title = family(reference).title
     concept = [k for k in metrics if k in matched.HIGHER_IS_BETTER]
     direction = ("lower is better for fvu, ce_degradation and dead" + (
         f"; higher is better for {', '.join(concept)} (concept quality: sparse probing accuracy on labelled "
@@ -292,14 +297,14 @@ def matched_section(comparisons: list[matched.SizeComparison],
         "## Matched sparsity", "",
         "Comparisons between variants are only meaningful at equal sparsity (the same L0) and with more than "
         "one seed; this section says where that holds.", "",
-        f"How: per dictionary size M, L = the Sparsemax SAE's mean L0 over its runs (variant `sparsemax`, default "
+        f"How: per dictionary size M, L = the {title}'s mean L0 over its runs (variant `{reference}`, default "
         f"input_norm). A baseline family's fvu / ce_degradation / dead (and every metric below) at L is the mean ± "
         f"sample std over its runs "
         f"with |L0 − L| ≤ {w}·L (**matched**). When it has no run there but frontier points (seeds averaged per "
         "config) on both sides of L, the two bracketing points a, b are **interpolated** linearly in log L0: "
         "t = (ln L − ln L0_a)/(ln L0_b − ln L0_a), y = (1 − t)·y_a + t·y_b, with the spread interpolated alike from "
         "their seed std, s = (1 − t)·s_a + t·s_b. Otherwise the nearest point is shown, **not at the same "
-        f"sparsity**. Δ = baseline − sparsemax; {direction}. The other metrics are compared the same way. "
+        f"sparsity**. Δ = baseline − {reference}; {direction}. The other metrics are compared the same way. "
         f"Runs without an {EVAL_FILE} or a positive L0 take no part.", "",
         f"Rule: with the pooled std s_p = √((s_a² + s_b²)/2), |Δ| > {z}·s_p means one side is better; otherwise the "
         "difference is within seed spread. With one seed on either side (for an interpolation: at either "
@@ -309,10 +314,10 @@ def matched_section(comparisons: list[matched.SizeComparison],
         lines += [f"### M = {size.m}", ""]
         ref = size.reference
         if ref is None:
-            lines += [f"No sparsemax run at M = {size.m}: nothing to compare {', '.join(size.others)} against.", ""]
+            lines += [f"No {reference} run at M = {size.m}: nothing to compare {', '.join(size.others)} against.", ""]
             continue
         values = ", ".join(f"{metric_name(k)} = {_pm(ref.metrics[k], metric_spec(k))}" for k in metrics)
-        lines += [f"Sparsemax SAE ({_seeds(ref.runs)}): L0 = {_pm(ref.l0, '.2f')}, {values}.", ""]
+        lines += [f"{title} ({_seeds(ref.runs)}): L0 = {_pm(ref.l0, '.2f')}, {values}.", ""]
         if not size.families:
             lines += [f"No baseline at M = {size.m}.", ""]
             continue
@@ -329,11 +334,11 @@ def matched_section(comparisons: list[matched.SizeComparison],
             lines.append(f"| {mt.family} | {_how(mt)} | {l0} | " + " | ".join(cells) + " |")
         lines += ["", "Verdicts:", ""]
         for fc in size.families:
-            lines += [_sentence(fc.match.family, fc.verdicts[k]) for k in metrics]
+            lines += [_sentence(fc.match.family, fc.verdicts[k], title) for k in metrics]
         lines.append("")
     lines += [f"![fvu–L0 frontier per M]({FRONTIER_PNG})", "",
               "fvu against L0 (log x), one panel per M and one line per family (seeds averaged per config, error "
-              f"bars = std); the Sparsemax SAE's points are stars, each with a ±{w} band.", ""]
+              f"bars = std); the {title}'s points are stars, each with a ±{w} band.", ""]
     return lines
 
 
@@ -457,13 +462,15 @@ def write_report(sweep_url: str, storage_options: io.StorageOptions = None) -> s
         lines += [f"CE not computed: {'; '.join(skipped)}.", ""]
     lines += ["## fvu vs dictionary size", "", "![fvu vs M](fvu_vs_m.png)", "",
               "## L0–fvu frontier", "", "![L0 vs fvu](l0_fvu.png)", ""]
-    sparse_runs = [r for r in evaluated if r.variant in SPARSEMAX_FAMILY and r.eval.value("sparsity")]
-    lines += ["## Support size of the sparsemax runs (dynamic K) and the suggested TopK K", ""]
+    sparse_runs = [r for r in evaluated if not family(r.variant).has_l0_knob and r.eval.value("sparsity")]
+    dynamic = ", ".join(name for name, cls in variants().items() if not cls.has_l0_knob)
+    lines += ["## Support size of the dynamic-K runs and the suggested TopK K", ""]
     if not sparse_runs:
-        lines += ["No sparsemax-family run in this sweep.", ""]
+        lines += [f"No run of a variant that chooses its support per token ({dynamic}) in this sweep.", ""]
     else:
-        lines += ["K = round(mean support size over the eval tokens): a TopK (or BatchTopK) SAE with this K "
-                  "spends as many active concepts per token on average as the sparsemax SAE chose; the "
+        lines += [f"Variants without an L0 knob ({dynamic}) choose their support per token. "
+                  "K = round(mean support size over the eval tokens): a TopK (or BatchTopK) SAE with this K "
+                  "spends as many active concepts per token on average as the run chose; the "
                   "median and the 10–90% range show how much the per-token support varies.", "",
                   "| run | M | suggested K | mean | median | p10–p90 | corr(support size, ‖x‖) | corr(support size, position) |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -14,18 +14,31 @@ import argparse
 import sys
 
 from harvester.config import HarvestConfig
+from store.cli import CommandHelp, subcommand_parser
 from store.config import add_config_arguments, load_config
 from store.errors import run_cli
 
+RUN_HELP = CommandHelp(
+    does="Record a model's activations at one layer on a text corpus or an image set, into a dataset that "
+         "training and evaluation read (anywhere fsspec reaches: a folder, S3, GCS). Runs on a local Ray or a "
+         "cluster; Ctrl-C keeps what is done and the same command resumes. Every config key has a default.",
+    reads="the harvest config (model, layer, source), the model and the corpus",
+    writes="a sealed dataset <output>/<name>-<config hash>/; the last line printed is its URL",
+    example="deploy/configs/smollm2-python-docs.yaml --set hook.layer=12")
+SYNTH_HELP = CommandHelp(
+    does="Make a synthetic dataset whose rows are sparse sums of known features, with a varying number of "
+         "features per row, so an SAE's recovery of the true dictionary can be scored.",
+    reads="a generator config (dimension, number of features, rows, sparsity; every key has a default)",
+    writes="a sealed dataset with its true features and per-row feature counts; the last line printed is its URL",
+    example="--set d=64 --set features=256 --set rows=65536")
+
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harvester", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m harvester", description="Harvest or synthesize activation datasets.")
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="harvest activations described by a YAML config")
+    run = subcommand_parser(sub, "run", "python -m harvester run", RUN_HELP)
     add_config_arguments(run, config_required=False)  # every key has a default
-    synth = sub.add_parser("synth", help="generate synthetic activations with a known dictionary "
-                           "(ground_truth.safetensors) from a YAML generator config")
+    synth = subcommand_parser(sub, "synth", "python -m harvester synth", SYNTH_HELP)
     add_config_arguments(synth, config_required=False)
     return p
 

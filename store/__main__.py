@@ -10,13 +10,21 @@ import argparse
 import json
 import sys
 
+from store.cli import CommandHelp, command_parser
 from store.config import add_storage_options_argument
-from store.errors import run_cli
+from store.errors import redact, run_cli
+
+HELP = CommandHelp(
+    does="List the datasets under a folder, describe one (model, hook, rows, splits, statistics), or check "
+         "that one is complete and sound.",
+    reads="datasets (a folder or bucket URL: ls; one dataset URL: info, verify)",
+    writes="nothing; verify exits 1 when it finds a problem",
+    example="verify s3://team-bucket/activations/gpt2-l8-openwebtext")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the store CLI."""
-    p = argparse.ArgumentParser(prog="python -m store", description="Inspect dynsae activation datasets.")
+    p = command_parser("python -m store", HELP)
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("ls", help="list datasets under a root URL")
     ls.add_argument("root")
@@ -54,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     problems = verify_dataset(args.url, args.storage_options, sample_chunks=args.sample_chunks)
     for problem in problems:
-        print(problem)
+        print(redact(problem))
     if problems:
         print(f"{len(problems)} problem(s) found in {args.url}.", file=sys.stderr)
         return 1

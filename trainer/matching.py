@@ -3,8 +3,9 @@
 The Sparsemax SAE has no L0 knob (its support is chosen per token), so the baselines are matched to
 it: the sweep trains in two phases.
 
-1. Every run that cannot take a target (the reference variant and the rest of the sparsemax
-   family) and every run given an explicit ``sae.target_l0`` trains and is evaluated first.
+1. Every run that cannot take a target (a variant whose file says ``has_l0_knob = False``: the
+   reference and the rest of the sparsemax family) and every run given an explicit
+   ``sae.target_l0`` trains and is evaluated first.
 2. Every other run whose variant takes ``target_l0`` gets ``sae.target_l0`` = the mean held-out L0
    (eval.json's ``l0``) of the reference variant's runs at the same dictionary size M — the mean
    over their seeds — and trains after them (steered baselines reach it by their λ controller,
@@ -24,10 +25,10 @@ from trainer.config import TrainConfig
 
 
 def takes_target(cfg: TrainConfig) -> bool:
-    """Whether the run's variant has a ``target_l0`` setting."""
-    from trainer.sae.registry import variant_class
+    """Whether the run's variant has an L0 knob (``has_l0_knob`` in its file: a ``target_l0`` setting)."""
+    from trainer.sae.registry import family
 
-    return "target_l0" in variant_class(cfg.sae.get("variant")).config_class.model_fields
+    return family(str(cfg.sae.get("variant"))).has_l0_knob
 
 
 def split_phases(runs: list[tuple[dict[str, Any], TrainConfig]], reference: str

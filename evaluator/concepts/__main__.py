@@ -5,16 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 
+from store.cli import CommandHelp, command_parser
 from store.config import add_storage_options_argument
 from store.errors import UserError, run_cli
 
+HELP = CommandHelp(
+    does="Build a static browser of what each latent of a trained SAE fires on: top examples in context, "
+         "activation histograms, firing rates (open index.html, no server needed). `compare RUN_A RUN_B` "
+         "shows two SAEs' active latents token by token on one input. SAELens and sparsify folders work "
+         "too, with --dataset.",
+    reads="a run folder (or a SAELens / sparsify folder) and its dataset",
+    writes="a concepts/ folder in the run (or --out) with index.html",
+    example="runs/sweep1/variant-sparsemax_m-4096 --tokens 65536")
+COMPARE_HELP = CommandHelp(
+    does="Write a static page showing, token by token, the active latents of two SAEs on one input: a text, "
+         "a sequence of the dataset, or an image.",
+    reads="two run folders and the dataset of the first",
+    writes="compare.html in the first run's concepts/ folder (or --out)",
+    example="runs/sweep1/variant-sparsemax_m-4096 runs/sweep1/variant-topk_m-4096 --text 'def main():'")
+
 
 def browser_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m evaluator.concepts",
-        description="Build the static concept browser of a trained run in <run_dir>/concepts/ "
-                    "(open concepts/index.html, no server needed). "
-                    "`python -m evaluator.concepts compare RUN_A RUN_B ...` compares two runs on one input.")
+    p = command_parser("python -m evaluator.concepts", HELP)
     p.add_argument("run", help="run directory (any fsspec URL) of a trained SAE, "
                               "or a SAELens / sparsify folder (needs --dataset)")
     p.add_argument("--dataset", default=None, help="dataset URL (default: the run's own dataset; required for "
@@ -31,9 +43,7 @@ def browser_parser() -> argparse.ArgumentParser:
 
 
 def compare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m evaluator.concepts compare",
-        description="Write a static compare.html: per token, the active concepts of two runs on one input.")
+    p = command_parser("python -m evaluator.concepts", COMPARE_HELP, suffix=" compare")
     p.add_argument("run_a")
     p.add_argument("run_b")
     src = p.add_mutually_exclusive_group(required=True)

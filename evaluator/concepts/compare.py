@@ -138,7 +138,7 @@ def browser_link(run: RunInfo, out_file: str) -> str:
 def run_title(run: RunInfo) -> str:
     """A short name for a run: its directory name, variant, m and k."""
     cfg = run.sae.config
-    extra = f", k={cfg.k}" if cfg.variant in ("topk", "batchtopk") else ""
+    extra = f", k={cfg.k}" if "k" in type(cfg).model_fields else ""
     return f"{run.url.rstrip('/').split('/')[-1]} ({cfg.variant}, m={cfg.m}{extra})"
 
 

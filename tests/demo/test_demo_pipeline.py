@@ -1,6 +1,6 @@
 """The `make demo` pipeline at a tiny size, through the same code path (`dynsae demo`).
 
-Same config file as the demo (dynsae/configs/demo.yaml) — python_docs source, all 8 variants x 2
+Same config file as the demo (dynsae/configs/demo.yaml) — python_docs source, all its variants x 2
 dictionary sizes from one feeder on Ray, the evaluator actor, the report — with only the sizes
 and the model swapped for a tiny GPT-2 built in the test: 160 steps of 64 rows per run.
 """
@@ -11,12 +11,14 @@ import json
 import math
 
 import pytest
+import yaml
 from tiny_models import build_tiny_gpt2
 
 from dynsae.demo import DEFAULT_CONFIG
 from dynsae.demo import main as demo_main
 
-VARIANTS = ["sparsemax", "relu", "gated", "jumprelu", "topk", "batchtopk", "attn_relu", "mlp_sparsemax"]
+#: the demo's own grid (every variant of its matched-sparsity sweep)
+VARIANTS: list[str] = yaml.safe_load(DEFAULT_CONFIG.read_text())["sweep"]["grid"]["sae.variant"]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,23 @@ def demo_out(tmp_path_factory, ray_local):
         "sweep.eval_max_tokens": 1024,
         "sweep.evaluator_options.ce_contexts": 4,
         "sweep.ray.feeder_window": 192,  # as in the demo: the window holds every batch of the run
+        # the synthetic ground-truth phase, tiny: 2 families x 2 seeds at matched L0
+        "synth.output": str(root / "data"),
+        "synth.d": 16,
+        "synth.features": 32,
+        "synth.rows": 2048,
+        "synth.complex_l0": "[4, 8]",
+        "synth.chunk_rows": 256,
+        "synth.shard_rows": 1024,
+        "synth_sweep.base.runs_root": str(root / "runs"),
+        "synth_sweep.base.batch_size": 64,
+        "synth_sweep.base.tokens": 64 * 80,
+        "synth_sweep.base.checkpoint_every": 40,
+        "synth_sweep.base.log_every": 20,
+        "synth_sweep.base.sae.m": 32,
+        "synth_sweep.eval_max_tokens": 512,
+        "synth_sweep.ray.feeder_window": 96,
+        "synth_sweep.grid": "{sae.variant: [sparsemax, topk], sae.seed: [0, 1]}",
     }
     argv = [str(DEFAULT_CONFIG), "--no-progress"]
     for key, value in overrides.items():
@@ -57,7 +76,7 @@ def test_every_run_trained_and_evaluated(demo_out):
     assert sorted((r["sae.variant"], r["sae.m"]) for r in runs) == sorted(
         (v, m) for v in VARIANTS for m in (64, 256))
     assert all(r["status"] == "finished" for r in runs)
-    # one feeder served all 16 trainers: every batch index was read from the store once
+    # one feeder served all the trainers: every batch index was read from the store once
     (reads,) = summary["feeder_reads"].values()
     assert reads["reads"] == reads["unique"] == 160 and reads["max_reads_per_batch"] == 1
     for r in runs:
@@ -80,3 +99,21 @@ def test_report_has_every_section(demo_out):
         assert f"]({picture})" in report
         assert (demo_out / "runs" / "demo" / picture).stat().st_size > 1000
     assert "suggested K" in report
+
+
+def test_synthetic_phase_scores_every_run_against_the_truth(demo_out):
+    """The demo's synthetic phase: every run has the ground-truth metrics in eval.json and the summary,
+    the TopK runs are matched to the Sparsemax SAE's held-out L0, CE is skipped with a reason."""
+    summary = json.loads((demo_out / "runs" / "demo-synth" / "summary.json").read_text())
+    runs = summary["runs"]
+    assert sorted((r["sae.variant"], r["sae.seed"]) for r in runs) == [("sparsemax", 0), ("sparsemax", 1),
+                                                                      ("topk", 0), ("topk", 1)]
+    assert all(r["status"] == "finished" for r in runs)
+    l0 = [r["eval_l0"] for r in runs if r["sae.variant"] == "sparsemax"]
+    for r in runs:
+        assert 0 < r["eval_gt_mcc"] <= 1 and 0 <= r["eval_gt_recovered"] <= 1 and 0 <= r["eval_gt_f1"] <= 1
+        assert "synthetic dataset" in r["eval_ce_skipped"]
+        if r["sae.variant"] == "topk":
+            assert r["target_l0"] == pytest.approx(sum(l0) / 2, abs=1e-3)  # stored to 3 decimals
+    report = (demo_out / "runs" / "demo-synth" / "report.md").read_text()
+    assert "## About this run" in report and "known unit features" in report

@@ -94,7 +94,7 @@ def test_matched_within_window(sizes):
     # fvu: Δ = 0.21 − 0.12 = 0.09 > 2·√((0.02² + 0.0002)/2) = 2·√3e-4 ≈ 0.0346 → sparsemax better
     v = fc.verdicts["fvu"]
     assert v.delta == pytest.approx(0.09) and v.pooled_std == pytest.approx(math.sqrt(3e-4))
-    assert v.outcome == "sparsemax better"
+    assert v.outcome == "reference better"
     # ce: Δ = 0.065 − 0.06 = 0.005 ≤ 2·√((0.01² + 0.0002)/2) ≈ 0.0245 → within seed spread
     v = fc.verdicts["ce_degradation"]
     assert v.delta == pytest.approx(0.005) and v.pooled_std == pytest.approx(math.sqrt(1.5e-4))
@@ -117,7 +117,7 @@ def test_interpolated_in_log_l0(sizes):
     assert m.metrics["dead_frac"].mean == pytest.approx(1 / 6)
     # fvu Δ = 0.05 − 0.12 = −0.07, |Δ| > 2·√3e-4 → sparsemax worse
     v = fc.verdicts["fvu"]
-    assert v.delta == pytest.approx(-0.07) and v.outcome == "sparsemax worse"
+    assert v.delta == pytest.approx(-0.07) and v.outcome == "reference worse"
 
 
 def test_unmatched_is_not_conclusive(sizes):
@@ -225,13 +225,13 @@ def test_concept_metrics_are_higher_is_better(concept_sweep):
     # probe_top1: sparsemax 0.65 ± 0.0707, topk 0.45 ± 0.0707: Δ = −0.2, 2 × pooled std = 0.1414 ⇒ sparsemax better
     probe = topk.verdicts["probe_top1"]
     assert probe.delta == pytest.approx(-0.2) and probe.pooled_std == pytest.approx(math.sqrt(0.005))
-    assert probe.outcome == "sparsemax better"
+    assert probe.outcome == "reference better"
     # fvu: lower is better, topk 0.09 vs sparsemax 0.11: Δ = −0.02 within 2 × 0.01414
     assert topk.verdicts["fvu"].outcome == "within seed spread"
     mcc = topk.verdicts["gt_mcc"]  # 0.92 vs 0.91 ± 0.0141: within spread
     assert mcc.delta == pytest.approx(0.01) and mcc.outcome == "within seed spread"
     worse = matched.verdict("gt_mcc", matched.Stat(0.5, 0.01, 2), 2, topk.match)
-    assert worse.outcome == "sparsemax worse"  # topk's 0.92 is higher
+    assert worse.outcome == "reference worse"  # topk's 0.92 is higher
 
 
 def test_report_shows_concept_verdicts_and_table(concept_sweep):

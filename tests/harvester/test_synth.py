@@ -127,3 +127,18 @@ def test_synth_on_s3(s3_bucket):
                                  shard_rows=200, complex_l0=(5, 9)), progress=False).url
     assert url.startswith("s3://") and verify_dataset(url) == []
     assert ground_truth.load(url, 8).n == 16
+
+
+def test_deploy_configs_of_the_ground_truth_comparison_validate():
+    """deploy/configs/synth-d768.yaml and sweep-synth-d768.yaml are valid configs at the paper's scale."""
+    from pathlib import Path
+
+    from store.config import load_config
+    from trainer.config import SweepConfig, grid_points
+
+    repo = Path(__file__).resolve().parents[2]
+    synth = load_config(SynthConfig, repo / "deploy/configs/synth-d768.yaml")
+    assert synth.d == 768 and synth.features == 8192
+    sweep = load_config(SweepConfig, repo / "deploy/configs/sweep-synth-d768.yaml")
+    assert sweep.match_l0 == "sparsemax" and sweep.grid["sae.m"] == [3072, 6144, 12288, 24576]
+    assert len(grid_points(sweep)) == 84  # 7 families x 4 sizes x 3 seeds

@@ -15,7 +15,8 @@ from trainer.sae.sparse_ops import select_linear, sparse_decode
 from trainer.sparsemax import sparsemax_sort
 
 D, M, K, B = 16, 64, 4, 32
-EXTRA = {"jumprelu": {"bandwidth": 0.5, "threshold_init": 0.05}, "topk": {"k": K}, "batchtopk": {"k": K}}
+EXTRA = {"jumprelu": {"bandwidth": 0.5, "threshold_init": 0.05}, "topk": {"k": K}, "batchtopk": {"k": K},
+         "matryoshka": {"k": K}}
 
 
 def make(variant: str, **kw) -> sae_zoo.SAE:
@@ -55,7 +56,7 @@ def test_forward_shapes_loss_and_gradients(variant: str) -> None:
     dense = Codes(m=M, dense=codes.to_dense(), norms=codes.norms)
     torch.testing.assert_close(sae.decode(codes), sae.decode(dense), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sae.decode(codes, x), x_hat, rtol=1e-5, atol=1e-5)
-    if variant in ("sparsemax", "topk", "batchtopk", "mlp_sparsemax"):
+    if variant in ("sparsemax", "topk", "batchtopk", "matryoshka", "mlp_sparsemax"):
         assert codes.is_sparse and codes.idx.shape[1] < M
     if variant in ("relu", "attn_relu"):
         assert not codes.is_sparse

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from trainer.sae.base import Codes
 from trainer.sae.cross_attention import CrossAttentionSAE
+from trainer.sae.interop import SaeLensForm
 from trainer.sae.steering import SparsityController, SteeredConfig
 
 
@@ -51,3 +52,8 @@ class AttnReluSAE(CrossAttentionSAE):
         weight = self.C.norm(dim=-1) * (self.W_V.norm() / math.sqrt(self.config.d))
         l1 = (codes.dense * weight).sum(dim=-1).mean()  # Σ_i a_i w_i
         return codes, self.decode_normalized(codes), {"l1": (self.controller.coefficient, l1)}
+
+    def to_saelens(self) -> SaeLensForm:
+        """SAELens ``standard``: ReLU is homogeneous, so ‖x‖·ReLU((x/‖x‖) W_enc) = ReLU(x W_enc) on the
+        folded dictionary (:meth:`CrossAttentionSAE.dictionary`) — nothing of ours needed to load it."""
+        return SaeLensForm("standard", self.dictionary())

@@ -26,6 +26,7 @@ Shared decisions (written once here, used by every variant):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -36,6 +37,7 @@ from store import io
 from store.errors import UserError
 from trainer.run_format import weights_url, write_sae_config
 from trainer.sae.config import SAEConfig
+from trainer.sae.interop import NotRepresentable, SaeLensForm, SparsifyForm
 from trainer.sae.sparse_ops import SupportPattern, sparse_decode
 
 NORM_EPS = 1e-8
@@ -187,11 +189,6 @@ def mse(x_hat: Tensor, x: Tensor) -> Tensor:
     return (x_hat - x).pow(2).mean()
 
 
-def norm_mse(x_hat: Tensor, x: Tensor) -> Tensor:
-    """mean_{t,i} (x̂ − x)² / ‖x_t‖ (the authors' reconstruction loss)."""
-    return reconstruction(x_hat, x, "norm_mse")[0]
-
-
 def reconstruction(x_hat: Tensor, x: Tensor, loss: str, norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(the ``loss`` term, plain mse without gradient) from one pass of squared errors; ``norms`` (B,)
     = ‖x‖ when already known."""
@@ -202,6 +199,13 @@ def reconstruction(x_hat: Tensor, x: Tensor, loss: str, norms: Tensor | None = N
     if norms is None:
         norms = x.norm(dim=-1).clamp_min(NORM_EPS)
     return (sq / norms[:, None]).mean(), plain  # mean_{t,i} (x̂ − x)² / ‖x_t‖
+
+
+class Reconstructions(tuple):
+    """Further reconstructions y_g (each (B, d), in the space the SAE encodes) returned as a penalty value
+    by ``forward_normalized``: :meth:`SAE.forward` replaces them by Σ_g of their reconstruction losses,
+    computed exactly as the main one (the same ``loss`` setting, ×‖x‖ where the SAE rescales). Used by
+    the Matryoshka SAE for its nested prefixes."""
 
 
 # ----------------------------------------------------------------------------- base
@@ -226,10 +230,30 @@ class SAE(nn.Module):
     #: True for architectures that always work on x/‖x‖ and rescale by ‖x‖ (the paper's).
     always_unit_norm: ClassVar[bool] = False
 
+    # -- the family's traits, read by the sweep and the report (trainer.sae.registry.family)
+    #: How sentences name the variant ("the Sparsemax SAE"); "" = the variant string.
+    title: ClassVar[str] = ""
+    #: False when the variant chooses its support per token and so has no L0 knob (no ``target_l0``):
+    #: the sweep trains it before the steered baselines and the report shows its support sizes. Follows
+    #: the config (``target_l0`` among its fields) when not set; when set, it must agree (checked when the
+    #: class is defined).
+    has_l0_knob: ClassVar[bool] = True
+    #: True for the one variant every other family is compared against at its L0 (the report's
+    #: matched-sparsity reference). Not inherited: a subclass is a baseline unless it says so.
+    is_reference: ClassVar[bool] = False
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Register every class that names its own ``variant`` (registration by the variant string)."""
         super().__init_subclass__(**kwargs)
+        if "is_reference" not in cls.__dict__:
+            cls.is_reference = False
         if cls.__dict__.get("variant"):
+            knob = "target_l0" in cls.config_class.model_fields
+            if "has_l0_knob" not in cls.__dict__:
+                cls.has_l0_knob = knob
+            elif cls.has_l0_knob != knob:
+                raise TypeError(f"SAE variant {cls.variant!r}: has_l0_knob = {cls.has_l0_knob} but its config "
+                                f"{'has' if knob else 'has no'} target_l0; make them agree.")
             if cls.variant in REGISTERED and REGISTERED[cls.variant].__qualname__ != cls.__qualname__:
                 raise TypeError(f"SAE variant {cls.variant!r} is defined twice ({REGISTERED[cls.variant].__module__} "
                                 f"and {cls.__module__}); rename one.")
@@ -311,6 +335,9 @@ class SAE(nn.Module):
         losses: dict[str, Tensor] = {"recon": recon, "mse": plain_mse}
         total = recon
         for name, (coef, value) in penalties.items():
+            if isinstance(value, Reconstructions):  # Σ_g of the reconstruction loss of each further y_g
+                value = sum((reconstruction(y_g * norms[:, None] if norms is not None else y_g, x, self.config.loss,
+                                            norms)[0] for y_g in value), x.new_zeros(()))
             losses[name] = value
             if torch.is_tensor(coef):  # a steered coefficient: logged beside its penalty
                 losses[f"{name}_coef"] = coef.detach()
@@ -319,7 +346,8 @@ class SAE(nn.Module):
         return self._unscale(x_hat), codes, losses
 
     def forward_normalized(self, xi: Tensor) -> tuple[Codes, Tensor, dict[str, tuple[float, Tensor]]]:
-        """Default: encode, decode, no penalty."""
+        """Default: encode, decode, no penalty. Penalties are ``{name: (coefficient, value)}``; a value may
+        be :class:`Reconstructions` (their summed reconstruction loss is the penalty)."""
         codes = self.encode_normalized(xi)
         return codes, self.decode_normalized(codes), {}
 
@@ -328,6 +356,24 @@ class SAE(nn.Module):
 
     def decode_normalized(self, codes: Codes) -> Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- conversion to the formats of other libraries (written by dynsae.export; trainer.sae.interop)
+    def saelens_scale(self) -> tuple[float, str]:
+        """(c, normalize_activations): SAELens feeds the encoder c·u where ours sees u — with a per-token
+        norm SAELens's ``constant_norm_rescale`` (x·√d/‖x‖ in, ×‖x‖/√d out, c = √d), else c = s
+        (``input_scale``) and ``"none"``."""
+        if self.unit_input:
+            return math.sqrt(self.config.d), "constant_norm_rescale"
+        return float(self.config.input_scale), "none"
+
+    def to_saelens(self) -> SaeLensForm:
+        """This SAE in SAELens terms (eval-mode forward); :class:`NotRepresentable` when it has none."""
+        raise NotRepresentable(f"SAELens has no architecture for a {self.variant} SAE (its file "
+                               f"trainer/sae/{self.variant}.py defines no to_saelens)")
+
+    def to_sparsify(self) -> SparsifyForm:
+        """This SAE in eai-sparsify's terms; :class:`NotRepresentable` when it has none."""
+        raise NotRepresentable("sparsify holds TopK SAEs only")
 
     # -- what each latent means in activation space
     def decoder_matrix(self) -> Tensor:  # pragma: no cover - abstract

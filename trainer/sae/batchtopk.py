@@ -15,6 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
+from trainer.sae.interop import NotRepresentable, SaeLensForm, SparsifyForm
 from trainer.sae.sparse_ops import pad_rows
 from trainer.sae.topk import AuxKConfig, TopKSAE
 
@@ -70,6 +71,19 @@ class BatchTopKSAE(TopKSAE):
         else:
             self.threshold.copy_(low)
             self.threshold_set.fill_(True)
+
+    def to_saelens(self) -> SaeLensForm:
+        """SAELens ``jumprelu`` with the global inference threshold θ on every latent (SAELens's own
+        inference form of BatchTopK): eval mode computes f = π·1[π > θ]; θ folds by c like the features."""
+        form, c = self.homogeneous_saelens("jumprelu")
+        theta = float(self.threshold) if bool(self.threshold_set) else 0.0
+        form.tensors["threshold"] = torch.full((self.config.m,), c * theta, dtype=torch.float64)
+        return form
+
+    def to_sparsify(self) -> SparsifyForm:
+        """Refused: sparsify's coder keeps the top k per token, ours keeps what exceeds θ."""
+        raise NotRepresentable(f"at inference a {self.variant} SAE keeps every latent above one global threshold, "
+                               "and sparsify's coder keeps a fixed k per token instead")
 
 
 def batch_topk(pre: Tensor, k: int, floor: float | None = None) -> tuple[Tensor, Tensor, Tensor, float]:

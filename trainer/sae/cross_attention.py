@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from trainer.sae.base import SAE, Codes
 from trainer.sae.config import SAEConfig
+from trainer.sae.interop import f64
 from trainer.sae.sparse_ops import sparse_decode
 
 
@@ -49,3 +50,11 @@ class CrossAttentionSAE(SAE):
         else:
             h = codes.dense.to(self.C.dtype) @ self.C
         return h @ self.W_V
+
+    def dictionary(self) -> dict[str, Tensor]:
+        """The plain dictionary this SAE folds to: W_enc = (C W_K)ᵀ (d, M) on x/‖x‖, W_dec = C W_V (M, d),
+        zero biases (the scale s cancels on x/‖x‖), features ‖x‖·a — a linear, stateless decode."""
+        c = f64(self.C)
+        d, m = self.config.d, self.config.m
+        return {"W_enc": (c @ f64(self.W_K)).T, "W_dec": c @ f64(self.W_V),
+                "b_enc": torch.zeros(m, dtype=torch.float64), "b_dec": torch.zeros(d, dtype=torch.float64)}

@@ -22,6 +22,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainer.sae.base import Codes, mse, padded_from_dense
+from trainer.sae.interop import SaeLensForm, f64
 from trainer.sae.linear import LinearSAE
 from trainer.sae.sparse_ops import SupportPattern, select_linear, sparse_decode
 from trainer.sae.steering import SparsityController, SteeredConfig
@@ -95,3 +96,9 @@ class GatedSAE(LinearSAE):
         l1 = gate.sum(dim=-1).mean()  # ‖ReLU(π_gate)‖₁
         aux = mse(frozen + self.b_dec.detach(), xi)
         return codes, self.decode_normalized(codes), {"l1": (self.controller.coefficient, l1), "aux": (1.0, aux)}
+
+    def to_saelens(self) -> SaeLensForm:
+        """SAELens ``gated``: π_gate = h + b_gate, π_mag = exp(r_mag) ⊙ h + b_mag (features fold by c)."""
+        form, c = self.homogeneous_saelens("gated", bias_name="b_gate")
+        form.tensors.update(b_mag=c * f64(self.b_mag), r_mag=f64(self.r_mag))
+        return form

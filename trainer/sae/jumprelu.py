@@ -37,6 +37,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from trainer.sae.base import Codes, padded_from_dense
+from trainer.sae.interop import SaeLensForm, f64
 from trainer.sae.linear import LinearSAE
 from trainer.sae.sparse_ops import SupportPattern, sparse_decode
 from trainer.sae.steering import SparsityController, SteeredConfig
@@ -182,3 +183,9 @@ class JumpReluSAE(LinearSAE):
         steps = (torch.where(support.mask, _Step.apply(codes.val.detach(), theta[support.idx], eps), 0.0).sum()
                  + torch.where(near.mask, _Step.apply(s_near, theta_near, eps), 0.0).sum())
         return codes, x_hat, {"l0": (self.config.l0, steps / xi.shape[0])}
+
+    def to_saelens(self) -> SaeLensForm:
+        """SAELens ``jumprelu``: the features fold by c, and so does θ (stored as θ, not log θ)."""
+        form, c = self.homogeneous_saelens("jumprelu")
+        form.tensors["threshold"] = c * f64(self.thresholds())
+        return form

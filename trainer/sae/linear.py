@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from trainer.sae.base import DENSE_FRACTION, SAE, Codes, Decoder
 from trainer.sae.config import SAEConfig
+from trainer.sae.interop import SaeLensForm, f64
 from trainer.sae.sparse_ops import SupportPattern, select_linear
 
 
@@ -82,3 +83,13 @@ class LinearSAE(SAE):
     def decode_normalized(self, codes: Codes) -> Tensor:
         """x̂ = Σ_i f_i W_dec,i + b_dec."""
         return self.decoder(codes) + self.b_dec
+
+    def homogeneous_saelens(self, architecture: str, bias_name: str = "b_enc") -> tuple[SaeLensForm, float]:
+        """(form, c) for codes positively homogeneous in π (relu, topk, jumprelu, gated, batchtopk): SAELens
+        computes c·π on c·u, so the fold scales the features by c — W_enc, W_dec as they are, b_dec·c and
+        the encoder bias (named ``bias_name`` in SAELens) ·c. The caller adds its architecture's own
+        tensors (thresholds ×c) and cfg keys."""
+        c, normalize = self.saelens_scale()
+        tensors = {"W_enc": f64(self.W_enc).T, "W_dec": f64(self.decoder.weight), "b_dec": c * f64(self.b_dec),
+                   bias_name: c * f64(self.b_enc)}
+        return SaeLensForm(architecture, tensors, normalize_activations=normalize), c

@@ -21,8 +21,9 @@ from typing import Literal
 from torch import Tensor
 
 from trainer.sae.base import Codes
+from trainer.sae.interop import SaeLensForm, f64
 from trainer.sae.linear import LinearSAE
-from trainer.sae.sparsemax import SparsemaxCoder, SparsemaxCodesConfig
+from trainer.sae.sparsemax import SAELENS_ARCHITECTURE, SparsemaxCoder, SparsemaxCodesConfig
 
 
 class MLPSparsemaxConfig(SparsemaxCodesConfig):
@@ -36,6 +37,7 @@ class MLPSparsemaxSAE(LinearSAE):
 
     variant = "mlp_sparsemax"
     config_class = MLPSparsemaxConfig
+    has_l0_knob = False  # sparsemax codes: the support is chosen per token
     always_unit_norm = True
     unit_decoder = False
     enc_init_scale = 1.0
@@ -49,3 +51,12 @@ class MLPSparsemaxSAE(LinearSAE):
         xc, h = self.hidden(xi)
         pre = h + self.b_enc.detach()
         return self.coder(pre, lambda idx, pattern: self.selected_pre(xc, h, idx, pattern))
+
+    def to_saelens(self) -> SaeLensForm:
+        """``dynsae_sparsemax``: sparsemax codes are not homogeneous, so the encoder side folds — W_enc/c
+        on the c·u SAELens feeds, W_dec·c, b_dec·c, b_enc as it is."""
+        c, normalize = self.saelens_scale()
+        tensors = {"W_enc": f64(self.W_enc).T / c, "W_dec": c * f64(self.decoder.weight), "b_dec": c * f64(self.b_dec),
+                   "b_enc": f64(self.b_enc)}
+        return SaeLensForm(SAELENS_ARCHITECTURE, tensors,
+                           {"activation": self.config.activation, "scale_by_input_norm": False}, normalize)

@@ -5,7 +5,8 @@ Adding a variant = adding one file ``trainer/sae/<name>.py`` holding a class tha
 pydantic config deriving from :class:`trainer.sae.config.SAEConfig` with ``variant:
 Literal["<name>"]``). Every module of the ``trainer.sae`` package is imported when the registry is
 first used (:func:`variants`), and defining the class registers it (``SAE.__init_subclass__``): no
-list, no entry point, nothing else to edit.
+list, no entry point, nothing else to edit: the sweep and the report read the class's traits through
+:func:`family` / :func:`reference_variant`, export calls its ``to_saelens`` / ``to_sparsify``.
 
 The SAE config a user writes is the union of the variants' configs discriminated by ``variant``:
 a key that the variant's config does not have is an error naming it.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
+from dataclasses import dataclass
 from typing import Any
 
 from store import io
@@ -43,6 +45,35 @@ def variant_class(name: Any) -> type[SAE]:
     if name not in found:
         raise ValueError(f"unknown SAE variant {name!r}; choose one of {', '.join(found)}")
     return found[name]
+
+
+@dataclass(frozen=True)
+class Family:
+    """A variant's traits as the sweep and the report read them (the class's ``title``, ``has_l0_knob``
+    and ``is_reference``, see :class:`trainer.sae.base.SAE`)."""
+
+    variant: str
+    title: str
+    has_l0_knob: bool = True
+    is_reference: bool = False
+
+
+def family(name: str) -> Family:
+    """The traits of a variant; a name no file defines (a run of a removed variant) gets the defaults
+    of a baseline with an L0 knob."""
+    cls = variants().get(name)
+    if cls is None:
+        return Family(name, name)
+    return Family(name, cls.title or name, cls.has_l0_knob, cls.is_reference)
+
+
+def reference_variant() -> str | None:
+    """The variant every other family is compared against (``is_reference``); None when no file declares
+    one. Two declaring it is an error naming them."""
+    found = [name for name, cls in variants().items() if cls.is_reference]
+    if len(found) > 1:
+        raise TypeError(f"SAE variants {', '.join(found)} all declare is_reference; exactly one may.")
+    return found[0] if found else None
 
 
 def validate_sae(data: dict[str, Any]) -> SAEConfig:
@@ -101,4 +132,5 @@ def load(url: str, storage_options: io.StorageOptions = None) -> SAE:
     return sae
 
 
-__all__ = ["as_config", "build", "load", "validate_sae", "variant_class", "variants"]
+__all__ = ["Family", "as_config", "build", "family", "load", "reference_variant", "validate_sae", "variant_class",
+           "variants"]

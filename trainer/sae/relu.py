@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import Tensor
 
 from trainer.sae.base import Codes
+from trainer.sae.interop import SaeLensForm
 from trainer.sae.linear import LinearSAE
 from trainer.sae.steering import SparsityController, SteeredConfig
 
@@ -58,3 +59,7 @@ class ReluSAE(LinearSAE):
         weighted = codes.dense * norms if codes.dense is not None else codes.val * norms[codes.idx]
         l1 = weighted.sum(dim=-1).mean()
         return codes, self.decode_normalized(codes), {"l1": (self.controller.coefficient, l1)}
+
+    def to_saelens(self) -> SaeLensForm:
+        """SAELens ``standard``: f = ReLU(π) is homogeneous, so the features fold by c."""
+        return self.homogeneous_saelens("standard")[0]

@@ -34,9 +34,12 @@ from torch import Tensor, nn
 from trainer.sae.base import Codes
 from trainer.sae.config import SAEConfig
 from trainer.sae.cross_attention import CrossAttentionSAE
+from trainer.sae.interop import SaeLensForm
 from trainer.sae.sparse_ops import SupportPattern, select_decode, select_linear
 from trainer.sparsemax import sparsemax_mask
 
+#: The SAELens architecture the sparsemax-coded variants export to (dynsae.saelens registers it).
+SAELENS_ARCHITECTURE = "dynsae_sparsemax"
 NO_TARGET = ("a {variant} SAE chooses its support size per token (sparsemax), so it has no L0 target; "
              "train it first and steer the baselines to its measured L0 instead (their sae.target_l0 = the l0 "
              "in its evaluation, or the sweep's match_l0), then compare in the report's Matched sparsity section")
@@ -121,6 +124,9 @@ class SparsemaxSAE(CrossAttentionSAE):
 
     variant = "sparsemax"
     config_class = SparsemaxConfig
+    title = "Sparsemax SAE"
+    has_l0_knob = False  # the support is chosen per token
+    is_reference = True  # the baselines are matched to its L0 and compared against it
 
     def __init__(self, config: SparsemaxConfig) -> None:
         super().__init__(config)
@@ -146,3 +152,9 @@ class SparsemaxSAE(CrossAttentionSAE):
         codes = Codes(m=self.config.m, idx=pattern.idx, val=val, pattern=pattern)
         self.coder.update(codes)
         return codes, h @ self.W_V, {}
+
+    def to_saelens(self) -> SaeLensForm:
+        """``dynsae_sparsemax`` (registered with SAELens by ``import dynsae.saelens``) on the folded
+        dictionary, encoding x/‖x‖ and returning features ‖x‖·a (``scale_by_input_norm``)."""
+        return SaeLensForm(SAELENS_ARCHITECTURE, self.dictionary(),
+                           {"activation": self.config.activation, "scale_by_input_norm": True})

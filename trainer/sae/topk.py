@@ -24,6 +24,7 @@ from torch import Tensor
 
 from trainer.sae.base import Codes, mse
 from trainer.sae.config import SAEConfig
+from trainer.sae.interop import NotRepresentable, SaeLensForm, SparsifyForm, is_unit_norm
 from trainer.sae.linear import LinearSAE
 from trainer.sae.sparse_ops import SupportPattern
 
@@ -124,4 +125,24 @@ class TopKSAE(LinearSAE):
         e = (xi - y).detach()
         return mse(self.decoder(aux), e)
 
+    def to_saelens(self) -> SaeLensForm:
+        """SAELens ``topk`` with ``k``; ``rescale_acts_by_decoder_norm`` (a no-op on unit rows) marks the
+        decoder unit-norm only where it is, which lets SAE-Dashboard fold decoder norms."""
+        form = self.homogeneous_saelens("topk")[0]
+        form.cfg = {"k": int(min(self.config.k, self.config.m)),
+                    "rescale_acts_by_decoder_norm": is_unit_norm(form.tensors["W_dec"])}
+        return form
 
+    def to_sparsify(self) -> SparsifyForm:
+        """sparsify's SparseCoder (``encoder`` = W_enc, b_enc; ``W_dec``, ``b_dec``): the SAELens fold."""
+        if self.unit_input:
+            raise NotRepresentable("it was trained with input_norm 'unit' (x/‖x‖ in, ×‖x‖ out), which sparsify "
+                                   "cannot express")
+        form = TopKSAE.to_saelens(self)
+        t = form.tensors
+        tensors = {"encoder.weight": t["W_enc"].T, "encoder.bias": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"]}
+        cfg = {"activation": "topk", "expansion_factor": max(1, self.config.m // self.config.d),
+               "normalize_decoder": bool(form.cfg["rescale_acts_by_decoder_norm"]), "num_latents": self.config.m,
+               "k": int(form.cfg["k"]), "multi_topk": False, "skip_connection": False, "transcode": False,
+               "d_in": self.config.d}
+        return SparsifyForm(cfg, tensors)
