@@ -34,6 +34,7 @@ from store.dataset import open_dataset
 from store.errors import UserError
 from store.filters import RowFilter
 from store.io import join_url
+from store.lease import leased
 from store.loader import ActivationLoader
 from trainer.checkpoint import STATE_VERSION, RunDir, rng_state, set_rng_state
 from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
@@ -199,9 +200,15 @@ class Run(RunPlan):
         self.finished = False
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = 0
-        self.check_existing()
-        self._resume()
-        write_run_config(self.url, self.config_record(), cfg.storage_options)  # only once the resume succeeded
+        # one writer per run directory: a second run of it waits for this lease (given back by fit)
+        self.lease = leased(self.url, "run", cfg.storage_options, take_over_stale=cfg.take_over_stale_lease)
+        try:
+            self.check_existing()
+            self._resume()
+            write_run_config(self.url, self.config_record(), cfg.storage_options)  # only once the resume succeeded
+        except BaseException:
+            self.lease.release()
+            raise
 
     def _resume(self) -> None:
         state = self.dir.load_state()
@@ -229,6 +236,7 @@ class Run(RunPlan):
 
     def checkpoint(self) -> None:
         """Weights, metrics, then the state record (the commit point), each written atomically."""
+        self.lease.check()  # never commit over the work of a writer that took this directory over
         self.dir.save_weights(self.sae)
         self.dir.write_metrics(self.metrics)
         self.dir.save_state({
@@ -301,7 +309,14 @@ class Run(RunPlan):
     def fit(self, batches: BatchSource | None = None, on_step: StepHook | None = None) -> str:
         """Train to the budget from wherever the run stands; returns the run URL. ``on_step(self)`` runs
         after every step, once the step's checkpoint (if it writes one) is committed: a caller's own
-        progress report, or a test's fault injection (a process that dies there resumes from it)."""
+        progress report, or a test's fault injection (a process that dies there resumes from it). The run
+        directory's lease is given back when it returns."""
+        try:
+            return self._fit(batches, on_step)
+        finally:
+            self.lease.release()
+
+    def _fit(self, batches: BatchSource | None, on_step: StepHook | None) -> str:
         if self.step >= self.total_steps:
             if not self.finished or self.dir.load_state() is None:
                 self.checkpoint()

@@ -43,6 +43,7 @@ import ray
 from store.cluster import RaySession, ray_session
 from store.errors import UserError
 from store.io import join_url
+from store.lease import leased
 from trainer.config import RayConfig, SweepConfig, TrainConfig, expand_sweep
 from trainer.feeder import Feeder, feeder_batches
 from trainer.matching import reference_l0, split_phases, with_targets
@@ -206,9 +207,14 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
     metrics, :class:`trainer.run.RunEvaluation`), ``on_step`` to every trainer (:meth:`trainer.run.Run.fit`).
     Raises :class:`store.cluster.Interrupted` on SIGINT/SIGTERM."""
     runs = validate_sweep(sweep, source)
-    # however the sweep ends (a signal included), none of its actors outlives it
-    with ray_session(sweep.ray.address, address_key="ray.address") as session:
-        summary = train_and_evaluate(sweep, runs, evaluator, SweepActors(session), progress, evaluation, on_step)
+    first = runs[0][1]
+    # one sweep writes a sweep directory at a time: a second one waits, then finds the runs finished
+    with leased(join_url(first.runs_root, sweep.name), "sweep", first.storage_options,
+                take_over_stale=first.take_over_stale_lease, take_over_key="base.take_over_stale_lease"):
+        # however the sweep ends (a signal included), none of its actors outlives it
+        with ray_session(sweep.ray.address, address_key="ray.address") as session:
+            summary = train_and_evaluate(sweep, runs, evaluator, SweepActors(session), progress, evaluation,
+                                         on_step)
     failed = [r for r in summary["runs"] if r["status"] != "finished"]
     if failed:
         raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(summary['runs'])} runs failed "

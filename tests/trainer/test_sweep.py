@@ -157,3 +157,35 @@ def test_bad_sweeps_fail_before_any_actor(tiny_store, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing was started
     with pytest.raises(UserError, match="is not sealed"):
         run_sweep(SweepConfig.model_validate(cases["unsealed"][0]), progress=False)
+
+
+@pytest.mark.timeout(600)
+def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny_store, tmp_path):
+    """A sweep subprocess and an in-process sweep of the same config and runs root at the same time: one
+    holds the sweep directory's lease and trains, the other waits and then finds the runs finished. Both
+    succeed; every run equals an uninterrupted one; no lease is left behind."""
+    import subprocess
+    import sys
+
+    data = sweep_dict(tiny_store, str(tmp_path / "runs"))
+    data["grid"] = {"sae.variant": ["relu", "sparsemax"]}
+    path = write_yaml(tmp_path / "sweep.yaml", data)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "sweep", path, "--no-progress"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        summary = run_sweep(SweepConfig.model_validate(data), progress=False)
+        _, err = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert [r["status"] for r in summary["runs"]] == ["finished", "finished"]
+    assert not list((tmp_path / "runs").rglob("lease.json"))
+    for variant in ("relu", "sparsemax"):
+        run_dir = tmp_path / "runs" / "sw" / f"variant-{variant}"
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        assert state["step"] == STEPS
+        assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
+            list(range(2, STEPS + 1, 2))
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))
