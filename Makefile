@@ -42,9 +42,13 @@ install: $(BIN)/.installed
 lint: install
 	$(BIN)/ruff check .
 
+# Two pytest-xdist workers (one per core of the 2-core box the suite is sized for), whole files per worker
+# so module fixtures are built once, in the order tests/conftest.py gives them (longest files first);
+# TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest tests -q
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: install
 	$(BIN)/python -m dynsae demo

@@ -1,10 +1,10 @@
-"""Feeder sharing: N trainers fed by one feeder actor vs N trainers with their own loaders.
+"""Feeder: N trainers fed by one feeder actor vs N trainers with their own loaders, and the feeder's ceiling.
 
 Setup: a synthetic local store (float32), N ∈ {1, 4, 8} consumer actors on a local Ray instance,
 each consuming the same T batches and doing a fixed amount of "training" work per batch
 (an (B, d) @ (d, M) matmul + ReLU). Two modes, timed side by side in the same run:
 
-* ``shared``: one :class:`trainer.sweep.FeederCore` actor reads each batch once with
+* ``shared``: one :class:`trainer.feeder.FeederCore` actor reads each batch once with
   ``ActivationLoader.batch(b)``, ``ray.put``s it, every consumer gets the ObjectRef;
 * ``independent`` (the baseline): each consumer has its own ``ActivationLoader`` and streams it
   (``iter_batches``).
@@ -23,7 +23,17 @@ natural probe, but local chunks are memory-mapped and this sandbox does not acco
 worker threads. Wall time is the consuming phase only (actors are started and
 warmed up before the clock starts). Results: ``bench/results/feeder.json``.
 
-Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024]``.
+**Ceiling** (``--parts ceiling``): how fast one feeder can stream. N = 1, 4, 8 *takers* (Ray actors
+that do nothing but take batches, as a sweep's trainer takes them: :func:`trainer.feeder.feeder_batches`
+through the :class:`trainer.run.Prefetcher`) each take the same 2 epochs of batches (B = 4,096,
+d = 768, acts + positions) of a float16 and of a float32 dataset from one feeder, against **one loader
+alone** (``iter_batches`` of the same batches and columns in the bench's process, no Ray), in paired
+rounds (loader, feeder, loader, ...; each round's feeder rate against the mean of the loader runs
+around it). Reported per dtype and N: rows/s and GB/s (stored bytes) per taker and for all takers,
+the ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads
+per batch (1) and the bytes of a batch through the object store (half for float16).
+
+Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024] [--parts sharing ceiling]``.
 """
 
 from __future__ import annotations
@@ -43,7 +53,7 @@ import numpy as np
 import ray
 import torch
 
-from trainer.sweep import FeederCore
+from trainer.feeder import FeederCore, feeder_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feeder.json"
 
@@ -120,7 +130,7 @@ class Consumer:
 
         fetch = None
         if self.feeder is not None:
-            fetch = Prefetcher(lambda b: ray.get(ray.get(self.feeder.get.remote(b, self.name))), 0, batches)
+            fetch = Prefetcher(feeder_batches(self.feeder, self.name), 0, batches)
             stream = (fetch.get(b) for b in range(batches))
         else:
             stream = self.loader.iter_batches(start=0)
@@ -128,7 +138,7 @@ class Consumer:
         try:
             for _ in range(batches):
                 batch = next(stream)
-                acts = batch["acts"] if fetch is None else torch.from_numpy(batch["acts"].copy())
+                acts = batch.acts_on("cpu")
                 if self.w is None:
                     self.w = torch.randn(acts.shape[1], self.m) / acts.shape[1] ** 0.5
                 checksum += float(torch.relu(acts @ self.w).sum())
@@ -139,25 +149,121 @@ class Consumer:
         return checksum
 
 
-def make_bench_store(url: str, rows: int, d: int) -> str:
-    """A float32 store of ``rows`` random rows (the bench's own synthetic data)."""
+@ray.remote(num_cpus=0)
+class Taker:
+    """A consumer that does nothing but take batches, as a sweep's trainer takes them (the feeder through
+    :class:`trainer.run.Prefetcher`, two batches ahead): the feeder's ceiling."""
+
+    def __init__(self, name: str, feeder: Any) -> None:
+        self.name, self.feeder = name, feeder
+
+    def ready(self) -> bool:
+        return True
+
+    def run(self, batches: int) -> tuple[int, int]:
+        """(rows, bytes) of batches 0..batches-1."""
+        from trainer.run import Prefetcher
+
+        fetch = Prefetcher(feeder_batches(self.feeder, self.name), 0, batches)
+        rows = nbytes = 0
+        try:
+            for b in range(batches):
+                batch = fetch.get(b)
+                rows, nbytes = rows + batch.rows, nbytes + batch.nbytes
+        finally:
+            fetch.close()
+        return rows, nbytes
+
+
+def loader_alone(store: str, batch_size: int, batches: int) -> float:
+    """Seconds for one loader (the feeder's settings and columns, in this process, no Ray) to stream
+    batches 0..batches-1: the rate a feeder could at best pass on."""
+    from store.loader import ActivationLoader
+    from trainer.run import BATCH_COLUMNS
+
+    rows = ActivationLoader(store, batch_size, seed=0).rows_per_epoch
+    loader = ActivationLoader(store, batch_size, seed=0, columns=BATCH_COLUMNS,
+                              epochs=math.ceil(batches * batch_size / rows))
+    t0 = time.perf_counter()
+    for b, _ in enumerate(loader):
+        if b + 1 == batches:
+            break
+    seconds = time.perf_counter() - t0
+    loader.close()
+    return seconds
+
+
+def ceiling_trial(store: str, n: int, batches: int, batch_size: int) -> dict[str, Any]:
+    """One feeder serving ``n`` takers: wall of the taking phase, rows and bytes taken, store reads."""
+    names = [f"t{i}" for i in range(n)]
+    feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0)
+    takers = [Taker.remote(name, feeder) for name in names]
+    ray.get([t.ready.remote() for t in takers] + [feeder.io.remote()])
+    t0 = time.perf_counter()
+    taken = ray.get([t.run.remote(batches) for t in takers])
+    wall = time.perf_counter() - t0
+    stats = ray.get(feeder.reads.remote())
+    for actor in takers + [feeder]:
+        ray.kill(actor)
+    return {"wall_s": wall, "rows_per_taker": taken[0][0], "bytes_per_taker": taken[0][1],
+            "feeder_reads": stats["reads"], "feeder_bytes_read": stats["bytes_read"]}
+
+
+def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds: int) -> list[dict[str, Any]]:
+    """Per stored dtype and N: the rate (rows/s and GB/s of stored bytes) at which one feeder serves N
+    takers, against one loader alone on the same data, in paired rounds (loader, feeder, loader, ...:
+    each round's ratio against the mean of the loader runs around it; medians reported)."""
+    out = []
+    for dtype in ("float16", "float32"):
+        store = make_bench_store(os.path.join(tmp, f"ceiling-{dtype}"), rows, d, dtype)
+        batches = 2 * rows // batch_size  # two epochs
+        row_bytes = d * np.dtype(dtype).itemsize + 2  # acts + int16 positions, as stored
+        loader_alone(store, batch_size, batches)  # page cache, numba kernel
+        for n in ns:
+            alone = [loader_alone(store, batch_size, batches)]
+            trials, ratios = [], []
+            for _ in range(rounds):
+                trials.append(ceiling_trial(store, n, batches, batch_size))
+                alone.append(loader_alone(store, batch_size, batches))
+                ratios.append(((alone[-1] + alone[-2]) / 2) / trials[-1]["wall_s"])
+            wall = statistics.median(t["wall_s"] for t in trials)
+            loader_s = statistics.median(alone)
+            total_rows = batches * batch_size
+            row = {"dtype": dtype, "n_takers": n, "batches": batches, "batch_size": batch_size, "d": d,
+                   "rounds": rounds, "loader_alone_s": loader_s, "loader_rows_s": total_rows / loader_s,
+                   "loader_GB_s": total_rows * row_bytes / loader_s / 1e9, "feeder_wall_s": wall,
+                   "feeder_rows_s_per_taker": total_rows / wall,
+                   "feeder_GB_s_per_taker": total_rows * row_bytes / wall / 1e9,
+                   "feeder_GB_s_all_takers": n * total_rows * row_bytes / wall / 1e9,
+                   "ratio_feeder_over_loader": statistics.median(ratios), "ratio_rounds": ratios,
+                   "feeder_reads": trials[-1]["feeder_reads"], "reads_per_batch": trials[-1]["feeder_reads"] / batches,
+                   "bytes_per_batch_through_feeder": trials[-1]["bytes_per_taker"] / batches}
+            assert all(t["rows_per_taker"] == total_rows for t in trials)
+            out.append(row)
+            print(json.dumps({k: v for k, v in row.items() if k != "ratio_rounds"}), flush=True)
+        shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def make_bench_store(url: str, rows: int, d: int, dtype: str = "float32") -> str:
+    """A store of ``rows`` random rows in ``dtype`` (the bench's own synthetic data)."""
     from store.manifest import DatasetManifest, HookInfo, ModelInfo, SourceInfo
     from store.stats import StatsAccumulator
     from store.writer import DatasetWriter
 
     shard_rows = 8192
-    manifest = DatasetManifest(d=d, dtype="float32", shard_rows=shard_rows, chunk_rows=1024, context_length=128,
+    manifest = DatasetManifest(d=d, dtype=dtype, shard_rows=shard_rows, chunk_rows=1024, context_length=128,
                                model=ModelInfo(name="synthetic"), hook=HookInfo(layer=0, site="resid_post"),
                                source=SourceInfo(name="synthetic"))
     writer = DatasetWriter.create(url, manifest)
     rng = np.random.default_rng(0)
     stats = StatsAccumulator(d)
     for s in range(rows // shard_rows):
-        acts = rng.normal(size=(shard_rows, d)).astype(np.float32)
+        acts = rng.normal(size=(shard_rows, d)).astype(dtype)
         idx = np.arange(s * shard_rows, (s + 1) * shard_rows)
         writer.write_shard(s, acts, token_ids=(idx % 1000).astype(np.int32), seq_ids=(idx // 128).astype(np.int64),
                            positions=(idx % 128).astype(np.int16))
-        stats.update(acts)
+        stats.update(acts.astype(np.float32))
     writer.seal(stats=stats.result())
     return url
 
@@ -192,6 +298,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int, default=1024)
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds per N (median reported)")
+    parser.add_argument("--parts", nargs="+", choices=["sharing", "ceiling"], default=["sharing", "ceiling"])
+    parser.add_argument("--ceiling-rows", type=int, default=131072)
+    parser.add_argument("--ceiling-d", type=int, default=768)
+    parser.add_argument("--ceiling-batch", type=int, default=4096)
+    parser.add_argument("--ceiling-rounds", type=int, default=3)
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.mkdtemp(prefix="fbench", dir="/tmp")
@@ -202,9 +313,9 @@ def main(argv: list[str] | None = None) -> int:
     payload = batches * args.batch * (args.d * 4 + 8)  # acts float32 + positions int64 per row (logical)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(tmp, "ray"), log_to_driver=False,
              _node_ip_address="127.0.0.1")
-    results = []
+    results, ceilings = [], []
     try:
-        for n in args.ns:
+        for n in args.ns if "sharing" in args.parts else []:
             rounds: list[dict[str, Any]] = []
             for r in range(args.rounds):  # paired rounds, the order alternating (the box may be shared)
                 modes = (False, True) if r % 2 == 0 else (True, False)
@@ -229,15 +340,23 @@ def main(argv: list[str] | None = None) -> int:
                                                           / max(row["shared"]["bytes_read"], 1))
             results.append(row)
             print(json.dumps(row), flush=True)
+        if "ceiling" in args.parts:
+            ceilings = ceiling(tmp, args.ceiling_rows, args.ceiling_d, args.ceiling_batch, args.ns, args.ceiling_rounds)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = results if "sharing" in args.parts else old.get("results", [])  # a partial run keeps the rest
+    ceilings = ceilings if "ceiling" in args.parts else old.get("ceiling", [])
     RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "independent loaders (one per trainer)",
                                    "ratio": "wall_ratio_feeder_over_independent: feeder wall / independent "
                                             "wall, median of paired rounds (<= 1.0: the feeder is not slower)",
                                    "rows": args.rows, "d": args.d, "batch_size": args.batch, "m": args.m,
-                                   "torch_threads": 1, "cpus": 2, "results": results}, indent=2) + "\n")
+                                   "torch_threads": 1, "cpus": 2, "results": results,
+                                   "ceiling_baseline": "one ActivationLoader alone (iter_batches, the feeder's "
+                                                       "columns), no Ray, paired rounds",
+                                   "ceiling": ceilings, "loadavg": os.getloadavg()}, indent=2) + "\n")
     return 0
 
 

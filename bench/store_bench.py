@@ -15,6 +15,13 @@ Everything is timed side by side in this process:
   default settings.
 * **s3** (moto server on 127.0.0.1, started here): a 128 MiB float32 dataset; baseline is
   s3fs ``cat_file`` of every shard object one after the other; loader as above.
+* **first epoch in a fresh process** (float16 and float32): a dataset four default windows long
+  (4 × 64 chunks of 4,096 rows, d = 256: 512 MiB float16, 1 GiB float32), page-cached. Each round
+  starts a new Python process (``--first-epoch-child``) that imports the store, times the raw read
+  of the dataset (median of three passes), then the first epoch of a new ``ActivationLoader`` at
+  the defaults (from its construction to its last batch: window buffers allocated and first
+  touched, shard files mapped, the scatter kernel loaded): ratio = raw read / first epoch, the
+  median over rounds.
 
 * **index check**: the loader checks each shard index's crc32c (``16·cps + 4`` bytes, once per shard
   per reader) before trusting it; reported as the crc time of every index against one raw epoch read.
@@ -52,16 +59,17 @@ D = 512
 CHUNK = 4096
 
 
-def manifest(shard_rows: int, dtype: str = "float32") -> DatasetManifest:
-    return DatasetManifest(d=D, dtype=dtype, shard_rows=shard_rows, chunk_rows=CHUNK, context_length=128,
+def manifest(shard_rows: int, dtype: str = "float32", d: int = D, chunk_rows: int = CHUNK) -> DatasetManifest:
+    return DatasetManifest(d=d, dtype=dtype, shard_rows=shard_rows, chunk_rows=chunk_rows, context_length=128,
                            model={"name": "bench"}, hook={"layer": 0, "site": "resid_post"},
                            source={"name": "gaussian"}, split={"fraction": 0.0, "seed": 0})
 
 
-def write_dataset(url: str, shards: int, shard_rows: int, storage_options=None, dtype: str = "float32") -> dict:
+def write_dataset(url: str, shards: int, shard_rows: int, storage_options=None, dtype: str = "float32",
+                  d: int = D, chunk_rows: int = CHUNK) -> dict:
     """Write ``shards`` full shards; returns write timing."""
-    w = DatasetWriter.create(url, manifest(shard_rows, dtype), overwrite=True, storage_options=storage_options)
-    data = np.random.default_rng(0).standard_normal((shard_rows, D), dtype=np.float32).astype(dtype)
+    w = DatasetWriter.create(url, manifest(shard_rows, dtype, d, chunk_rows), overwrite=True, storage_options=storage_options)
+    data = np.random.default_rng(0).standard_normal((shard_rows, d), dtype=np.float32).astype(dtype)
     t0 = time.perf_counter()
     for s in range(shards):
         data[0, 0] = s
@@ -89,7 +97,7 @@ def shard_paths(url: str, storage_options=None) -> tuple[object, list[str], int]
     ds = open_dataset(url, storage_options=storage_options)
     fs, path = filesystem(url, storage_options)
     paths = [join_url(path, c.objects["acts"].key) for _, c in sorted(ds.commits.items())]
-    return fs, paths, ds.num_rows * D * np.dtype(ds.manifest.dtype).itemsize
+    return fs, paths, ds.num_rows * ds.manifest.d * np.dtype(ds.manifest.dtype).itemsize
 
 
 def raw_read_local(paths: list[str]) -> float:
@@ -131,7 +139,7 @@ def loader_read(url: str, window: int, prefetch: int, storage_options=None) -> t
     rows, marks = 0, []
     t0 = time.perf_counter()
     for batch in loader:
-        rows += batch.shape[0]
+        rows += batch.rows
         if rows % per_epoch == 0:
             marks.append(time.perf_counter())
             if len(marks) == WARM_EPOCHS + TIMED_EPOCHS:
@@ -139,6 +147,41 @@ def loader_read(url: str, window: int, prefetch: int, storage_options=None) -> t
     loader.close()
     assert rows == per_epoch * len(marks), "the bench's epochs must end on batch boundaries"
     return marks[0] - t0, (marks[-1] - marks[WARM_EPOCHS - 1]) / TIMED_EPOCHS, per_epoch
+
+
+#: The fresh-process first epoch: a dataset four default windows long (64 chunks a window).
+FIRST_D, FIRST_WINDOWS, DEFAULT_WINDOW = 256, 4, 64
+
+
+def first_epoch_child(url: str) -> int:
+    """In a new process: the raw read of ``url``'s acts (median of 3) and the first epoch of a new loader
+    at the default settings, from its construction to its last batch; one JSON line on stdout."""
+    _, paths, nbytes = shard_paths(url)
+    raw = statistics.median(raw_read_local(paths) for _ in range(3))
+    t0 = time.perf_counter()
+    loader = ActivationLoader(url, batch_size=4096, split="all", seed=0, epochs=1)
+    rows = sum(batch.rows for batch in loader)
+    first = time.perf_counter() - t0
+    loader.close()
+    print(json.dumps({"raw_seconds": raw, "first_epoch_seconds": first, "rows": rows, "bytes": nbytes}))
+    return 0
+
+
+def bench_first_epoch(url: str, rounds: int) -> dict:
+    """``rounds`` fresh processes, each timing a raw read and a new loader's first epoch (see the module
+    docstring); the ratio raw / first epoch per round and its median."""
+    import subprocess
+
+    runs = []
+    for _ in range(rounds):
+        out = subprocess.run([sys.executable, "-m", "bench.store_bench", "--first-epoch-child", url],
+                             capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    ratios = [r["raw_seconds"] / r["first_epoch_seconds"] for r in runs]
+    return {"rounds": rounds, "rows": runs[0]["rows"], "bytes": runs[0]["bytes"],
+            "raw_seconds": statistics.median(r["raw_seconds"] for r in runs),
+            "first_epoch_seconds": statistics.median(r["first_epoch_seconds"] for r in runs),
+            "ratio": statistics.median(ratios), "ratio_rounds": ratios, "runs": runs}
 
 
 def bench_reads(name: str, url: str, raw: callable, nbytes: int, rows_total: int, settings: list[tuple[int, int]],
@@ -219,74 +262,109 @@ def free_port() -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller data, fewer settings")
+    ap.add_argument("--only", choices=["steady", "first-epoch", "s3"], nargs="+",
+                    default=["steady", "first-epoch", "s3"], help="the parts to run (default: all)")
+    ap.add_argument("--rounds", type=int, help="paired rounds (default: 15, quick: 3; first epoch: 9, quick: 3)")
+    ap.add_argument("--defaults-only", action="store_true", help="local float32: only the default settings")
+    ap.add_argument("--first-epoch-child", metavar="URL", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    rounds = 3  # --quick; a full run does 15 paired rounds locally and on S3
+    if args.first_epoch_child:
+        return first_epoch_child(args.first_epoch_child)
+    rounds = args.rounds or (3 if args.quick else 15)  # paired rounds, locally and on S3
     local_shards = 2 if args.quick else 4
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                                  "loadavg_start": os.getloadavg()},
                      "d": D, "dtype": "float32", "chunk_rows": CHUNK}
     tmp = tempfile.mkdtemp(prefix="storebench", dir="/tmp")
     try:
-        # ---- local ---------------------------------------------------------------------------
-        url = os.path.join(tmp, "local")
-        wr = write_dataset(url, local_shards, 65536)
-        raw_w = raw_write_local(os.path.join(tmp, "raw"), wr.pop("data"), local_shards)
-        shutil.rmtree(os.path.join(tmp, "raw"))
-        results["local_write"] = {**wr, "baseline_MB_s": raw_w, "ratio": wr["MB_s"] / raw_w}
-        print(f"local write: {wr['MB_s']:.0f} MB/s vs raw {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x",
-              flush=True)
-        _, paths, nbytes = shard_paths(url)
-        raw_read_local(paths)  # warm the page cache
-        settings = [(8, 2), (64, 2)] if args.quick else [(8, 0), (8, 2), (32, 2), (64, 0), (64, 2)]
-        results["local_read"] = bench_reads("local", url, lambda: raw_read_local(paths), nbytes,
-                                            local_shards * 65536, settings, rounds if args.quick else 15)
-        results["index_check"] = index_check_cost(paths, 65536 // CHUNK, results["local_read"]["baseline"]["seconds"])
-        shutil.rmtree(url)
-        # the harvester's default storage dtype: float16 files, float32 batches (a cast per row)
-        url = os.path.join(tmp, "local16")
-        write_dataset(url, local_shards, 65536, dtype="float16")
-        _, paths, nbytes = shard_paths(url)
-        raw_read_local(paths)
-        results["local_read_float16"] = bench_reads("local f16", url, lambda: raw_read_local(paths), nbytes,
-                                                    local_shards * 65536, [(64, 2)], rounds if args.quick else 15)
-        shutil.rmtree(url)
-        # ---- S3 on loopback ---------------------------------------------------------------------
-        from moto.server import ThreadedMotoServer
-
-        port = free_port()
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
-        try:
-            endpoint = f"http://127.0.0.1:{port}"
-            os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
-            import boto3
-
-            boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
-            s3url = "s3://bench/ds"
-            s3_shards = 2 if args.quick else 4
-            wr = write_dataset(s3url, s3_shards, 16384)
-            data = wr.pop("data")
-            fs, s3paths, nbytes = shard_paths(s3url)
-            t0 = time.perf_counter()
-            for s in range(s3_shards):
-                fs.pipe_file(f"bench/raw/{s}.bin", data.tobytes())
-            raw_w = s3_shards * data.nbytes / (time.perf_counter() - t0) / 1e6
-            results["s3_write"] = {**wr, "baseline_MB_s": raw_w, "ratio": wr["MB_s"] / raw_w}
-            print(f"s3 write: {wr['MB_s']:.0f} MB/s vs raw put {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x",
-                  flush=True)
-            s3_settings = [(8, 2), (64, 2)] if args.quick else [(8, 0), (8, 2), (16, 2), (64, 0), (64, 2)]
-            results["s3_read"] = bench_reads("s3", s3url, lambda: raw_read_remote(fs, s3paths), nbytes,
-                                             s3_shards * 16384, s3_settings, rounds if args.quick else 15)
-        finally:
-            server.stop()
+        if "steady" in args.only:
+            settings = [(64, 2)] if args.defaults_only else [(8, 2), (64, 2)] if args.quick else [
+                (8, 0), (8, 2), (32, 2), (64, 0), (64, 2)]
+            results.update(steady_local(tmp, local_shards, rounds, settings))
+        if "first-epoch" in args.only:
+            # four default windows: 4 x 64 chunks (quick: chunks of 1,024 rows, full: 4,096)
+            chunk = 1024 if args.quick else CHUNK
+            for dtype in ("float16", "float32"):
+                url = os.path.join(tmp, f"first-{dtype}")
+                shard_rows = 16 * chunk
+                write_dataset(url, FIRST_WINDOWS * DEFAULT_WINDOW * chunk // shard_rows, shard_rows, dtype=dtype,
+                              d=FIRST_D, chunk_rows=chunk)
+                _, paths, _ = shard_paths(url)
+                raw_read_local(paths)  # into the page cache
+                got = results[f"first_epoch_fresh_process_{dtype}"] = bench_first_epoch(url, args.rounds or (3 if args.quick else 9))
+                print(f"first epoch, fresh process, {dtype} ({got['bytes'] / 2**20:.0f} MiB, {FIRST_WINDOWS} windows): "
+                      f"{got['ratio']:.2f} x raw (median of {got['rounds']} rounds: "
+                      f"{', '.join(f'{r:.2f}' for r in got['ratio_rounds'])})", flush=True)
+                shutil.rmtree(url)
+        if "s3" in args.only:
+            results["s3_write"], results["s3_read"] = s3_reads(args.quick, rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["machine"]["loadavg_end"] = os.getloadavg()
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2))
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() and set(args.only) != {"steady", "first-epoch", "s3"} else {}
+    RESULTS.write_text(json.dumps({**old, **results}, indent=2))  # a partial run keeps the other parts' results
     print(f"wrote {RESULTS}")
     return 0
+
+
+def steady_local(tmp: str, shards: int, rounds: int, settings: list[tuple[int, int]]) -> dict:
+    """Local write timing, and the paired read bench of float32 files at every setting and of float16
+    files (the harvester's default storage dtype; batches stay float16) at the defaults."""
+    results = {}
+    url = os.path.join(tmp, "local")
+    wr = write_dataset(url, shards, 65536)
+    raw_w = raw_write_local(os.path.join(tmp, "raw"), wr.pop("data"), shards)
+    shutil.rmtree(os.path.join(tmp, "raw"))
+    results["local_write"] = {**wr, "baseline_MB_s": raw_w, "ratio": wr["MB_s"] / raw_w}
+    print(f"local write: {wr['MB_s']:.0f} MB/s vs raw {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x", flush=True)
+    _, paths, nbytes = shard_paths(url)
+    raw_read_local(paths)  # warm the page cache
+    results["local_read"] = bench_reads("local", url, lambda: raw_read_local(paths), nbytes, shards * 65536,
+                                        settings, rounds)
+    results["index_check"] = index_check_cost(paths, 65536 // CHUNK, results["local_read"]["baseline"]["seconds"])
+    shutil.rmtree(url)
+    url = os.path.join(tmp, "local16")
+    write_dataset(url, shards, 65536, dtype="float16")
+    _, paths, nbytes = shard_paths(url)
+    raw_read_local(paths)
+    results["local_read_float16"] = bench_reads("local f16", url, lambda: raw_read_local(paths), nbytes,
+                                                shards * 65536, [(64, 2)], rounds)
+    shutil.rmtree(url)
+    return results
+
+
+def s3_reads(quick: bool, rounds: int) -> tuple[dict, dict]:
+    """Write timing and the read bench against a moto server on loopback (started here)."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint})
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="bench")
+        s3url = "s3://bench/ds"
+        s3_shards = 2 if quick else 4
+        wr = write_dataset(s3url, s3_shards, 16384)
+        data = wr.pop("data")
+        fs, s3paths, nbytes = shard_paths(s3url)
+        t0 = time.perf_counter()
+        for s in range(s3_shards):
+            fs.pipe_file(f"bench/raw/{s}.bin", data.tobytes())
+        raw_w = s3_shards * data.nbytes / (time.perf_counter() - t0) / 1e6
+        write = {**wr, "baseline_MB_s": raw_w, "ratio": wr["MB_s"] / raw_w}
+        print(f"s3 write: {wr['MB_s']:.0f} MB/s vs raw put {raw_w:.0f} MB/s = {wr['MB_s'] / raw_w:.2f} x", flush=True)
+        s3_settings = [(8, 2), (64, 2)] if quick else [(8, 0), (8, 2), (16, 2), (64, 0), (64, 2)]
+        read = bench_reads("s3", s3url, lambda: raw_read_remote(fs, s3paths), nbytes, s3_shards * 16384,
+                           s3_settings, rounds)
+    finally:
+        server.stop()
+    return write, read
 
 
 if __name__ == "__main__":

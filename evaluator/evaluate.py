@@ -303,11 +303,10 @@ def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilt
     seen = 0
     with loader, torch.no_grad():
         for batch in loader:
-            x, positions, seq_ids = batch["acts"], batch["positions"], batch.get("seq_ids")
             if max_tokens is not None:
-                x, positions = x[: max_tokens - seen], positions[: max_tokens - seen]
-                seq_ids = None if seq_ids is None else seq_ids[: max_tokens - seen]
-            x, positions = x.to(device), positions.to(device)
+                batch = batch.head(max_tokens - seen)
+            x, positions = batch.acts_on(device), batch.positions.to(device)  # the one cast, on the device
+            seq_ids = batch.seq_ids
             keep = row_filter.keep_mask(x, positions, median_norm)
             codes = sae.encode(x)
             x_hat = sae.decode(codes, x)

@@ -19,7 +19,9 @@ N rows, a ∈ R^M the codes of a row):
   the per-row support size histogram ("dynamic K"); Pearson correlations of the support
   size with ‖x‖ and with the token position.
 * ``dead_frac`` = fraction of concepts that never fired on the evaluated rows;
-  ``dense_frac`` = fraction that fired on more than 10% of them.
+  ``dense_frac`` = fraction that fired on more than 10% of them. (Training logs its own, different
+  count under another name: ``train_dead_frac`` = fraction of concepts that have not fired for the
+  last ``dead_tokens`` training tokens, kept by the trainer's counters, :mod:`trainer.run`.)
 * Sparse probing (SAEBench's definition; docs/metrics.md): per document D, the mean-pooled codes
   ā_D = (1/|D|) Σ_{t∈D} a_t over its kept rows (:class:`DocumentMeans`); the documents are split
   (seeded, per class, :data:`PROBE_TEST_FRACTION` of each class's documents to probe-test) into

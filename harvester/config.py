@@ -7,7 +7,7 @@ rows a multiple of chunk rows) are resolved once the model is known, in :mod:`ha
 Which keys change the data (and so the dataset name's hash, :func:`data_key`): source, model,
 hook, context_length, max_tokens / max_images, dtype, shard_rows, chunk_rows, eval_fraction and
 seed. Keys that only say *how* or *where* to compute (output, name, batch_size, workers,
-num_gpus_per_worker, ray_address, storage_options, device) do not: two teammates harvesting the
+num_gpus_per_worker, ray_address, storage_options, device, take_over_stale_lease) do not: two teammates harvesting the
 same thing with different batch sizes meet at the same URL.
 
 ``source`` is the config of one source kind (:mod:`harvester.sources`, one module per kind, each
@@ -27,6 +27,7 @@ from pydantic import Field, SerializeAsAny, field_validator, model_validator
 from harvester.sources import SourceConfig, parse_source
 from store.config import StrictModel
 from store.errors import UserError
+from store.names import check_dir_name
 
 __all__ = ["HarvestConfig", "HookConfig", "ModelConfig", "SourceConfig", "config_hash", "data_key", "dataset_name"]
 
@@ -98,6 +99,13 @@ class HarvestConfig(StrictModel):
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
     ray_address: str | None = None
     storage_options: dict[str, Any] = Field(default_factory=dict)
+    #: take over the dataset's lease when its owner's heartbeat is stale (that harvest is gone; store.lease)
+    take_over_stale_lease: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name_safe(cls, value: str | None) -> str | None:
+        return check_dir_name(value)
 
     @field_validator("source", mode="wrap")
     @classmethod

@@ -427,18 +427,23 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> HarvestResult:
     """Run (or resume, or find already done) the harvest described by ``cfg``; return the result.
 
     SIGINT / SIGTERM while shards are computed stop it cleanly (see :func:`run_job`)."""
+    from store.lease import leased
+
     t_start = time.perf_counter()
     plan, shards, fields = plan_job(cfg)
-    writer = open_or_create(plan, build_manifest(plan, fields))
-    unit = "img" if cfg.source.is_image else "tok"
-    if writer.manifest.sealed:  # finished by an earlier run: nothing to do
-        rows = int(writer.manifest.rows or 0)
-        return HarvestResult(plan.url, rows, 0.0, unit, rows // plan.rows_per_seq, skipped=True)
-    committed = set(writer.committed())
-    writer.remove_partial_writes()  # what a harvest killed mid-write left (no worker of ours runs yet)
-    with ray_session(cfg.ray_address, address_key="ray_address") as session:
-        counts = run_job(session, cfg, plan, shards, writer, committed, progress)
-    manifest = writer.seal()
+    # one harvest writes a dataset at a time: a second one on the same URL waits for this lease, then
+    # finds the dataset sealed (or resumes it, if the first one stopped)
+    with leased(plan.url, "harvest", cfg.storage_options or None, take_over_stale=cfg.take_over_stale_lease):
+        writer = open_or_create(plan, build_manifest(plan, fields))
+        unit = "img" if cfg.source.is_image else "tok"
+        if writer.manifest.sealed:  # finished by an earlier run: nothing to do
+            rows = int(writer.manifest.rows or 0)
+            return HarvestResult(plan.url, rows, 0.0, unit, rows // plan.rows_per_seq, skipped=True)
+        committed = set(writer.committed())
+        writer.remove_partial_writes()  # a killed harvest's leftovers: no other writer holds the lease
+        with ray_session(cfg.ray_address, address_key="ray_address") as session:
+            counts = run_job(session, cfg, plan, shards, writer, committed, progress)
+        manifest = writer.seal()
     rows = int(manifest.rows)
     return HarvestResult(plan.url, rows, time.perf_counter() - t_start, unit, rows // plan.rows_per_seq,
                          resumed_shards=counts["resumed"],

@@ -12,7 +12,7 @@ import sys
 
 from store.cli import CommandHelp, command_parser
 from store.config import add_storage_options_argument
-from store.errors import run_cli
+from store.errors import redact, run_cli
 
 HELP = CommandHelp(
     does="List the datasets under a folder, describe one (model, hook, rows, splits, statistics), or check "
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     problems = verify_dataset(args.url, args.storage_options, sample_chunks=args.sample_chunks)
     for problem in problems:
-        print(problem)
+        print(redact(problem))
     if problems:
         print(f"{len(problems)} problem(s) found in {args.url}.", file=sys.stderr)
         return 1

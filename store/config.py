@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from store.errors import UserError
+from store.errors import UserError, register_secrets
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -56,6 +56,14 @@ def set_dotted(data: dict[str, Any], path: list[str], value: Any) -> None:
             )
         node = child
     node[path[-1]] = value
+
+
+def get_dotted(data: dict[str, Any], path: list[str]) -> Any:
+    """``data[path[0]][path[1]]...`` or None where a level is missing or not a mapping."""
+    node: Any = data
+    for part in path:
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
@@ -106,11 +114,13 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
         return f"{source}: unknown key {loc!r}; remove it or check its spelling."
     if kind == "missing":
         return f"{source}: required key {loc!r} is missing; add it."
+    msg = first.get("msg", "invalid value").rstrip(".")
+    if any("storage_options" in str(part) for part in first.get("loc", ())):  # may be credentials: never shown
+        return f"{source}: {loc} is invalid ({msg}); fix that value (not shown: storage options may hold secrets)."
     value = first.get("input")
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    msg = first.get("msg", "invalid value").rstrip(".")
     return f"{source}: {loc} = {shown} is invalid ({msg}); fix that value."
 
 
@@ -128,11 +138,13 @@ def parse_storage_options(text: str | None) -> dict[str, Any] | None:
         return None
     try:
         value = json.loads(text)
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, dict):
-        raise UserError(f"--storage-options {text!r} is not a JSON object; write e.g. "
+        problem = "is not a JSON object"
+    except json.JSONDecodeError as err:
+        value, problem = None, f"is not valid JSON ({err.msg} at character {err.pos})"
+    if not isinstance(value, dict):  # the text itself is never shown: it may hold credentials
+        raise UserError(f"the value of --storage-options {problem}; write e.g. "
                         "--storage-options '{\"endpoint_url\": \"http://127.0.0.1:9000\"}'.")
+    register_secrets(value)
     return value
 
 
@@ -148,9 +160,12 @@ def load_config(model: type[M], path: str | Path | None, overrides: list[str] | 
     if path is not None:
         data.update(read_yaml(path, storage_options))
     apply_overrides(data, overrides)
+    keys = getattr(model, "storage_option_keys", ("storage_options",))
     if storage_options is not None:
-        for key in getattr(model, "storage_option_keys", ("storage_options",)):
+        for key in keys:
             set_dotted(data, key.split("."), dict(storage_options))
+    for key in keys:  # options from the file or --set: never shown in an error either
+        register_secrets(get_dotted(data, key.split(".")))
     return validate(model, data, source=str(path) if path is not None else "config")
 
 

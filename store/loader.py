@@ -23,13 +23,13 @@ Reading: a window's chunks are read concurrently by a thread pool, and each read
 its chunk's rows to their places in the window's *batch order* (``store.scatter``: each chunk is
 read sequentially once and rows are written with streaming stores; a gather of each batch's rows
 at random costs ~4× as much, see ``bench/README.md``), so a batch is then one contiguous slice of
-the window buffer: handed out as is when it needs no cast (float32 acts, int64 columns; the
-window's buffer is reused only once every such batch has been freed, see :class:`_BufferPool`),
-else cast (float16 → float32) into a pooled float32 buffer. Either way a batch is the caller's: modifying it
-changes no other batch; keeping one keeps its window's buffer alive, so ``clone()`` a batch you
-keep for long. Local uncompressed chunks are scattered straight from the page cache (each shard
-file memory-mapped once per reader; ``use_mmap=False`` reads each chunk with one ``pread`` and
-scatters from the bytes read); on object
+the window buffer, handed out as is: a :class:`store.batch.Batch` of views in the stored dtypes
+(float16 acts stay float16; the consumer casts once, on its device). The window's buffer is
+reused only once every batch lent from it has been freed (see :class:`_BufferPool`), so a batch
+is the caller's: modifying it changes no other batch; keeping one keeps its window's buffer
+alive, so ``clone()`` a batch you keep for long. Local uncompressed chunks are scattered straight
+from the page cache (each shard file memory-mapped once per reader; ``use_mmap=False`` reads each
+chunk with one ``pread`` and scatters from the bytes read); on object
 storage a task reads one shard's chunks of the window with one ranged GET per run of chunks that
 lie back to back (a shard mostly inside the window whose index is not cached yet is fetched whole,
 index included, in one GET). The next ``prefetch`` windows are submitted before the current one is
@@ -53,15 +53,14 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from store.batch import Batch
 from store.dataset import Dataset, open_dataset
 from store.errors import UserError
 from store.io import is_local
 from store.layout import ACTS, row_columns
-from store.scatter import aligned_empty, scatter_rows
+from store.scatter import aligned_empty, kernel_ready, scatter_rows
 
 WindowKey = tuple[int, int]
-_NUMPY = {torch.float32: np.dtype(np.float32), torch.int64: np.dtype(np.int64)}
-Batch = torch.Tensor | dict[str, torch.Tensor]
 _DONE = object()
 
 
@@ -69,8 +68,6 @@ class _Window:
     """One window being fetched: per column, a buffer that receives the window's rows in *batch
     order* (see :meth:`ActivationLoader._batch_order`), and the read futures (each reads a chunk,
     or on object storage a shard's run of chunks, and scatters its rows to their places)."""
-
-    kind = "window"
 
     def __init__(self, bufs: dict[str, np.ndarray], futures: list[Future]) -> None:
         self.bufs, self.futures = bufs, futures
@@ -97,56 +94,43 @@ class _Window:
         return self.wait().bufs[column][lo:hi]
 
 
-class _CastBatch:
-    """A batch-sized float32 buffer that a cast batch (float16 acts) was written into."""
-
-    kind = "cast"
-
-    def __init__(self, bufs: np.ndarray) -> None:
-        self.bufs, self.leases, self.retired = bufs, 0, True  # reusable as soon as its lease is back
-
-
 class _BufferPool:
-    """Window buffers and cast-batch buffers, reused once nothing points into them.
+    """Window buffers, reused once nothing points into them.
 
-    A batch that is one piece of one window and needs no cast (float32 acts, int64 columns) is
-    handed out as a view of the window buffer, not a copy; float16 acts are cast into a pooled
-    batch-sized float32 buffer (a fresh allocation per batch costs page faults: ~5× the cast
-    itself). Either way the holder of the memory gets a *lease* until that batch's memory is freed
-    (``weakref.finalize`` on the numpy view the tensor keeps alive; the finalizer only appends to a
-    deque, so it may run in any thread). The stream hands out each row range once, and
-    ``batch(b)`` reads a window again when a range it asks for was lent before, so modifying a
-    batch in place changes no other batch. A window's buffers are reused when the stream or the
-    cache has passed it (``retire``) and its last lease is back, a cast buffer when its lease is
-    back; a consumer that keeps a batch keeps that memory alive.
+    A batch that is one piece of one window is handed out as a view of the window buffer, not a
+    copy, and the window gets a *lease* until that view is freed (``weakref.finalize`` on the
+    numpy view the tensor keeps alive; the finalizer only appends to a deque, so it may run in any
+    thread). The stream hands out each row range once, and ``batch(b)`` reads a window again when
+    a range it asks for was lent before, so modifying a batch in place changes no other batch. A
+    window's buffers are reused when the stream or the cache has passed it (``retire``) and its
+    last lease is back; a consumer that keeps a batch keeps that memory alive.
     """
 
-    def __init__(self, keep_windows: int, keep_casts: int = 6) -> None:
-        self.keep = {"window": keep_windows, "cast": keep_casts}  # free sets kept at most
-        self.free: dict[str, list] = {"window": [], "cast": []}
-        self.returned: deque[_Window | _CastBatch] = deque()  # one entry per lease given back
+    def __init__(self, keep_windows: int) -> None:
+        self.keep = keep_windows  # free sets kept at most
+        self.free: list[dict[str, np.ndarray]] = []
+        self.returned: deque[_Window] = deque()  # one entry per lease given back
         self.lock = threading.Lock()
 
     def _settle(self) -> None:
-        """Count the leases given back; reuse retired holders whose last lease is back (lock held)."""
+        """Count the leases given back; reuse retired windows whose last lease is back (lock held)."""
         while self.returned:
-            holder = self.returned.popleft()
-            holder.leases -= 1
-            if holder.retired and holder.leases == 0:
-                self._reuse(holder)
+            win = self.returned.popleft()
+            win.leases -= 1
+            if win.retired and win.leases == 0:
+                self._reuse(win)
 
-    def _reuse(self, holder: _Window | _CastBatch) -> None:
-        free = self.free[holder.kind]
-        if len(free) < self.keep[holder.kind]:
-            free.append(holder.bufs)
+    def _reuse(self, win: _Window) -> None:
+        if len(self.free) < self.keep:
+            self.free.append(win.bufs)
 
     def take(self, n: int) -> dict[str, np.ndarray] | None:
         """A free window buffer set of at least ``n`` rows, or None."""
         with self.lock:
             self._settle()
-            for i, bufs in enumerate(self.free["window"]):
+            for i, bufs in enumerate(self.free):
                 if next(iter(bufs.values())).shape[0] >= n:
-                    return self.free["window"].pop(i)
+                    return self.free.pop(i)
         return None
 
     def retire(self, win: _Window) -> None:
@@ -156,34 +140,20 @@ class _BufferPool:
             if win.leases == 0:
                 self._reuse(win)
 
-    def lend(self, holder: _Window | _CastBatch, view: np.ndarray) -> np.ndarray:
-        """``view`` (memory of ``holder``) handed out under a lease."""
+    def lend(self, win: _Window, view: np.ndarray) -> np.ndarray:
+        """``view`` (memory of ``win``) handed out under a lease."""
         with self.lock:
-            holder.leases += 1
-        weakref.finalize(view, self.returned.append, holder).atexit = False
+            win.leases += 1
+        weakref.finalize(view, self.returned.append, win).atexit = False
         return view
-
-    def cast(self, rows: np.ndarray, capacity: int) -> np.ndarray:
-        """``rows`` as float32 in a pooled buffer of ``capacity`` rows, under a lease."""
-        shape = (capacity,) + rows.shape[1:]
-        with self.lock:
-            self._settle()
-            free = self.free["cast"]
-            match = [i for i, a in enumerate(free) if a.shape == shape]
-            bufs = free.pop(match[-1]) if match else None  # the most recently freed: likely still cached
-        bufs = aligned_empty(shape, np.float32) if bufs is None else bufs
-        view = bufs[:rows.shape[0]]
-        torch.from_numpy(view).copy_(torch.from_numpy(rows))  # the cast, on torch's threads
-        return self.lend(_CastBatch(bufs), view)
 
     def clear(self) -> None:
         with self.lock:
-            for free in self.free.values():
-                free.clear()
+            self.free.clear()
 
 
 class ActivationLoader:
-    """Shuffled float32 batches of a dataset split; see the module docstring."""
+    """Shuffled :class:`~store.batch.Batch` es of a dataset split (stored dtypes); see the module docstring."""
 
     def __init__(self, url: str | Dataset, batch_size: int, split: str = "train", seed: int = 0,
                  window_chunks: int = 64, epochs: int | None = None, columns: tuple[str, ...] | str = ("acts",),
@@ -225,6 +195,7 @@ class ActivationLoader:
         self._cache_lock = threading.Lock()
         self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2)
         self._stops: list[threading.Event] = []
+        kernel_ready(timeout=0)  # start loading the scatter kernel (once per process), off this thread
 
     # ---- the plan (pure functions of the settings) ----------------------------------------------
     @lru_cache(maxsize=4)  # noqa: B019 - per-instance cache of small arrays; the loader lives long
@@ -345,25 +316,17 @@ class ActivationLoader:
         return epoch + 1, 0
 
     def _assemble(self, pieces: list[tuple[_Window, int, int]]) -> Batch:
-        """The batch of ``pieces``: float32 acts, int64 other columns. One piece is lent: as a view of
-        its window buffer when it needs no cast, else cast into a pooled buffer (acts; see
-        :class:`_BufferPool`); a small int column cast or a batch that straddles windows is a copy."""
+        """The batch of ``pieces``, every column in its stored dtype: one piece is lent as a view of
+        its window buffer (see :class:`_BufferPool`); a batch that straddles windows is a copy."""
         out: dict[str, torch.Tensor] = {}
         for c in self.columns:
-            dtype = torch.float32 if c == ACTS else torch.int64
             if len(pieces) > 1:
-                out[c] = torch.cat([torch.from_numpy(win.rows(c, lo, hi)).to(dtype) for win, lo, hi in pieces])
+                out[c] = torch.cat([torch.from_numpy(win.rows(c, lo, hi)) for win, lo, hi in pieces])
                 continue
             win, lo, hi = pieces[0]
-            rows = win.rows(c, lo, hi)
-            if rows.dtype == _NUMPY[dtype]:
-                win.lent.add((lo, hi))
-                out[c] = torch.from_numpy(self._buffer_pool.lend(win, rows))
-            elif c == ACTS:
-                out[c] = torch.from_numpy(self._buffer_pool.cast(rows, self.batch_size))
-            else:
-                out[c] = torch.from_numpy(rows).to(dtype, copy=True)
-        return out[self.columns[0]] if len(self.columns) == 1 else out
+            win.lent.add((lo, hi))
+            out[c] = torch.from_numpy(self._buffer_pool.lend(win, win.rows(c, lo, hi)))
+        return Batch.of(out)
 
     # ---- random access ------------------------------------------------------------------------
     def batch(self, b: int) -> Batch:

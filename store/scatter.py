@@ -21,7 +21,9 @@ fast path accepts.
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 
 import numpy as np
 
@@ -85,11 +87,42 @@ if numba is not None:
         _store_fence()
 
 
+_ready = threading.Event()
+_start_lock = threading.Lock()
+_loader: list[threading.Thread] = []
+
+
+def _load_kernel() -> None:
+    try:
+        _scatter64(np.zeros((1, ALIGN), np.uint8), aligned_empty((1, ALIGN), np.uint8), np.zeros(1, np.int64))
+    except Exception:  # noqa: BLE001 - a broken numba install only costs speed: numpy's path stays
+        return
+    _ready.set()
+
+
+def kernel_ready(timeout: float | None = 0) -> bool:
+    """Whether the streaming kernel is loaded, waiting up to ``timeout`` seconds (None: until it is).
+
+    The first call starts loading it (from numba's on-disk cache; ~0.45 s of one core on the bench
+    VM, once per process) in a background thread, so a process's first scatters do not wait for it:
+    until it is ready, :func:`scatter_rows` takes numpy's path (the same bytes)."""
+    if not ENABLED:
+        return False
+    if not _ready.is_set() and not _loader:
+        with _start_lock:
+            if not _loader:
+                _loader.append(threading.Thread(target=_load_kernel, daemon=True, name="scatter-kernel-load"))
+                _loader[0].start()
+                atexit.register(_loader[0].join)  # never leave LLVM working while the interpreter exits
+    return _ready.wait(timeout)
+
+
 def scatter_rows(src: np.ndarray, dst: np.ndarray, place: np.ndarray) -> None:
     """``dst[place[i]] = src[i]`` for every row ``i`` (rows along axis 0; same dtype and row shape).
 
     ``place`` holds distinct indices into ``dst``'s rows (their range is checked: the fast path writes
     through raw addresses). Releases the GIL on the streaming path, so threads scatter in parallel.
+    While the kernel is still loading (:func:`kernel_ready`) rows go through numpy's assignment.
     """
     if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:] or src.shape[0] != place.shape[0]:
         raise ValueError(f"scatter_rows: src {src.shape} {src.dtype}, dst {dst.shape} {dst.dtype} and "
@@ -102,7 +135,7 @@ def scatter_rows(src: np.ndarray, dst: np.ndarray, place: np.ndarray) -> None:
         raise IndexError(f"scatter_rows: places must lie in 0..{dst.shape[0] - 1}")
     row_bytes = src.dtype.itemsize * (src.size // n)
     if (ENABLED and row_bytes % ALIGN == 0 and dst.ctypes.data % ALIGN == 0 and dst.flags.c_contiguous
-            and src.flags.c_contiguous):
+            and src.flags.c_contiguous and kernel_ready(timeout=0)):
         _scatter64(src.reshape(n, -1).view(np.uint8), dst.reshape(dst.shape[0], -1).view(np.uint8), place)
         return
     dst[place] = src

@@ -5,7 +5,9 @@ Protocol (``docs/store-format.md``):
 * ``DatasetWriter.create(url, manifest)`` makes the group and its arrays at capacity shape
   (see :mod:`store.layout`). If a dataset with the same identity (manifest minus
   rows/stats/created/sealed) already exists there, it is opened instead, so a re-started
-  harvest resumes; a different manifest is an error unless ``overwrite=True``.
+  harvest resumes; a different manifest is an error unless ``overwrite=True``, and so is a location that
+  holds anything but a dataset (a partial copy, someone's files): it is never overwritten. Writers of
+  one dataset take its lease first (:mod:`store.lease`), so only one harvest writes it at a time.
   Create once (one process), then any number of processes may ``DatasetWriter.open(url)``.
 * ``write_shard(i, acts, ...)`` writes shard ``i`` of every array, each in one piece, after
   deleting any stale uncommitted objects of that shard; then it writes
@@ -70,6 +72,7 @@ from store.layout import (
     read_manifest,
     shard_key,
 )
+from store.lease import LEASE_FILE
 from store.manifest import MANIFEST_KEY, CommitRecord, DatasetManifest, DatasetStats, ObjectDigest
 from store.stats import StatsAccumulator, as_numpy
 
@@ -167,11 +170,17 @@ class DatasetWriter:
         fs, path = filesystem(url, storage_options)
         if attrs is not None:
             fs.rm(path, recursive=True)
+        elif not overwrite:
+            held = [e for e in list_dir(url, storage_options) if e != LEASE_FILE]
+            if held:
+                raise UserError(f"{url} already holds {len(held)} entr{'y' if len(held) == 1 else 'ies'} "
+                                f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}) but no dataset (no "
+                                "zarr.json); nothing there is overwritten: pick another URL or move them away.")
         manifest.rows, manifest.stats, manifest.sealed = None, None, False
         if manifest.created is None:
             manifest.created = _now()
         try:
-            group = zarr.create_group(zarr_store(url, storage_options), zarr_format=3, overwrite=True,
+            group = zarr.create_group(zarr_store(url, storage_options), zarr_format=3, overwrite=overwrite,
                                       attributes={MANIFEST_KEY: manifest.dump()})
             create_arrays(group, manifest)
         except (PermissionError, OSError) as err:

@@ -6,6 +6,9 @@
 * ``s3_bucket`` creates a fresh bucket per test and yields ``s3://<bucket>``.
 * ``ray_local`` starts one in-process Ray instance for the session (2 CPUs, no
   dashboard, its own short temp dir) and shuts it down at the end.
+* ``DYNSAE_CACHE_DIR`` (GGUF weights converted once, :mod:`harvester.gguf_cache`) is one temporary
+  folder per test run, shared by its processes (xdist workers, Ray workers) and removed at the end.
+* The summary says in one line when the browser tests were skipped for want of Chromium.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
 
@@ -24,6 +28,57 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch (OpenMP) thread per process: the suite's tensors are tiny and its processes (xdist workers,
+# Ray workers, subprocesses) share 2 cores, where two spinning OpenMP threads per process made a tiny
+# training step ~9x dearer in CPU (200 steps: 10.8 -> 1.2 s). Set before torch is imported; children
+# inherit it. tests/sparsemax sets its own thread count (the CPU kernel's threaded path).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+CACHE_OWNER = "_DYNSAE_TEST_CACHE_OWNER"  # the pid of the process that made the run's cache folder
+
+
+def pytest_configure(config):
+    """One conversion cache per test run: made by the first process (the xdist controller, or the only
+    one) before any worker or Ray starts, so every process of the run inherits it. (A torch imported
+    before this file, by another plugin, gets the thread count too.)"""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    if "DYNSAE_CACHE_DIR" not in os.environ:
+        os.environ["DYNSAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dynsae-cache-", dir="/tmp")
+        os.environ[CACHE_OWNER] = str(os.getpid())
+
+
+def pytest_unconfigure(config):
+    if os.environ.get(CACHE_OWNER) == str(os.getpid()):
+        shutil.rmtree(os.environ.pop("DYNSAE_CACHE_DIR"), ignore_errors=True)
+        os.environ.pop(CACHE_OWNER)
+
+
+# The longest files (a few minutes each on 2 cores: own Ray clusters, subprocess pipelines, SmolLM2) run
+# first, so pytest-xdist's workers (whole files each, `make test`) finish together instead of one of
+# them starting the longest file last. Any other file keeps its place after these.
+LONG_FILES = (
+    "trainer/test_sweep_signals.py", "demo/test_demo_pipeline.py", "harvester/test_harvest_job.py",
+    "trainer/test_steering_smollm2.py", "harvester/test_harvest_slow.py", "trainer/test_node_loss.py",
+    "evaluator/test_smollm2.py", "trainer/test_job_submit.py", "trainer/test_sweep.py", "interop/test_export.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = item.nodeid.split("::", 1)[0].removeprefix("tests/")
+        return LONG_FILES.index(path) if path in LONG_FILES else len(LONG_FILES)
+
+    items.sort(key=rank)  # stable: the order inside each file, and of the other files, is kept
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line when browser tests were skipped because Debian's Chromium is not installed."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "chromium" in str(r.longrepr).lower()]
+    if skipped:
+        terminalreporter.write_line(f"browser tests: {len(skipped)} skipped, Chromium is not installed "
+                                    "(apt-get install -y chromium runs them)", yellow=True, bold=True)
 
 
 def free_port() -> int:

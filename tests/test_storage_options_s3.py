@@ -38,11 +38,25 @@ def private_s3(tmp_path):
     bucket = f"private-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
                  aws_secret_access_key="s").create_bucket(Bucket=bucket)
-    options = {"endpoint_url": endpoint, "key": "k", "secret": "s", "client_kwargs": {"region_name": "us-east-1"}}
+    options = {"endpoint_url": endpoint, "key": "k", "secret": SECRET, "client_kwargs": {"region_name": "us-east-1"}}
     try:
         yield f"s3://{bucket}", options
     finally:
         server.stop()
+
+
+#: The secret key of the storage options: no file written and no output printed may contain it.
+SECRET = "s3cr3t-of-the-bucket-9c41"
+
+
+def assert_secret_nowhere(bucket: str, options: dict, outputs: list[subprocess.CompletedProcess]) -> None:
+    from store.io import filesystem
+
+    fs, path = filesystem(bucket, options)
+    for key in fs.find(path):
+        assert SECRET.encode() not in fs.cat_file(key), key
+    for done in outputs:
+        assert SECRET not in done.stdout + done.stderr, done.args
 
 
 def clean_env(tmp_path) -> dict[str, str]:
@@ -78,6 +92,7 @@ def test_pipeline_on_s3_with_storage_options_only(private_s3, tmp_path):
         argv += ["--set", f"{key}={value}"]
     done = dynsae(env, *argv)
     assert done.returncode == 0, done.stderr[-3000:]
+    outputs = [done]
 
     from store import io
 
@@ -92,8 +107,10 @@ def test_pipeline_on_s3_with_storage_options_only(private_s3, tmp_path):
 
     assert dynsae(env, "store", "verify", dataset).returncode != 0  # no endpoint without the flag
     verified = dynsae(env, "store", "verify", dataset, *flag)
+    outputs.append(verified)
     assert verified.returncode == 0, verified.stderr
     evaluated = dynsae(env, "eval", f"{sweep}/variant-topk", "--ce-contexts", "0", "--max-tokens", "256", *flag)
+    outputs.append(evaluated)
     assert evaluated.returncode == 0, evaluated.stderr
     assert dynsae(env, "report", sweep, *flag).returncode == 0
     exported = dynsae(env, "export", f"{sweep}/variant-topk", f"{bucket}/export/topk", "--format", "sparsify", *flag)
@@ -102,3 +119,4 @@ def test_pipeline_on_s3_with_storage_options_only(private_s3, tmp_path):
     browser = dynsae(env, "concepts", f"{sweep}/variant-sparsemax", "--tokens", "256", *flag)
     assert browser.returncode == 0, browser.stderr
     assert io.exists(f"{sweep}/variant-sparsemax/concepts/index.html", options)
+    assert_secret_nowhere(bucket, options, [*outputs, exported, browser])

@@ -4,7 +4,8 @@ The directory's files, their names and their record types are the run format
 (:mod:`trainer.run_format`, written down in ``docs/run-format.md``); this module writes the
 checkpoint: weights, metrics, then the commit record of the training state, which holds tensors and
 plain values only (RNG states as uint8 tensors) and is read with ``torch.load(weights_only=True)``:
-a file planted on a shared bucket cannot run code.
+a file planted on a shared bucket cannot run code. While a run writes, its directory holds the lease
+``lease.json`` (:mod:`store.lease`): a second run of the same directory waits for it.
 
 Every file is written to a temporary key next to it and then moved into place (a rename on local
 disks after an fsync, a server-side copy on object stores), and a checkpoint writes ``trainer_state.pt``

@@ -37,9 +37,10 @@ from pydantic_core import PydanticCustomError
 
 from store.config import StrictModel, set_dotted, validate
 from store.errors import UserError
+from store.names import check_dir_name
 
 #: Fields that may change between the run that made a run directory and a run that resumes it.
-RESUMABLE_FIELDS = ("tokens", "storage_options", "device")
+RESUMABLE_FIELDS = ("tokens", "storage_options", "device", "take_over_stale_lease")
 
 DEFAULT_DEAD_TOKENS = 10_000_000
 
@@ -75,13 +76,14 @@ class TrainConfig(StrictModel):
         "train on x/s with s = median‖x‖/√d from the dataset statistics (sae.input_scale), as SAELens does: "
         "L1/L0 coefficients and learning rates then mean the same on every model and layer."))
     storage_options: dict[str, Any] | None = None
+    take_over_stale_lease: bool = Field(default=False, description=(
+        "take over the run directory's lease (or, in a sweep's base, the sweep's) when its owner's heartbeat is "
+        "stale: that writer is gone (store.lease)."))
 
     @field_validator("name", "sweep")
     @classmethod
     def _path_safe(cls, value: str | None) -> str | None:
-        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]*", value):
-            raise ValueError("use letters, digits and . _ = + - only (it becomes a directory name)")
-        return value
+        return check_dir_name(value)
 
     @field_validator("sae")
     @classmethod
@@ -196,7 +198,7 @@ class SweepConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _name_safe(cls, value: str) -> str:
-        return TrainConfig._path_safe(value)  # type: ignore[return-value]
+        return check_dir_name(value)  # type: ignore[return-value]
 
     @field_validator("grid", mode="before")
     @classmethod

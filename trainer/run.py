@@ -29,10 +29,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from store.batch import Batch
 from store.dataset import open_dataset
 from store.errors import UserError
 from store.filters import RowFilter
 from store.io import join_url
+from store.lease import leased
 from store.loader import ActivationLoader
 from trainer.checkpoint import STATE_VERSION, RunDir, rng_state, set_rng_state
 from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
@@ -46,8 +48,12 @@ from trainer.run_format import (
 
 #: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
 BATCH_COLUMNS = ("acts", "positions")
+#: Training's dead-concept count: the fraction of concepts not fired for the last ``dead_tokens``
+#: training tokens. Not the evaluator's ``dead_frac`` (never fired on the eval rows).
+TRAIN_DEAD_FRAC = "train_dead_frac"
 
-BatchSource = Callable[[int], Any]
+#: Batch ``b`` of the run's stream, from wherever it comes (the sweep's feeder: :mod:`trainer.feeder`).
+BatchSource = Callable[[int], Batch]
 #: Called with the run after each step (and after that step's checkpoint, if it writes one).
 StepHook = Callable[["Run"], None]
 
@@ -75,19 +81,6 @@ def lr_at(cfg: TrainConfig, step: int, total: int) -> float:
             decay = 1.0 - u if cfg.decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * u))
             factor = min(factor, decay)
     return cfg.lr * factor
-
-
-def as_batch(obj: Any) -> tuple[Tensor, Tensor | None]:
-    """(acts float32 (B, d), positions (B,) or None) from a loader batch, a dict, or numpy arrays."""
-    if isinstance(obj, dict):
-        acts, positions = obj["acts"], obj.get("positions")
-    else:
-        acts, positions = obj, None
-    if isinstance(acts, np.ndarray):  # from the object store: read-only, so copy
-        acts = torch.from_numpy(np.array(acts, dtype=np.float32))
-    if isinstance(positions, np.ndarray):
-        positions = torch.from_numpy(np.array(positions, dtype=np.int64))
-    return acts.to(torch.float32), positions
 
 
 class RunEvaluation(Protocol):
@@ -207,9 +200,15 @@ class Run(RunPlan):
         self.finished = False
         self._t0 = time.perf_counter()
         self._tokens_at_t0 = 0
-        self.check_existing()
-        self._resume()
-        write_run_config(self.url, self.config_record(), cfg.storage_options)  # only once the resume succeeded
+        # one writer per run directory: a second run of it waits for this lease (given back by fit)
+        self.lease = leased(self.url, "run", cfg.storage_options, take_over_stale=cfg.take_over_stale_lease)
+        try:
+            self.check_existing()
+            self._resume()
+            write_run_config(self.url, self.config_record(), cfg.storage_options)  # only once the resume succeeded
+        except BaseException:
+            self.lease.release()
+            raise
 
     def _resume(self) -> None:
         state = self.dir.load_state()
@@ -237,6 +236,7 @@ class Run(RunPlan):
 
     def checkpoint(self) -> None:
         """Weights, metrics, then the state record (the commit point), each written atomically."""
+        self.lease.check()  # never commit over the work of a writer that took this directory over
         self.dir.save_weights(self.sae)
         self.dir.write_metrics(self.metrics)
         self.dir.save_state({
@@ -255,12 +255,13 @@ class Run(RunPlan):
         })
 
     # ----------------------------------------------------------------- training
-    def train_step(self, batch: Any) -> dict[str, Any] | None:
-        """One optimizer step on batch ``self.step``; returns the metrics row if this step logs one."""
-        acts, positions = as_batch(batch)
-        acts = acts.to(self.device, non_blocking=True)
-        if positions is not None:
-            positions = positions.to(self.device)
+    def train_step(self, batch: Batch) -> dict[str, Any] | None:
+        """One optimizer step on batch ``self.step``; returns the metrics row if this step logs one.
+
+        The batch comes in the dataset's dtype; its acts are cast to float32 once, on the run's device
+        (after the copy there, so a float16 dataset moves half the bytes to a GPU)."""
+        acts = batch.acts_on(self.device)
+        positions = None if batch.positions is None else batch.positions.to(self.device)
         keep = self.row_filter.keep_mask(acts, positions, self.median_norm)
         x = acts[keep]
         n = int(x.shape[0])
@@ -292,7 +293,7 @@ class Run(RunPlan):
                      lr: float) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
         row: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "tokens_trained": self.tokens_trained,
-                               "lr": lr, "dead_frac": float((self.since_fired >= self.dead_tokens).double().mean()),
+                               "lr": lr, TRAIN_DEAD_FRAC: float((self.since_fired >= self.dead_tokens).double().mean()),
                                "tokens_per_s": (self.tokens - self._tokens_at_t0) / elapsed}
         row.update({k: float(v.detach()) for k, v in losses.items() if torch.is_tensor(v) and v.numel() == 1})
         if self.evaluation is not None:
@@ -308,7 +309,14 @@ class Run(RunPlan):
     def fit(self, batches: BatchSource | None = None, on_step: StepHook | None = None) -> str:
         """Train to the budget from wherever the run stands; returns the run URL. ``on_step(self)`` runs
         after every step, once the step's checkpoint (if it writes one) is committed: a caller's own
-        progress report, or a test's fault injection (a process that dies there resumes from it)."""
+        progress report, or a test's fault injection (a process that dies there resumes from it). The run
+        directory's lease is given back when it returns."""
+        try:
+            return self._fit(batches, on_step)
+        finally:
+            self.lease.release()
+
+    def _fit(self, batches: BatchSource | None, on_step: StepHook | None) -> str:
         if self.step >= self.total_steps:
             if not self.finished or self.dir.load_state() is None:
                 self.checkpoint()

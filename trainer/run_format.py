@@ -40,6 +40,7 @@ from store import io
 from store.config import StrictModel
 from store.errors import UserError
 from store.filters import RowFilter
+from store.lease import LEASE_FILE
 
 #: Version of the run directory format written by this code (see the module docstring).
 FORMAT_VERSION = 1
@@ -53,6 +54,8 @@ EVAL_FILE = "eval.json"
 SUMMARY_FILE = "summary.json"
 SUMMARY_CSV = "summary.csv"
 REPORT_FILE = "report.md"
+#: The writer's lease while a run or sweep writes its directory (spelled in store.lease: datasets take it too).
+RUN_LEASE_FILE = LEASE_FILE
 
 #: Folders of other libraries that ``dynsae eval``/``concepts`` read and ``dynsae export`` writes.
 FOREIGN_CONFIG = "cfg.json"

@@ -6,18 +6,9 @@ evaluates) (``docs/sweep.md``).
   ``<runs_root>/<sweep name>/``. Every point is validated (unknown key, unknown variant, m ≤ 0, dataset
   not sealed, a run directory made by another config, two points with one name) before any actor
   starts; a failure is one :class:`store.errors.UserError` sentence.
-* One :class:`Feeder` actor per batch stream (dataset, batch_size, data_seed — one per dataset in a
-  normal sweep) reads batch ``b`` with ``ActivationLoader.batch(b)`` (acts + positions, so each trainer
-  applies its own row filter), ``ray.put``s it and hands every trainer that asks the same ObjectRef.
-  Trainers whose cursors (next batch) lie within ``feeder_window`` batches of each other form a *cursor
-  group*: the group's batches are read once, and its leader waits for a laggard (up to
-  ``feeder_lag_timeout_s``) rather than run more than a window ahead of it. A trainer ≥ 2 windows
-  behind every other one (a run resumed from an older checkpoint, a run started late, a restarted
-  feeder facing runs far apart) is a group of its own, waited for by nobody: each cursor group reads
-  the batches it needs once, so far-apart runs cost one store read per batch per group, never a stall.
-  Read batches no trainer of any group will ask for within a window are dropped when the window is
-  full (so the feeder holds about ``feeder_window`` batches per group); until then they serve
-  restarted trainers and late starters. ``Feeder.reads()`` reports the counts.
+* One feeder actor per batch stream (dataset, batch_size, data_seed — one per dataset in a normal
+  sweep): each batch read once from the store and shared by every trainer of the stream through Ray's
+  object store (:mod:`trainer.feeder`).
 * One :class:`TrainerActor` per run (``num_cpus``/``num_gpus``/custom ``trainer_resources`` from
   ``ray``), restarted by Ray on failure, node loss included (``max_restarts``; its ``train`` call is
   retried, ``max_task_retries``), which resumes from the run's last checkpoint (:class:`trainer.run.Run`).
@@ -43,11 +34,7 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-import time
-from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,127 +43,18 @@ import ray
 from store.cluster import RaySession, ray_session
 from store.errors import UserError
 from store.io import join_url
-from store.loader import ActivationLoader
+from store.lease import leased
 from trainer.config import RayConfig, SweepConfig, TrainConfig, expand_sweep
+from trainer.feeder import Feeder, feeder_batches
 from trainer.matching import reference_l0, split_phases, with_targets
-from trainer.run import BATCH_COLUMNS, Run, RunEvaluation, RunPlan, StepHook
+from trainer.run import TRAIN_DEAD_FRAC, Run, RunEvaluation, RunPlan, StepHook
 from trainer.run_format import SweepSummary, summary_url, write_summary
 
-SUMMARY_METRICS = ("step", "tokens", "tokens_trained", "loss", "fvu", "l0", "dead_frac")
+SUMMARY_METRICS = ("step", "tokens", "tokens_trained", "loss", "fvu", "l0", TRAIN_DEAD_FRAC)
 
 #: A Ray actor class, or a callable returning an actor handle; see the module docstring.
 EvaluatorFactory = Callable[..., Any]
 StreamKey = tuple[str, int, int, str]
-
-
-class FeederCore:
-    """The feeder's logic (a plain class so it can be used and tested in-process too)."""
-
-    def __init__(self, dataset: str, batch_size: int, data_seed: int, total_batches: int,
-                 trainers: list[str], window: int = 32, prefetch: int = 2, lag_timeout_s: float = 120.0,
-                 storage_options: dict[str, Any] | None = None) -> None:
-        self.loader = ActivationLoader(dataset, batch_size, split="train", seed=data_seed,
-                                       columns=BATCH_COLUMNS, storage_options=storage_options)
-        self.total = total_batches
-        self.window, self.prefetch, self.lag_timeout_s = window, prefetch, lag_timeout_s
-        # next batch each *live* trainer needs. A trainer becomes live with its first request: one
-        # that Ray has not scheduled yet (more runs than slots) must not hold anyone back.
-        self.cursors: dict[str, int] = {}
-        self.held: dict[int, Future] = {}  # b -> future of the batch's ObjectRef
-        self.read_counts: Counter[int] = Counter()
-        self.bytes_read = 0
-        self.requests = 0
-        self.lag_timeouts = 0
-        self.cond = threading.Condition()
-        # one reader thread: batches are read in order (the loader reads each window's chunks in
-        # parallel itself); concurrent batch() calls could fetch the same window twice
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix="feeder")
-
-    def _read(self, b: int) -> Any:
-        """Read batch ``b`` from the store (counted) and put it in the object store."""
-        batch = self.loader.batch(b)
-        arrays = {k: v.numpy() for k, v in batch.items()} if isinstance(batch, dict) else {"acts": batch.numpy()}
-        with self.cond:
-            self.read_counts[b] += 1
-            self.bytes_read += sum(int(a.nbytes) for a in arrays.values())
-        return ray.put(arrays) if ray.is_initialized() else arrays
-
-    def _laggards(self, b: int, trainer: str) -> list[str]:
-        """Trainers of ``trainer``'s cursor group that reading batch ``b`` would leave more than a window
-        behind: w ≤ b − c < 2w. Farther behind is another group, which reads for itself (caller holds the lock)."""
-        return [t for t, c in self.cursors.items() if t != trainer and self.window <= b - c < 2 * self.window]
-
-    def _wanted(self, b: int) -> bool:
-        """Some live trainer will ask for batch ``b`` within a window: 0 ≤ b − c < w (caller holds the lock)."""
-        return any(0 <= b - c < self.window for c in self.cursors.values())
-
-    def _evict(self, limit: int) -> None:
-        """Drop the oldest read batches no live trainer wants until at most ``limit`` are held (caller holds the lock)."""
-        if len(self.held) <= limit:
-            return
-        for b in sorted(b for b, fut in self.held.items() if fut.done() and not self._wanted(b)):
-            if len(self.held) <= limit:
-                return
-            del self.held[b]
-
-    def _start_read(self, b: int) -> Future:
-        """Read batch ``b`` into the window (caller holds the lock)."""
-        fut = self.held[b] = self.pool.submit(self._read, b)
-        return fut
-
-    def _wait_for_laggards(self, b: int, trainer: str) -> None:
-        """Let the laggards of ``trainer``'s group catch up before it reads ``b`` (bounded; caller holds the lock)."""
-        deadline = time.monotonic() + self.lag_timeout_s
-        while b not in self.held and self._laggards(b, trainer):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.lag_timeouts += 1
-                return
-            self.cond.wait(timeout=min(left, 1.0))
-
-    def get(self, b: int, trainer: str) -> Any:
-        """The ObjectRef of batch ``b`` for ``trainer`` (read from the store only if not held)."""
-        if not 0 <= b < self.total:
-            raise IndexError(f"batch {b} outside 0..{self.total - 1}")
-        with self.cond:
-            self.requests += 1
-            self.cursors[trainer] = b
-            self._wait_for_laggards(b, trainer)
-            if b not in self.held:  # room for b and the batches read ahead after it
-                self._evict(max(0, self.window - 1 - self.prefetch))
-            fut = self.held[b] if b in self.held else self._start_read(b)
-            for i in range(b + 1, min(b + 1 + self.prefetch, self.total)):  # read ahead into free room only
-                if i not in self.held and len(self.held) < self.window and not self._laggards(i, trainer):
-                    self._start_read(i)
-        ref = fut.result()
-        with self.cond:
-            if trainer in self.cursors:
-                self.cursors[trainer] = max(self.cursors[trainer], b + 1)
-            self.cond.notify_all()
-        return ref
-
-    def done(self, trainer: str) -> None:
-        """``trainer`` finished (or gave up): nobody waits for it and it wants no batch any more."""
-        with self.cond:
-            self.cursors.pop(trainer, None)
-            self.cond.notify_all()
-
-    def reads(self) -> dict[str, Any]:
-        """Read statistics: store reads, distinct batches, re-reads, requests, bytes, window state."""
-        with self.cond:
-            reads = sum(self.read_counts.values())
-            return {"reads": reads, "unique": len(self.read_counts), "rereads": reads - len(self.read_counts),
-                    "requests": self.requests, "bytes_read": self.bytes_read, "held": len(self.held),
-                    "lag_timeouts": self.lag_timeouts, "max_reads_per_batch":
-                    max(self.read_counts.values(), default=0)}
-
-
-@ray.remote(num_cpus=0, max_concurrency=64)
-class Feeder(FeederCore):
-    """Ray actor around :class:`FeederCore` (threaded: trainers' ``get`` calls run concurrently).
-
-    ``get`` returns an ObjectRef: ``ray.get(ray.get(feeder.get.remote(b, name)))`` is the batch dict.
-    """
 
 
 @ray.remote
@@ -190,13 +68,10 @@ class TrainerActor:
         self.evaluation = evaluation
         self.on_step = on_step
 
-    def _batch(self, b: int) -> Any:
-        return ray.get(ray.get(self.feeder.get.remote(b, self.cfg.name)))
-
     def train(self) -> dict[str, Any]:
         """Train the run to its budget; returns its URL and last metrics row."""
         run = Run(self.cfg, progress=False, evaluation=self.evaluation)
-        url = run.fit(self._batch, on_step=self.on_step)
+        url = run.fit(feeder_batches(self.feeder, self.cfg.name), on_step=self.on_step)
         self.feeder.done.remote(self.cfg.name)
         last = next((r for r in reversed(run.metrics) if "loss" in r), {})
         return {"run_url": url, "metrics": last, "pid": os.getpid()}
@@ -332,9 +207,14 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
     metrics, :class:`trainer.run.RunEvaluation`), ``on_step`` to every trainer (:meth:`trainer.run.Run.fit`).
     Raises :class:`store.cluster.Interrupted` on SIGINT/SIGTERM."""
     runs = validate_sweep(sweep, source)
-    # however the sweep ends (a signal included), none of its actors outlives it
-    with ray_session(sweep.ray.address, address_key="ray.address") as session:
-        summary = train_and_evaluate(sweep, runs, evaluator, SweepActors(session), progress, evaluation, on_step)
+    first = runs[0][1]
+    # one sweep writes a sweep directory at a time: a second one waits, then finds the runs finished
+    with leased(join_url(first.runs_root, sweep.name), "sweep", first.storage_options,
+                take_over_stale=first.take_over_stale_lease, take_over_key="base.take_over_stale_lease"):
+        # however the sweep ends (a signal included), none of its actors outlives it
+        with ray_session(sweep.ray.address, address_key="ray.address") as session:
+            summary = train_and_evaluate(sweep, runs, evaluator, SweepActors(session), progress, evaluation,
+                                         on_step)
     failed = [r for r in summary["runs"] if r["status"] != "finished"]
     if failed:
         raise UserError(f"sweep {sweep.name}: {len(failed)} of {len(summary['runs'])} runs failed "

@@ -22,13 +22,10 @@ def load_tokenizer(model: Any) -> tuple[Any | None, str | None]:
         from transformers import AutoTokenizer
 
         from harvester.config import ModelConfig
-        from harvester.models import resolve_hf_source
+        from harvester.models.hf_causal_lm import hf_kwargs
 
         cfg = ModelConfig(kind=model.kind, name=model.name, gguf_file=model.gguf_file, revision=model.revision)
-        name, gguf = resolve_hf_source(cfg)
-        kwargs: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
-        if gguf:
-            kwargs["gguf_file"] = gguf
+        name, kwargs = hf_kwargs(cfg)
         return AutoTokenizer.from_pretrained(name, **kwargs), None
     except Exception as err:  # any failure means: show ids instead, and say why
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]

@@ -94,8 +94,14 @@ def hf_load_error(cfg: Any, name: str, err: Exception) -> UserError:
 
 
 def hf_kwargs(cfg: Any) -> tuple[str, dict[str, Any]]:
-    """(name or folder, from_pretrained keyword arguments: revision, gguf_file)."""
+    """(name or folder, from_pretrained keyword arguments: revision, gguf_file). A local GGUF file is read
+    from its converted folder (:mod:`harvester.gguf_cache`: converted on first use, seconds afterwards)."""
     name, gguf = resolve_hf_source(cfg)
+    if gguf and (Path(name) / gguf).is_file():
+        from harvester.gguf_cache import gguf_as_folder
+        from harvester.models.base import model_kind
+
+        return gguf_as_folder(name, gguf, model_kind(cfg.kind).auto_class()), {}
     kwargs: dict[str, Any] = {"revision": cfg.revision} if cfg.revision else {}
     if gguf:
         kwargs["gguf_file"] = gguf
@@ -134,8 +140,9 @@ class HFCausalLM(ModelKind):
     def load(cls, cfg: Any, device: torch.device) -> ModelAdapter:
         from transformers import AutoTokenizer
 
-        name, kwargs = hf_kwargs(cfg)
+        name = cfg.name
         try:
+            name, kwargs = hf_kwargs(cfg)
             tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
             model = cls.auto_class().from_pretrained(name, dtype=model_dtype(cfg, device), **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:
@@ -152,8 +159,9 @@ class HFCausalLM(ModelKind):
         """Config and tokenizer only (no weights)."""
         from transformers import AutoConfig, AutoTokenizer
 
-        name, kwargs = hf_kwargs(cfg)
+        name = cfg.name
         try:
+            name, kwargs = hf_kwargs(cfg)
             config = AutoConfig.from_pretrained(name, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError, ImportError) as err:

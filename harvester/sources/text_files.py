@@ -154,8 +154,13 @@ def jsonl_documents(path: str, text_field: str, storage_options: dict[str, Any] 
                     label_field: str | None = None) -> Iterator[Any]:
     """The ``text_field`` of each JSON object line (blank lines skipped); with ``label_field``,
     ``(text, str(label))`` pairs."""
-    with open_url(path, "r", storage_options, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open_url(path, "rb", storage_options) as fh:
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path} line {lineno} is not UTF-8 text (invalid byte at column {err.start + 1}); "
+                                "fix the file's encoding or remove that line.") from None
             if not line.strip():
                 continue
             try:
@@ -182,8 +187,14 @@ def parquet_documents(path: str, text_field: str, storage_options: dict[str, Any
         import pyarrow.parquet as pq
     except ImportError:
         raise UserError(f"reading {path} needs pyarrow; install it with `pip install pyarrow`.") from None
+    import pyarrow as pa
+
     with open_url(path, "rb", storage_options) as fh:
-        table = pq.read_table(fh)
+        try:
+            table = pq.read_table(fh)
+        except (pa.ArrowException, OSError, ValueError) as err:
+            raise UserError(f"{path} is not a readable Parquet file ({type(err).__name__}); it is truncated or "
+                            "corrupt — re-create it or remove it from source.paths.") from None
     if text_field not in table.column_names:
         raise UserError(f"{path} has no column {text_field!r}; set source.text_field to one of "
                         f"{', '.join(table.column_names)}.")

@@ -46,7 +46,7 @@ def train_sae(dataset_url: str, sae_cfg: dict, steps: int = 60, lr: float = 3e-3
     loader = ActivationLoader(dataset_url, 96, split="train", seed=seed, columns=("acts", "positions"))
     for b in range(steps):
         batch = loader.batch(b)
-        x = batch["acts"][batch["positions"] != 0]
+        x = batch.acts_on("cpu")[batch.positions != 0]
         loss = sae(x)[2]["loss"]
         opt.zero_grad()
         loss.backward()

@@ -320,6 +320,35 @@ def test_sigterm_stops_a_harvest_like_ctrl_c():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_second_harvest_on_the_same_url_waits_and_writes_nothing(reference, tiny_gpt2, tmp_path):
+    """A harvest subprocess is writing (it has committed a shard) when an in-process harvest of the same
+    config starts: the second waits for the dataset's lease, then finds the dataset sealed and writes nothing
+    (without the lease it would write the same shards beside the first, and delete its in-flight files). The
+    dataset verifies and holds the reference bytes. (Two writers taking the lease at the same instant:
+    tests/store/test_store_lease.py.)"""
+    from store.lease import LEASE_FILE
+    from store.verify import verify_dataset
+
+    cfg, result = reference
+    out = tmp_path / "together"
+    url = join_output(cfg.model_copy(update={"output": str(out)}))
+    proc = subprocess.Popen(cli_args(out, tiny_gpt2), cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_first_commit(proc, Path(url) / "commits")
+        mine = harvest(cfg.model_copy(update={"output": str(out)}), progress=False)
+        _, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert mine.url == url and mine.skipped  # it waited (or came after the end): it wrote no shard
+    assert verify_dataset(url) == []
+    assert digests(url) == digests(result.url)
+    assert not (Path(url) / LEASE_FILE).exists()
+    assert [p.name for p in out.iterdir()] == [Path(url).name]
+
+
 PLANTED_SECRET = "planted-secret-5f0c2a9e"
 
 

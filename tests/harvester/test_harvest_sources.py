@@ -153,6 +153,25 @@ def test_dataset_names_of_the_flat_config_era_are_kept():
         assert dataset_name(HarvestConfig.model_validate(data)) == name
 
 
+def test_damaged_jsonl_and_parquet_sources_are_one_sentence(tmp_path):
+    good = json.dumps({"text": "fine"}) + "\n"
+    broken = tmp_path / "broken.jsonl"
+    broken.write_bytes(good.encode() + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(UserError, match=rf"{broken} line 2 is not UTF-8 text \(invalid byte at column 14\)"):
+        list(iter_documents(SourceConfig(kind="text_files", paths=[str(broken)])))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"] * 50}), table)
+    table.write_bytes(table.read_bytes()[:-30])  # the footer is cut off
+    with pytest.raises(UserError, match=rf"{table} is not a readable Parquet file .*truncated or corrupt"):
+        list(iter_documents(SourceConfig(kind="text_files", paths=[str(table)])))
+    table.write_bytes(b"PAR1" + b"\x00" * 64 + b"PAR1")  # garbage between the magic bytes
+    with pytest.raises(UserError, match="is not a readable Parquet file"):
+        list(iter_documents(SourceConfig(kind="text_files", paths=[str(table)])))
+
+
 # ---- labelled text ------------------------------------------------------------------------------
 
 def test_pack_documents_never_joins_documents_and_keeps_label_and_id():

@@ -42,4 +42,4 @@ def eval_rows(text_dataset):
     loader = ActivationLoader(text_dataset, 100_000, split="eval", seed=0, epochs=1, columns=("acts", "positions"))
     with loader:
         batch = next(iter(loader))
-    return batch["acts"].float(), batch["positions"]
+    return batch.acts_on("cpu"), batch.positions.long()

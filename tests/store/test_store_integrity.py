@@ -32,7 +32,7 @@ def ds(tmp_path):
 def read_all(url: str, **kw) -> list[np.ndarray]:
     loader = ActivationLoader(url, batch_size=32, split="all", seed=1, epochs=1, columns=("acts", "token_ids"), **kw)
     with loader:
-        return [b["token_ids"].numpy() for b in loader]
+        return [b.token_ids.numpy() for b in loader]
 
 
 def edit_index(path: str, edit, fix_crc: bool) -> None:

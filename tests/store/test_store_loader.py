@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from store_testdata import CHUNK_ROWS, build_dataset, shard_data
 
 from store import ActivationLoader, UserError, open_dataset
+from store.batch import Batch
 from store.split import eval_chunk_mask
 
 TOTAL = 9 * 64 + 40  # 10 shards, 39 chunks, last chunk has 8 rows
@@ -28,7 +29,7 @@ def ds_url(tmp_path_factory):
 def token_stream(loader, n_batches=None) -> np.ndarray:
     out = []
     for i, batch in enumerate(loader):
-        out.append((batch["token_ids"] if isinstance(batch, dict) else batch).numpy())
+        out.append(batch.token_ids.numpy())
         if n_batches is not None and i + 1 >= n_batches:
             break
     return np.concatenate(out)
@@ -63,13 +64,14 @@ def test_acts_match_the_stored_rows(ds_url):
     loader = ActivationLoader(ds_url, batch_size=64, split="all", seed=1, window_chunks=5, epochs=1,
                               columns=("acts", "token_ids", "seq_ids", "positions"))
     stored = np.concatenate([shard_data(s, min(64, TOTAL - 64 * s))["acts"] for s in range(10)])
-    stored = torch.from_numpy(stored.astype(np.float16).astype(np.float32))
-    for batch in loader:
-        tok = batch["token_ids"]
-        assert batch["acts"].dtype == torch.float32 and batch["acts"].shape[1] == 16
-        assert torch.equal(batch["acts"], stored[tok])
-        assert torch.equal(batch["seq_ids"], tok // 8) and torch.equal(batch["positions"], tok % 8)
-        assert batch["token_ids"].dtype == torch.int64
+    stored = torch.from_numpy(stored.astype(np.float16))
+    for batch in loader:  # every column in its stored dtype: nothing is cast on the way
+        assert isinstance(batch, Batch) and batch.rows == batch.acts.shape[0]
+        assert (batch.acts.dtype, batch.token_ids.dtype, batch.seq_ids.dtype, batch.positions.dtype) == (
+            torch.float16, torch.int32, torch.int64, torch.int16)
+        tok = batch.token_ids.long()
+        assert batch.acts.shape[1] == 16 and torch.equal(batch.acts, stored[tok])
+        assert torch.equal(batch.seq_ids, tok // 8) and torch.equal(batch.positions.long(), tok % 8)
 
 
 @pytest.fixture(scope="module")
@@ -90,23 +92,22 @@ def test_float32_batches_are_the_stored_rows(f32_url, use_mmap):
     loader = ActivationLoader(f32_url, batch_size=48, split="all", seed=2, window_chunks=3, epochs=2,
                               columns=("acts", "token_ids"), use_mmap=use_mmap)
     for batch in loader:
-        assert torch.equal(batch["acts"], stored[batch["token_ids"]])
+        assert torch.equal(batch.acts, stored[batch.token_ids])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_kept_batch_is_never_overwritten(ds_url, f32_url, dtype):
-    """Batches are views of window buffers (float32) or pooled cast buffers (float16) that are reused:
-    a batch (or a slice of it) the consumer keeps must hold its memory back from reuse, however far
-    the stream goes on."""
-    stored = stored_f32() if dtype == "float32" else stored_f32().half().float()
+    """Batches are views of window buffers that are reused (float32 and float16 alike): a batch (or a
+    slice of it) the consumer keeps must hold its memory back from reuse, however far the stream goes on."""
+    stored = stored_f32() if dtype == "float32" else stored_f32().half()
     loader = ActivationLoader(f32_url if dtype == "float32" else ds_url, batch_size=32, split="all", seed=4,
                               window_chunks=2, epochs=None, columns=("acts", "token_ids"), prefetch=1)
     kept, kept_slice = [], None
     for i, batch in enumerate(loader.iter_batches()):
         if i in (0, 5):
-            kept.append((batch["acts"], batch["token_ids"]))
+            kept.append((batch.acts, batch.token_ids))
         if i == 9:
-            kept_slice = (batch["acts"][3:7], batch["token_ids"][3:7])  # the batch itself is dropped
+            kept_slice = (batch.acts[3:7], batch.token_ids[3:7])  # the batch itself is dropped
         if i == 120:  # ~100 windows later: every free buffer has been reused many times
             break
     for acts, tok in kept + [kept_slice]:
@@ -117,16 +118,16 @@ def test_modifying_a_batch_changes_no_other_batch(f32_url):
     loader = ActivationLoader(f32_url, batch_size=32, split="all", seed=4, window_chunks=4, epochs=1,
                               columns=("acts", "token_ids"))
     first = loader.batch(0)  # inside the first window (>= 56 rows): a view of its buffer
-    first["acts"].mul_(0)  # in place
+    first.acts.mul_(0)  # in place
     again = loader.batch(0)
-    assert torch.equal(again["acts"], stored_f32()[again["token_ids"]])
-    assert again["acts"].abs().sum() > 0
+    assert torch.equal(again.acts, stored_f32()[again.token_ids])
+    assert again.acts.abs().sum() > 0
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_window_and_cast_buffers_are_reused(ds_url, f32_url, dtype, monkeypatch):
-    """A consumer that drops its batches: the stream runs on a bounded set of window buffers (and,
-    for float16 acts, of float32 buffers the batches are cast into)."""
+def test_window_buffers_are_reused(ds_url, f32_url, dtype, monkeypatch):
+    """A consumer that drops its batches: the stream runs on a bounded set of window buffers, and
+    nothing else is allocated per batch (float16 acts are handed out as float16, not cast)."""
     import store.loader as loader_module
 
     made = []
@@ -143,13 +144,10 @@ def test_window_and_cast_buffers_are_reused(ds_url, f32_url, dtype, monkeypatch)
     n = sum(1 for _ in loader)
     assert n == len(loader)
     windows = [shape for shape in made if shape[0] == loader.max_window_rows]
-    casts = [shape for shape in made if shape[0] == 16]
-    assert len(windows) + len(casts) == len(made)
+    assert len(windows) == len(made)
     # (prefetch + 1) windows in flight, one more that the batches in the queue and in the consumer's
     # hand may still point into: (prefetch + 2) buffer sets of one column each
     assert len(windows) <= 4
-    # batches alive at once: 2 in the queue, the one being assembled, the consumer's
-    assert len(casts) == 0 if dtype == "float32" else 1 <= len(casts) <= 5
     loader.close()
 
 
@@ -164,14 +162,14 @@ def test_a_reader_keeps_a_bounded_number_of_shard_files_open(f32_url, monkeypatc
     loader = ActivationLoader(f32_url, batch_size=32, split="all", seed=5, window_chunks=2, epochs=2,
                               columns=("acts", "token_ids"))
     for batch in loader:  # 10 shards, each window from up to 2 of them
-        assert torch.equal(batch["acts"], stored[batch["token_ids"]])
+        assert torch.equal(batch.acts, stored[batch.token_ids])
     assert len(os.listdir("/proc/self/fd")) <= before + 3
     loader.close()
 
 
 def test_last_batch_is_short_with_finite_epochs(ds_url):
     loader = ActivationLoader(ds_url, batch_size=100, split="all", epochs=1, columns="token_ids")
-    sizes = [b.shape[0] for b in loader]
+    sizes = [b.rows for b in loader]
     assert sizes == [100] * 6 + [16] and len(loader) == 7
     with pytest.raises(IndexError):
         loader.batch(7)
@@ -187,11 +185,11 @@ def test_batch_b_is_a_pure_function_and_streams_resume(ds_url):
         if i == 40:
             break
     for i in [40, 0, 17, 3, 29, 12]:
-        assert torch.equal(b.batch(i)["acts"], streamed[i]["acts"])
-        assert torch.equal(b.batch(i)["token_ids"], streamed[i]["token_ids"])
+        assert torch.equal(b.batch(i).acts, streamed[i].acts)
+        assert torch.equal(b.batch(i).token_ids, streamed[i].token_ids)
     resumed = b.iter_batches(start=25)
     for i in range(25, 32):
-        assert torch.equal(next(resumed)["token_ids"], streamed[i]["token_ids"])
+        assert torch.equal(next(resumed).token_ids, streamed[i].token_ids)
     resumed.close()
     a.close()
     b.close()
@@ -211,7 +209,7 @@ def test_ranks_are_disjoint_and_cover_the_split(ds_url, world):
     for rank in range(world):
         loader = ActivationLoader(ds_url, batch_size=32, split="train", seed=5, window_chunks=2, epochs=1,
                                   columns="token_ids", rank=rank, world=world)
-        parts.append(np.concatenate([b.numpy() for b in loader]))
+        parts.append(np.concatenate([b.token_ids.numpy() for b in loader]))
     joined = np.concatenate(parts)
     assert joined.size == np.unique(joined).size
     assert np.array_equal(np.sort(joined), split_tokens(ds_url, "train"))
@@ -246,7 +244,7 @@ def test_loader_on_s3_matches_local(s3_bucket, ds_url):
     local = list(ActivationLoader(ds_url, **kw))
     assert len(remote) == len(local)
     for r, l_ in zip(remote, local):
-        assert torch.equal(r["acts"], l_["acts"]) and torch.equal(r["token_ids"], l_["token_ids"])
+        assert torch.equal(r.acts, l_.acts) and torch.equal(r.token_ids, l_.token_ids)
 
 
 @settings(max_examples=60, deadline=None)
@@ -279,8 +277,8 @@ GOLDEN_STREAMS = [
 def stream_digest(loader) -> str:
     h = hashlib.sha256()
     for i, batch in enumerate(loader):
-        h.update(batch["token_ids"].numpy().astype("<i8").tobytes())
-        h.update(batch["acts"].numpy().astype("<f4").tobytes())
+        h.update(batch.token_ids.numpy().astype("<i8").tobytes())
+        h.update(batch.acts.numpy().astype("<f4").tobytes())
         if i == 60:
             break
     loader.close()

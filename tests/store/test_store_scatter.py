@@ -13,6 +13,7 @@ from store.scatter import aligned_empty, scatter_rows
 
 def test_the_streaming_path_is_on():
     assert scatter.ENABLED, "numba is a dependency: the fast path must be what the tests exercise"
+    assert scatter.kernel_ready(timeout=None), "the kernel loads (numpy's path is taken only until then)"
 
 
 @settings(max_examples=60, deadline=None)
@@ -22,6 +23,7 @@ def test_the_streaming_path_is_on():
 def test_scatter_equals_numpy_fancy_assignment(n, extra, width, dtype, skew, seed, readonly):
     """Any row size (a multiple of 16 or 64 bytes takes a streaming kernel, others numpy), any dst
     alignment (skew bytes off a 64-byte boundary), read-only sources (memory-mapped chunks)."""
+    assert scatter.kernel_ready(timeout=None)  # the kernel, not numpy's path while it loads
     rng = np.random.default_rng(seed)
     rows = n + extra
     src = (rng.standard_normal((n,) + width) * 100).astype(dtype)
@@ -38,9 +40,11 @@ def test_scatter_equals_numpy_fancy_assignment(n, extra, width, dtype, skew, see
 
 
 def test_aligned_empty_is_64_byte_aligned():
-    for shape, dtype in [((3, 5), "float16"), ((1000, 768), "float32"), ((7,), "int64")]:
+    for shape, dtype in [((3, 5), "float16"), ((1000, 768), "float32"), ((7,), "int64"), ((2048, 1024), "float16")]:
         a = aligned_empty(shape, dtype)
         assert a.shape == shape and a.dtype == np.dtype(dtype) and a.ctypes.data % 64 == 0 and a.flags.c_contiguous
+        a[-1] = 3
+        assert a.flags.writeable and a[-1].sum() == 3 * a[-1].size
 
 
 def test_bad_places_and_shapes_are_refused_before_any_write():

@@ -73,7 +73,7 @@ def test_run_dir_contents_and_bos_filter(tiny_store, tmp_path):
     assert state["tokens_trained"] == tokens * (CONTEXT - 1) // CONTEXT
     rows = metrics(url)
     assert [r["step"] for r in rows] == sorted(set(range(2, steps + 1, 2)) | {steps})  # and the last step
-    for key in ("loss", "mse", "fvu", "l0", "support_q0.5", "dead_frac", "tokens_per_s", "lr"):
+    for key in ("loss", "mse", "fvu", "l0", "support_q0.5", "train_dead_frac", "tokens_per_s", "lr"):
         assert key in rows[-1], key
     assert rows[-1]["fvu"] < rows[0]["fvu"]  # it learns
     # the saved weights load through the zoo's loader from the run directory and match the state
@@ -211,7 +211,7 @@ def test_eval_split_rows_use_the_evaluators_metrics(tiny_store, tmp_path):
     url = train(cfg, progress=False, evaluation=TrainingEvaluation())
     row = next(r for r in metrics(url) if "eval_fvu" in r)
     loader = ActivationLoader(tiny_store, 64, split="eval", epochs=1, columns=("acts", "positions"))
-    x = torch.cat([b["acts"][b["positions"] != 0] for b in loader])
+    x = torch.cat([b.acts[b.positions != 0] for b in loader])
     sae = load(url).eval()
     with torch.no_grad():
         codes = sae.encode(x)
@@ -219,3 +219,27 @@ def test_eval_split_rows_use_the_evaluators_metrics(tiny_store, tmp_path):
     assert row["eval_tokens"] == x.shape[0] == loader.rows_per_epoch * (CONTEXT - 1) // CONTEXT
     assert row["eval_fvu"] == pytest.approx(fvu(x, x_hat), rel=1e-9)
     assert row["eval_l0"] == pytest.approx(l0(codes), rel=1e-9)
+
+
+def test_float16_dataset_trains_as_when_the_loader_cast_to_float32(tmp_path):
+    """A float16 dataset's batches reach the step in float16 and are cast there, once: the run ends with
+    exactly the weights of the old path, where the loader cast every batch to float32 on the CPU
+    (float16 → float32 is exact, so the two paths see the same numbers)."""
+    from trainer_testkit import make_store
+
+    from store.batch import Batch
+    from store.loader import ActivationLoader
+    from trainer.run import BATCH_COLUMNS
+
+    store = make_store(str(tmp_path / "f16"), shards=2, dtype="float16")
+    cfg = base_config(store, str(tmp_path / "runs"), tokens=64 * 8)
+    loader = ActivationLoader(store, 64, seed=0, columns=BATCH_COLUMNS)
+    assert loader.batch(0).acts.dtype == torch.float16
+
+    def cast_in_loader(b: int) -> Batch:
+        batch = loader.batch(b)
+        return Batch(acts=batch.acts.float(), positions=batch.positions.long())
+
+    stored = train(TrainConfig.model_validate(cfg), progress=False)
+    cast = train(TrainConfig.model_validate({**cfg, "name": "cast"}), progress=False, batches=cast_in_loader)
+    assert_same_weights(stored, cast, tol=0.0)

@@ -19,7 +19,7 @@ from store.errors import UserError, run_cli
 from trainer.__main__ import main
 from trainer.config import SweepConfig, expand_sweep
 from trainer.run import train
-from trainer.sweep import Feeder, FeederCore, run_sweep
+from trainer.sweep import run_sweep
 
 VARIANTS = ["relu", "topk", "sparsemax"]
 STEPS = 16
@@ -62,7 +62,7 @@ def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
     with open(tmp_path / "sw" / "summary.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [r["sae.variant"] for r in table] == VARIANTS
-    assert {"name", "seed", "target_l0", "status", "fvu", "l0", "dead_frac", "eval_fvu"} <= set(table[0])
+    assert {"name", "seed", "target_l0", "status", "fvu", "l0", "train_dead_frac", "eval_dead_frac", "eval_fvu"} <= set(table[0])
     assert json.loads((tmp_path / "sw" / "summary.json").read_text())["runs"][0]["name"] == "variant-relu"
 
 
@@ -76,73 +76,6 @@ def test_more_runs_than_slots_finish(ray_local, tiny_store, tmp_path):
     assert [r["status"] for r in summary["runs"]] == ["finished"] * 3
     assert all(r["eval_l0"] > 0 for r in summary["runs"])
     assert next(iter(summary["feeder_reads"].values()))["reads"] == STEPS  # late run served from the window
-
-
-@pytest.mark.parametrize("n_trainers", [1, 4])
-def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
-    """N consumers, consumer i lagging i batches behind the first (within the 4-batch window), get the
-    same ObjectRefs and the store is read once per batch; a consumer asking for a batch that has left
-    the window (a restart) causes a counted re-read, with the same contents."""
-    import ray
-
-    total = 12
-    names = [f"t{i}" for i in range(n_trainers)]
-    feeder = Feeder.remote(tiny_store, 64, 0, total, names, 4, 1, 60.0)
-    refs: dict[int, set] = {}
-    for step in range(total + n_trainers - 1):
-        for i, name in enumerate(names):
-            if 0 <= step - i < total:
-                inner = ray.get(feeder.get.remote(step - i, name))
-                refs.setdefault(step - i, set()).add(inner.hex())
-    for name in names:
-        ray.get(feeder.done.remote(name))
-    stats = ray.get(feeder.reads.remote())
-    assert stats["reads"] == total and stats["unique"] == total and stats["rereads"] == 0
-    assert all(len(r) == 1 for r in refs.values())  # one object per batch, shared
-    from store.loader import ActivationLoader
-
-    loader = ActivationLoader(tiny_store, 64, seed=0, columns=("acts", "positions"))
-    got = ray.get(ray.get(feeder.get.remote(3, "late")))
-    assert torch.equal(torch.from_numpy(got["acts"].copy()), loader.batch(3)["acts"])
-    # batch 3 had left the window (and batch 4, read ahead for "late" when the window has free room)
-    assert 1 <= ray.get(feeder.reads.remote())["rereads"] <= 2
-    ray.kill(feeder)
-
-
-def test_unscheduled_trainers_do_not_pin_the_window(tiny_store):
-    """More runs than Ray slots: trainers that have not started yet must not hold the window, or the
-    running ones would wait out the lag timeout on every batch. The first trainer streams through a
-    2-batch window with no forced eviction; the late one re-reads what left the window."""
-    total = 8
-    feeder = FeederCore(tiny_store, 64, 0, total, ["early", "late"], window=2, prefetch=0, lag_timeout_s=0.2)
-    for b in range(total):
-        feeder.get(b, "early")
-    assert feeder.reads()["lag_timeouts"] == 0
-    assert feeder.reads()["reads"] == total
-    feeder.get(0, "late")
-    assert feeder.reads()["rereads"] == 1
-
-
-def test_feeder_serves_far_apart_cursors_without_waiting(tiny_store):
-    """A fresh feeder (a resumed sweep, or a restarted feeder) facing runs stopped at steps 3 and 60 with
-    a 4-batch window: they are two cursor groups and neither waits for the other (a wait would end in a
-    lag timeout); the laggard's batches 3..59 are read once, the leader's 60..63 at most twice (once per
-    group: the laggard gets there long after they left the window)."""
-    total = 64
-    feeder = FeederCore(tiny_store, 64, 0, total, ["lag", "lead"], window=4, prefetch=2, lag_timeout_s=30.0)
-    for i in range(total - 3):  # interleaved, as two trainers stepping side by side
-        feeder.get(3 + i, "lag")
-        if 60 + i < total:
-            feeder.get(60 + i, "lead")
-        elif 60 + i == total:
-            feeder.done("lead")
-    feeder.done("lag")
-    stats = feeder.reads()
-    assert stats["lag_timeouts"] == 0
-    assert sorted(feeder.read_counts) == list(range(3, total))
-    assert all(feeder.read_counts[b] == 1 for b in range(3, 60))
-    assert all(feeder.read_counts[b] <= 2 for b in range(60, total)) and stats["rereads"] > 0
-    assert stats["held"] <= 4
 
 
 def test_resume_far_apart_runs(ray_local, tiny_store, tmp_path):
@@ -224,3 +157,35 @@ def test_bad_sweeps_fail_before_any_actor(tiny_store, tmp_path, capsys):
     assert not (tmp_path / "runs").exists()  # nothing was started
     with pytest.raises(UserError, match="is not sealed"):
         run_sweep(SweepConfig.model_validate(cases["unsealed"][0]), progress=False)
+
+
+@pytest.mark.timeout(600)
+def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny_store, tmp_path):
+    """A sweep subprocess and an in-process sweep of the same config and runs root at the same time: one
+    holds the sweep directory's lease and trains, the other waits and then finds the runs finished. Both
+    succeed; every run equals an uninterrupted one; no lease is left behind."""
+    import subprocess
+    import sys
+
+    data = sweep_dict(tiny_store, str(tmp_path / "runs"))
+    data["grid"] = {"sae.variant": ["relu", "sparsemax"]}
+    path = write_yaml(tmp_path / "sweep.yaml", data)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "sweep", path, "--no-progress"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        summary = run_sweep(SweepConfig.model_validate(data), progress=False)
+        _, err = proc.communicate(timeout=500)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert [r["status"] for r in summary["runs"]] == ["finished", "finished"]
+    assert not list((tmp_path / "runs").rglob("lease.json"))
+    for variant in ("relu", "sparsemax"):
+        run_dir = tmp_path / "runs" / "sw" / f"variant-{variant}"
+        state = torch.load(run_dir / "trainer_state.pt", weights_only=True)
+        assert state["step"] == STEPS
+        assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
+            list(range(2, STEPS + 1, 2))
+        assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))

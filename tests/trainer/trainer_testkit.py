@@ -9,15 +9,16 @@ CONTEXT = 8
 
 
 def make_store(url: str, *, shards: int = 4, shard_rows: int = 256, chunk_rows: int = 64, d: int = D,
-               seed: int = 0, sealed: bool = True) -> str:
+               seed: int = 0, sealed: bool = True, dtype: str = "float32") -> str:
     """A sealed store of ``shards × shard_rows`` rows: sparse codes over a fixed basis + noise, each row
     rescaled to a norm in [1, 2]; BOS rows (position 0) have norm 30 (attention-sink-like outliers), so
-    ``max_norm_multiple = 5`` drops exactly the BOS rows."""
+    ``max_norm_multiple = 5`` drops exactly the BOS rows. ``dtype``: the stored acts dtype (the rows are
+    the same; float16 rounds them)."""
     from store.manifest import DatasetManifest, HookInfo, ModelInfo, SourceInfo
     from store.stats import StatsAccumulator
     from store.writer import DatasetWriter
 
-    manifest = DatasetManifest(d=d, dtype="float32", shard_rows=shard_rows, chunk_rows=chunk_rows,
+    manifest = DatasetManifest(d=d, dtype=dtype, shard_rows=shard_rows, chunk_rows=chunk_rows,
                                context_length=CONTEXT, model=ModelInfo(name="synthetic"),
                                hook=HookInfo(layer=0, site="resid_post"), source=SourceInfo(name="synthetic"))
     writer = DatasetWriter.create(url, manifest)
@@ -32,7 +33,7 @@ def make_store(url: str, *, shards: int = 4, shard_rows: int = 256, chunk_rows: 
         norms = np.linalg.norm(acts, axis=1, keepdims=True)
         acts = (acts / norms * np.where(positions[:, None] == 0, 30.0, rng.uniform(1, 2, (shard_rows, 1))))
         acts = acts.astype(np.float32)
-        writer.write_shard(s, acts, token_ids=(rows % 97).astype(np.int32), seq_ids=(rows // CONTEXT).astype(np.int64),
+        writer.write_shard(s, acts.astype(dtype), token_ids=(rows % 97).astype(np.int32), seq_ids=(rows // CONTEXT).astype(np.int64),
                            positions=positions)
         stats.update(acts)
     if sealed:
