@@ -47,6 +47,8 @@ from store.errors import UserError
 WAIT_SLICE_S = 0.5
 #: Per step of stopping (cancelled tasks ending, a local instance's processes exiting).
 STOP_TIMEOUT_S = 10.0
+#: Tries to start a local instance (Ray's own startup timeout is fixed; a loaded machine can exceed it).
+START_ATTEMPTS = 2
 #: Environment the workers need from the driver when they do not inherit it (see the module docstring).
 WORKER_ENV_PREFIXES = ("AWS_", "HF_", "TRANSFORMERS_", "TOKENIZERS_")
 
@@ -232,13 +234,21 @@ def start_or_join(address: str | None = None, *, address_key: str = "ray address
                             "fix the address.") from None
         return RaySession(ray, connected=True, env_vars=worker_env_vars())
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    temp_dir = tempfile.mkdtemp(prefix="ray", dir=os.environ.get("RAY_TMPDIR") or "/tmp")  # short: socket paths
-    try:
-        ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False, _temp_dir=temp_dir)
-    except BaseException:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        raise
-    return RaySession(ray, started=True, connected=True, temp_dir=temp_dir)
+    attempt = 1
+    while True:
+        temp_dir = tempfile.mkdtemp(prefix="ray", dir=os.environ.get("RAY_TMPDIR") or "/tmp")  # short: socket paths
+        try:
+            ray.init(include_dashboard=False, dashboard_host="127.0.0.1", log_to_driver=False, _temp_dir=temp_dir)
+            return RaySession(ray, started=True, connected=True, temp_dir=temp_dir)
+        except BaseException as err:
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+            _stop_processes(_local_processes(temp_dir))  # what this attempt started, and its temp dir
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            # Ray gives a starting node a fixed 30 s to register, which a loaded machine can exceed: retry that
+            if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:
+                raise
+            attempt += 1
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import uuid
 
@@ -27,6 +28,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One torch (OpenMP) thread per process: the suite's tensors are tiny and its processes (xdist workers,
+# Ray workers, subprocesses) share 2 cores, where two spinning OpenMP threads per process made a tiny
+# training step ~9x dearer in CPU (200 steps: 10.8 -> 1.2 s). Set before torch is imported; children
+# inherit it. tests/sparsemax sets its own thread count (the CPU kernel's threaded path).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 CACHE_OWNER = "_DYNSAE_TEST_CACHE_OWNER"  # the pid of the process that made the run's cache folder
@@ -34,7 +40,10 @@ CACHE_OWNER = "_DYNSAE_TEST_CACHE_OWNER"  # the pid of the process that made the
 
 def pytest_configure(config):
     """One conversion cache per test run: made by the first process (the xdist controller, or the only
-    one) before any worker or Ray starts, so every process of the run inherits it."""
+    one) before any worker or Ray starts, so every process of the run inherits it. (A torch imported
+    before this file, by another plugin, gets the thread count too.)"""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if "DYNSAE_CACHE_DIR" not in os.environ:
         os.environ["DYNSAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dynsae-cache-", dir="/tmp")
         os.environ[CACHE_OWNER] = str(os.getpid())

@@ -1,6 +1,6 @@
 """The `make demo` pipeline at a tiny size, through the same code path (`dynsae demo`).
 
-Same config file as the demo (dynsae/configs/demo.yaml) — python_docs source, all its variants x 2
+Same config file as the demo (dynsae/configs/demo.yaml) — python_docs labelled by module family, all its variants x 2
 dictionary sizes from one feeder on Ray, the evaluator actor, the report — with only the sizes
 and the model swapped for a tiny GPT-2 built in the test: 160 steps of 64 rows per run.
 """
@@ -71,6 +71,8 @@ def demo_out(tmp_path_factory, ray_local):
 
 
 def test_every_run_trained_and_evaluated(demo_out):
+    from store import open_dataset
+
     summary = json.loads((demo_out / "runs" / "demo" / "summary.json").read_text())
     runs = summary["runs"]
     assert sorted((r["sae.variant"], r["sae.m"]) for r in runs) == sorted(
@@ -78,6 +80,8 @@ def test_every_run_trained_and_evaluated(demo_out):
     assert all(r["status"] == "finished" for r in runs)
     # one feeder served all the trainers: every batch index was read from the store once
     (reads,) = summary["feeder_reads"].values()
+    ds = open_dataset(json.loads((demo_out / "runs" / "demo" / runs[0]["name"] / "config.json").read_text())["dataset"])
+    assert ds.manifest.class_names[0] == "language" and ds.manifest.documents  # labelled by module family
     assert reads["reads"] == reads["unique"] == 160 and reads["max_reads_per_batch"] == 1
     for r in runs:
         ev = json.loads((demo_out / "runs" / "demo" / r["name"] / "eval.json").read_text())
@@ -86,6 +90,13 @@ def test_every_run_trained_and_evaluated(demo_out):
         assert ev["filter"]["exclude_positions"] == [0]
         assert 0 <= ev["dead_frac"] <= 1
         assert ev["l0"] > 0
+        # the labelled python_docs corpus: every eval pass probes (the demo's ~90 held-out documents), or
+        # at this test's size (a few documents: the tiny tokenizer cuts Python's docs into many tokens)
+        # says why it could not
+        if ev["probe_skipped"] is None:
+            assert all(0 <= ev[k] <= 1 for k in ("probe_top1", "probe_top50", "probe_raw_top1", "probe_raw_all"))
+        else:
+            assert "fewer than two classes with two documents each" in ev["probe_skipped"]
 
 
 def test_report_has_every_section(demo_out):
@@ -95,6 +106,7 @@ def test_report_has_every_section(demo_out):
     table = report.split("| variant | M = 64 | M = 256 |", 1)[1].split("\n\n", 1)[0]
     for variant in VARIANTS:
         assert f"| {variant} |" in table
+    assert "## Concept quality" in report
     for picture in ("fvu_vs_m.png", "l0_fvu.png", "support_variant-sparsemax_m-64.png"):
         assert f"]({picture})" in report
         assert (demo_out / "runs" / "demo" / picture).stat().st_size > 1000

@@ -45,10 +45,12 @@ def test_loss_is_the_sum_of_the_prefix_reconstructions_by_hand():
     assert losses["loss"] == pytest.approx(0.0725 + 0.66125, abs=1e-6)
 
 
-def test_prefix_reconstructions_equal_a_dense_reference_with_gradients():
+@pytest.mark.parametrize("setting", [{}, {"loss": "norm_mse", "input_norm": "unit"}])
+def test_prefix_reconstructions_equal_a_dense_reference_with_gradients(setting):
     """The one sparse decode over B·G rows + cumsum equals x̂_g = (f ⊙ 1[i < M_g]) W_dec + b_dec, forward and
-    backward (W_enc, b_enc, W_dec, b_dec), with uneven groups and a decoder bias."""
-    cfg = {"variant": "matryoshka", "d": 12, "m": 40, "k": 5, "group_sizes": [3, 7, 10, 20], "seed": 3}
+    backward (W_enc, b_enc, W_dec, b_dec), with uneven groups and a decoder bias; each prefix's loss is
+    the variant's own (mse, or norm_mse on x/‖x‖ rescaled by ‖x‖)."""
+    cfg = {"variant": "matryoshka", "d": 12, "m": 40, "k": 5, "group_sizes": [3, 7, 10, 20], "seed": 3, **setting}
     fast, ref = sae_zoo.build(cfg), sae_zoo.build(cfg)
     with torch.no_grad():
         fast.b_dec.copy_(0.1 * torch.randn(12, generator=torch.Generator().manual_seed(0)))
@@ -61,8 +63,9 @@ def test_prefix_reconstructions_equal_a_dense_reference_with_gradients():
     f = codes.to_dense()
     ends = [3, 10, 20, 40]
     w = ref.decoder.rows()
-    prefix = [(f * (torch.arange(40) < e)) @ w + ref.b_dec for e in ends]
-    loss_ref = sum((p - x).pow(2).mean() for p in prefix)  # auxk is 0: nothing dead
+    n = x.norm(dim=-1, keepdim=True) if setting else torch.ones(24, 1)
+    prefix = [n * ((f * (torch.arange(40) < e)) @ w + ref.b_dec) for e in ends]  # x̂_g (×‖x‖ with unit input)
+    loss_ref = sum(((p - x).pow(2) / (n if setting else 1)).mean() for p in prefix)  # auxk is 0: nothing dead
     assert float(loss_fast.detach()) == pytest.approx(float(loss_ref.detach()), rel=1e-5)
     loss_fast.backward()
     loss_ref.backward()

@@ -191,21 +191,33 @@ def mse(x_hat: Tensor, x: Tensor) -> Tensor:
 
 def reconstruction(x_hat: Tensor, x: Tensor, loss: str, norms: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(the ``loss`` term, plain mse without gradient) from one pass of squared errors; ``norms`` (B,)
-    = ‖x‖ when already known."""
+    = ‖x‖ when already known. x̂ (B, …, d) may stack several reconstructions of x (B, 1, d)."""
     sq = (x_hat - x).square()
     plain = sq.detach().mean()
     if loss == "mse":
         return sq.mean(), plain
     if norms is None:
         norms = x.norm(dim=-1).clamp_min(NORM_EPS)
-    return (sq / norms[:, None]).mean(), plain  # mean_{t,i} (x̂ − x)² / ‖x_t‖
+    # mean_{t,i} (x̂ − x)² / ‖x_t‖ (x̂ may carry extra dimensions after the batch one: one ‖x_t‖ per t)
+    return (sq / norms.reshape(-1, *[1] * (sq.dim() - 1))).mean(), plain
 
 
-class Reconstructions(tuple):
-    """Further reconstructions y_g (each (B, d), in the space the SAE encodes) returned as a penalty value
+@dataclass
+class Reconstructions:
+    """Further reconstructions ``ys`` (B, G, d), in the space the SAE encodes, returned as a penalty value
     by ``forward_normalized``: :meth:`SAE.forward` replaces them by Σ_g of their reconstruction losses,
-    computed exactly as the main one (the same ``loss`` setting, ×‖x‖ where the SAE rescales). Used by
-    the Matryoshka SAE for its nested prefixes."""
+    computed exactly as the main one (the same ``loss`` setting, ×‖x‖ where the SAE rescales) in one
+    batched pass. Used by the Matryoshka SAE for its nested prefixes."""
+
+    ys: Tensor
+
+    def loss(self, x: Tensor, loss: str, norms: Tensor | None) -> Tensor:
+        """Σ_g recon(ys[:, g] (×‖x‖), x) = G · the mean over (B, G, d)."""
+        groups = self.ys.shape[1]
+        if groups == 0:
+            return x.new_zeros(())
+        y = self.ys if norms is None else self.ys * norms[:, None, None]
+        return groups * reconstruction(y, x[:, None, :], loss, norms)[0]
 
 
 # ----------------------------------------------------------------------------- base
@@ -336,8 +348,7 @@ class SAE(nn.Module):
         total = recon
         for name, (coef, value) in penalties.items():
             if isinstance(value, Reconstructions):  # Σ_g of the reconstruction loss of each further y_g
-                value = sum((reconstruction(y_g * norms[:, None] if norms is not None else y_g, x, self.config.loss,
-                                            norms)[0] for y_g in value), x.new_zeros(()))
+                value = value.loss(x, self.config.loss, norms)
             losses[name] = value
             if torch.is_tensor(coef):  # a steered coefficient: logged beside its penalty
                 losses[f"{name}_coef"] = coef.detach()

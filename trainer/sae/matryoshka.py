@@ -118,5 +118,5 @@ class MatryoshkaSAE(BatchTopKSAE):
         prefixes = self.prefix_reconstructions(codes)
         y = prefixes[:, -1]
         self.track_dead(codes)
-        inner = Reconstructions(prefixes[:, g] for g in range(prefixes.shape[1] - 1))
+        inner = Reconstructions(prefixes[:, :-1])
         return codes, y, {"prefix_mse": (1.0, inner), "auxk": (self.config.aux_coef, self.auxk(xi, y, xc, pre))}
