@@ -45,15 +45,18 @@ def split_phases(runs: list[tuple[dict[str, Any], TrainConfig]], reference: str
 
 
 def reference_l0(runs: list[tuple[dict[str, Any], TrainConfig]], reference: str,
-                 l0_of: dict[str, float | None]) -> dict[int, float]:
-    """M -> mean held-out L0 of the reference variant's runs at that M (``l0_of``: run name -> l0)."""
+                 l0_of: dict[str, float | None], why: dict[str, str] | None = None) -> dict[int, float]:
+    """M -> mean held-out L0 of the reference variant's runs at that M (``l0_of``: run name -> l0;
+    ``why``: run name -> the training or evaluation error of a run that has none, for the message)."""
     by_m: dict[int, list[float]] = defaultdict(list)
     for _, cfg in runs:
         if cfg.sae.get("variant") == reference:
             value = l0_of.get(cfg.name)
             if value is None:
-                raise UserError(f"match_l0: reference run {cfg.name} has no held-out l0 (it failed or was not "
-                                "evaluated); fix it and re-run the sweep.")
+                cause = (why or {}).get(cfg.name)
+                raise UserError(f"match_l0: reference run {cfg.name} has no held-out l0 ("
+                                + (f"its training or evaluation failed: {cause}" if cause else
+                                   "it failed or was not evaluated") + "); fix it and re-run the sweep.")
             by_m[int(cfg.sae["m"])].append(float(value))
     return {m: sum(values) / len(values) for m, values in by_m.items()}
 

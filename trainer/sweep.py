@@ -246,7 +246,9 @@ def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], Trai
         for i, phase in enumerate(phases):
             if i == 1:  # matched phase: the reference family's held-out L0 becomes the target
                 l0_of = {name: row.get("eval_l0") for name, row in rows.items()}
-                phase = with_targets(phase, reference_l0(phases[0], sweep.match_l0, l0_of), sweep.match_l0)
+                why = {name: str(row.get("eval_error") or row.get("error")) for name, row in rows.items()
+                       if row.get("eval_error") or row.get("error")}
+                phase = with_targets(phase, reference_l0(phases[0], sweep.match_l0, l0_of, why), sweep.match_l0)
                 for _, cfg in phase:
                     RunPlan(cfg).check_existing()
             trained.update({cfg.name: (assignment, cfg) for assignment, cfg in phase})

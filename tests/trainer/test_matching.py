@@ -31,6 +31,8 @@ def test_phases_targets_and_errors():
     assert steered["topk"]["target_l0"] == 32.0
     with pytest.raises(UserError, match="reference run sm1 has no held-out l0"):
         reference_l0(first, "sparsemax", {"sm0": 30.0, "sm1": None, "sm-big": 50.2})
+    with pytest.raises(UserError, match="sm1 has no held-out l0 .its training or evaluation failed: disk full"):
+        reference_l0(first, "sparsemax", {"sm0": 30.0, "sm1": None, "sm-big": 50.2}, {"sm1": "disk full"})
     with pytest.raises(UserError, match="no run of the sweep is of variant 'topk'"):
         split_phases([r for r in RUNS if r[1].name != "topk"], "topk")
     with pytest.raises(UserError, match="M = 128 but no sparsemax run has that M"):
