@@ -115,11 +115,14 @@ class Lease:
         data = self._data()
         if io.is_local(self.url):
             path = io.local_path(self.url)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 return False
+            except OSError as err:  # a file where a folder should be, no permission, a read-only disk
+                raise UserError(f"cannot create the {self.purpose} lease {path}: {err.strerror}; choose a location "
+                                "that is a writable folder (or can become one).") from None
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 
 import pytest
@@ -59,12 +61,17 @@ def assert_secret_nowhere(bucket: str, options: dict, outputs: list[subprocess.C
         assert SECRET not in done.stdout + done.stderr, done.args
 
 
-def clean_env(tmp_path) -> dict[str, str]:
+@pytest.fixture
+def clean_env(tmp_path):
+    """The commands' environment: no AWS_* credentials, no RAY_ADDRESS, offline. Ray's socket paths live
+    under RAY_TMPDIR and may not exceed 107 bytes, so it is a short folder under /tmp (a pytest-xdist
+    worker's tmp_path is too deep), removed after the test."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "RAY_ADDRESS"}
-    env.update({"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": str(tmp_path / "ray"),
+    ray_tmp = tempfile.mkdtemp(prefix="rs3", dir="/tmp")
+    env.update({"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_TMPDIR": ray_tmp,
                 "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")})
-    (tmp_path / "ray").mkdir(exist_ok=True)
-    return env
+    yield env
+    shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def dynsae(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -73,10 +80,10 @@ def dynsae(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(1200)
-def test_pipeline_on_s3_with_storage_options_only(private_s3, tmp_path):
+def test_pipeline_on_s3_with_storage_options_only(private_s3, clean_env, tmp_path):
     bucket, options = private_s3
     flag = ["--storage-options", json.dumps(options)]
-    env = clean_env(tmp_path)
+    env = clean_env
     model = build_tiny_gpt2(tmp_path / "tiny_gpt2")
     overrides = {
         "harvest.output": f"{bucket}/acts", "harvest.model.name": str(model), "harvest.hook.layer": 1,

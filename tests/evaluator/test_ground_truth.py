@@ -79,7 +79,7 @@ def test_our_runs_get_the_fields_and_trained_beats_untrained(synth, tmp_path):
     opt = torch.optim.Adam(sae.parameters(), lr=1e-2)
     loader = ActivationLoader(synth, 128, split="train", seed=0)
     for b in range(150):
-        loss = sae(loader.batch(b))[2]["loss"]
+        loss = sae(loader.batch(b).acts)[2]["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
