@@ -43,9 +43,10 @@ class RunInfo:
 
     @property
     def is_vision(self) -> bool:
-        """Vision datasets come from open_clip models (or carry class names / labels)."""
+        """Vision datasets come from open_clip models (or carry class labels per image; labelled text
+        carries them per document and says so with ``documents``)."""
         man = self.manifest
-        return man.model.kind == "open_clip" or man.class_names is not None
+        return man.model.kind == "open_clip" or (man.class_names is not None and not man.documents)
 
     @property
     def m(self) -> int:

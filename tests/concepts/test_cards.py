@@ -235,3 +235,22 @@ def test_display_histogram_bars_partition_the_values(values, max_bars):
         v32 = float(np.float32(v))
         assert any(lo * (1 - 1e-6) <= v32 <= hi * (1 + 1e-6) if v32 > 0 else lo * (1 + 1e-6) <= v32 <= hi
                    * (1 - 1e-6) for lo, hi, _ in bars)
+
+
+def test_labelled_text_is_not_vision():
+    """Class labels alone do not make a dataset vision: labelled text stores them per document
+    (``documents``) and is browsed as text; labels per image (no ``documents``) are vision."""
+    from types import SimpleNamespace
+
+    from evaluator.concepts.data import RunInfo
+
+    def run(kind, class_names, documents):
+        model = SimpleNamespace(kind=kind)
+        manifest = SimpleNamespace(model=model, class_names=class_names, documents=documents)
+        return RunInfo(url="run", config=None, sae=None, dataset=SimpleNamespace(manifest=manifest), row_filter=None,
+                       median_norm=None)
+
+    assert not run("hf_causal_lm", ["net", "os"], True).is_vision
+    assert not run("hf_causal_lm", None, None).is_vision
+    assert run("open_clip", ["cat", "dog"], None).is_vision
+    assert run("hf_image_folder", ["cat", "dog"], None).is_vision
