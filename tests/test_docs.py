@@ -22,7 +22,7 @@ def text_files() -> list[Path]:
 def test_no_reference_to_a_design_document_the_repository_lacks():
     stale = [f"{p.relative_to(ROOT)}:{n}" for p in text_files() if p.name != "test_docs.py"
              for n, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"DESIGN(\.md)? ?§", line)]
-    assert not stale, "references to DESIGN §n (cite docs/<page>.md instead): " + ", ".join(stale)
+    assert not stale, "references to the old design file's sections (cite docs/<page>.md instead): " + ", ".join(stale)
 
 
 def test_every_cited_docs_page_exists():
