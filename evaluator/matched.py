@@ -34,6 +34,12 @@ Decisions:
                                           higher is better) or worse (the other sign),
       otherwise                         ⇒  within seed spread.
 
+  For the sparse-probing accuracies (:data:`PROBE_METRICS`) each side's spread is at least the
+  accuracy's sampling error on the probe-test documents, s ≥ √(p̄(1 − p̄)/n_test) (:func:`sampling_floor`):
+  every seed is scored on the same few held-out documents, so two seeds that agree (std 0) say nothing
+  about the documents that were not drawn, and a difference of one or two documents out of 31 must
+  not read as a verdict.
+
   It is **not conclusive** (and says why) when the L0 is unmatched, when a side has fewer than two
   distinct seeds (no spread to compare against; for an interpolation, when a bracketing point has one
   seed), or when the metric is missing on a side.
@@ -60,6 +66,8 @@ LOWER_IS_BETTER: tuple[str, ...] = ("fvu", "ce_degradation", "dead_frac")
 CONCEPT_METRICS: tuple[str, ...] = ("probe_top1", "probe_top5", "probe_top10", "probe_top50",
                                     "gt_mcc", "gt_recovered", "gt_f1", "gt_l0_spearman")
 HIGHER_IS_BETTER = frozenset(CONCEPT_METRICS)
+#: Accuracies on a sample of held-out documents: their verdicts count the sampling error too.
+PROBE_METRICS = frozenset(("probe_top1", "probe_top5", "probe_top10", "probe_top50"))
 #: Every compared metric.
 METRICS: tuple[str, ...] = LOWER_IS_BETTER + CONCEPT_METRICS
 
@@ -218,15 +226,41 @@ def pooled_std(a: float, b: float) -> float:
     return math.sqrt((a * a + b * b) / 2)
 
 
-def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match, reference: str | None = None) -> Verdict:
+def probe_test_documents(runs: Iterable[RunRecord]) -> int | None:
+    """The fewest probe-test documents among the runs' sparse probes (None when none was run)."""
+    counts = []
+    for r in runs:
+        probe = r.eval.value("probe") if r.eval is not None else None
+        if isinstance(probe, dict) and isinstance(probe.get("test_documents"), int) and probe["test_documents"] > 0:
+            counts.append(probe["test_documents"])
+    return min(counts) if counts else None
+
+
+def sampling_floor(metric: str, stat: Stat, runs: Iterable[RunRecord]) -> float:
+    """The least spread a metric's value can be trusted to: for a probe accuracy p̄ on n_test held-out
+    documents, its binomial standard error √(p̄(1 − p̄)/n_test); 0 for every other metric."""
+    if metric not in PROBE_METRICS or stat.mean is None:
+        return 0.0
+    n = probe_test_documents(runs)
+    if n is None:
+        return 0.0
+    p = min(max(stat.mean, 0.0), 1.0)
+    return math.sqrt(p * (1 - p) / n)
+
+
+def verdict(metric: str, ref: Stat, ref_seeds: int, match: Match, reference: str | None = None,
+            ref_runs: Sequence[RunRecord] = ()) -> Verdict:
     """Decide one metric by the rule of the module docstring: |Δ| > Z·s_p decides (lower is better, or
     higher for :data:`HIGHER_IS_BETTER`), otherwise within seed spread; never a verdict from one seed or
-    at an unmatched L0. ``reference``: the reference family's name in the reasons (default
+    at an unmatched L0. A probe accuracy's spread on each side is at least its sampling error
+    (:func:`sampling_floor`; ``ref_runs``: the reference's runs, whose eval.json say how many documents
+    were tested). ``reference``: the reference family's name in the reasons (default
     :func:`reference_family`)."""
     reference = reference_family() if reference is None else reference
     base = match.metrics[metric]
     delta = None if base.mean is None or ref.mean is None else base.mean - ref.mean
-    pooled = None if base.std is None or ref.std is None else pooled_std(base.std, ref.std)
+    pooled = None if base.std is None or ref.std is None else pooled_std(
+        max(base.std, sampling_floor(metric, base, match.runs)), max(ref.std, sampling_floor(metric, ref, ref_runs)))
     why = None
     if match.method == "unmatched":
         why = f"not at the same sparsity: no {match.family} run within ±{WINDOW:.0%} of the {reference} L0 " \
@@ -287,7 +321,7 @@ def compare(points: Iterable[RunRecord], reference: str | None = None) -> list[S
         rows = []
         for fam in others:
             match = match_family(fam, families[fam], ref.l0.mean)
-            rows.append(FamilyComparison(match, {k: verdict(k, ref.metrics[k], ref.seeds, match, reference)
+            rows.append(FamilyComparison(match, {k: verdict(k, ref.metrics[k], ref.seeds, match, reference, ref.runs)
                                                  for k in METRICS}))
         out.append(SizeComparison(m, ref, rows))
     return out

@@ -277,7 +277,8 @@ def _sentence(family: str, v: matched.Verdict, reference_title: str) -> str:
     rule = (f"Δ = {format(v.delta, '+' + spec)}, |Δ| {'≤' if within else '>'} {matched.Z:g} × pooled std = "
             f"{format(matched.Z * v.pooled_std, spec)}")
     if within:
-        return f"- {family}, {name}: the difference is **within seed spread** ({rule})."
+        spread = "seed and sampling spread" if v.metric in matched.PROBE_METRICS else "seed spread"
+        return f"- {family}, {name}: the difference is **within {spread}** ({rule})."
     better = "better" if v.outcome == "reference better" else "worse"
     return f"- {family}, {name}: the {reference_title} is **{better}** than {family} ({rule})."
 
@@ -308,7 +309,11 @@ def matched_section(comparisons: list[matched.SizeComparison],
         f"Runs without an {EVAL_FILE} or a positive L0 take no part.", "",
         f"Rule: with the pooled std s_p = √((s_a² + s_b²)/2), |Δ| > {z}·s_p means one side is better; otherwise the "
         "difference is within seed spread. With one seed on either side (for an interpolation: at either "
-        "bracketing point), or without a matched L0, the comparison is **not conclusive**.", "",
+        "bracketing point), or without a matched L0, the comparison is **not conclusive**."
+        + (" For a sparse-probing accuracy p̄ each side's s is at least its sampling error √(p̄(1 − p̄)/n_test) on the "
+           "n_test probe-test documents (every seed is tested on the same few documents, so agreeing seeds do not "
+           "make a one-document difference a verdict)." if any(k in matched.PROBE_METRICS for k in metrics) else ""),
+        "",
     ]
     for size in comparisons:
         lines += [f"### M = {size.m}", ""]

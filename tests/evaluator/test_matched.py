@@ -248,3 +248,23 @@ def test_report_shows_concept_verdicts_and_table(concept_sweep):
     assert text.index("## Matched sparsity") < text.index("## Concept quality") < text.index("## fvu / ce_degradation")
     assert "| family | M | n | L0 | probe on 1 | probe on 5 | probe on 10 | probe on 50 | gt_mcc |" in text
     assert "| topk | 64 | 2 | 21.0 ± 0.0 | 0.450 ± 0.071 | – | – | – | 0.920 ± 0.014 |" in text
+
+
+def test_probe_verdict_counts_the_sampling_error_of_the_few_test_documents():
+    """Two seeds that score the same 12/31 vs 10/31 documents (std 0) are not a verdict: each side's spread is
+    at least √(p̄(1 − p̄)/31), 0.08748 and 0.08396, so 2·s_p = 2·√((0.0076533 + 0.0070491)/2) = 0.1715 > 0.0645."""
+    probe = {"test_documents": 31, "train_documents": 74}
+
+    def run(name, variant, seed, acc, with_probe=True):
+        ev = {"l0": 30.0, "fvu": 0.3, "dead_frac": 0.0, "probe_top1": acc, **({"probe": probe} if with_probe else {})}
+        return RunRecord.of(name, {"sae": {"variant": variant, "m": 64, "seed": seed}}, ev)
+
+    for with_probe, outcome, pooled in ((True, "within seed spread", 0.085739), (False, "reference better", 0.0)):
+        ref = matched.pool([run(f"sm{s}", "sparsemax", s, 12 / 31, with_probe) for s in (0, 1)])
+        base = matched.match_family("attn_relu", [run(f"ar{s}", "attn_relu", s, 10 / 31, with_probe)
+                                                  for s in (0, 1)], 30.0)
+        v = matched.verdict("probe_top1", ref.metrics["probe_top1"], 2, base, "sparsemax", ref.runs)
+        assert v.delta == pytest.approx(-2 / 31)
+        assert v.pooled_std == pytest.approx(pooled, abs=1e-6) and v.outcome == outcome
+    # the floor is for probe accuracies only: fvu with std 0 on both sides keeps its exact rule
+    assert matched.sampling_floor("fvu", matched.Stat(0.3, 0.0, 2), ref.runs) == 0.0
