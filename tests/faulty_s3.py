@@ -1,5 +1,6 @@
 """A faulty S3 endpoint for tests: a threaded HTTP proxy on 127.0.0.1 in front of the loopback moto server
-that fails a seeded share of requests the way S3 and GCS do under load.
+that fails a seeded share of requests the way S3 and GCS do under load. A HEAD answer keeps the
+object's Content-Length (s3fs takes a file's size from it; answering 0 there made every file read empty).
 
 Request ``n`` (counted in arrival order) is answered, without reaching moto, with
 
@@ -80,11 +81,14 @@ class FaultyS3:
                         self.rfile.readline()
                 return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-            def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+            def _reply(self, status: int, headers: list[tuple[str, str]], body: bytes,
+                       length: str | None = None) -> None:
+                # A HEAD answer has no body but must keep the object's Content-Length (s3fs takes a file's
+                # size from it): ``length`` is the upstream's header for HEAD, else the body's length.
                 self.send_response(status)
                 for key, value in headers:
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", length if length is not None else str(len(body)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(body)
@@ -106,9 +110,10 @@ class FaultyS3:
                     resp = conn.getresponse()
                     data = resp.read()
                     kept = [(k, v) for k, v in resp.getheaders() if k.lower() not in HOP_BY_HOP]
+                    length = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 finally:
                     conn.close()
-                self._reply(resp.status, kept, data)
+                self._reply(resp.status, kept, data, length)
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
 

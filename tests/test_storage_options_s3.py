@@ -93,8 +93,10 @@ def test_pipeline_on_s3_with_storage_options_only(private_s3, clean_env, tmp_pat
         "sweep.base.checkpoint_every": 6, "sweep.base.log_every": 6, "sweep.base.sae.m": 32,
         "sweep.eval_max_tokens": 256, "sweep.evaluator_options.ce_contexts": 2, "sweep.ray.feeder_window": 16,
     }
+    # The demo's synthetic phase is left out (its default output is the working directory's data/, and
+    # tests/harvester/test_synth.py::test_synth_on_s3 covers synth on S3).
     argv = ["demo", str(DEFAULT_CONFIG), "--no-progress", *flag,
-            "--set", "sweep.grid={sae.variant: [sparsemax, topk]}"]
+            "--set", "sweep.grid={sae.variant: [sparsemax, topk]}", "--set", "synth=null", "--set", "synth_sweep=null"]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={value}"]
     done = dynsae(env, *argv)
