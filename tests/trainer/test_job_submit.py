@@ -55,7 +55,7 @@ def wait_http(url: str, seconds: float) -> None:
             pass
         if time.monotonic() > deadline:
             raise TimeoutError(f"{url} did not answer within {seconds}s")
-        time.sleep(1)
+        time.sleep(0.1)
 
 
 def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
@@ -86,7 +86,7 @@ def submit_when_agent_ready(cmd: list[str], env: dict[str, str], seconds: float 
             return job
         if time.monotonic() > deadline:
             return job
-        time.sleep(3)
+        time.sleep(0.5)
 
 
 STEPS = 300

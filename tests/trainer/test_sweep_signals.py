@@ -1,4 +1,5 @@
-"""SIGINT/SIGTERM to ``python -m trainer sweep`` while its driver waits on Ray: honoured every time,
+"""SIGINT/SIGTERM to ``python -m trainer sweep`` while its driver waits on Ray (SIGINT, SIGTERM, SIGINT:
+each signal honoured, and one of them again in a run already interrupted twice): honoured every time,
 exit 128 + signal with one sentence on how to resume, nothing of the sweep's left running (its own
 in-process Ray, in a temp dir of this test's, is gone), and the re-run ends with the weights of an
 uninterrupted run."""
@@ -30,7 +31,8 @@ from trainer.run import train
 
 REPO = Path(__file__).resolve().parents[2]
 RUNS = ("variant-relu",)
-STEPS = 1500  # far more than five interrupted attempts get through
+STEPS = 600  # several times what three interrupted attempts get through (88 steps on a loaded 2-core machine)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGINT)
 
 
 def interrupt_once(cmd: list[str], env: dict[str, str], run_dirs: list[Path], sig: int) -> None:
@@ -65,10 +67,11 @@ def test_interrupts_leave_nothing_behind_and_resume_exactly(tiny_store, tmp_path
     cmd = [sys.executable, "-m", "trainer", "sweep", str(tmp_path / "sweep.yaml"), "--no-progress"]
     run_dirs = [tmp_path / "runs" / "sig" / name for name in RUNS]
     try:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+        for sig in SIGNALS:
             interrupt_once(cmd, env, run_dirs, sig)
             no_pids_using(ray_tmp)  # its Ray, trainers and feeder are all gone
-            assert all(checkpoint_step(d) < STEPS for d in run_dirs)  # (loading them: whole checkpoints)
+            reached = [checkpoint_step(d) for d in run_dirs]  # (loading them: whole checkpoints)
+            assert all(0 < s < STEPS for s in reached), reached
 
         final = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert final.returncode == 0, final.stderr[-3000:]
