@@ -38,6 +38,7 @@ from store.lease import leased
 from store.loader import ActivationLoader
 from trainer.checkpoint import STATE_VERSION, RunDir, rng_state, set_rng_state
 from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
+from trainer.optim import Adam
 from trainer.run_format import (
     STATE_FILE,
     RowFilterRecord,
@@ -191,7 +192,7 @@ class Run(RunPlan):
         torch.manual_seed(cfg.seed)
         np.random.seed(cfg.seed % 2**32)
         self.sae = build(self.sae_cfg).to(self.device)
-        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+        self.opt = Adam(self.sae.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
         self.step = 0
         self.tokens = 0
         self.tokens_trained = 0

@@ -299,8 +299,13 @@ class _SelectDecode(torch.autograd.Function):
         dval = pattern.padded(_entries_dot(pattern, gh, weight)).to(ctx.val.dtype)  # ⟨g_b, W_j⟩
         if gval is not None:
             dval = dval + gval
+        # ds = (∂val/∂s)ᵀ dval, as the gradient of the scalar Σ val·dval (the same numbers: its backward hands
+        # dval to val's graph unchanged); a tensor grad_outputs would make torch.autograd import
+        # torch.fx.experimental.symbolic_shapes and sympy, ~1 s once per process.
         # retain_graph: the outer graph may be differentiated more than once (retain_graph there too)
-        (ds,) = torch.autograd.grad(ctx.val, ctx.scores, dval, retain_graph=True, allow_unused=True)
+        with torch.enable_grad():  # backward runs without grad mode; the product is part of val's graph
+            weighted = (ctx.val * dval).sum()
+        (ds,) = torch.autograd.grad(weighted, ctx.scores, retain_graph=True, allow_unused=True)
         if ds is None:  # an activation that ignores the scores
             ds = torch.zeros_like(ctx.scores)
         ds_entries = pattern.flat(ds)
