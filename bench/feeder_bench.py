@@ -124,7 +124,7 @@ class Consumer:
 
     def run(self, batches: int) -> float:
         """Consume batches 0..batches-1 the way ``trainer.run.Run.fit`` does: from the feeder through
-        its :class:`trainer.run.Prefetcher` (as a sweep's ``TrainerActor``), or from the own loader's
+        its :class:`trainer.run.Prefetcher` (as a sweep's training task), or from the own loader's
         ``iter_batches`` (as a run with its own loader)."""
         from trainer.run import Prefetcher
 

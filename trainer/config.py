@@ -162,8 +162,11 @@ class RayConfig(StrictModel):
     trainer_resources: dict[str, float] = Field(default_factory=dict, description=(
         "custom Ray resources each trainer (and the evaluator) asks for, e.g. {worker: 1} to keep them on "
         "nodes started with --resources='{\"worker\": 8}'; passed to the actors' resources=."))
-    max_restarts: int = Field(default=3, ge=-1)
-    max_task_retries: int = Field(default=-1, ge=-1)
+    max_restarts: int = Field(default=3, ge=-1, description=(
+        "times Ray retries a run whose process or node died (it resumes from its checkpoint); -1: always."))
+    max_task_retries: int = Field(default=-1, ge=-1, description=(
+        "read by nothing since each run is a Ray task retried up to max_restarts times; accepted so older "
+        "configs still load."))
     feeder_window: int = Field(default=32, gt=0, description=(
         "batches the feeder holds in the object store per group of trainers whose cursors are close; "
         "a trainer leads the next one in its group by at most this many batches."))

@@ -12,7 +12,7 @@ batch ``b`` is a pure function of (dataset, data_seed, b), so re-running the sam
 from the last checkpoint and ends with the weights an uninterrupted run ends with. Re-running with a
 larger ``tokens`` extends a finished run (the lr schedule is then that of the new budget).
 
-The same :class:`Run` is driven by the sweep's trainer actors, which take batches from the feeder
+The same :class:`Run` is driven by the sweep's training tasks, which take batches from the feeder
 instead of a loader of their own (``Run.fit(batches=...)``).
 """
 

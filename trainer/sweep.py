@@ -9,9 +9,13 @@ evaluates) (``docs/sweep.md``).
 * One feeder actor per batch stream (dataset, batch_size, data_seed — one per dataset in a normal
   sweep): each batch read once from the store and shared by every trainer of the stream through Ray's
   object store (:mod:`trainer.feeder`).
-* One :class:`TrainerActor` per run (``num_cpus``/``num_gpus``/custom ``trainer_resources`` from
-  ``ray``), restarted by Ray on failure, node loss included (``max_restarts``; its ``train`` call is
-  retried, ``max_task_retries``), which resumes from the run's last checkpoint (:class:`trainer.run.Run`).
+* One Ray *task* per run, :func:`train_run` (``num_cpus``/``num_gpus``/custom ``trainer_resources`` from
+  ``ray``), retried by Ray when its process or node dies (up to ``max_restarts`` times; -1: always); a
+  retry resumes from the run's last checkpoint (:class:`trainer.run.Run`). Tasks, not one actor per
+  run: Ray hands a finished task's worker process to the next run, so a sweep of many runs imports
+  torch once per slot instead of once per run (~3 s of CPU a run on the 2-core box). On GPUs every
+  run gets a fresh process (Ray gives each task its own ``CUDA_VISIBLE_DEVICES``, which a process
+  cannot change once CUDA is up). ``max_task_retries`` is read by nothing since; it is still accepted.
 * Evaluation is handed in: ``run_sweep(..., evaluator=F)`` with ``F`` a Ray actor class (placed like a
   trainer) or a callable returning an actor handle, called with the keyword arguments ``max_tokens``,
   ``storage_options`` and the config's ``evaluator_options``; its ``evaluate.remote(run_url)`` scores a
@@ -57,40 +61,32 @@ EvaluatorFactory = Callable[..., Any]
 StreamKey = tuple[str, int, int, str]
 
 
-@ray.remote
-class TrainerActor:
-    """One run of a sweep; constructing it (again, after a crash) resumes from the run's checkpoint."""
+def train_run(cfg: dict[str, Any], feeder: Any, evaluation: RunEvaluation | None = None,
+              on_step: StepHook | None = None) -> dict[str, Any]:
+    """Train one run of a sweep to its budget from ``feeder``'s batches (a retry, after its process died,
+    resumes from the checkpoint); returns its URL, last metrics row and the pid that finished it."""
+    config = TrainConfig.model_validate(cfg)
+    run = Run(config, progress=False, evaluation=evaluation)
+    url = run.fit(feeder_batches(feeder, config.name), on_step=on_step)
+    feeder.done.remote(config.name)
+    last = next((r for r in reversed(run.metrics) if "loss" in r), {})
+    return {"run_url": url, "metrics": last, "pid": os.getpid()}
 
-    def __init__(self, cfg: dict[str, Any], feeder: Any, evaluation: RunEvaluation | None = None,
-                 on_step: StepHook | None = None) -> None:
-        self.cfg = TrainConfig.model_validate(cfg)
-        self.feeder = feeder
-        self.evaluation = evaluation
-        self.on_step = on_step
 
-    def train(self) -> dict[str, Any]:
-        """Train the run to its budget; returns its URL and last metrics row."""
-        run = Run(self.cfg, progress=False, evaluation=self.evaluation)
-        url = run.fit(feeder_batches(self.feeder, self.cfg.name), on_step=self.on_step)
-        self.feeder.done.remote(self.cfg.name)
-        last = next((r for r in reversed(run.metrics) if "loss" in r), {})
-        return {"run_url": url, "metrics": last, "pid": os.getpid()}
+#: :func:`train_run` as a Ray task: on CPUs the worker processes go from one run to the next; with GPUs
+#: each run gets a new process (``max_calls=1``; see the module docstring).
+train_on_cpu = ray.remote(train_run)
+train_on_gpu = ray.remote(max_calls=1)(train_run)
 
 
 @dataclass
 class SweepActors:
     """Every actor the sweep started, by role; each is tracked by the session, which kills it when the
-    sweep ends, however it ends."""
+    sweep ends, however it ends (and cancels the training tasks still running)."""
 
     session: RaySession
     feeders: dict[StreamKey, Any] = field(default_factory=dict)
-    trainers: dict[str, Any] = field(default_factory=dict)
     evaluator: Any = None
-
-    def kill_trainer(self, name: str) -> None:
-        """Free a finished run's CPU/GPU slot now: with more runs than slots the queued trainers (and
-        the evaluator) only start when finished ones are gone."""
-        self.session.kill(self.trainers.pop(name, None))
 
 
 def validate_sweep(sweep: SweepConfig, source: str) -> list[tuple[dict[str, Any], TrainConfig]]:
@@ -111,7 +107,7 @@ def stream_key(cfg: TrainConfig) -> StreamKey:
 
 
 def placement(rc: RayConfig, session: RaySession) -> dict[str, Any]:
-    """Actor options that place a trainer (and the evaluator): CPUs, GPUs, custom resources, and the
+    """Options that place a training task (and the evaluator actor): CPUs, GPUs, custom resources, and the
     session's runtime environment."""
     return session.options(num_cpus=rc.num_cpus_per_trainer, num_gpus=rc.num_gpus_per_trainer,
                            resources=dict(rc.trainer_resources) or None)
@@ -135,13 +131,14 @@ def start_feeders(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig,
 def launch_trainers(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, actors: SweepActors,
                     evaluation: RunEvaluation | None = None,
                     on_step: StepHook | None = None) -> dict[Any, tuple[dict[str, Any], TrainConfig]]:
-    """One trainer actor per run and its ``train`` call; returns {train ObjectRef: (assignment, config)}."""
+    """One :func:`train_run` task per run; returns {task ObjectRef: (assignment, config)}."""
+    task = train_on_gpu if rc.num_gpus_per_trainer > 0 else train_on_cpu
     pending = {}
     for assignment, cfg in runs:
-        actor = actors.trainers[cfg.name] = actors.session.track(TrainerActor.options(
-            **placement(rc, actors.session), max_restarts=rc.max_restarts, max_task_retries=rc.max_task_retries,
-        ).remote(cfg.model_dump(mode="json"), actors.feeders[stream_key(cfg)], evaluation, on_step))
-        pending[actor.train.remote()] = (assignment, cfg)
+        ref = actors.session.track_task(task.options(**placement(rc, actors.session), max_retries=rc.max_restarts)
+                                        .remote(cfg.model_dump(mode="json"), actors.feeders[stream_key(cfg)],
+                                                evaluation, on_step))
+        pending[ref] = (assignment, cfg)
     return pending
 
 
@@ -182,7 +179,7 @@ def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors
         except (ray.exceptions.RayError, UserError) as err:
             actors.feeders[stream_key(cfg)].done.remote(cfg.name)
             row.update({"status": "failed", "error": _one_line(err)})
-        actors.kill_trainer(cfg.name)
+        actors.session.forget_task(ref)
         rows[cfg.name] = row
         bar.update(1)
     return rows, evals

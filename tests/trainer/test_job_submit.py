@@ -95,10 +95,10 @@ RUNS = ("variant-relu", "variant-topk")
 
 def training_worker(head_pid: int) -> psutil.Process | None:
     """A worker of the head's process family running a trainer's ``train`` (Ray titles it
-    ``ray::TrainerActor.train``)."""
+    ``ray::train_run``)."""
     for proc in psutil.Process(head_pid).children(recursive=True):
         try:
-            if " ".join(proc.cmdline()).startswith("ray::TrainerActor.train"):
+            if " ".join(proc.cmdline()).startswith("ray::train_run"):
                 return proc
         except psutil.Error:
             continue
