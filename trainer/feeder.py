@@ -52,6 +52,9 @@ class FeederCore:
         # next batch each *live* trainer needs. A trainer becomes live with its first request: one
         # that Ray has not scheduled yet (more runs than slots) must not hold anyone back.
         self.cursors: dict[str, int] = {}
+        # trainers that are done (finished, or failed for good): a request of theirs still in flight when
+        # done() came (a process that died mid-span) gets its batch but makes nobody wait for it again
+        self.gone: set[str] = set()
         self.held: dict[int, Future] = {}  # b -> future of the batch's ObjectRef
         self.read_counts: Counter[int] = Counter()
         self.bytes_read = 0
@@ -109,7 +112,8 @@ class FeederCore:
             raise IndexError(f"batch {b} outside 0..{self.total - 1}")
         with self.cond:
             self.requests += 1
-            self.cursors[trainer] = b
+            if trainer not in self.gone:
+                self.cursors[trainer] = b
             self._wait_for_laggards(b, trainer)
             if b not in self.held:  # room for b and the batches read ahead after it
                 self._evict(max(0, self.window - 1 - self.prefetch))
@@ -131,8 +135,10 @@ class FeederCore:
         return [self.get(i, trainer) for i in range(b, min(b + n, self.total))]
 
     def done(self, trainer: str) -> None:
-        """``trainer`` finished (or gave up): nobody waits for it and it wants no batch any more."""
+        """``trainer`` finished (or gave up): nobody waits for it and it wants no batch any more, even if a
+        request of its, in flight, arrives later."""
         with self.cond:
+            self.gone.add(trainer)
             self.cursors.pop(trainer, None)
             self.cond.notify_all()
 

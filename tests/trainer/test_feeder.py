@@ -57,6 +57,21 @@ def test_unscheduled_trainers_do_not_pin_the_window(tiny_store):
     assert feeder.reads()["rereads"] == 1
 
 
+def test_a_done_trainer_holds_nobody_back_even_with_a_request_in_flight(tiny_store):
+    """A trainer whose process died mid-span: the driver calls done() while the feeder still serves the
+    dead process's last get_span. Those late requests get their batches but must not make the trainer
+    live again, or the other trainers of its group would wait out the lag timeout for it, batch after
+    batch (seen in a sweep test under load: four 60 s timeouts)."""
+    total = 16
+    feeder = FeederCore(tiny_store, 64, 0, total, ["dead", "alive"], window=2, prefetch=0, lag_timeout_s=0.5)
+    feeder.get(0, "dead")
+    feeder.done("dead")
+    feeder.get(1, "dead")  # the dead process's request, served after done()
+    for b in range(total):
+        feeder.get(b, "alive")
+    assert feeder.reads()["lag_timeouts"] == 0 and "dead" not in feeder.cursors
+
+
 def test_feeder_serves_far_apart_cursors_without_waiting(tiny_store):
     """A fresh feeder (a resumed sweep, or a restarted feeder) facing runs stopped at steps 3 and 60 with
     a 4-batch window: they are two cursor groups and neither waits for the other (a wait would end in a
