@@ -462,7 +462,11 @@ def run_job(session: RaySession, cfg: HarvestConfig, plan: Plan, shards: Iterato
     unit = "img" if cfg.source.is_image else "tok"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
     plan.threads = cpus
-    task = ray.remote(run_shards).options(**session.options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker))
+    # A GPU task gets a fresh process (max_calls=1): Ray gives each task its own CUDA_VISIBLE_DEVICES, which a
+    # process that has started CUDA cannot change (Ray's own default, which it applies only to num_gpus given
+    # in @ray.remote, not through .options); CPU tasks share worker processes (models and imports loaded once).
+    remote = ray.remote(max_calls=1)(run_shards) if cfg.num_gpus_per_worker else ray.remote(run_shards)
+    task = remote.options(**session.options(num_cpus=cpus, num_gpus=cfg.num_gpus_per_worker))
     total = None if plan.total_seqs is None else plan.total_seqs * plan.rows_per_seq
     scale = 1.0 / plan.rows_per_seq if cfg.source.is_image else 1.0  # images/s for vision
     bar = tqdm(total=None if total is None else total * scale, unit=unit, unit_scale=True, disable=not progress,

@@ -189,3 +189,13 @@ def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny
         assert [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == \
             list(range(2, STEPS + 1, 2))
         assert_same_weights(run_dir, train(straight_config(run_dir, tmp_path / "straight"), progress=False))
+
+
+def test_gpu_training_tasks_get_a_fresh_process_and_cpu_ones_share_them():
+    """A CPU run's worker process trains the next run (torch imported once per slot); a GPU run gets a
+    process of its own, since Ray sets CUDA_VISIBLE_DEVICES per task and a process that has started CUDA
+    cannot change it (Ray's max_calls=1, which it applies by itself only to num_gpus in @ray.remote)."""
+    from trainer.sweep import train_on_cpu, train_on_gpu
+
+    assert train_on_gpu._default_options.get("max_calls") == 1
+    assert not train_on_cpu._default_options.get("max_calls")  # 0 / unset: reused without limit
