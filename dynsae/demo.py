@@ -6,7 +6,7 @@ report`` call — so the demo exercises exactly the code path of the real jobs:
 
 1. :func:`harvester.job.harvest` with the ``harvest`` section (a :class:`HarvestConfig`);
 2. :func:`trainer.sweep.run_sweep` with the ``sweep`` section, its ``base.dataset`` set to the URL
-   the harvest produced (one feeder, one trainer actor per grid point, the evaluator actor scoring
+   the harvest produced (one feeder, one training task per grid point, the evaluator actor scoring
    every finished run);
 3. :func:`evaluator.report.write_report` on the sweep root, then a short "About this run" section
    (date, machine, budgets, wall times) is put at the top of ``report.md``;

@@ -55,13 +55,16 @@ def pytest_unconfigure(config):
         os.environ.pop(CACHE_OWNER)
 
 
-# The longest files (a few minutes each on 2 cores: own Ray clusters, subprocess pipelines, SmolLM2) run
-# first, so pytest-xdist's workers (whole files each, `make test`) finish together instead of one of
-# them starting the longest file last. Any other file keeps its place after these.
+# The longest files (one to three minutes each on 2 cores: own Ray clusters, subprocess pipelines, SmolLM2,
+# S3 retries) run first, longest first (measured 2026-12-06, `--durations`), so pytest-xdist's workers
+# (whole files each, `make test`) finish together instead of one of them starting a long file last.
+# Any other file keeps its place after these.
 LONG_FILES = (
-    "trainer/test_sweep_signals.py", "demo/test_demo_pipeline.py", "harvester/test_harvest_job.py",
-    "trainer/test_steering_smollm2.py", "harvester/test_harvest_slow.py", "trainer/test_node_loss.py",
-    "evaluator/test_smollm2.py", "trainer/test_job_submit.py", "trainer/test_sweep.py", "interop/test_export.py",
+    "harvester/test_harvest_job.py", "trainer/test_steering_smollm2.py", "demo/test_demo_pipeline.py",
+    "trainer/test_sweep.py", "test_object_store_faults.py", "trainer/test_sweep_signals.py",
+    "test_storage_options_s3.py", "trainer/test_job_submit.py", "harvester/test_harvest_slow.py",
+    "trainer/test_node_loss.py", "trainer/test_feeder.py", "interop/test_export.py", "trainer/test_matching.py",
+    "trainer/test_new_variant.py", "sae/test_learning.py",
 )
 
 
