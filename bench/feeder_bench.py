@@ -179,7 +179,7 @@ def loader_alone(store: str, batch_size: int, batches: int) -> float:
     """Seconds for one loader (the feeder's settings and columns, in this process, no Ray) to stream
     batches 0..batches-1: the rate a feeder could at best pass on."""
     from store.loader import ActivationLoader
-    from trainer.run import BATCH_COLUMNS
+    from trainer.config import BATCH_COLUMNS
 
     rows = ActivationLoader(store, batch_size, seed=0).rows_per_epoch
     loader = ActivationLoader(store, batch_size, seed=0, columns=BATCH_COLUMNS,

@@ -51,7 +51,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
-import torch
 
 from store.batch import Batch
 from store.dataset import Dataset, open_dataset
@@ -99,8 +98,8 @@ class _BufferPool:
 
     A batch that is one piece of one window is handed out as a view of the window buffer, not a
     copy, and the window gets a *lease* until that view is freed (``weakref.finalize`` on the
-    numpy view the tensor keeps alive; the finalizer only appends to a deque, so it may run in any
-    thread). The stream hands out each row range once, and ``batch(b)`` reads a window again when
+    numpy view that the batch, and every tensor made from it, keeps alive; the finalizer only
+    appends to a deque, so it may run in any thread). The stream hands out each row range once, and ``batch(b)`` reads a window again when
     a range it asks for was lent before, so modifying a batch in place changes no other batch. A
     window's buffers are reused when the stream or the cache has passed it (``retire``) and its
     last lease is back; a consumer that keeps a batch keeps that memory alive.
@@ -318,14 +317,14 @@ class ActivationLoader:
     def _assemble(self, pieces: list[tuple[_Window, int, int]]) -> Batch:
         """The batch of ``pieces``, every column in its stored dtype: one piece is lent as a view of
         its window buffer (see :class:`_BufferPool`); a batch that straddles windows is a copy."""
-        out: dict[str, torch.Tensor] = {}
+        out: dict[str, np.ndarray] = {}
         for c in self.columns:
             if len(pieces) > 1:
-                out[c] = torch.cat([torch.from_numpy(win.rows(c, lo, hi)) for win, lo, hi in pieces])
+                out[c] = np.concatenate([win.rows(c, lo, hi) for win, lo, hi in pieces])
                 continue
             win, lo, hi = pieces[0]
             win.lent.add((lo, hi))
-            out[c] = torch.from_numpy(self._buffer_pool.lend(win, win.rows(c, lo, hi)))
+            out[c] = self._buffer_pool.lend(win, win.rows(c, lo, hi))
         return Batch.of(out)
 
     # ---- random access ------------------------------------------------------------------------

@@ -41,6 +41,9 @@ from store.names import check_dir_name
 
 #: Fields that may change between the run that made a run directory and a run that resumes it.
 RESUMABLE_FIELDS = ("tokens", "storage_options", "device", "take_over_stale_lease")
+#: Loader columns a training batch carries (positions so the row filter can drop BOS rows); here, not in
+#: trainer.run, so the feeder, which reads them, never imports torch.
+BATCH_COLUMNS = ("acts", "positions")
 
 DEFAULT_DEAD_TOKENS = 10_000_000
 

@@ -34,7 +34,7 @@ import ray
 
 from store.batch import Batch
 from store.loader import ActivationLoader
-from trainer.run import BATCH_COLUMNS
+from trainer.config import BATCH_COLUMNS
 
 
 class FeederCore:

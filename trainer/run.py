@@ -37,7 +37,7 @@ from store.io import join_url
 from store.lease import leased
 from store.loader import ActivationLoader
 from trainer.checkpoint import STATE_VERSION, RunDir, rng_state, set_rng_state
-from trainer.config import RESUMABLE_FIELDS, TrainConfig, resolve_sae
+from trainer.config import BATCH_COLUMNS, RESUMABLE_FIELDS, TrainConfig, resolve_sae
 from trainer.optim import Adam
 from trainer.run_format import (
     STATE_FILE,
@@ -47,8 +47,6 @@ from trainer.run_format import (
     write_run_config,
 )
 
-#: Loader columns a training batch carries (positions so the row filter can drop BOS rows).
-BATCH_COLUMNS = ("acts", "positions")
 #: Training's dead-concept count: the fraction of concepts not fired for the last ``dead_tokens``
 #: training tokens. Not the evaluator's ``dead_frac`` (never fired on the eval rows).
 TRAIN_DEAD_FRAC = "train_dead_frac"

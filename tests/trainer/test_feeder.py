@@ -129,3 +129,19 @@ def test_a_span_is_the_batches_one_by_one(tiny_store):
         assert torch.equal(got.acts, feeder.loader.batch(i).acts)
     assert len(feeder.get_span(4, 4, "t")) == 2  # batches 4 and 5: the stream has 6
     assert feeder.reads()["reads"] == 4 and feeder.reads()["rereads"] == 0  # 2, 3, 4, 5 once each
+
+
+def test_the_feeder_reads_and_serves_batches_without_importing_torch(tiny_store):
+    """The feeder only moves batches (numpy arrays under the hood, ``store.batch``): a process that
+    imports it and serves batches never imports torch (~3 s of CPU a process: one per sweep)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom trainer.feeder import FeederCore\n"
+            f"feeder = FeederCore({tiny_store!r}, 64, 0, 4, ['t'], window=2, prefetch=1)\n"
+            "batches = feeder.get_span(0, 4, 't')\n"
+            "assert [b.rows for b in batches] == [64] * 4 and batches[0].arrays['acts'].dtype.name == 'float32'\n"
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]", done.stdout[-500:]

@@ -229,7 +229,7 @@ def test_float16_dataset_trains_as_when_the_loader_cast_to_float32(tmp_path):
 
     from store.batch import Batch
     from store.loader import ActivationLoader
-    from trainer.run import BATCH_COLUMNS
+    from trainer.config import BATCH_COLUMNS
 
     store = make_store(str(tmp_path / "f16"), shards=2, dtype="float16")
     cfg = base_config(store, str(tmp_path / "runs"), tokens=64 * 8)
