@@ -16,9 +16,14 @@ every class rather than the first few in alphabetical order.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
+import hashlib
+import json
+import os
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -109,7 +114,39 @@ def family_classes() -> list[str]:
 @functools.cache
 def family_documents() -> tuple[tuple[str, int], ...]:
     """``(text, class index)`` of every help topic (sorted), then of every docstring of the modules of
-    each family in the family map (modules sorted within a family)."""
+    each family in the family map (modules sorted within a family).
+
+    Parsing the ~250 modules takes ~3.5 s of CPU, paid by every process that needs the labelled
+    documents (a harvest's driver, each test); so the result is kept once per machine, as JSON in
+    the dynsae cache folder (:func:`harvester.gguf_cache.cache_root`) at
+    ``python_docs/family-<key>.json``, the key hashing the standard library's folder, the Python
+    version and this module's source (a new Python or a changed family map makes a new file). It is
+    written under a temporary name and renamed into place; a file that does not read back is parsed
+    again and replaced."""
+    path = family_cache_path()
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        return tuple((str(text), int(label)) for text, label in json.loads(path.read_text(encoding="utf-8")))
+    docs = parse_family_documents()
+    with contextlib.suppress(OSError):  # a read-only cache folder: parse again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False,
+                                         encoding="utf-8") as fh:
+            json.dump(docs, fh)
+        os.replace(fh.name, path)
+    return docs
+
+
+def family_cache_path() -> Path:
+    """Where :func:`family_documents` keeps its result (see there)."""
+    from harvester.gguf_cache import cache_root
+
+    stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    key = hashlib.sha256(f"{stdlib}|{sys.version}".encode() + Path(__file__).read_bytes()).hexdigest()[:16]
+    return cache_root() / "python_docs" / f"family-{key}.json"
+
+
+def parse_family_documents() -> tuple[tuple[str, int], ...]:
+    """:func:`family_documents`, parsed from the standard library's sources."""
     from pydoc_data.topics import topics
 
     index = {name: i for i, name in enumerate(family_classes())}
