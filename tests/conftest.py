@@ -130,6 +130,12 @@ def s3_bucket(s3_endpoint):
     yield f"s3://{name}"
 
 
+#: The session's Ray keeps idle worker processes for the next test's tasks (up to 6, kept while idle) instead
+#: of killing those above its 2 CPUs after a second idle: a task of the next sweep then finds torch (and
+#: often transformers) imported. Ray's defaults: num_workers_soft_limit = num_cpus, 1 s.
+WARM_WORKERS = {"num_workers_soft_limit": 6, "idle_worker_killing_time_threshold_ms": 10**9}
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """One real in-process Ray instance for the test session."""
@@ -138,7 +144,7 @@ def ray_local():
     temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False,
-                 ignore_reinit_error=True, _node_ip_address="127.0.0.1")
+                 ignore_reinit_error=True, _node_ip_address="127.0.0.1", _system_config=WARM_WORKERS)
     try:
         yield ray
     finally:
