@@ -33,6 +33,7 @@ workers the driver can become the limit; raise ``batch_size`` / shard sizes or s
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
 import time
@@ -114,7 +115,7 @@ class Plan:
     total_seqs: int | None = None  # None: until the text source runs out
     class_names: list[str] | None = None
     documents: bool = False  # labelled text: per-sequence doc_ids are stored
-    threads: int = 0  # torch threads per task (its CPUs); 0 = torch's default
+    threads: int = 0  # torch threads per task (:func:`task_threads`); 0 = torch's default
 
 
 @dataclass
@@ -293,6 +294,9 @@ def run_shards(plan: Plan, works: list[ShardWork]) -> Iterator[ShardDone]:
 
     from store import DatasetWriter
 
+    # the task's thread count, given back when it ends: Ray hands this worker process to other tasks
+    # (a training task after it would otherwise spin this task's threads on its own CPUs)
+    previous_threads = torch.get_num_threads()
     if plan.threads > 0:
         torch.set_num_threads(plan.threads)
     adapter = worker_adapter(plan.cfg)
@@ -314,6 +318,14 @@ def run_shards(plan: Plan, works: list[ShardWork]) -> Iterator[ShardDone]:
             yield done
     finally:
         background.close()
+        torch.set_num_threads(previous_threads)
+
+
+def task_threads(cpus: int) -> int:
+    """Torch threads of a harvest task: its CPUs, unless ``OMP_NUM_THREADS`` is set in the driver's
+    environment (Ray's own rule for its workers: the variable, when set, wins)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    return int(env) if env.isdigit() and int(env) > 0 else cpus
 
 
 # -------------------------------------------------------------------------------- driver
@@ -461,7 +473,7 @@ def run_job(session: RaySession, cfg: HarvestConfig, plan: Plan, shards: Iterato
     ray = session.ray
     unit = "img" if cfg.source.is_image else "tok"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
-    plan.threads = cpus
+    plan.threads = task_threads(cpus)
     # A GPU task gets a fresh process (max_calls=1): Ray gives each task its own CUDA_VISIBLE_DEVICES, which a
     # process that has started CUDA cannot change (Ray's own default, which it applies only to num_gpus given
     # in @ray.remote, not through .options); CPU tasks share worker processes (models and imports loaded once).

@@ -377,3 +377,24 @@ def test_credentials_reach_workers_in_the_runtime_env_not_in_arguments(reference
     cfg, result = reference
     spied = harvest(text_cfg(tiny_gpt2, tmp_path, shards=2), progress=False)
     assert digests(spied.url) == {s: digests(result.url)[s] for s in range(2)}
+
+
+def test_a_harvest_task_gives_back_the_thread_count_it_found(tiny_gpt2, tmp_path, monkeypatch):
+    """Ray hands a harvest task's worker process to later tasks (a training run, an evaluation): the task
+    computes on its own thread count (its CPUs, or OMP_NUM_THREADS when set) and gives the process back
+    with the count it found."""
+    from harvester.job import build_manifest, open_or_create, plan_job, run_shards, task_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert task_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert task_threads(3) == 1
+    plan, shards, fields = plan_job(text_cfg(tiny_gpt2, tmp_path, shards=2))
+    open_or_create(plan, build_manifest(plan, fields))
+    found = torch.get_num_threads()
+    plan.threads = found + 1
+    seen = []
+    for done in run_shards(plan, list(shards)):
+        seen.append(torch.get_num_threads())
+        assert done.rows == 256
+    assert seen == [found + 1] * 2 and torch.get_num_threads() == found
