@@ -264,17 +264,17 @@ def test_labels_change_the_dataset_name_and_only_then():
 
 
 def test_family_documents_are_parsed_once_and_read_back_equal(tmp_path, monkeypatch):
-    """The labelled documents are kept in the cache folder: what is read back equals a fresh parse; a
+    """The labelled documents are kept in the cache folder: what is read back equals what was parsed; a
     damaged file is parsed again and replaced."""
     from harvester.sources import python_docs as pd
 
     monkeypatch.setenv("DYNSAE_CACHE_DIR", str(tmp_path))
     path = pd.family_cache_path()
     assert path.is_relative_to(tmp_path) and not path.exists()
-    parsed = pd.parse_family_documents()
     pd.family_documents.cache_clear()
     try:
-        assert pd.family_documents() == parsed and path.is_file()
+        parsed = pd.family_documents()  # parsed, and written
+        assert path.is_file() and parsed[0][1] == 0 and len(parsed) > 1000
         pd.family_documents.cache_clear()
         assert pd.family_documents() == parsed  # read back from the file
         path.write_text('[["a document", "not a number"]]')
