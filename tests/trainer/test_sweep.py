@@ -210,3 +210,43 @@ def test_gpu_evaluation_tasks_get_a_fresh_process_and_cpu_ones_share_them():
     assert evaluation_task(evaluate_run_task, True)._default_options.get("max_calls") == 1
     assert not evaluation_task(evaluate_run_task, False)._default_options.get("max_calls")
     assert evaluation_task(evaluate_run_task, False) is evaluation_task(evaluate_run_task, False)
+
+
+def test_evaluation_tasks_are_the_sessions_to_cancel_and_their_errors_land_in_the_row(ray_local, tmp_path):
+    """The sweep's evaluation tasks belong to its Ray session: collected, a report fills its row's eval_*
+    columns, a failed evaluation leaves eval_error, and neither is left for the session to cancel; one
+    still running when the session closes (as on a signal) is cancelled, its worker process killed."""
+    import time
+
+    import psutil
+    from trainer_testkit import wait_until
+
+    from store.cluster import RaySession
+    from trainer.config import RayConfig
+    from trainer.sweep import EvaluatorTask, collect_evals, evaluation_task, placement
+
+    started = tmp_path / "started"
+
+    def evaluate(run_url: str, *, seconds: float) -> dict:
+        if run_url == "broken":
+            raise ValueError(f"no run at {run_url}")
+        started.write_text(str(os.getpid()))
+        time.sleep(seconds)
+        return {"fvu": 0.25, "run_url": run_url, "tokens": {"kept": 1}}
+
+    session = RaySession(ray_local)  # a Ray it did not start: close() cancels and waits, Ray stays up
+    remote = evaluation_task(evaluate, False).options(**placement(RayConfig(num_cpus_per_trainer=0.5), session))
+    quick, slow = EvaluatorTask(remote, {"seconds": 0.0}), EvaluatorTask(remote, {"seconds": 600.0})
+    rows: dict[str, dict] = {"ok": {}, "bad": {}}
+    collect_evals(rows, {quick.submit("ok", session): "ok", quick.submit("broken", session): "bad"}, session)
+    assert rows == {"ok": {"eval_fvu": 0.25, "eval_run_url": "ok"}, "bad": {"eval_error": "no run at broken"}}
+    assert session.tasks == []
+
+    started.unlink()
+    ref = slow.submit("slow", session)
+    pid = int(wait_until(lambda: started.exists() and started.read_text(), 60, "the evaluation to start"))
+    session.close()
+    with pytest.raises(ray_local.exceptions.TaskCancelledError):
+        ray_local.get(ref, timeout=30)
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+               "the cancelled evaluation's process to end")
