@@ -6,8 +6,8 @@ report`` call — so the demo exercises exactly the code path of the real jobs:
 
 1. :func:`harvester.job.harvest` with the ``harvest`` section (a :class:`HarvestConfig`);
 2. :func:`trainer.sweep.run_sweep` with the ``sweep`` section, its ``base.dataset`` set to the URL
-   the harvest produced (one feeder, one training task per grid point, the evaluator actor scoring
-   every finished run);
+   the harvest produced (one feeder, one training task per grid point, one evaluation task scoring
+   each finished run);
 3. :func:`evaluator.report.write_report` on the sweep root, then a short "About this run" section
    (date, machine, budgets, wall times) is put at the top of ``report.md``;
 4. with a ``synth`` section: :func:`harvester.synth.synthesize` (``dynsae synth``) makes activations with
@@ -110,8 +110,8 @@ def prepend_to_report(report_url: str, text: str, storage_options: io.StorageOpt
 
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     """Run the pipeline; returns the dataset URL, sweep URL, report URL and timings."""
-    from evaluator.actor import EvaluatorActor
     from evaluator.report import write_report
+    from evaluator.task import evaluate_run_task
     from evaluator.training import TrainingEvaluation
     from harvester.config import HarvestConfig
     from harvester.job import harvest
@@ -132,7 +132,7 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
     sweep_cfg = validate(SweepConfig, sweep_data, source="demo config: sweep")
     t1 = time.perf_counter()
     print(f"[2/3] training and evaluating the sweep {sweep_cfg.name!r} on in-process Ray ...", flush=True)
-    summary = run_sweep(sweep_cfg, source="demo config: sweep", progress=progress, evaluator=EvaluatorActor,
+    summary = run_sweep(sweep_cfg, source="demo config: sweep", progress=progress, evaluator=evaluate_run_task,
                         evaluation=TrainingEvaluation())
     timings["sweep"] = time.perf_counter() - t1
     sweep_url = join_url(sweep_cfg.base["runs_root"], sweep_cfg.name)
@@ -154,8 +154,8 @@ def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
 
 def run_synthetic(cfg: DemoConfig, progress: bool) -> dict[str, Any]:
     """Phase 4: synthetic dataset -> matched-sparsity sweep -> report with the ground-truth metrics."""
-    from evaluator.actor import EvaluatorActor
     from evaluator.report import write_report
+    from evaluator.task import evaluate_run_task
     from evaluator.training import TrainingEvaluation
     from harvester.synth import SynthConfig, synthesize
     from trainer.config import SweepConfig
@@ -172,7 +172,7 @@ def run_synthetic(cfg: DemoConfig, progress: bool) -> dict[str, Any]:
     sweep_data = dict(cfg.synth_sweep)
     sweep_data["base"] = {**sweep_data.get("base", {}), "dataset": data.url}
     sweep_cfg = validate(SweepConfig, sweep_data, source="demo config: synth_sweep")
-    summary = run_sweep(sweep_cfg, source="demo config: synth_sweep", progress=progress, evaluator=EvaluatorActor,
+    summary = run_sweep(sweep_cfg, source="demo config: synth_sweep", progress=progress, evaluator=evaluate_run_task,
                         evaluation=TrainingEvaluation())
     sweep_url = join_url(sweep_cfg.base["runs_root"], sweep_cfg.name)
     storage_options = sweep_cfg.base.get("storage_options")

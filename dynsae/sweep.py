@@ -33,11 +33,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from evaluator.actor import EvaluatorActor
+    from evaluator.task import evaluate_run_task
     from evaluator.training import TrainingEvaluation
     from trainer.__main__ import sweep_command
 
-    return sweep_command(parser().parse_args(argv), evaluator=EvaluatorActor, evaluation=TrainingEvaluation())
+    return sweep_command(parser().parse_args(argv), evaluator=evaluate_run_task, evaluation=TrainingEvaluation())
 
 
 if __name__ == "__main__":

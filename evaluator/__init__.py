@@ -9,7 +9,8 @@
   eval-split pass).
 * :mod:`evaluator.training` — ``TrainingEvaluation``: the metrics handed to training runs (the trainer
   holds no metric definition of its own).
-* :mod:`evaluator.actor` — ``EvaluatorActor`` (Ray), handed to the sweep by ``dynsae sweep``.
+* :mod:`evaluator.task` — ``evaluate_run_task``: one run's evaluation as a Ray task (the worker process
+  keeps the models it loaded), handed to the sweep by ``dynsae sweep``.
 * :mod:`evaluator.matched` — matched-sparsity comparison (matching, interpolation, verdicts).
 * :mod:`evaluator.report` — ``write_report(sweep_url)``: report.md + PNG plots.
 * :mod:`evaluator.foreign` — SAELens and sparsify folders evaluated like runs.

@@ -420,7 +420,7 @@ def evaluate_run(run_url: str, *, max_tokens: int | None = None, ce_contexts: in
     ``max_tokens`` caps the eval rows read (None: the whole split); ``ce_contexts`` eval contexts
     are used for CE (0 skips it); ``zeroshot`` (a :class:`evaluator.zeroshot.ZeroShotConfig`) adds
     zero-shot concept classification for open_clip datasets; ``model_cache`` keeps loaded models
-    between calls (the evaluator actor passes one). ``run_url`` may also be a SAELens or sparsify
+    between calls (:mod:`evaluator.task` passes its process's). ``run_url`` may also be a SAELens or sparsify
     folder (:mod:`evaluator.foreign`, then ``dataset_url`` is required); ``dataset_url`` overrides a
     run's dataset, ``out`` the eval.json URL.
     """

@@ -2,7 +2,7 @@
 
 * Imports point one way: store ← harvester; store ← trainer ← evaluator ← dynsae (evaluator may also
   use harvester). Every import counts: top level, inside functions (lazy), under TYPE_CHECKING, and
-  strings that name one of our modules (importlib.import_module("evaluator.actor") is an import).
+  strings that name one of our modules (importlib.import_module("evaluator.task") is an import).
 * One module touches fsspec: store/io.py.
 """
 

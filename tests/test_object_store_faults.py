@@ -61,7 +61,7 @@ def objects(url: str, options: dict) -> dict[str, bytes]:
 def test_harvest_sweep_and_eval_through_a_faulty_endpoint_match_a_clean_run(ray_local, s3_bucket, faulty, model,
                                                                              tmp_path):
     from evaluator.__main__ import main as evaluator_main
-    from evaluator.actor import EvaluatorActor
+    from evaluator.task import evaluate_run_task
     from harvester.config import HarvestConfig
     from harvester.job import harvest
     from store.errors import run_cli
@@ -87,7 +87,7 @@ def test_harvest_sweep_and_eval_through_a_faulty_endpoint_match_a_clean_run(ray_
                      "storage_options": options},
             "ray": {"num_cpus_per_trainer": 0.5, "feeder_window": 16}, "eval_max_tokens": 256,
             "evaluator_options": {"ce_contexts": 2}})
-        summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor)
+        summary = run_sweep(sweep, progress=False, evaluator=evaluate_run_task)
         assert [r["status"] for r in summary["runs"]] == ["finished", "finished"]
         names = [r["name"] for r in summary["runs"]]
         run = f"{root}/runs/sw/{names[0]}"

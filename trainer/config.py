@@ -157,14 +157,14 @@ def resolve_sae(cfg: TrainConfig, d: int, typical_norm: float | None = None) -> 
 
 
 class RayConfig(StrictModel):
-    """Where and how the sweep's actors run."""
+    """Where and how the sweep's feeders, training tasks and evaluation tasks run."""
 
     address: str | None = Field(default=None, description="Ray address; None = the job's cluster or local.")
     num_cpus_per_trainer: float = Field(default=1.0, ge=0)
     num_gpus_per_trainer: float = Field(default=0.0, ge=0)
     trainer_resources: dict[str, float] = Field(default_factory=dict, description=(
-        "custom Ray resources each trainer (and the evaluator) asks for, e.g. {worker: 1} to keep them on "
-        "nodes started with --resources='{\"worker\": 8}'; passed to the actors' resources=."))
+        "custom Ray resources each training task (and each evaluation task) asks for, e.g. {worker: 1} to keep "
+        "them on nodes started with --resources='{\"worker\": 8}'; passed to the tasks' resources=."))
     max_restarts: int = Field(default=3, ge=-1, description=(
         "times Ray retries a run whose process or node died (it resumes from its checkpoint); -1: always."))
     max_task_retries: int = Field(default=-1, ge=-1, description=(

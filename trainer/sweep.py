@@ -4,8 +4,8 @@ evaluates) (``docs/sweep.md``).
 * The grid (dotted keys -> lists, or a list of such mappings: the union of their products) over a base
   run config becomes one run per point, named from its grid values (``variant-relu_m-3072``) under
   ``<runs_root>/<sweep name>/``. Every point is validated (unknown key, unknown variant, m ≤ 0, dataset
-  not sealed, a run directory made by another config, two points with one name) before any actor
-  starts; a failure is one :class:`store.errors.UserError` sentence.
+  not sealed, a run directory made by another config, two points with one name) before any actor or
+  task starts; a failure is one :class:`store.errors.UserError` sentence.
 * One feeder actor per batch stream (dataset, batch_size, data_seed — one per dataset in a normal
   sweep): each batch read once from the store and shared by every trainer of the stream through Ray's
   object store (:mod:`trainer.feeder`).
@@ -16,17 +16,22 @@ evaluates) (``docs/sweep.md``).
   torch once per slot instead of once per run (~3 s of CPU a run on the 2-core box). On GPUs every
   run gets a fresh process (Ray gives each task its own ``CUDA_VISIBLE_DEVICES``, which a process
   cannot change once CUDA is up). ``max_task_retries`` is read by nothing since; it is still accepted.
-* Evaluation is handed in: ``run_sweep(..., evaluator=F)`` with ``F`` a Ray actor class (placed like a
-  trainer) or a callable returning an actor handle, called with the keyword arguments ``max_tokens``,
-  ``storage_options`` and the config's ``evaluator_options``; its ``evaluate.remote(run_url)`` scores a
-  finished run (writes ``eval.json``) and returns the report as a dict. ``dynsae sweep`` hands in the
-  project's evaluator; ``python -m trainer sweep`` hands in none and only trains.
+* Evaluation is handed in: ``run_sweep(..., evaluator=F)`` with ``F(run_url, **options)`` a plain
+  function that scores a finished run (writes its ``eval.json``) and returns the report as a dict. Each
+  finished run gets one Ray task of ``F`` (:func:`evaluation_task`), placed like a training task and
+  called with the keyword arguments ``max_tokens``, ``storage_options`` and the config's
+  ``evaluator_options``. As for training, the CPU tasks share warm worker processes (across runs and
+  across sweeps of one Ray job, so whatever ``F`` keeps in its process, such as a loaded model, serves
+  the next run) and every GPU task gets a fresh process. ``dynsae sweep`` hands in the project's
+  evaluator (:func:`evaluator.task.evaluate_run_task`); ``python -m trainer sweep`` hands in none and
+  only trains.
 * The sweep directory gets ``summary.json`` and ``summary.csv``: one row per run with its grid values,
   init ``seed``, ``target_l0``, final training metrics and eval metrics.
 * Ray, signals and clean-up are :mod:`store.cluster`'s (as for the harvest): the driver only ever waits in
   short ``ray.wait`` slices, so SIGINT/SIGTERM is seen within a second and raises
-  :class:`store.cluster.Interrupted`; whatever ends the sweep, its actors are killed and a local Ray it
-  started is shut down. Checkpoints are atomic, so every run resumes exactly.
+  :class:`store.cluster.Interrupted`; whatever ends the sweep, its actors are killed, its training and
+  evaluation tasks still running are cancelled and a local Ray it started is shut down. Checkpoints are
+  atomic, so every run resumes exactly.
 * ``run_sweep(..., on_step=F)`` hands ``F`` to every trainer, which calls it after each step (see
   :meth:`trainer.run.Run.fit`); the tests kill trainers with it to prove that a restart resumes exactly.
 
@@ -36,6 +41,7 @@ and under ``ray job submit --working-dir . -- python -m dynsae sweep X.yaml``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -56,8 +62,9 @@ from trainer.run_format import SweepSummary, summary_url, write_summary
 
 SUMMARY_METRICS = ("step", "tokens", "tokens_trained", "loss", "fvu", "l0", TRAIN_DEAD_FRAC)
 
-#: A Ray actor class, or a callable returning an actor handle; see the module docstring.
-EvaluatorFactory = Callable[..., Any]
+#: ``evaluate(run_url, **options) -> report dict``, run as one Ray task per finished run; see the module
+#: docstring.
+Evaluator = Callable[..., dict[str, Any]]
 StreamKey = tuple[str, int, int, str]
 
 
@@ -79,19 +86,41 @@ train_on_cpu = ray.remote(train_run)
 train_on_gpu = ray.remote(max_calls=1)(train_run)
 
 
+@functools.cache
+def evaluation_task(evaluate: Evaluator, on_gpu: bool) -> Any:
+    """``evaluate`` as a Ray task (one per function and kind, made once per process): on CPUs the worker
+    processes, and what ``evaluate`` keeps in them, go from one evaluation to the next; with GPUs each
+    evaluation gets a new process (``max_calls=1``, as :data:`train_on_gpu`)."""
+    return ray.remote(max_calls=1)(evaluate) if on_gpu else ray.remote(evaluate)
+
+
+@dataclass(frozen=True)
+class EvaluatorTask:
+    """The evaluator handed to the sweep, placed like a training task, and the keyword arguments of
+    every call."""
+
+    task: Any  # evaluation_task(...).options(**placement)
+    options: dict[str, Any]
+
+    def submit(self, run_url: str, session: RaySession) -> Any:
+        """Start evaluating ``run_url``; returns its ObjectRef, tracked by ``session`` (so cancelled if the
+        sweep ends before it does)."""
+        return session.track_task(self.task.remote(run_url, **self.options))
+
+
 @dataclass
 class SweepActors:
-    """Every actor the sweep started, by role; each is tracked by the session, which kills it when the
-    sweep ends, however it ends (and cancels the training tasks still running)."""
+    """The sweep's feeder actors, by stream, and its evaluator; the session kills every actor and cancels
+    every training and evaluation task still running when the sweep ends, however it ends."""
 
     session: RaySession
     feeders: dict[StreamKey, Any] = field(default_factory=dict)
-    evaluator: Any = None
+    evaluator: EvaluatorTask | None = None
 
 
 def validate_sweep(sweep: SweepConfig, source: str) -> list[tuple[dict[str, Any], TrainConfig]]:
-    """Expand and check every run (config, SAE, dataset sealed, existing run dirs) before any actor starts
-    (with ``match_l0``, the matched phase's run directories are checked once their targets are known)."""
+    """Expand and check every run (config, SAE, dataset sealed, existing run dirs) before anything starts on
+    Ray (with ``match_l0``, the matched phase's run directories are checked once their targets are known)."""
     runs = expand_sweep(sweep, source)
     matched = {cfg.name for _, cfg in split_phases(runs, sweep.match_l0)[1]} if sweep.match_l0 else set()
     for _, cfg in runs:
@@ -107,7 +136,7 @@ def stream_key(cfg: TrainConfig) -> StreamKey:
 
 
 def placement(rc: RayConfig, session: RaySession) -> dict[str, Any]:
-    """Options that place a training task (and the evaluator actor): CPUs, GPUs, custom resources, and the
+    """Options that place a training task (and an evaluation task): CPUs, GPUs, custom resources, and the
     session's runtime environment."""
     return session.options(num_cpus=rc.num_cpus_per_trainer, num_gpus=rc.num_gpus_per_trainer,
                            resources=dict(rc.trainer_resources) or None)
@@ -142,16 +171,16 @@ def launch_trainers(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfi
     return pending
 
 
-def start_evaluator(factory: EvaluatorFactory | None, sweep: SweepConfig,
-                    runs: list[tuple[dict[str, Any], TrainConfig]], session: RaySession) -> Any:
-    """The evaluator actor (None when none is handed in or ``evaluate`` is off)."""
-    if factory is None or not sweep.evaluate:
+def start_evaluator(evaluate: Evaluator | None, sweep: SweepConfig,
+                    runs: list[tuple[dict[str, Any], TrainConfig]], session: RaySession) -> EvaluatorTask | None:
+    """The evaluator as a placed Ray task with its options (None when none is handed in or ``evaluate``
+    is off); nothing runs until :meth:`EvaluatorTask.submit`."""
+    if evaluate is None or not sweep.evaluate:
         return None
     options = {"max_tokens": sweep.eval_max_tokens, "storage_options": runs[0][1].storage_options,
                **sweep.evaluator_options}
-    if hasattr(factory, "options") and hasattr(factory, "remote"):  # a Ray actor class
-        return session.track(factory.options(**placement(sweep.ray, session)).remote(**options))
-    return session.track(factory(**options))
+    task = evaluation_task(evaluate, sweep.ray.num_gpus_per_trainer > 0)
+    return EvaluatorTask(task.options(**placement(sweep.ray, session)), options)
 
 
 def run_row(assignment: dict[str, Any], cfg: TrainConfig) -> dict[str, Any]:
@@ -175,7 +204,7 @@ def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors
             row.update({"status": "finished", "run_url": result["run_url"]})
             row.update({k: result["metrics"].get(k) for k in SUMMARY_METRICS})
             if actors.evaluator is not None:
-                evals[actors.evaluator.evaluate.remote(result["run_url"])] = cfg.name
+                evals[actors.evaluator.submit(result["run_url"], actors.session)] = cfg.name
         except (ray.exceptions.RayError, UserError) as err:
             actors.feeders[stream_key(cfg)].done.remote(cfg.name)
             row.update({"status": "failed", "error": _one_line(err)})
@@ -186,7 +215,8 @@ def wait_for_runs(pending: dict[Any, tuple[dict[str, Any], TrainConfig]], actors
 
 
 def collect_evals(rows: dict[str, dict[str, Any]], evals: dict[Any, str], session: RaySession) -> None:
-    """Add each run's scalar eval metrics (``eval_*``) or its evaluation error to its row."""
+    """Add each run's scalar eval metrics (``eval_*``) or its evaluation error to its row (waiting for each
+    evaluation task; one that has ended is no longer the session's to cancel)."""
     for ref, name in evals.items():
         try:
             report = session.get(ref)
@@ -194,10 +224,11 @@ def collect_evals(rows: dict[str, dict[str, Any]], evals: dict[Any, str], sessio
             rows[name].update({f"eval_{k}": v for k, v in report.items() if _scalar(v)})
         except ray.exceptions.RayError as err:
             rows[name].update({"eval_error": _one_line(err)})
+        session.forget_task(ref)
 
 
 def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
-              evaluator: EvaluatorFactory | None = None, evaluation: RunEvaluation | None = None,
+              evaluator: Evaluator | None = None, evaluation: RunEvaluation | None = None,
               on_step: StepHook | None = None) -> dict[str, Any]:
     """Run every grid point to its budget, evaluate each finished run with ``evaluator`` (if given),
     write the summary; returns the summary dict. ``evaluation`` is handed to every run (its training
@@ -208,7 +239,7 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
     # one sweep writes a sweep directory at a time: a second one waits, then finds the runs finished
     with leased(join_url(first.runs_root, sweep.name), "sweep", first.storage_options,
                 take_over_stale=first.take_over_stale_lease, take_over_key="base.take_over_stale_lease"):
-        # however the sweep ends (a signal included), none of its actors outlives it
+        # however the sweep ends (a signal included), none of its actors or tasks outlives it
         with ray_session(sweep.ray.address, address_key="ray.address") as session:
             summary = train_and_evaluate(sweep, runs, evaluator, SweepActors(session), progress, evaluation,
                                          on_step)
@@ -220,13 +251,13 @@ def run_sweep(sweep: SweepConfig, source: str = "sweep", progress: bool = True,
 
 
 def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], TrainConfig]],
-                       evaluator: EvaluatorFactory | None, actors: SweepActors, progress: bool,
+                       evaluator: Evaluator | None, actors: SweepActors, progress: bool,
                        evaluation: RunEvaluation | None = None, on_step: StepHook | None = None) -> dict[str, Any]:
     """The sweep's phases: feeders, then per phase the trainers, the wait for every run (each handed to
     the evaluator as it finishes) and the evaluations; the summary. One phase, or with ``match_l0`` two
     (:mod:`trainer.matching`): the second phase's runs get their target from the first phase's held-out
     L0 and are served by the same feeders (one store read per batch while the window holds the run).
-    Every actor started is recorded in ``actors``."""
+    The feeders and the evaluator are recorded in ``actors``."""
     start_feeders(runs, sweep.ray, actors)
     actors.evaluator = start_evaluator(evaluator, sweep, runs, actors.session)
     phases = [runs]

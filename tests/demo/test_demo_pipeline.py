@@ -1,7 +1,7 @@
 """The `make demo` pipeline at a tiny size, through the same code path (`dynsae demo`).
 
 Same config file as the demo (dynsae/configs/demo.yaml) — python_docs labelled by module family, all its variants
-from one feeder on Ray, the evaluator actor, the report — with only the sizes and the model swapped for a tiny
+from one feeder on Ray, an evaluation task per run, the report — with only the sizes and the model swapped for a tiny
 GPT-2 built in the test: 160 steps of 64 rows per run. Every variant trains at M = 64; the reference (sparsemax)
 and one steered baseline (topk) also at M = 256, so the sweep still spans two dictionary sizes (the report's
 size columns, fvu vs M, matching at each M) with 11 runs instead of 18.

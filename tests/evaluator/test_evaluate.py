@@ -1,9 +1,10 @@
-"""evaluate_run on a real store dataset with a really trained tiny SAE; eval.json; actor; CLI."""
+"""evaluate_run on a real store dataset with a really trained tiny SAE; eval.json; the Ray task; CLI."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -135,16 +136,58 @@ def test_cli_run_json(relu_run, capsys):
     assert out["tokens"]["eval_rows"] == 64 and out["run_url"] == relu_run
 
 
-def test_actor_evaluates_and_caches_model(ray_local, relu_run):
-    from evaluator.actor import EvaluatorActor
+def test_evaluation_task_reuses_its_process_model_cache(ray_local, relu_run):
+    """Two evaluations of one run in one Ray worker process give equal reports, and the second takes the
+    language model the first loaded from the process's cache: the one entry is still the same object, and a
+    third evaluation after that cached model's weights were scaled sees the change in its CE (and only
+    there). The task as the sweep starts it (trainer.sweep.evaluation_task) writes and returns the same report."""
+    import ray
 
-    actor = EvaluatorActor.remote(ce_contexts=3, batch_size=128, device="cpu")
-    first = ray_local.get(actor.evaluate.remote(relu_run))
-    second = ray_local.get(actor.evaluate.remote(relu_run))
-    assert first["fvu"] == second["fvu"] and first["ce_sae"] == second["ce_sae"]
-    assert first["ce_skipped"] is None
-    assert len(ray_local.get(actor.cached_models.remote())) == 1
-    ray_local.kill(actor)
+    from evaluator.task import evaluate_run_task
+    from trainer.sweep import evaluation_task
+
+    def evaluate_in_one_process(run_url: str) -> dict:
+        """Run as one Ray task (a nested function: pickled by value, the worker imports no test module): evaluate
+        ``run_url`` twice with evaluator.task.evaluate_run_task from a cold cache, then a third time after
+        scaling the cached language model's weights; returns the reports and what the cache held."""
+        import os
+
+        import torch
+
+        from evaluator import task
+
+        options = {"ce_contexts": 3, "batch_size": 128, "device": "cpu"}
+        task.MODEL_CACHE.clear()  # cold, whatever this worker evaluated before
+        first = task.evaluate_run_task(run_url, **options)
+        loaded = dict(task.MODEL_CACHE)
+        second = task.evaluate_run_task(run_url, **options)
+        kept = sorted(k for k, adapter in loaded.items() if task.MODEL_CACHE.get(k) is adapter)
+        with torch.no_grad():
+            for adapter in loaded.values():
+                for weight in adapter.model.parameters():
+                    weight.mul_(1.5)
+        third = task.evaluate_run_task(run_url, **options)
+        task.MODEL_CACHE.clear()  # the altered model serves no later evaluation
+        return {"pid": os.getpid(), "first": first, "second": second, "third": third, "loaded": sorted(loaded),
+                "kept": kept, "after": sorted(task.MODEL_CACHE)}
+
+    out = ray_local.get(ray.remote(evaluate_in_one_process).remote(relu_run))
+    first, second, third = out["first"], out["second"], out["third"]
+    assert out["pid"] != os.getpid()  # a worker process, not this one
+    assert first["ce_skipped"] is None and first["ce_clean"] is not None
+    volatile = {"created"}
+    assert {k: v for k, v in first.items() if k not in volatile} == \
+        {k: v for k, v in second.items() if k not in volatile}
+    assert len(out["loaded"]) == 1 and out["kept"] == out["loaded"] and out["after"] == []
+    assert third["ce_clean"] != first["ce_clean"] and third["ce_sae"] != first["ce_sae"]
+    assert third["fvu"] == first["fvu"] and third["l0"] == first["l0"]  # the SAE on stored rows: no model
+
+    (Path(relu_run) / "eval.json").unlink()  # written again by the task below (with the unaltered model)
+    report = ray_local.get(evaluation_task(evaluate_run_task, False).remote(relu_run, ce_contexts=3, batch_size=128,
+                                                                             device="cpu"))
+    assert {k: report[k] for k in ("fvu", "l0", "ce_clean", "ce_sae")} == \
+        {k: first[k] for k in ("fvu", "l0", "ce_clean", "ce_sae")}
+    assert json.loads((Path(relu_run) / "eval.json").read_text()) == report
 
 
 def test_run_written_by_the_trainer(tmp_path, text_dataset):

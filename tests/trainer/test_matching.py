@@ -48,7 +48,7 @@ def test_matched_sweep_end_to_end(ray_local, tiny_store, tmp_path):
 
     from trainer_testkit import base_config
 
-    from evaluator.actor import EvaluatorActor
+    from evaluator.task import evaluate_run_task
     from evaluator.training import TrainingEvaluation
     from trainer.config import SweepConfig
     from trainer.sweep import run_sweep
@@ -59,7 +59,7 @@ def test_matched_sweep_end_to_end(ray_local, tiny_store, tmp_path):
         "name": "mt", "base": base, "match_l0": "sparsemax",
         "grid": [{"sae.variant": ["sparsemax"], "sae.seed": [0, 1]}, {"sae.variant": ["relu", "topk"]}],
         "ray": {"num_cpus_per_trainer": 0.5, "feeder_window": 64}})
-    summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor, evaluation=TrainingEvaluation())
+    summary = run_sweep(sweep, progress=False, evaluator=evaluate_run_task, evaluation=TrainingEvaluation())
     rows = {r["name"]: r for r in summary["runs"]}
     reference = (rows["variant-sparsemax_seed-0"]["eval_l0"] + rows["variant-sparsemax_seed-1"]["eval_l0"]) / 2
     for name in ("variant-relu", "variant-topk"):
@@ -71,5 +71,5 @@ def test_matched_sweep_end_to_end(ray_local, tiny_store, tmp_path):
     assert rows["variant-sparsemax_seed-0"]["target_l0"] is None
     (reads,) = summary["feeder_reads"].values()
     assert reads["reads"] == reads["unique"] == 12  # both phases from one read of each batch
-    again = run_sweep(sweep, progress=False, evaluator=EvaluatorActor, evaluation=TrainingEvaluation())
+    again = run_sweep(sweep, progress=False, evaluator=evaluate_run_task, evaluation=TrainingEvaluation())
     assert [r["target_l0"] for r in again["runs"]] == [r["target_l0"] for r in summary["runs"]]

@@ -14,7 +14,7 @@ import torch
 import yaml
 from trainer_testkit import DieAt, assert_same_weights, base_config, make_store, straight_config
 
-from evaluator.actor import EvaluatorActor
+from evaluator.task import evaluate_run_task
 from store.errors import UserError, run_cli
 from trainer.__main__ import main
 from trainer.config import SweepConfig, expand_sweep
@@ -38,7 +38,7 @@ def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
     read each batch once (the crashed trainers' re-requests are served from its window); every
     artifact, the evaluator's eval.json and the summary are written."""
     sweep = SweepConfig.model_validate(sweep_dict(tiny_store, str(tmp_path)))
-    summary = run_sweep(sweep, progress=False, evaluator=EvaluatorActor, on_step=DieAt({"*": 7}))
+    summary = run_sweep(sweep, progress=False, evaluator=evaluate_run_task, on_step=DieAt({"*": 7}))
 
     reads = next(iter(summary["feeder_reads"].values()))
     assert reads["reads"] == STEPS and reads["rereads"] == 0 and reads["max_reads_per_batch"] == 1
@@ -68,11 +68,11 @@ def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_more_runs_than_slots_finish(ray_local, tiny_store, tmp_path):
-    """Three runs of one CPU each (and the evaluator) on a 2-CPU Ray: finished trainers must give
-    their slot back, or the third run and the evaluator never start."""
+    """Three runs of one CPU each (and an evaluation task of one CPU per run) on a 2-CPU Ray: finished
+    trainers must give their slot back, or the third run and the evaluations never start."""
     data = sweep_dict(tiny_store, str(tmp_path))
     data["ray"] = {"num_cpus_per_trainer": 1.0, "feeder_window": 64}
-    summary = run_sweep(SweepConfig.model_validate(data), progress=False, evaluator=EvaluatorActor)
+    summary = run_sweep(SweepConfig.model_validate(data), progress=False, evaluator=evaluate_run_task)
     assert [r["status"] for r in summary["runs"]] == ["finished"] * 3
     assert all(r["eval_l0"] > 0 for r in summary["runs"])
     assert next(iter(summary["feeder_reads"].values()))["reads"] == STEPS  # late run served from the window
@@ -199,3 +199,54 @@ def test_gpu_training_tasks_get_a_fresh_process_and_cpu_ones_share_them():
 
     assert train_on_gpu._default_options.get("max_calls") == 1
     assert not train_on_cpu._default_options.get("max_calls")  # 0 / unset: reused without limit
+
+
+def test_gpu_evaluation_tasks_get_a_fresh_process_and_cpu_ones_share_them():
+    """As for training: a CPU evaluation's worker process (with the models it cached) serves the next
+    evaluation or run; a GPU evaluation gets a process of its own. Each task is made once per process, so
+    every sweep of a Ray job submits the same function."""
+    from trainer.sweep import evaluation_task
+
+    assert evaluation_task(evaluate_run_task, True)._default_options.get("max_calls") == 1
+    assert not evaluation_task(evaluate_run_task, False)._default_options.get("max_calls")
+    assert evaluation_task(evaluate_run_task, False) is evaluation_task(evaluate_run_task, False)
+
+
+def test_evaluation_tasks_are_the_sessions_to_cancel_and_their_errors_land_in_the_row(ray_local, tmp_path):
+    """The sweep's evaluation tasks belong to its Ray session: collected, a report fills its row's eval_*
+    columns, a failed evaluation leaves eval_error, and neither is left for the session to cancel; one
+    still running when the session closes (as on a signal) is cancelled, its worker process killed."""
+    import time
+
+    import psutil
+    from trainer_testkit import wait_until
+
+    from store.cluster import RaySession
+    from trainer.config import RayConfig
+    from trainer.sweep import EvaluatorTask, collect_evals, evaluation_task, placement
+
+    started = tmp_path / "started"
+
+    def evaluate(run_url: str, *, seconds: float) -> dict:
+        if run_url == "broken":
+            raise ValueError(f"no run at {run_url}")
+        started.write_text(str(os.getpid()))
+        time.sleep(seconds)
+        return {"fvu": 0.25, "run_url": run_url, "tokens": {"kept": 1}}
+
+    session = RaySession(ray_local)  # a Ray it did not start: close() cancels and waits, Ray stays up
+    remote = evaluation_task(evaluate, False).options(**placement(RayConfig(num_cpus_per_trainer=0.5), session))
+    quick, slow = EvaluatorTask(remote, {"seconds": 0.0}), EvaluatorTask(remote, {"seconds": 600.0})
+    rows: dict[str, dict] = {"ok": {}, "bad": {}}
+    collect_evals(rows, {quick.submit("ok", session): "ok", quick.submit("broken", session): "bad"}, session)
+    assert rows == {"ok": {"eval_fvu": 0.25, "eval_run_url": "ok"}, "bad": {"eval_error": "no run at broken"}}
+    assert session.tasks == []
+
+    started.unlink()
+    ref = slow.submit("slow", session)
+    pid = int(wait_until(lambda: started.exists() and started.read_text(), 60, "the evaluation to start"))
+    session.close()
+    with pytest.raises(ray_local.exceptions.TaskCancelledError):
+        ray_local.get(ref, timeout=30)
+    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
+               "the cancelled evaluation's process to end")
