@@ -59,7 +59,7 @@ def assert_conversion_is_exact(folder: str, gguf: str, model) -> None:
 
 @dataclass
 class Case:
-    """A harvested dataset, the model it came from (loaded here, float32), its block and what to check."""
+    """A harvested dataset, the model it came from (loaded here), its block and what to check."""
 
     ds: Any
     model: Any
