@@ -6,8 +6,9 @@
 * ``s3_bucket`` creates a fresh bucket per test and yields ``s3://<bucket>``.
 * ``ray_local`` starts one in-process Ray instance for the session (2 CPUs, no
   dashboard, its own short temp dir) and shuts it down at the end.
-* ``DYNSAE_CACHE_DIR`` (GGUF weights converted once, :mod:`harvester.gguf_cache`) is one temporary
-  folder per test run, shared by its processes (xdist workers, Ray workers) and removed at the end.
+* ``DYNSAE_CACHE_DIR`` (GGUF weights converted once, :mod:`harvester.gguf_cache`) and
+  ``DYNSAE_TEST_SHARED_DIR`` (fixtures made once per run, ``tests/shared_fixtures.py``) are temporary
+  folders, one each per test run, shared by its processes (xdist workers, Ray workers) and removed at the end.
 * The summary says in one line when the browser tests were skipped for want of Chromium.
 """
 
@@ -21,6 +22,7 @@ import tempfile
 import uuid
 
 import pytest
+from shared_fixtures import SHARED_ENV
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -35,24 +37,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
-CACHE_OWNER = "_DYNSAE_TEST_CACHE_OWNER"  # the pid of the process that made the run's cache folder
+# The run's folders (variable -> name prefix), made by the first process of the run; "_<variable>_OWNER" holds its pid.
+RUN_FOLDERS = {"DYNSAE_CACHE_DIR": "dynsae-cache-", SHARED_ENV: "dynsae-shared-"}
 
 
 def pytest_configure(config):
-    """One conversion cache per test run: made by the first process (the xdist controller, or the only
-    one) before any worker or Ray starts, so every process of the run inherits it. (A torch imported
-    before this file, by another plugin, gets the thread count too.)"""
+    """One conversion cache and one shared-fixture folder per test run: made by the first process (the xdist
+    controller, or the only one) before any worker or Ray starts, so every process of the run inherits
+    them. (A torch imported before this file, by another plugin, gets the thread count too.)"""
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    if "DYNSAE_CACHE_DIR" not in os.environ:
-        os.environ["DYNSAE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dynsae-cache-", dir="/tmp")
-        os.environ[CACHE_OWNER] = str(os.getpid())
+    for var, prefix in RUN_FOLDERS.items():
+        if var not in os.environ:
+            os.environ[var] = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+            os.environ[f"_{var}_OWNER"] = str(os.getpid())
 
 
 def pytest_unconfigure(config):
-    if os.environ.get(CACHE_OWNER) == str(os.getpid()):
-        shutil.rmtree(os.environ.pop("DYNSAE_CACHE_DIR"), ignore_errors=True)
-        os.environ.pop(CACHE_OWNER)
+    for var in RUN_FOLDERS:
+        if os.environ.get(f"_{var}_OWNER") == str(os.getpid()):
+            shutil.rmtree(os.environ.pop(var), ignore_errors=True)
+            os.environ.pop(f"_{var}_OWNER")
 
 
 # The longest files (one to three minutes each on 2 cores: own Ray clusters, subprocess pipelines, SmolLM2,

