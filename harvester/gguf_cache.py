@@ -48,7 +48,7 @@ def converted_folder(folder: str, gguf_file: str, auto_class: Any) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` (created if missing), held for the ``with`` block."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -83,7 +83,7 @@ def gguf_as_folder(folder: str, gguf_file: str, auto_class: Any) -> str:
     """The HF folder converted from ``folder/gguf_file`` (converting it first if no process has yet)."""
     out = converted_folder(folder, gguf_file, auto_class)
     if not out.is_dir():
-        with _locked(out.with_name(out.name + ".lock")):
+        with file_lock(out.with_name(out.name + ".lock")):
             if not out.is_dir():  # another process may have converted it while this one waited
                 _convert(folder, gguf_file, auto_class, out)
     return str(out)

@@ -2,8 +2,9 @@
 
 ``tests/conftest.py`` makes one temporary folder per run, ``$DYNSAE_TEST_SHARED_DIR`` (inherited by every
 worker, removed at the end). :func:`made_once` computes a fixture's value in whichever process asks first,
-holding an exclusive ``fcntl.flock`` lock on ``<name>.lock`` there, and then writes the finished-marker
-``<name>.done`` (the value); a process that asks meanwhile waits on the lock and reads the marker. A
+holding an exclusive ``fcntl.flock`` lock (:func:`harvester.gguf_cache.file_lock`) on ``<name>.lock``
+there, and then writes the finished-marker ``<name>.done`` (the value); a process that asks meanwhile
+waits on the lock and reads the marker. A
 failed make writes no marker, so the next process to ask makes it again (and fails the same way).
 
 :func:`smollm2_docs_acts`: SmolLM2-135M block 20 over Python's documentation, harvested once for the steering
@@ -16,11 +17,11 @@ nothing heavy until a fixture is made.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
+
+from harvester.gguf_cache import file_lock
 
 SHARED_ENV = "DYNSAE_TEST_SHARED_DIR"
 
@@ -36,24 +37,13 @@ def shared_folder() -> Path:
     return Path(os.environ[SHARED_ENV])
 
 
-@contextlib.contextmanager
-def exclusive(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (created if missing) for the ``with`` block; blocks until it is free."""
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def made_once(name: str, make: Callable[[Path], str]) -> str:
     """``make(folder)`` (a string, e.g. a dataset URL), computed once per test run by the first process to
     ask, in ``folder`` = ``<shared folder>/<name>``; every later call, in any process of the run, returns
     the same string without calling ``make``."""
     root = shared_folder()
     marker = root / f"{name}.done"
-    with exclusive(root / f"{name}.lock"):
+    with file_lock(root / f"{name}.lock"):
         if not marker.exists():
             folder = root / name
             folder.mkdir(exist_ok=True)
