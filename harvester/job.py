@@ -322,10 +322,10 @@ def run_shards(plan: Plan, works: list[ShardWork]) -> Iterator[ShardDone]:
 
 
 def task_threads(cpus: int) -> int:
-    """Torch threads of a harvest task: its CPUs, unless ``OMP_NUM_THREADS`` is set in the driver's
-    environment (Ray's own rule for its workers: the variable, when set, wins)."""
+    """Torch threads of a harvest task: its CPUs, capped by ``OMP_NUM_THREADS`` when that is set in the
+    driver's environment (as Ray does for its workers, the variable, when set, is respected)."""
     env = os.environ.get("OMP_NUM_THREADS", "")
-    return int(env) if env.isdigit() and int(env) > 0 else cpus
+    return min(cpus, int(env)) if env.isdigit() and int(env) > 0 else cpus
 
 
 # -------------------------------------------------------------------------------- driver

@@ -99,8 +99,9 @@ class _BufferPool:
     A batch that is one piece of one window is handed out as a view of the window buffer, not a
     copy, and the window gets a *lease* until that view is freed (``weakref.finalize`` on the
     numpy view that the batch, and every tensor made from it, keeps alive; the finalizer only
-    appends to a deque, so it may run in any thread). The stream hands out each row range once, and ``batch(b)`` reads a window again when
-    a range it asks for was lent before, so modifying a batch in place changes no other batch. A
+    appends to a deque, so it may run in any thread). The stream hands out each row range once,
+    and ``batch(b)`` reads a window again when a range it asks for was lent before, so modifying a
+    batch in place changes no other batch. A
     window's buffers are reused when the stream or the cache has passed it (``retire``) and its
     last lease is back; a consumer that keeps a batch keeps that memory alive.
     """

@@ -389,6 +389,9 @@ def test_a_harvest_task_gives_back_the_thread_count_it_found(tiny_gpt2, tmp_path
     assert task_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert task_threads(3) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert task_threads(3) == 3  # a cap, never more threads than the task's CPUs
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     plan, shards, fields = plan_job(text_cfg(tiny_gpt2, tmp_path, shards=2))
     open_or_create(plan, build_manifest(plan, fields))
     found = torch.get_num_threads()
