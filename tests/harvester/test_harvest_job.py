@@ -320,20 +320,22 @@ def test_sigterm_stops_a_harvest_like_ctrl_c():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_a_second_harvest_on_the_same_url_waits_and_writes_nothing(reference, tiny_gpt2, tmp_path):
+def test_a_second_harvest_on_the_same_url_waits_and_writes_nothing(ray_local, reference, tiny_gpt2, tmp_path):
     """A harvest subprocess is writing (it has committed a shard) when an in-process harvest of the same
     config starts: the second waits for the dataset's lease, then finds the dataset sealed and writes nothing
     (without the lease it would write the same shards beside the first, and delete its in-flight files). The
     dataset verifies and holds the reference bytes. (Two writers taking the lease at the same instant:
-    tests/store/test_store_lease.py.)"""
+    tests/store/test_store_lease.py.) The subprocess joins the session's Ray (``RAY_ADDRESS``), as a second
+    job on one cluster would: the lease, not the Ray, keeps the two apart (and no Ray of its own is started)."""
     from store.lease import LEASE_FILE
     from store.verify import verify_dataset
 
     cfg, result = reference
     out = tmp_path / "together"
     url = join_output(cfg.model_copy(update={"output": str(out)}))
-    proc = subprocess.Popen(cli_args(out, tiny_gpt2), cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen(cli_args(out, tiny_gpt2), cwd=REPO, env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_first_commit(proc, Path(url) / "commits")
         mine = harvest(cfg.model_copy(update={"output": str(out)}), progress=False)
