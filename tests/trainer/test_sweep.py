@@ -163,7 +163,9 @@ def test_bad_sweeps_fail_before_any_actor(tiny_store, tmp_path, capsys):
 def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny_store, tmp_path):
     """A sweep subprocess and an in-process sweep of the same config and runs root at the same time: one
     holds the sweep directory's lease and trains, the other waits and then finds the runs finished. Both
-    succeed; every run equals an uninterrupted one; no lease is left behind."""
+    succeed; every run equals an uninterrupted one; no lease is left behind. The subprocess joins the
+    session's Ray (``RAY_ADDRESS``), as a second job on one cluster would: the lease, not the Ray, keeps the
+    two apart (and no Ray of its own is started)."""
     import subprocess
     import sys
 
@@ -171,7 +173,8 @@ def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny
     data["grid"] = {"sae.variant": ["relu", "sparsemax"]}
     path = write_yaml(tmp_path / "sweep.yaml", data)
     repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "sweep", path, "--no-progress"], cwd=repo,
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "sweep", path, "--no-progress"], cwd=repo, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         summary = run_sweep(SweepConfig.model_validate(data), progress=False)
