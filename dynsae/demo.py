@@ -14,6 +14,9 @@ report`` call — so the demo exercises exactly the code path of the real jobs:
    a known dictionary, the ``synth_sweep`` section (matched sparsity, seeds) trains on them the same way,
    and its own ``report.md`` carries the ground-truth metrics (``gt_*``, ``docs/metrics.md``).
 
+The phases share one Ray (:func:`one_ray`): started (or joined) once, so a local instance starts once
+instead of once per phase and the sweep's tasks find the harvest's warm worker processes.
+
 The default config is ``dynsae/configs/demo.yaml``; ``dynsae demo OTHER.yaml`` takes another and ``--set``
 overrides any key (``--set sweep.base.tokens=2048``). Every step resumes: a re-run reuses the
 sealed dataset and finished runs.
@@ -22,11 +25,13 @@ sealed dataset and finished runs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -108,8 +113,34 @@ def prepend_to_report(report_url: str, text: str, storage_options: io.StorageOpt
     io.write_text(report_url, new, storage_options)
 
 
+@contextlib.contextmanager
+def one_ray(cfg: DemoConfig) -> Iterator[None]:
+    """One Ray for every phase: :func:`store.cluster.start_or_join` (``RAY_ADDRESS``, else a Ray this process
+    already initialised, else a local instance) once, which the harvest and the sweeps then use as a Ray this
+    process has initialised; closed (a local instance stopped) however the demo ends. A config that gives a
+    phase its own Ray address (``harvest.ray_address``, ``ray.address`` of a sweep) keeps one session per phase."""
+    sweeps = [s for s in (cfg.sweep, cfg.synth_sweep) if s is not None]
+    addresses = [cfg.harvest.get("ray_address"), *((s.get("ray") or {}).get("address") for s in sweeps)]
+    if any(addresses):
+        yield
+        return
+    from store.cluster import start_or_join
+
+    session = start_or_join()
+    try:
+        yield
+    finally:
+        session.close()
+
+
 def run_demo(cfg: DemoConfig, progress: bool = True) -> dict[str, Any]:
-    """Run the pipeline; returns the dataset URL, sweep URL, report URL and timings."""
+    """Run the pipeline on one Ray (:func:`one_ray`); returns the dataset URL, sweep URL, report URL and
+    timings."""
+    with one_ray(cfg):
+        return _run_demo(cfg, progress)
+
+
+def _run_demo(cfg: DemoConfig, progress: bool) -> dict[str, Any]:
     from evaluator.report import write_report
     from evaluator.task import evaluate_run_task
     from evaluator.training import TrainingEvaluation
