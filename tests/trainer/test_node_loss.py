@@ -47,8 +47,10 @@ def drive(sweep_path: str, out_path: str) -> None:
 
     sweep = load_config(SweepConfig, sweep_path)
     run_dirs = [Path(sweep.base["runs_root"], sweep.name, name) for name in RUNS]
+    # no dashboard: nothing here reads it, and its web server is most of an idle head's CPU
     cluster = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 0, "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
+        "num_cpus": 0, "include_dashboard": False,
+        "_system_config": {"health_check_period_ms": 500, "health_check_failure_threshold": 4}})
     worker = cluster.add_node(**WORKER)
     cluster.connect()
     record: dict = {}
