@@ -14,6 +14,10 @@ from trainer.run import Run
 pytestmark = pytest.mark.slow
 
 TARGET = 24.0
+#: Training steps of 256 rows. Measured held-out |L0 - target| / target at 300 steps (seeds 0, 1, 2 where run):
+#: relu 0.010 / 0.011 / 0.036, jumprelu 0.048 / 0.047, gated 0.091 / 0.064 / 0.103, attn_relu 0.040 / 0.033 —
+#: at most 0.10 against the 0.25 allowed (400 steps gave up to 0.114; 200 steps let gated miss, 0.316).
+STEPS = 300
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +32,7 @@ def smollm2_acts(ray_local) -> str:
 def test_steered_variant_reaches_its_target_l0(smollm2_acts, tmp_path, variant):
     cfg = TrainConfig(dataset=smollm2_acts, runs_root=str(tmp_path), name=variant,
                       sae={"variant": variant, "m": 576, "target_l0": TARGET}, batch_size=256,
-                      tokens=256 * 400, lr=1e-3, warmup_steps=10, checkpoint_every=10**6, log_every=50,
+                      tokens=256 * STEPS, lr=1e-3, warmup_steps=10, checkpoint_every=10**6, log_every=50,
                       device="cpu", max_norm_multiple=10.0)
     run = Run(cfg, progress=False, evaluation=TrainingEvaluation())
     run.fit()
