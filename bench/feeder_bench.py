@@ -25,13 +25,17 @@ warmed up before the clock starts). Results: ``bench/results/feeder.json``.
 
 **Ceiling** (``--parts ceiling``): how fast one feeder can stream. N = 1, 4, 8 *takers* (Ray actors
 that do nothing but take batches, as a sweep's trainer takes them: :func:`trainer.feeder.feeder_batches`
-through the :class:`trainer.run.Prefetcher`) each take the same 2 epochs of batches (B = 4,096,
-d = 768, acts + positions) of a float16 and of a float32 dataset from one feeder, against **one loader
-alone** (``iter_batches`` of the same batches and columns in the bench's process, no Ray), in paired
-rounds (loader, feeder, loader, ...; each round's feeder rate against the mean of the loader runs
-around it). Reported per dtype and N: rows/s and GB/s (stored bytes) per taker and for all takers,
-the ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads
-per batch (1) and the bytes of a batch through the object store (half for float16).
+through the :class:`trainer.run.Prefetcher`; their imports done before the clock) each take the same
+4 epochs of batches (B = 4,096, d = 768, acts + positions) of a float16 and of a float32 dataset from
+one fresh feeder, against **one loader alone** (``iter_batches`` of the same batches and columns in
+the bench's process, no Ray), in paired rounds (loader, feeder, loader, ...; each round's feeder rate
+against the mean of the loader runs around it). The rate is the *steady* one, past the first
+``WARM`` = 32 batches (two feeder windows) of each side: a sweep's feeder lives for its thousands of
+batches, so its process start-up (the scatter kernel's load, the first touch of its window buffers
+and batch slots) is reported apart (``*_startup_s``), not averaged into a 128-batch stream. Reported
+per dtype and N: rows/s and GB/s (stored bytes) per taker (the slowest one) and for all takers, the
+ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads per
+batch (1), its batch slots, and the bytes of a batch through the feeder (half for float16).
 
 Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024] [--parts sharing ceiling]``.
 """
@@ -56,6 +60,9 @@ import torch
 from trainer.feeder import FeederCore, feeder_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feeder.json"
+#: the ceiling's stream: EPOCHS epochs of the dataset; the first WARM batches (two feeder windows) are
+#: a fresh process's start-up, timed apart from the steady rate
+EPOCHS, WARM = 4, 32
 
 
 _BYTES = [0]
@@ -158,87 +165,106 @@ class Taker:
         self.name, self.feeder = name, feeder
 
     def ready(self) -> bool:
+        """Warm up before the clock: import what taking batches needs (``trainer.run`` imports torch, ~3 s;
+        timed, the takers' staggered imports would also let the first one run windows ahead of the rest)."""
+        import trainer.run  # noqa: F401
+
         return True
 
-    def run(self, batches: int) -> tuple[int, int]:
-        """(rows, bytes) of batches 0..batches-1."""
+    def run(self, batches: int, warm: int) -> tuple[int, int, float, float]:
+        """(rows, bytes) of batches 0..batches-1, seconds to take the first ``warm`` batches (the feeder's
+        start-up) and seconds from there to the last batch (the steady rate)."""
         from trainer.run import Prefetcher
 
         fetch = Prefetcher(feeder_batches(self.feeder, self.name), 0, batches)
         rows = nbytes = 0
+        t0 = t_warm = time.perf_counter()
         try:
             for b in range(batches):
+                if b == warm:
+                    t_warm = time.perf_counter()
                 batch = fetch.get(b)
                 rows, nbytes = rows + batch.rows, nbytes + batch.nbytes
         finally:
             fetch.close()
-        return rows, nbytes
+        end = time.perf_counter()
+        return rows, nbytes, t_warm - t0, end - t_warm
 
 
-def loader_alone(store: str, batch_size: int, batches: int) -> float:
-    """Seconds for one loader (the feeder's settings and columns, in this process, no Ray) to stream
-    batches 0..batches-1: the rate a feeder could at best pass on."""
+def loader_alone(store: str, batch_size: int, batches: int, warm: int) -> tuple[float, float]:
+    """One loader (the feeder's settings and columns, in this process, no Ray) streaming batches
+    0..batches-1, the rate a feeder could at best pass on: (seconds for the first ``warm`` batches,
+    seconds from there to the last)."""
     from store.loader import ActivationLoader
     from trainer.config import BATCH_COLUMNS
 
     rows = ActivationLoader(store, batch_size, seed=0).rows_per_epoch
     loader = ActivationLoader(store, batch_size, seed=0, columns=BATCH_COLUMNS,
                               epochs=math.ceil(batches * batch_size / rows))
-    t0 = time.perf_counter()
+    t0 = t_warm = time.perf_counter()
     for b, _ in enumerate(loader):
+        if b + 1 == warm:
+            t_warm = time.perf_counter()
         if b + 1 == batches:
             break
-    seconds = time.perf_counter() - t0
+    end = time.perf_counter()
     loader.close()
-    return seconds
+    return t_warm - t0, end - t_warm
 
 
-def ceiling_trial(store: str, n: int, batches: int, batch_size: int) -> dict[str, Any]:
-    """One feeder serving ``n`` takers: wall of the taking phase, rows and bytes taken, store reads."""
+def ceiling_trial(store: str, n: int, batches: int, batch_size: int, warm: int) -> dict[str, Any]:
+    """One fresh feeder serving ``n`` takers: the slowest taker's start-up (first ``warm`` batches) and
+    steady seconds (the rest), rows and bytes taken, store reads."""
     names = [f"t{i}" for i in range(n)]
     feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0)
     takers = [Taker.remote(name, feeder) for name in names]
     ray.get([t.ready.remote() for t in takers] + [feeder.io.remote()])
     t0 = time.perf_counter()
-    taken = ray.get([t.run.remote(batches) for t in takers])
+    taken = ray.get([t.run.remote(batches, warm) for t in takers])
     wall = time.perf_counter() - t0
     stats = ray.get(feeder.reads.remote())
     for actor in takers + [feeder]:
         ray.kill(actor)
-    return {"wall_s": wall, "rows_per_taker": taken[0][0], "bytes_per_taker": taken[0][1],
-            "feeder_reads": stats["reads"], "feeder_bytes_read": stats["bytes_read"]}
+    return {"wall_s": wall, "startup_s": max(t[2] for t in taken), "steady_s": max(t[3] for t in taken),
+            "rows_per_taker": taken[0][0], "bytes_per_taker": taken[0][1],
+            "feeder_reads": stats["reads"], "feeder_bytes_read": stats["bytes_read"], "slots": stats["slots"]}
 
 
 def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds: int) -> list[dict[str, Any]]:
-    """Per stored dtype and N: the rate (rows/s and GB/s of stored bytes) at which one feeder serves N
-    takers, against one loader alone on the same data, in paired rounds (loader, feeder, loader, ...:
+    """Per stored dtype and N: the steady rate (rows/s and GB/s of stored bytes) at which one feeder
+    serves N takers, against one loader alone on the same data, past the first ``WARM`` batches of
+    each (a fresh process's start-up, reported apart), in paired rounds (loader, feeder, loader, ...:
     each round's ratio against the mean of the loader runs around it; medians reported)."""
     out = []
     for dtype in ("float16", "float32"):
         store = make_bench_store(os.path.join(tmp, f"ceiling-{dtype}"), rows, d, dtype)
-        batches = 2 * rows // batch_size  # two epochs
+        batches = EPOCHS * rows // batch_size
+        steady_rows = (batches - WARM) * batch_size
         row_bytes = d * np.dtype(dtype).itemsize + 2  # acts + int16 positions, as stored
-        loader_alone(store, batch_size, batches)  # page cache, numba kernel
+        loader_alone(store, batch_size, batches, WARM)  # page cache, numba kernel
         for n in ns:
-            alone = [loader_alone(store, batch_size, batches)]
+            alone = [loader_alone(store, batch_size, batches, WARM)]
             trials, ratios = [], []
             for _ in range(rounds):
-                trials.append(ceiling_trial(store, n, batches, batch_size))
-                alone.append(loader_alone(store, batch_size, batches))
-                ratios.append(((alone[-1] + alone[-2]) / 2) / trials[-1]["wall_s"])
-            wall = statistics.median(t["wall_s"] for t in trials)
-            loader_s = statistics.median(alone)
-            total_rows = batches * batch_size
-            row = {"dtype": dtype, "n_takers": n, "batches": batches, "batch_size": batch_size, "d": d,
-                   "rounds": rounds, "loader_alone_s": loader_s, "loader_rows_s": total_rows / loader_s,
-                   "loader_GB_s": total_rows * row_bytes / loader_s / 1e9, "feeder_wall_s": wall,
-                   "feeder_rows_s_per_taker": total_rows / wall,
-                   "feeder_GB_s_per_taker": total_rows * row_bytes / wall / 1e9,
-                   "feeder_GB_s_all_takers": n * total_rows * row_bytes / wall / 1e9,
+                trials.append(ceiling_trial(store, n, batches, batch_size, WARM))
+                alone.append(loader_alone(store, batch_size, batches, WARM))
+                ratios.append(((alone[-1][1] + alone[-2][1]) / 2) / trials[-1]["steady_s"])
+            steady = statistics.median(t["steady_s"] for t in trials)
+            loader_s = statistics.median(a[1] for a in alone)
+            row = {"dtype": dtype, "n_takers": n, "batches": batches, "warm_batches": WARM, "batch_size": batch_size,
+                   "d": d, "rounds": rounds, "loader_steady_s": loader_s, "loader_rows_s": steady_rows / loader_s,
+                   "loader_GB_s": steady_rows * row_bytes / loader_s / 1e9, "feeder_steady_s": steady,
+                   "feeder_rows_s_per_taker": steady_rows / steady,
+                   "feeder_GB_s_per_taker": steady_rows * row_bytes / steady / 1e9,
+                   "feeder_GB_s_all_takers": n * steady_rows * row_bytes / steady / 1e9,
                    "ratio_feeder_over_loader": statistics.median(ratios), "ratio_rounds": ratios,
+                   "loader_startup_s": statistics.median(a[0] for a in alone),
+                   "feeder_startup_s": statistics.median(t["startup_s"] for t in trials),
+                   "feeder_wall_s": statistics.median(t["wall_s"] for t in trials),
+                   "feeder_slots": max(t["slots"] for t in trials),
                    "feeder_reads": trials[-1]["feeder_reads"], "reads_per_batch": trials[-1]["feeder_reads"] / batches,
                    "bytes_per_batch_through_feeder": trials[-1]["bytes_per_taker"] / batches}
-            assert all(t["rows_per_taker"] == total_rows for t in trials)
+            assert all(t["rows_per_taker"] == batches * batch_size for t in trials)
             out.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "ratio_rounds"}), flush=True)
         shutil.rmtree(store, ignore_errors=True)

@@ -35,7 +35,9 @@ lie back to back (a shard mostly inside the window whose index is not cached yet
 index included, in one GET). The next ``prefetch`` windows are submitted before the current one is
 consumed, and batches are assembled by a background thread into a small queue, so the consumer
 only waits when I/O is really the bottleneck. Memory ≈ (prefetch + 2) × window_chunks ×
-chunk_rows × d × itemsize (window buffers are recycled).
+chunk_rows × d × itemsize (window buffers are recycled). ``allocator(shape, dtype)`` (default: an
+aligned ``np.empty``) makes the window buffers: the sweep's feeder puts them in shared memory, so
+the batches it hands its node's trainers are these very bytes (``trainer.batch_slots``).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import queue
 import threading
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
 
@@ -158,7 +160,8 @@ class ActivationLoader:
     def __init__(self, url: str | Dataset, batch_size: int, split: str = "train", seed: int = 0,
                  window_chunks: int = 64, epochs: int | None = None, columns: tuple[str, ...] | str = ("acts",),
                  rank: int = 0, world: int = 1, prefetch: int = 2, storage_options: dict | None = None,
-                 io_threads: int | None = None, allow_partial: bool = False, use_mmap: bool = True) -> None:
+                 io_threads: int | None = None, allow_partial: bool = False, use_mmap: bool = True,
+                 allocator: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None) -> None:
         self.dataset = url if isinstance(url, Dataset) else open_dataset(url, allow_partial, storage_options)
         cols = (columns,) if isinstance(columns, str) else tuple(columns)
         known = row_columns(self.dataset.manifest)
@@ -178,6 +181,7 @@ class ActivationLoader:
         self.window_chunks, self.epochs, self.columns = int(window_chunks), epochs, cols
         self.rank, self.world, self.prefetch = int(rank), int(world), int(prefetch)
         self.use_mmap = bool(use_mmap)
+        self.allocator = allocator or aligned_empty
         split_chunks = self.dataset.split_chunks(split)
         self.chunks = split_chunks[rank::world]
         if self.chunks.size == 0:
@@ -270,7 +274,7 @@ class ActivationLoader:
         if bufs is not None:
             return bufs
         d, rows = self.dataset.manifest.d, max(n, self.max_window_rows)  # any window fits any set
-        return {c: aligned_empty((rows, d) if c == ACTS else (rows,), self.dataset.column_dtype(c))
+        return {c: self.allocator((rows, d) if c == ACTS else (rows,), self.dataset.column_dtype(c))
                 for c in self.columns}
 
     def _read_and_scatter(self, column: str, items: list[tuple[int, int, int]], buf: np.ndarray,

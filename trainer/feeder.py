@@ -19,12 +19,22 @@ starters. ``Feeder.reads()`` reports the counts.
 A trainer takes its batches with :func:`feeder_batches` (a :data:`trainer.run.BatchSource`), ``SPAN``
 batches' references per call to the actor: one call per batch per trainer would make the actor's
 round trips, not the store, the feeder's ceiling (``bench/feeder_bench.py``).
+
+**How a batch travels.** A feeder running as a Ray actor (on Linux) writes each batch it reads into a
+shared-memory *batch slot* (:mod:`trainer.batch_slots`) and hands trainers of its own node a
+:class:`~trainer.batch_slots.SlotRef`, which they map and read zero-copy; a trainer on another node
+gets an ObjectRef (the batch ``ray.put`` once, on first such request), and so does any trainer when no
+memory for a slot can be had or a slot cannot be opened. Shared memory is reused only when no trainer
+may still read its batch: each request says from which batch on the trainer may still hold batches
+(``keep_from``: by default :data:`HOLD` before the batch it asks for — what a trainer's prefetcher and
+step may still hold), and a trainer that is done holds nothing.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,19 +44,48 @@ import ray
 
 from store.batch import Batch
 from store.loader import ActivationLoader
+from trainer.batch_slots import BatchSlots, SlotReader, SlotRef, slot_bytes, slots_supported
 from trainer.config import BATCH_COLUMNS
+
+#: Batches a trainer takes from the feeder per call (:func:`feeder_batches`, which asks for the next
+#: span while the trainer works through this one).
+SPAN = 8
+#: A trainer that needs batch ``b`` may still hold batches ``b − HOLD .. b − 1`` (its prefetcher reads 2
+#: ahead of the step: it holds at most 3 before ``b``); their memory is not reused.
+HOLD = 8
+
+
+class _Stored:
+    """A read batch as the feeder holds it: where it lies in shared memory (``slot``: its reference,
+    for the trainers of this node) — in the loader's window buffer (``batch`` then holds the loader's
+    lease on that window, so it stays unchanged) or copied into batch slot ``index`` —, as an ObjectRef
+    ``ref`` (made when a trainer elsewhere asks, or when no shared memory could be had), or, without
+    Ray, as the batch itself."""
+
+    __slots__ = ("index", "slot", "ref", "batch")
+
+    def __init__(self, index: int | None = None, slot: SlotRef | None = None, ref: Any = None,
+                 batch: Batch | None = None) -> None:
+        self.index, self.slot, self.ref, self.batch = index, slot, ref, batch
 
 
 class FeederCore:
     """The feeder's logic (a plain class so it can be used and tested in-process too).
 
-    ``get`` returns an ObjectRef of the batch when Ray is up (the batch itself otherwise)."""
+    ``get`` returns, for a trainer on the feeder's node (``node``), a :class:`SlotRef` when the feeder
+    runs as a Ray actor with shared memory; otherwise an ObjectRef of the batch when Ray is up, and the
+    batch itself without Ray."""
 
     def __init__(self, dataset: str, batch_size: int, data_seed: int, total_batches: int,
                  trainers: list[str], window: int = 32, prefetch: int = 2, lag_timeout_s: float = 120.0,
                  storage_options: dict[str, Any] | None = None) -> None:
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        self.node = context.get_node_id() if context is not None else None
+        in_actor = context is not None and context.get_actor_id() is not None
+        self.slots = BatchSlots() if in_actor and slots_supported() else None
         self.loader = ActivationLoader(dataset, batch_size, split="train", seed=data_seed,
-                                       columns=BATCH_COLUMNS, storage_options=storage_options)
+                                       columns=BATCH_COLUMNS, storage_options=storage_options,
+                                       allocator=None if self.slots is None else self.slots.allocate)
         self.total = total_batches
         self.window, self.prefetch, self.lag_timeout_s = window, prefetch, lag_timeout_s
         # next batch each *live* trainer needs. A trainer becomes live with its first request: one
@@ -67,6 +106,11 @@ class FeederCore:
         # put is a copy into shared memory, as long as the read on this VM: ~5 ms for 6.3 MB).
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="feeder")
         self.put_pool = ThreadPoolExecutor(1, thread_name_prefix="feeder-put")
+        self.slot_batch: dict[int, int] = {}  # slot index -> the batch it holds
+        self.slots_held: set[int] = set()  # slots of batches in self.held (or being written)
+        self.pinned: list[tuple[int, _Stored]] = []  # dropped from the window, a trainer may still read
+        # per trainer, the batches it may still hold: [lo, hi) (its slots are not reused)
+        self.lent: dict[str, tuple[int, int]] = {}
 
     def _read(self, b: int) -> Batch:
         """Read batch ``b`` from the store (counted)."""
@@ -76,11 +120,61 @@ class FeederCore:
             self.bytes_read += batch.nbytes
         return batch
 
-    @staticmethod
-    def _put(read: Future) -> Any:
-        """Put a read batch, unchanged, in the object store (the batch itself when Ray is not up)."""
+    def _put(self, read: Future, b: int) -> _Stored:
+        """Store read batch ``b``, unchanged: where it lies when that is a window buffer in shared memory
+        (no copy), else copied into a free batch slot, else in Ray's object store (the batch itself when
+        Ray is not up)."""
         batch = read.result()
-        return ray.put(batch) if ray.is_initialized() else batch
+        index = None
+        if self.slots is not None:
+            ref = self.slots.refer(batch)
+            if ref is not None:
+                return _Stored(slot=ref, batch=batch)
+            with self.cond:
+                index = self.slots.take(slot_bytes(batch), self._free_slots())
+                if index is not None:
+                    self.slot_batch[index] = b
+                    self.slots_held.add(index)
+        if index is not None:
+            return _Stored(index=index, slot=self.slots.write(index, batch))
+        return _Stored(ref=ray.put(batch)) if ray.is_initialized() else _Stored(batch=batch)
+
+    def _lent(self, b: int) -> bool:
+        """Some trainer may still read batch ``b`` (caller holds the lock)."""
+        return any(lo <= b < hi for lo, hi in self.lent.values())
+
+    def _free_slots(self) -> list[int]:
+        """Slots no held batch uses and no trainer may still read (caller holds the lock)."""
+        return [i for i, b in self.slot_batch.items() if i not in self.slots_held and not self._lent(b)]
+
+    def _release(self, b: int, stored: _Stored) -> None:
+        """Batch ``b`` left the window: its slot is free, and its window buffer's lease goes back to the
+        loader, once no trainer may still read it (caller holds the lock)."""
+        self.slots_held.discard(stored.index)
+        if stored.batch is not None and stored.slot is not None:
+            self.pinned.append((b, stored))
+        still = []
+        for p, pinned in self.pinned:
+            if self._lent(p):
+                still.append((p, pinned))
+            else:
+                pinned.batch = None
+        self.pinned = still
+
+    def _lend(self, trainer: str, lo: int, hi: int) -> None:
+        """``trainer`` may hold batches [lo, hi) now. A trainer's requests go forward, so one that goes back
+        comes from a restarted trainer, whose old process holds nothing any more (caller holds the lock)."""
+        old_lo, old_hi = self.lent.get(trainer, (lo, hi))
+        self.lent[trainer] = (lo, max(old_hi, hi)) if lo >= old_lo else (lo, hi)
+
+    def _handle(self, stored: _Stored, node: str | None) -> Any:
+        """What a trainer on ``node`` is given for a stored batch: its slot on this node, else an ObjectRef
+        (made once: the object store moves it between nodes), else the batch (no Ray)."""
+        if stored.slot is not None and node is not None and node == self.node:
+            return stored.slot
+        if stored.slot is not None and stored.ref is None:  # the batch is lent to the asker: it stays
+            stored.ref = ray.put(stored.batch if stored.index is None else self.slots.batch(stored.index, stored.slot))
+        return stored.batch if stored.ref is None else stored.ref
 
     def _laggards(self, b: int, trainer: str) -> list[str]:
         """Trainers of ``trainer``'s cursor group that reading batch ``b`` would leave more than a window
@@ -98,11 +192,13 @@ class FeederCore:
         for b in sorted(b for b, fut in self.held.items() if fut.done() and not self._wanted(b)):
             if len(self.held) <= limit:
                 return
-            del self.held[b]
+            fut = self.held.pop(b)
+            if fut.exception() is None:  # a failed read holds nothing
+                self._release(b, fut.result())
 
     def _start_read(self, b: int) -> Future:
         """Read batch ``b`` into the window (caller holds the lock)."""
-        fut = self.held[b] = self.put_pool.submit(self._put, self.pool.submit(self._read, b))
+        fut = self.held[b] = self.put_pool.submit(self._put, self.pool.submit(self._read, b), b)
         return fut
 
     def _wait_for_laggards(self, b: int, trainer: str) -> None:
@@ -115,14 +211,17 @@ class FeederCore:
                 return
             self.cond.wait(timeout=min(left, 1.0))
 
-    def get(self, b: int, trainer: str) -> Any:
-        """The ObjectRef of batch ``b`` for ``trainer`` (read from the store only if not held)."""
+    def get(self, b: int, trainer: str, node: str | None = None, keep_from: int | None = None) -> Any:
+        """Batch ``b`` for ``trainer`` on ``node`` (read from the store only if not held): its slot, its
+        ObjectRef or itself (see the class). The trainer is done with every batch before ``keep_from``
+        (``b − HOLD`` by default)."""
         if not 0 <= b < self.total:
             raise IndexError(f"batch {b} outside 0..{self.total - 1}")
         with self.cond:
             self.requests += 1
             if trainer not in self.gone:
                 self.cursors[trainer] = b
+                self._lend(trainer, b - HOLD if keep_from is None else keep_from, b + 1)
             self._wait_for_laggards(b, trainer)
             if b not in self.held:  # room for b and the batches read ahead after it
                 self._evict(max(0, self.window - 1 - self.prefetch))
@@ -130,18 +229,21 @@ class FeederCore:
             for i in range(b + 1, min(b + 1 + self.prefetch, self.total)):  # read ahead into free room only
                 if i not in self.held and len(self.held) < self.window and not self._laggards(i, trainer):
                     self._start_read(i)
-        ref = fut.result()
+        stored = fut.result()
         with self.cond:
             if trainer in self.cursors:
                 self.cursors[trainer] = max(self.cursors[trainer], b + 1)
             self.cond.notify_all()
-        return ref
+        return self._handle(stored, node)
 
-    def get_span(self, b: int, n: int, trainer: str) -> list[Any]:
-        """The ObjectRefs of batches ``b .. b+n-1`` (up to the stream's end) for ``trainer``, in one call:
-        a trainer asks once per ``n`` batches, so one feeder serves many trainers at the loader's pace
-        (each call to an actor costs both sides a round trip)."""
-        return [self.get(i, trainer) for i in range(b, min(b + n, self.total))]
+    def get_span(self, b: int, n: int, trainer: str, node: str | None = None,
+                 keep_from: int | None = None) -> list[Any]:
+        """Batches ``b .. b+n-1`` (up to the stream's end: none from it on) for ``trainer`` on ``node``, as
+        :meth:`get` gives them, in one call: a trainer asks once per ``n`` batches, so one feeder serves
+        many trainers at the loader's pace (each call to an actor costs both sides a round trip). The
+        trainer is done with every batch before ``keep_from`` (``b − HOLD`` by default)."""
+        keep_from = b - HOLD if keep_from is None else keep_from
+        return [self.get(i, trainer, node, keep_from) for i in range(b, min(b + n, self.total))]
 
     def done(self, trainer: str) -> None:
         """``trainer`` finished (or gave up): nobody waits for it and it wants no batch any more, even if a
@@ -149,6 +251,7 @@ class FeederCore:
         with self.cond:
             self.gone.add(trainer)
             self.cursors.pop(trainer, None)
+            self.lent.pop(trainer, None)
             self.cond.notify_all()
 
     def reads(self) -> dict[str, Any]:
@@ -158,7 +261,16 @@ class FeederCore:
             return {"reads": reads, "unique": len(self.read_counts), "rereads": reads - len(self.read_counts),
                     "requests": self.requests, "bytes_read": self.bytes_read, "held": len(self.held),
                     "lag_timeouts": self.lag_timeouts, "max_reads_per_batch":
-                    max(self.read_counts.values(), default=0)}
+                    max(self.read_counts.values(), default=0),
+                    "slots": 0 if self.slots is None else len(self.slots.slots),
+                    "window_buffers": 0 if self.slots is None else len(self.slots.regions),
+                    "window_buffers_made": 0 if self.slots is None else self.slots.regions_made}
+
+    def close(self) -> None:
+        """Remove the batch slots (a killed feeder's are removed by Python's resource tracker)."""
+        with self.cond:
+            if self.slots is not None:
+                self.slots.close()
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)
@@ -167,21 +279,45 @@ class Feeder(FeederCore):
     Trainers take its batches with :func:`feeder_batches`."""
 
 
-#: Batches a trainer takes from the feeder per call (:func:`feeder_batches`).
-SPAN = 4
-
-
 def feeder_batches(feeder: Any, trainer: str, span: int = SPAN) -> Callable[[int], Batch]:
-    """Batch ``b`` for ``trainer`` from a :class:`Feeder` handle. Asked for a batch it does not hold, it
-    takes the ObjectRefs of the next ``span`` batches in one call (:meth:`FeederCore.get_span`; each
-    batch one ``ray.put`` shared by every trainer); the batch is the ref's value, a :class:`Batch` read
-    zero-copy from the object store. Calls come from one thread at a time (the trainer's prefetcher)."""
-    held: dict[int, Any] = {}
+    """Batch ``b`` for ``trainer`` from a :class:`Feeder` handle (see :class:`FeederBatches`)."""
+    return FeederBatches(feeder, trainer, span)
 
-    def batch(b: int) -> Batch:
-        if b not in held:
-            held.clear()
-            held.update(enumerate(ray.get(feeder.get_span.remote(b, span, trainer)), start=b))
-        return ray.get(held.pop(b))
 
-    return batch
+class FeederBatches:
+    """A trainer's :data:`trainer.run.BatchSource` over a :class:`Feeder`. Asked for a batch it does not
+    hold, it takes the next ``span`` batches' handles in one call (:meth:`FeederCore.get_span`), and asks
+    for the span after them at once, so that the feeder reads them while the trainer works through these
+    (one call in flight: the feeder's reading and the trainer's steps overlap). On the feeder's node a
+    handle is a place in its shared memory, read zero-copy; elsewhere an ObjectRef, read zero-copy from
+    the object store. Either way the :class:`Batch` is read-only and shared by every trainer. Calls come
+    from one thread at a time (the trainer's prefetcher), in increasing ``b``, and the caller holds at
+    most :data:`HOLD` batches before the one it asks for."""
+
+    def __init__(self, feeder: Any, trainer: str, span: int = SPAN) -> None:
+        self.feeder, self.trainer, self.span = feeder, trainer, span
+        self.held: dict[int, Any] = {}
+        self.next: tuple[int, Any] | None = None  # (first batch, ObjectRef of the handles) of the span asked ahead
+        self.node: str | None = ray.get_runtime_context().get_node_id()  # None: ObjectRefs from now on
+        self.reader = SlotReader()
+
+    def _ask(self, b: int, keep_from: int) -> Any:
+        return self.feeder.get_span.remote(b, self.span, self.trainer, self.node, keep_from)
+
+    def __call__(self, b: int) -> Batch:
+        if b not in self.held:
+            ahead, self.next = self.next, None
+            handles = ray.get(ahead[1] if ahead is not None and ahead[0] == b else self._ask(b, b - HOLD))
+            self.held = dict(enumerate(handles, start=b))
+            if handles:  # the stream goes on: ask for the next span now (this one's batches stay lent)
+                self.next = (b + len(handles), self._ask(b + len(handles), b - HOLD))
+        handle = self.held.pop(b)
+        if isinstance(handle, SlotRef):
+            try:
+                return self.reader.batch(handle)
+            except OSError as err:  # the feeder's memory cannot be opened here: take ObjectRefs instead
+                warnings.warn(f"trainer {self.trainer}: cannot open the feeder's batch slots ({err}); taking "
+                              "batches through Ray's object store instead.", RuntimeWarning, stacklevel=2)
+                self.node, self.held, self.next = None, {}, None
+                handle = ray.get(self.feeder.get.remote(b, self.trainer, None))
+        return ray.get(handle)
