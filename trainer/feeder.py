@@ -20,12 +20,13 @@ A trainer takes its batches with :func:`feeder_batches` (a :data:`trainer.run.Ba
 batches' references per call to the actor: one call per batch per trainer would make the actor's
 round trips, not the store, the feeder's ceiling (``bench/feeder_bench.py``).
 
-**How a batch travels.** A feeder running as a Ray actor (on Linux) writes each batch it reads into a
-shared-memory *batch slot* (:mod:`trainer.batch_slots`) and hands trainers of its own node a
-:class:`~trainer.batch_slots.SlotRef`, which they map and read zero-copy; a trainer on another node
-gets an ObjectRef (the batch ``ray.put`` once, on first such request), and so does any trainer when no
-memory for a slot can be had or a slot cannot be opened. Shared memory is reused only when no trainer
-may still read its batch: each request says from which batch on the trainer may still hold batches
+**How a batch travels.** A feeder running as a Ray actor (on Linux) keeps its loader's window buffers
+in shared memory (:mod:`trainer.batch_slots`): a batch that is a view of one window is handed to the
+trainers of its node as a :class:`~trainer.batch_slots.SlotRef` to where it lies (no copy), one that
+straddles two windows is copied into a batch slot first; trainers map the feeder's memory and read
+zero-copy. A trainer on another node gets an ObjectRef (the batch ``ray.put`` once, on first such
+request), and so does any trainer when shared memory cannot be had or opened. Shared memory is reused
+only when no trainer may still read its batch: each request says from which batch on the trainer may still hold batches
 (``keep_from``: by default :data:`HOLD` before the batch it asks for — what a trainer's prefetcher and
 step may still hold), and a trainer that is done holds nothing.
 """
