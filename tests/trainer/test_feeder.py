@@ -212,9 +212,7 @@ def test_shared_memory_a_trainer_still_holds_is_not_rewritten(ray_local, tmp_pat
         assert torch.equal(fast(b).acts, loader.batch(b).acts)
     stats = ray.get(feeder.reads.remote())
     assert 0 < stats["slots"] < stats["reads"]  # the straddling batches (10, 21, 42 and re-reads) copied
-    # alive at most: the loader's free sets (prefetch + 2 = 4), its 2 cached windows, and those of the
-    # batches the slow trainer may hold (0 - HOLD .. 23, asked for ahead: 3 windows) — of (acts, positions)
-    assert 0 < stats["window_buffers"] <= 2 * (4 + 2 + 3)
+    assert stats["window_buffers"] > 0  # the others went out zero-copy (their reuse: the test above)
     for b, batch in held.items():
         assert torch.equal(batch.acts, loader.batch(b).acts)
     ray.kill(feeder)
