@@ -25,11 +25,11 @@ from harvester.gguf_cache import file_lock
 
 SHARED_ENV = "DYNSAE_TEST_SHARED_DIR"
 
-# The SmolLM2 harvest: 64 contexts of 128 tokens, float32, 2 shards of 32 contexts, a quarter held out.
+# The SmolLM2 harvest: 32 contexts of 128 tokens, float32, 2 shards of 16 contexts, a quarter held out.
 SMOLLM2_LAYER = 20
 SMOLLM2_CONTEXT = 128
-SMOLLM2_TOKENS = 8192
-SMOLLM2_SHARD_ROWS = 4096
+SMOLLM2_TOKENS = 4096
+SMOLLM2_SHARD_ROWS = 2048
 
 
 def shared_folder() -> Path:

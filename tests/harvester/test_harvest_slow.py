@@ -72,7 +72,7 @@ class Case:
 
 
 def smollm2_case() -> Case:
-    """The run's shared SmolLM2 harvest (float32, 64 contexts in 2 shards of 32) and the model read straight
+    """The run's shared SmolLM2 harvest (float32, 32 contexts in 2 shards of 16) and the model read straight
     from its GGUF file, after checking the converted folder the harvest read against it."""
     from transformers import AutoModelForCausalLM
 
