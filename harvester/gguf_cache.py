@@ -94,7 +94,9 @@ def plain_reader_class() -> type:
 def fast_gguf_parsing() -> Iterator[None]:
     """Within the block, transformers' GGUF loads (``from_pretrained(..., gguf_file=...)``) parse each file
     once, with :func:`plain_reader_class`, and build each tensor-name map once; the stock functions are put
-    back on exit. Both are looked up on the ``gguf`` module at call time by transformers."""
+    back on exit. Both are looked up on the ``gguf`` module at call time by transformers (a transformers
+    that bound them at import would just parse as before). Another thread's GGUF load meanwhile gets the
+    same fields and tensors, so the swap is safe for it too."""
     import gguf
 
     stock_reader, stock_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
@@ -108,7 +110,7 @@ def fast_gguf_parsing() -> Iterator[None]:
         return parsed(str(Path(path).resolve()), mode)
 
     gguf.GGUFReader = reader
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(stock_name_map)
+    gguf.get_tensor_name_map = functools.cache(stock_name_map)
     try:
         yield
     finally:
