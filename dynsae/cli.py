@@ -39,6 +39,7 @@ COMMANDS: dict[str, Command] = {
                         "build a browser of what each latent of a trained SAE fires on"),
     "export": Command("dynsae.export", (), "write a trained SAE as a SAELens or sparsify folder"),
     "demo": Command("dynsae.demo", (), "run the whole pipeline end to end on a small example, offline"),
+    "kernels": Command("dynsae.kernels", (), "compile the CPU kernels once into numba's disk cache (after install)"),
 }
 
 INTRO = "dynsae: sparse autoencoders on shared activation datasets, from harvest to report."

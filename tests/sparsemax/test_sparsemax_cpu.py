@@ -3,7 +3,11 @@ sparsemax built on them is exact on both candidate paths."""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -97,3 +101,22 @@ def test_forked_child_after_parent_used_the_kernel() -> None:
         child.kill()
         child.join()
     assert child.exitcode == 0 and queue.get(timeout=5) is True
+
+
+def test_kernels_command_leaves_them_in_numba_disk_cache_for_the_next_process(capsys):
+    """`dynsae kernels` (run by `make install`) compiles every CPU kernel into numba's disk cache: an index
+    file per kernel lies next to its source, and a new process loads them all instead of compiling."""
+    from dynsae.kernels import main
+    from store import scatter
+
+    assert main(["--json"]) == 0
+    here = json.loads(capsys.readouterr().out)["kernels"]
+    assert set(here) == {"sparsemax_cpu[float32]", "sparsemax_cpu[float64]", "row_scatter"}
+    assert set(here.values()) <= {"compiled", "loaded"}
+    for module, kernels in ((sparsemax_cpu, ("_bounds", "_fill")), (scatter, ("_scatter64",))):
+        source = Path(module.__file__)
+        for name in kernels:
+            assert list((source.parent / "__pycache__").glob(f"{source.stem}.{name}-*.nbi")), (source, name)
+    fresh = subprocess.run([sys.executable, "-m", "dynsae", "kernels", "--json"], capture_output=True, text=True,
+                           check=True)
+    assert json.loads(fresh.stdout)["kernels"] == dict.fromkeys(here, "loaded"), fresh.stdout
