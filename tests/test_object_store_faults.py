@@ -11,7 +11,6 @@ requests per test would make the test fail now and then.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from faulty_s3 import FaultyS3
@@ -71,7 +70,8 @@ def test_harvest_sweep_and_eval_through_a_faulty_endpoint_match_a_clean_run(ray_
     from trainer.config import SweepConfig
     from trainer.sweep import run_sweep
 
-    def pipeline(kind: str, options: dict) -> dict:
+    results = {}
+    for kind, options in (("clean", dict(RETRIES)), ("faulty", {"endpoint_url": faulty.url, **RETRIES})):
         root = f"{s3_bucket}/{kind}"
         cfg = HarvestConfig.model_validate({
             "output": f"{root}/data", "source": {"kind": "python_docs"}, "model": {"kind": "hf_causal_lm",
@@ -94,19 +94,12 @@ def test_harvest_sweep_and_eval_through_a_faulty_endpoint_match_a_clean_run(ray_
         out = f"{root}/eval-again.json"
         assert run_cli(evaluator_main, ["run", run, "--ce-contexts", "2", "--max-tokens", "256", "--out", out,
                                         "--storage-options", json.dumps(options)]) == 0
-        return {
+        results[kind] = {
             "data": objects(f"{root}/data", options),
             "weights": {n: objects(f"{root}/runs/sw/{n}", options)["/sae.safetensors"] for n in names},
             "evals": [stable(read_json(f"{root}/runs/sw/{n}/eval.json", options), kind) for n in names],
             "eval_again": stable(read_json(out, options), kind),
         }
-
-    # The two runs at once (threads of this driver, on the session's Ray): the clean run's work fills the
-    # faulty run's waits (botocore's retry back-off: ~30 s of one core idle when they ran one after the other).
-    with ThreadPoolExecutor(2) as pool:
-        runs = {kind: pool.submit(pipeline, kind, options) for kind, options in
-                (("clean", dict(RETRIES)), ("faulty", {"endpoint_url": faulty.url, **RETRIES}))}
-        results = {kind: run.result() for kind, run in runs.items()}
     clean, bad = results["clean"], results["faulty"]
     assert sorted(clean["data"]) == sorted(bad["data"])
     for key in clean["data"]:
