@@ -47,14 +47,11 @@ lint: install
 
 # Two pytest-xdist workers (one per core of the 2-core box the suite is sized for), whole files per worker
 # so module fixtures are built once, in the order tests/conftest.py gives them (longest files first);
-# TEST_WORKERS=0 runs everything in one process. Bytecode is cached even where the environment says not to
-# (PYTHONDONTWRITEBYTECODE=1, as on the CI image): the suite starts ~100 Python processes (xdist workers,
-# Ray workers, CLI subprocesses) that import the same project and test modules, and without the cache each
-# compiles them again — pytest's assertion rewriting alone is ~5 s of CPU per xdist worker at collection.
+# TEST_WORKERS=0 runs everything in one process.
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/ruff check .
-	env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 demo: install
 	$(BIN)/python -m dynsae demo
