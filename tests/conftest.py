@@ -70,7 +70,7 @@ LONG_FILES = (
     "test_storage_options_s3.py", "trainer/test_job_submit.py", "harvester/test_harvest_slow.py",
     "trainer/test_node_loss.py", "trainer/test_feeder.py", "interop/test_export.py", "trainer/test_matching.py",
     "trainer/test_new_variant.py", "sae/test_learning.py",
-    # ten to twenty seconds, part of it waiting on processes: not the last file of a worker
+    # ten to twenty seconds on one core each: not the last file of a worker, where the other core sits idle
     "trainer/test_run.py", "store/test_store_cluster.py",
 )
 

@@ -6,6 +6,7 @@ every run ends with the weights of an uninterrupted run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,10 +63,8 @@ def stop_head(head: subprocess.Popen, temp_dir: str) -> None:
     """Kill the head's process group, then SIGKILL any process still running from its temp dir and wait
     (with a deadline) until they are all gone: a killed process takes a moment to exit. (SIGKILL at once:
     on SIGTERM, `ray start --block` shuts its node down gracefully, and took more than 20 s here.)"""
-    try:
+    with contextlib.suppress(ProcessLookupError):  # the group is already gone
         os.killpg(head.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     head.wait(timeout=60)
     kill_pids_using(temp_dir)
     no_pids_using(temp_dir)
