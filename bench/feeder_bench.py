@@ -25,14 +25,15 @@ warmed up before the clock starts). Results: ``bench/results/feeder.json``.
 
 **Ceiling** (``--parts ceiling``): how fast one feeder can stream. N = 1, 4, 8 *takers* (Ray actors
 that do nothing but take batches, as a sweep's trainer takes them: :func:`trainer.feeder.feeder_batches`
-through the :class:`trainer.run.Prefetcher`; their imports done before the clock) each take the same
+through the :class:`trainer.run.Prefetcher`; their imports done before the clock, and the feeder's
+scatter kernel loaded, as the loader alone's is in the bench's process) each take the same
 4 epochs of batches (B = 4,096, d = 768, acts + positions) of a float16 and of a float32 dataset from
 one fresh feeder, against **one loader alone** (``iter_batches`` of the same batches and columns in
 the bench's process, no Ray), in paired rounds (loader, feeder, loader, ...; each round's feeder rate
 against the mean of the loader runs around it). The rate is the *steady* one, past the first
 ``WARM`` = 32 batches (two feeder windows) of each side: a sweep's feeder lives for its thousands of
-batches, so its process start-up (the scatter kernel's load, the first touch of its window buffers
-and batch slots) is reported apart (``*_startup_s``), not averaged into a 128-batch stream. Reported
+batches, so its process start-up (the first touch of its window buffers and batch slots) is
+reported apart (``*_startup_s``), not averaged into a 128-batch stream. Reported
 per dtype and N: rows/s and GB/s (stored bytes) per taker (the slowest one) and for all takers, the
 ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads per
 batch (1), its batch slots, and the bytes of a batch through the feeder (half for float16).
@@ -102,6 +103,13 @@ class BenchFeeder(FeederCore):
 
     def io(self) -> int:
         return rchar()
+
+    def warm(self) -> bool:
+        """Wait until this process's scatter kernel is loaded (as the loader alone's is, in the bench's
+        process, when its clock starts)."""
+        from store.scatter import kernel_ready
+
+        return kernel_ready(None)
 
 
 @ray.remote(num_cpus=0.2)
@@ -218,7 +226,7 @@ def ceiling_trial(store: str, n: int, batches: int, batch_size: int, warm: int) 
     names = [f"t{i}" for i in range(n)]
     feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0)
     takers = [Taker.remote(name, feeder) for name in names]
-    ray.get([t.ready.remote() for t in takers] + [feeder.io.remote()])
+    assert all(ray.get([t.ready.remote() for t in takers] + [feeder.warm.remote()]))
     t0 = time.perf_counter()
     taken = ray.get([t.run.remote(batches, warm) for t in takers])
     wall = time.perf_counter() - t0
