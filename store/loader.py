@@ -34,9 +34,10 @@ storage a task reads one shard's chunks of the window with one ranged GET per ru
 lie back to back (a shard mostly inside the window whose index is not cached yet is fetched whole,
 index included, in one GET). The next ``prefetch`` windows are submitted before the current one is
 consumed, and batches are assembled by a background thread into a small queue, so the consumer
-only waits when I/O is really the bottleneck. Memory ≈ (prefetch + 2) × window_chunks ×
-chunk_rows × d × itemsize (window buffers are recycled). ``allocator(shape, dtype)`` (default: an
-aligned ``np.empty``) makes the window buffers: the sweep's feeder puts them in shared memory, so
+only waits when I/O is really the bottleneck. Memory ≈ (prefetch + 1) × window_chunks ×
+chunk_rows × d × itemsize for a consumer that lets go of its batches (window buffers are recycled:
+a window two or more ahead waits for the passed window's buffers), more for one that keeps them.
+``allocator(shape, dtype)`` (default: an aligned ``np.empty``) makes the window buffers: the sweep's feeder puts them in shared memory, so
 the batches it hands its node's trainers are these very bytes (``trainer.batch_slots``).
 """
 
@@ -126,6 +127,12 @@ class _BufferPool:
         if len(self.free) < self.keep:
             self.free.append(win.bufs)
 
+    def has_free(self) -> bool:
+        """Some window buffer set is free (all are allocated at the same size)."""
+        with self.lock:
+            self._settle()
+            return bool(self.free)
+
     def take(self, n: int) -> dict[str, np.ndarray] | None:
         """A free window buffer set of at least ``n`` rows, or None."""
         with self.lock:
@@ -198,6 +205,7 @@ class ActivationLoader:
         self._cache: OrderedDict[WindowKey, _Window] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2)
+        self._buffers_made = 0
         self._stops: list[threading.Event] = []
         kernel_ready(timeout=0)  # start loading the scatter kernel (once per process), off this thread
 
@@ -274,6 +282,7 @@ class ActivationLoader:
         if bufs is not None:
             return bufs
         d, rows = self.dataset.manifest.d, max(n, self.max_window_rows)  # any window fits any set
+        self._buffers_made += 1
         return {c: self.allocator((rows, d) if c == ACTS else (rows,), self.dataset.column_dtype(c))
                 for c in self.columns}
 
@@ -356,15 +365,27 @@ class ActivationLoader:
         return batch
 
     # ---- streaming ----------------------------------------------------------------------------
+    def _may_read_ahead(self) -> bool:
+        """Whether a window two or more ahead of the one being handed out may be read now: always while
+        fewer than (prefetch + 1) buffer sets exist, then only into a recycled set. The set of the window
+        just passed frees a few batches into the next one (once the consumer lets go of its batches),
+        long before a window two ahead is needed, so a stream runs on (prefetch + 1) sets instead of
+        (prefetch + 2) and a fresh loader's first epoch touches one set less of new memory (bench/README,
+        "Fewer buffers in a first epoch"). The next window is always read ahead, so a consumer that keeps
+        its batches still overlaps reading with consuming."""
+        return self._buffers_made < self.prefetch + 1 or self._buffer_pool.has_free()
+
     def _produce(self, start_batch: int, out: queue.Queue, stop: threading.Event) -> None:
         """Background thread: keep ``prefetch`` windows in flight, assemble batches in order."""
         inflight: OrderedDict[WindowKey, _Window] = OrderedDict()
 
         def ensure(key: WindowKey | None) -> None:
-            for _ in range(self.prefetch + 1):
+            for ahead in range(self.prefetch + 1):
                 if key is None:
                     return
                 if key not in inflight:
+                    if ahead >= 2 and not self._may_read_ahead():
+                        return  # until the passed window's set is free (asked again at the next batch)
                     inflight[key] = self._fetch(key)
                 key = self._next_key(key)
 
