@@ -58,6 +58,7 @@ import numpy as np
 import ray
 import torch
 
+from store.scatter import kernel_ready
 from trainer.feeder import FeederCore, feeder_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feeder.json"
@@ -105,10 +106,8 @@ class BenchFeeder(FeederCore):
         return rchar()
 
     def warm(self) -> bool:
-        """Wait until this process's scatter kernel is loaded (as the loader alone's is, in the bench's
-        process, when its clock starts)."""
-        from store.scatter import kernel_ready
-
+        """Load this process's scatter kernel and wait for it (as the loader alone's is loaded, in the
+        bench's process, when its clock starts)."""
         return kernel_ready(None)
 
 
@@ -249,7 +248,8 @@ def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds:
         batches = EPOCHS * rows // batch_size
         steady_rows = (batches - WARM) * batch_size
         row_bytes = d * np.dtype(dtype).itemsize + 2  # acts + int16 positions, as stored
-        loader_alone(store, batch_size, batches, WARM)  # page cache, numba kernel
+        loader_alone(store, batch_size, batches, WARM)  # page cache
+        assert kernel_ready(None)  # the scatter kernel: the loader alone streams at its steady rate
         for n in ns:
             alone = [loader_alone(store, batch_size, batches, WARM)]
             trials, ratios = [], []

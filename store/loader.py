@@ -60,7 +60,7 @@ from store.dataset import Dataset, open_dataset
 from store.errors import UserError
 from store.io import is_local
 from store.layout import ACTS, row_columns
-from store.scatter import aligned_empty, kernel_ready, scatter_rows
+from store.scatter import aligned_empty, scatter_rows
 
 WindowKey = tuple[int, int]
 _DONE = object()
@@ -207,7 +207,6 @@ class ActivationLoader:
         self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2)
         self._buffers_made = 0
         self._stops: list[threading.Event] = []
-        kernel_ready(timeout=0)  # start loading the scatter kernel (once per process), off this thread
 
     # ---- the plan (pure functions of the settings) ----------------------------------------------
     @lru_cache(maxsize=4)  # noqa: B019 - per-instance cache of small arrays; the loader lives long

@@ -91,6 +91,15 @@ _ready = threading.Event()
 _start_lock = threading.Lock()
 _loader: list[threading.Thread] = []
 
+#: Bytes a process scatters through numpy's assignment before :func:`scatter_rows` starts loading the
+#: streaming kernel. Loading it costs ~0.45 s of one core (numba's dispatcher and the cached code, bench
+#: VM), about what numpy's path loses against it over ~2.6 GiB (120 against 34 ms per 512 MiB on one
+#: thread), so a process that reads little — an evaluation pass, a fresh loader's first epoch over
+#: 512 MiB or 1 GiB (0.17× → 0.26× a raw read without the load, bench/README) — never pays for it, and a
+#: long stream has it from its third GiB on.
+LOAD_AFTER_BYTES = 2 << 30
+_scattered = [0]  # bytes this process scattered before the kernel was ready (threads may race: a count)
+
 
 def _load_kernel() -> None:
     try:
@@ -104,8 +113,10 @@ def kernel_ready(timeout: float | None = 0) -> bool:
     """Whether the streaming kernel is loaded, waiting up to ``timeout`` seconds (None: until it is).
 
     The first call starts loading it (from numba's on-disk cache; ~0.45 s of one core on the bench
-    VM, once per process) in a background thread, so a process's first scatters do not wait for it:
-    until it is ready, :func:`scatter_rows` takes numpy's path (the same bytes)."""
+    VM, once per process) in a background thread, so no scatter waits for it: until it is ready,
+    :func:`scatter_rows` takes numpy's path (the same bytes). :func:`scatter_rows` makes that first
+    call once the process has scattered :data:`LOAD_AFTER_BYTES`; call it yourself to have the kernel
+    sooner (``dynsae kernels``, a benchmark's warm-up)."""
     if not ENABLED:
         return False
     if not _ready.is_set() and not _loader:
@@ -122,7 +133,8 @@ def scatter_rows(src: np.ndarray, dst: np.ndarray, place: np.ndarray) -> None:
 
     ``place`` holds distinct indices into ``dst``'s rows (their range is checked: the fast path writes
     through raw addresses). Releases the GIL on the streaming path, so threads scatter in parallel.
-    While the kernel is still loading (:func:`kernel_ready`) rows go through numpy's assignment.
+    Until the kernel is loaded (:func:`kernel_ready`; started once the process has scattered
+    :data:`LOAD_AFTER_BYTES`) rows go through numpy's assignment.
     """
     if src.dtype != dst.dtype or src.shape[1:] != dst.shape[1:] or src.shape[0] != place.shape[0]:
         raise ValueError(f"scatter_rows: src {src.shape} {src.dtype}, dst {dst.shape} {dst.dtype} and "
@@ -135,7 +147,14 @@ def scatter_rows(src: np.ndarray, dst: np.ndarray, place: np.ndarray) -> None:
         raise IndexError(f"scatter_rows: places must lie in 0..{dst.shape[0] - 1}")
     row_bytes = src.dtype.itemsize * (src.size // n)
     if (ENABLED and row_bytes % ALIGN == 0 and dst.ctypes.data % ALIGN == 0 and dst.flags.c_contiguous
-            and src.flags.c_contiguous and kernel_ready(timeout=0)):
+            and src.flags.c_contiguous and (_ready.is_set() or _kernel_worth_loading(n * row_bytes))):
         _scatter64(src.reshape(n, -1).view(np.uint8), dst.reshape(dst.shape[0], -1).view(np.uint8), place)
         return
     dst[place] = src
+
+
+def _kernel_worth_loading(nbytes: int) -> bool:
+    """Count ``nbytes`` scattered without the kernel; once :data:`LOAD_AFTER_BYTES` are counted, start
+    loading it, and say whether it is ready."""
+    _scattered[0] += nbytes
+    return _scattered[0] >= LOAD_AFTER_BYTES and kernel_ready(timeout=0)

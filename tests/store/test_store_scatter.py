@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -58,3 +63,25 @@ def test_bad_places_and_shapes_are_refused_before_any_write():
     with pytest.raises(ValueError, match="do not match"):
         scatter_rows(src.astype(np.float16), dst, np.array([0, 1]))
     assert np.all(dst == 7)
+
+
+def test_a_process_loads_the_kernel_only_once_it_has_scattered_enough():
+    """A process that scatters less than LOAD_AFTER_BYTES never starts loading the kernel (numpy's path,
+    the same bytes); the scatter that reaches it starts the load, and the kernel is then taken. A new
+    process, so that no earlier test has loaded the kernel already."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from store import scatter
+        scatter.LOAD_AFTER_BYTES = 1 << 20
+        rng = np.random.default_rng(0)
+        src = rng.standard_normal((1024, 128)).astype(np.float32)  # 512 KiB
+        place = rng.permutation(1024)
+        for _ in range(2):
+            dst = scatter.aligned_empty((1024, 128), np.float32)
+            scatter.scatter_rows(src, dst, place)
+            print(bool(scatter._loader), bool(np.array_equal(dst[place], src)))
+        print(scatter.kernel_ready(None))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split("\n")
+    assert out[:3] == ["False True", "True True", "True"]
