@@ -37,8 +37,9 @@ consumed, and batches are assembled by a background thread into a small queue, s
 only waits when I/O is really the bottleneck. Memory ≈ (prefetch + 1) × window_chunks ×
 chunk_rows × d × itemsize for a consumer that lets go of its batches (window buffers are recycled:
 a window two or more ahead waits for the passed window's buffers), more for one that keeps them.
-``allocator(shape, dtype)`` (default: an aligned ``np.empty``) makes the window buffers: the sweep's feeder puts them in shared memory, so
-the batches it hands its node's trainers are these very bytes (``trainer.batch_slots``).
+``allocator(shape, dtype)`` (default: an aligned ``np.empty``) makes the window buffers: the sweep's
+feeder puts them in shared memory, so the batches it hands its node's trainers are these very bytes
+(``trainer.batch_slots``).
 """
 
 from __future__ import annotations
