@@ -148,7 +148,7 @@ QUIET = {"enable_metrics_collection": False, "metrics_report_interval_ms": 600_0
          "task_events_report_interval_ms": 60_000, "event_stats": False}
 #: Ray starts one idle worker per CPU for the first driver, without a runtime environment; every task the project
 #: sends to the session's Ray carries one (``RaySession.options``: the driver's HF_* / AWS_* settings), so those two
-#: never run anything: each cost ~1.2 s of CPU to start and ~0.2 s a minute idle for the whole run (measured
+#: never run anything: each cost ~1.2 s of CPU to start and 0.2–0.4 s a minute idle for the whole run (measured
 #: 2026-12-07: 2 idle workers by default, none with this; a task with a runtime env took 1.6 s to its first
 #: result either way). A worker is started when a task asks for one instead.
 NO_PRESTART = {"prestart_worker_first_driver": False}
