@@ -176,6 +176,14 @@ class RayConfig(StrictModel):
     feeder_prefetch: int = Field(default=2, ge=0, description="batches the feeder reads ahead.")
     feeder_lag_timeout_s: float = Field(default=120.0, gt=0,
                                         description="how long a leading trainer waits for a laggard of its group.")
+    feeder_num_cpus: float = Field(default=0.0, ge=0, description=(
+        "CPUs each feeder reserves (its loader reads with up to 8 threads): 0 lets Ray pack trainers onto every "
+        "core of the feeder's node; on a node it shares with its trainers, reserve a few so their steps do "
+        "not starve the stream (bench/README.md, 'Feeder ceiling')."))
+    feeder_resources: dict[str, float] = Field(default_factory=dict, description=(
+        "custom Ray resources each feeder asks for, to place it: e.g. {gpu_node: 0.01} with the GPU nodes "
+        "started with --resources='{\"gpu_node\": 1}' puts it beside its trainers, whose batches then come "
+        "through shared memory instead of Ray's object store; passed to the actor's resources=."))
 
 
 Grid = dict[str, list[Any]]

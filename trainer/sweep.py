@@ -142,6 +142,14 @@ def placement(rc: RayConfig, session: RaySession) -> dict[str, Any]:
                            resources=dict(rc.trainer_resources) or None)
 
 
+def feeder_placement(rc: RayConfig, session: RaySession) -> dict[str, Any]:
+    """Options that place a feeder actor: the CPUs it reserves and the custom resources that pick its node
+    (``ray.feeder_num_cpus``, ``ray.feeder_resources``), restarted by Ray whenever it dies, and the session's
+    runtime environment."""
+    return session.options(num_cpus=rc.feeder_num_cpus, resources=dict(rc.feeder_resources) or None,
+                           max_restarts=-1, max_task_retries=-1)
+
+
 def start_feeders(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, actors: SweepActors) -> None:
     """One feeder per batch stream, restarted by Ray whenever it dies (it holds no state a restart needs)."""
     streams: dict[StreamKey, list[TrainConfig]] = {}
@@ -150,8 +158,7 @@ def start_feeders(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig,
     session = actors.session
     for key, cfgs in streams.items():
         first = cfgs[0]
-        actors.feeders[key] = session.track(Feeder.options(**session.options(
-            max_restarts=-1, max_task_retries=-1)).remote(
+        actors.feeders[key] = session.track(Feeder.options(**feeder_placement(rc, session)).remote(
             first.dataset, first.batch_size, first.data_seed, max(c.total_steps for c in cfgs),
             [c.name for c in cfgs], rc.feeder_window, rc.feeder_prefetch, rc.feeder_lag_timeout_s,
             first.storage_options))

@@ -192,6 +192,32 @@ def test_trainers_of_the_feeders_node_read_shared_memory_and_others_get_object_r
     ray.kill(feeder)
 
 
+def test_a_feeder_is_placed_with_the_cpus_and_resources_the_sweep_asks_for(ray_local, tiny_store):
+    """``ray.feeder_num_cpus`` and ``ray.feeder_resources`` reach Ray as the feeder actor's demand: it holds
+    exactly those CPUs (so Ray packs no trainer onto them) and that share of the custom resource, here the
+    resource naming this node (``node:<address>``, which every Ray node offers: how a user pins a feeder
+    to a node), and it serves batches as before. By default a feeder holds nothing."""
+    import ray
+
+    from store.cluster import RaySession
+    from trainer.config import RayConfig
+    from trainer.sweep import feeder_placement
+
+    node = next(k for k in ray.cluster_resources() if k.startswith("node:") and "internal" not in k)
+    session = RaySession(ray)
+
+    def assigned(rc: RayConfig) -> dict[str, float]:
+        feeder = Feeder.options(**feeder_placement(rc, session)).remote(tiny_store, 64, 0, 16, ["t"], 4, 1, 60.0)
+        try:
+            assert ray.get(feeder.get_span.remote(0, 2, "t", None))  # placed, and it serves
+            return ray.get(feeder.__ray_call__.remote(lambda _: ray.get_runtime_context().get_assigned_resources()))
+        finally:
+            ray.kill(feeder)
+
+    assert assigned(RayConfig(feeder_num_cpus=1, feeder_resources={node: 0.01})) == {"CPU": 1.0, node: 0.01}
+    assert assigned(RayConfig()) == {}
+
+
 def test_shared_memory_a_trainer_still_holds_is_not_rewritten(ray_local, tmp_path):
     """A trainer holding batches 0 and 10 while another streams 48 batches on through a 4-batch window,
     over a store of 512-row windows cut into 48-row batches (batches 10, 21 and 42 straddle two windows
