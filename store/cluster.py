@@ -37,6 +37,8 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,6 +100,34 @@ def worker_env_vars(environ: dict[str, str] | None = None) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith(WORKER_ENV_PREFIXES)}
 
 
+def _amounts(resources: dict[str, float], keys: list[str]) -> str:
+    """``CPU 2, GPU 0`` for ``keys`` of ``resources`` (0 where absent)."""
+    return ", ".join(f"{k} {resources.get(k, 0.0):g}" for k in keys)
+
+
+def unmet_demand(demands: list[tuple[str, dict[str, float]]], nodes: list[dict[str, float]],
+                 single_node: bool) -> tuple[str, dict[str, float]] | None:
+    """What cannot be placed: ``(what, its demand)``, or None when everything can. ``demands`` are (noun,
+    resources one actor or task asks for), one per actor or task; ``nodes`` the resources of each live
+    node. On a cluster each
+    demand must fit some node by itself; on a single node that nothing will join, all of them together
+    must fit it (a feeder reserving every CPU leaves none for its trainers)."""
+    demands = [(what, {k: v for k, v in d.items() if v > 0}) for what, d in demands]
+
+    def fits(demand: dict[str, float], node: dict[str, float]) -> bool:
+        return all(node.get(k, 0.0) >= v - 1e-9 for k, v in demand.items())
+
+    if single_node:
+        total: dict[str, float] = {}
+        for _, demand in demands:
+            for k, v in demand.items():
+                total[k] = total.get(k, 0.0) + v
+        counts = Counter(what for what, _ in demands)
+        what = " and ".join(f"{n} {noun}{'s' if n > 1 else ''}" for noun, n in counts.items())
+        return None if any(fits(total, node) for node in nodes) else (what, total)
+    return next(((f"a {what}", d) for what, d in demands if not any(fits(d, node) for node in nodes)), None)
+
+
 @dataclass
 class RaySession:
     """Ray as one job uses it; see the module docstring. Build it with :func:`ray_session`."""
@@ -119,6 +149,24 @@ class RaySession:
         if self.env_vars:
             placement["runtime_env"] = {"env_vars": dict(self.env_vars)}
         return placement
+
+    def check_demands(self, demands: list[tuple[str, dict[str, float]]], fix: str) -> None:
+        """Make sure every actor or task in ``demands`` ((noun, resources it asks for)) can be placed: Ray
+        would otherwise keep it pending forever. On a local instance this session started (one node that
+        nothing will join) they must fit it together, else :class:`UserError` names what asks for what and
+        ``fix``; on a cluster each must fit some live node, else a warning (an autoscaler may add one)."""
+        nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+        unmet = unmet_demand(demands, nodes, single_node=self.started)
+        if unmet is None:
+            return
+        what, demand = unmet
+        keys = sorted(demand)
+        if self.started:
+            raise UserError(f"{what} ask for {_amounts(demand, keys)} together but the local Ray instance has "
+                            f"{_amounts(nodes[0] if nodes else {}, keys)}, so nothing would ever run; {fix}")
+        warnings.warn(f"no node of the Ray cluster offers what {what} asks for ({_amounts(demand, keys)}) now: "
+                      f"it waits until such a node joins (an autoscaler adds one); otherwise {fix}",
+                      RuntimeWarning, stacklevel=2)
 
     def track(self, actor: Any) -> Any:
         """Record ``actor`` so that :meth:`close` kills it; returns it."""

@@ -150,6 +150,19 @@ def feeder_placement(rc: RayConfig, session: RaySession) -> dict[str, Any]:
                            max_restarts=-1, max_task_retries=-1)
 
 
+def check_placement(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, session: RaySession) -> None:
+    """The sweep's feeders (one per batch stream) and a training task (and an evaluation task, placed
+    alike) can be placed on this Ray (:meth:`RaySession.check_demands`): on a local instance a sweep that
+    could never start is one sentence, not a wait forever."""
+    feeders = len({stream_key(cfg) for _, cfg in runs})
+    feeder = {"CPU": rc.feeder_num_cpus, **rc.feeder_resources}
+    trainer = {"CPU": rc.num_cpus_per_trainer, "GPU": rc.num_gpus_per_trainer, **rc.trainer_resources}
+    demands = [("feeder", feeder)] * feeders + [("training task", trainer)]
+    session.check_demands(demands, "lower ray.feeder_num_cpus, ray.num_cpus_per_trainer or ray.num_gpus_per_trainer, "
+                                   "drop what ray.feeder_resources / ray.trainer_resources name that no node has, "
+                                   "or set ray.address to a cluster with such nodes.")
+
+
 def start_feeders(runs: list[tuple[dict[str, Any], TrainConfig]], rc: RayConfig, actors: SweepActors) -> None:
     """One feeder per batch stream, restarted by Ray whenever it dies (it holds no state a restart needs)."""
     streams: dict[StreamKey, list[TrainConfig]] = {}
@@ -265,6 +278,7 @@ def train_and_evaluate(sweep: SweepConfig, runs: list[tuple[dict[str, Any], Trai
     (:mod:`trainer.matching`): the second phase's runs get their target from the first phase's held-out
     L0 and are served by the same feeders (one store read per batch while the window holds the run).
     The feeders and the evaluator are recorded in ``actors``."""
+    check_placement(runs, sweep.ray, actors.session)
     start_feeders(runs, sweep.ray, actors)
     actors.evaluator = start_evaluator(evaluator, sweep, runs, actors.session)
     phases = [runs]

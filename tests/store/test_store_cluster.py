@@ -110,3 +110,43 @@ def test_only_store_cluster_starts_ray_and_nobody_turns_auth_off():
             if re.search(r"""(environ(\.setdefault\(|\[)|putenv\()\s*['"]RAY_AUTH_MODE""", text):
                 auth.append(str(path.relative_to(REPO)))
     assert starts == [] and auth == []
+
+
+def test_unmet_demands_by_hand():
+    """A cluster places each actor or task on some node by itself; a single node must hold them together."""
+    from store.cluster import unmet_demand
+
+    gpu_node, cpu_node = {"CPU": 48.0, "GPU": 4.0, "gpu_node": 1.0}, {"CPU": 16.0}
+    feeder, trainer = ("feeder", {"CPU": 4.0}), ("training task", {"CPU": 1.0, "GPU": 0.25, "gpu_node": 0.0})
+    assert unmet_demand([feeder, feeder, trainer], [cpu_node, gpu_node], single_node=False) is None
+    assert unmet_demand([("feeder", {"CPU": 64.0}), trainer], [cpu_node, gpu_node], single_node=False) == \
+        ("a feeder", {"CPU": 64.0})
+    assert unmet_demand([feeder, trainer], [cpu_node], single_node=False) == ("a training task", {"CPU": 1.0, "GPU": 0.25})
+    # one node: 4 + 4 + 1 CPUs together fit 48 but not 8; an absent resource is 0; a zero demand needs nothing
+    assert unmet_demand([feeder, feeder, trainer], [gpu_node], single_node=True) is None
+    assert unmet_demand([feeder, feeder, trainer], [{"CPU": 8.0, "GPU": 1.0}], single_node=True) == \
+        ("2 feeders and 1 training task", {"CPU": 9.0, "GPU": 0.25})
+    assert unmet_demand([("feeder", {"CPU": 0.0})], [{}], single_node=True) is None
+
+
+def test_a_demand_no_node_can_meet_is_one_sentence_on_a_local_instance_and_a_warning_on_a_cluster(ray_local):
+    """Checked against the session's real Ray (one node, 2 CPUs, no GPU): as a local instance the session
+    started, a sweep whose feeder reserves both CPUs beside a 1-CPU trainer is refused in one sentence
+    naming the amounts and the fix; joined as a cluster (where an autoscaler may add nodes) it warns; what
+    fits passes silently."""
+    import warnings
+
+    from store.errors import UserError
+
+    demands = [("feeder", {"CPU": 2.0}), ("training task", {"CPU": 1.0, "GPU": 0.0})]
+    with pytest.raises(UserError) as err:
+        RaySession(ray_local, started=True).check_demands(demands, "lower ray.feeder_num_cpus.")
+    assert str(err.value) == ("1 feeder and 1 training task ask for CPU 3 together but the local Ray instance has "
+                              "CPU 2, so nothing would ever run; lower ray.feeder_num_cpus.")
+    with pytest.warns(RuntimeWarning, match=r"no node of the Ray cluster offers what a training task asks for "
+                                            r"\(CPU 1, GPU 0.5\) now: it waits until such a node joins"):
+        RaySession(ray_local).check_demands([("training task", {"CPU": 1.0, "GPU": 0.5})], "drop the GPU.")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        RaySession(ray_local, started=True).check_demands([("feeder", {"CPU": 1.0}), ("training task", {"CPU": 1.0})],
+                                                          "unused")

@@ -159,6 +159,29 @@ def test_bad_sweeps_fail_before_any_actor(tiny_store, tmp_path, capsys):
         run_sweep(SweepConfig.model_validate(cases["unsealed"][0]), progress=False)
 
 
+def test_a_sweep_no_node_could_place_is_refused_before_any_actor(ray_local, tiny_store, tmp_path):
+    """On a local instance the sweep started (here the session's real Ray: one node, 2 CPUs), one feeder
+    reserving 1.5 CPUs beside a 1-CPU trainer could never run both: one sentence with the amounts and the
+    settings to change, before any feeder or trainer starts. Two streams count two feeders."""
+    from store.cluster import RaySession
+    from trainer.sweep import check_placement, validate_sweep
+
+    data = sweep_dict(tiny_store, str(tmp_path / "runs"))
+    data["ray"] = {"feeder_num_cpus": 1.5, "num_cpus_per_trainer": 1}
+    sweep = SweepConfig.model_validate(data)
+    local = RaySession(ray_local, started=True)
+    with pytest.raises(UserError, match=r"^1 feeder and 1 training task ask for CPU 2.5 together but the local Ray "
+                                        r"instance has CPU 2, so nothing would ever run; lower ray.feeder_num_cpus"):
+        check_placement(validate_sweep(sweep, "sweep"), sweep.ray, local)
+    fits = sweep.ray.model_copy(update={"feeder_num_cpus": 1.0})
+    check_placement(validate_sweep(sweep, "sweep"), fits, local)
+    data["grid"] = {"data_seed": [0, 1]}  # two batch streams: two feeders
+    two = SweepConfig.model_validate(data)
+    with pytest.raises(UserError, match=r"^2 feeders and 1 training task ask for CPU 3 together"):
+        check_placement(validate_sweep(two, "sweep"), fits, local)
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.timeout(600)
 def test_two_sweeps_on_one_directory_leave_one_consistent_result(ray_local, tiny_store, tmp_path):
     """A sweep subprocess and an in-process sweep of the same config and runs root at the same time: one
