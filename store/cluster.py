@@ -162,7 +162,8 @@ class RaySession:
         what, demand = unmet
         keys = sorted(demand)
         if self.started:
-            raise UserError(f"{what} ask for {_amounts(demand, keys)} together but the local Ray instance has "
+            asks = f"ask for {_amounts(demand, keys)} together" if len(demands) > 1 else f"asks for {_amounts(demand, keys)}"
+            raise UserError(f"{what} {asks} but the local Ray instance has "
                             f"{_amounts(nodes[0] if nodes else {}, keys)}, so nothing would ever run; {fix}")
         warnings.warn(f"no node of the Ray cluster offers what {what} asks for ({_amounts(demand, keys)}) now: "
                       f"it waits until such a node joins (an autoscaler adds one); otherwise {fix}",

@@ -143,6 +143,9 @@ def test_a_demand_no_node_can_meet_is_one_sentence_on_a_local_instance_and_a_war
         RaySession(ray_local, started=True).check_demands(demands, "lower ray.feeder_num_cpus.")
     assert str(err.value) == ("1 feeder and 1 training task ask for CPU 3 together but the local Ray instance has "
                               "CPU 2, so nothing would ever run; lower ray.feeder_num_cpus.")
+    with pytest.raises(UserError, match=r"^1 training task asks for CPU 1, GPU 1 but the local Ray instance has CPU 2, "
+                                        r"GPU 0, so nothing would ever run; drop the GPU.$"):
+        RaySession(ray_local, started=True).check_demands([("training task", {"CPU": 1.0, "GPU": 1.0})], "drop the GPU.")
     with pytest.warns(RuntimeWarning, match=r"no node of the Ray cluster offers what a training task asks for "
                                             r"\(CPU 1, GPU 0.5\) now: it waits until such a node joins"):
         RaySession(ray_local).check_demands([("training task", {"CPU": 1.0, "GPU": 0.5})], "drop the GPU.")
