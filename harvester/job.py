@@ -473,6 +473,10 @@ def run_job(session: RaySession, cfg: HarvestConfig, plan: Plan, shards: Iterato
     ray = session.ray
     unit = "img" if cfg.source.is_image else "tok"
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // cfg.workers))
+    # a task no node can take would wait forever (a GPU harvest on a machine without one): one sentence instead
+    session.check_demands([("harvest task", {"CPU": cpus, "GPU": cfg.num_gpus_per_worker})],
+                          "set num_gpus_per_worker=0 to harvest on this machine's CPUs, or ray_address to a cluster "
+                          "with GPU nodes.")
     plan.threads = task_threads(cpus)
     # A GPU task gets a fresh process (max_calls=1): Ray gives each task its own CUDA_VISIBLE_DEVICES, which a
     # process that has started CUDA cannot change (Ray's own default, which it applies only to num_gpus given

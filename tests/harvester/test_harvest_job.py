@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -300,6 +301,25 @@ def test_bad_input_is_one_sentence_before_any_work(tiny_gpt2, tiny_clip, tmp_pat
     assert msg.startswith("error: cannot") and f"{blocker}/" in msg and msg.count("\n") == 0
     assert "unknown key 'max_tokenz'" in cli_error(base + ["--set", "max_tokenz=5"])
     assert not (tmp_path / "out").exists()  # nothing was written for any of these
+
+
+def test_a_gpu_harvest_on_a_machine_without_a_gpu_is_one_sentence_and_resumable(tiny_gpt2, tmp_path):
+    """``num_gpus_per_worker: 1`` (as in the paper's configs) where the harvest's own local Ray has no GPU:
+    Ray would keep its tasks pending forever; instead the harvest exits 2 with one sentence naming the
+    amounts and the fix and commits nothing. The dataset it opened lies where a CPU harvest of the same
+    config finds and resumes it (the GPU count is not part of a dataset's identity), and is not sealed."""
+    out = tmp_path / "gpu"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local instance
+    proc = subprocess.run([*cli_args(out, tiny_gpt2), "--set", "num_gpus_per_worker=1"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.fullmatch(r"error: 1 harvest task asks for CPU \d+, GPU 1 but the local Ray instance has CPU \d+, "
+                        r"GPU 0, so nothing would ever run; set num_gpus_per_worker=0 to harvest on this machine's "
+                        r"CPUs, or ray_address to a cluster with GPU nodes\.", proc.stderr.strip().splitlines()[-1])
+    url = join_output(text_cfg(tiny_gpt2, out))
+    assert not list((Path(url) / "commits").glob("*.json"))
+    with pytest.raises(Exception, match="unsealed|not sealed|partial"):
+        open_dataset(url)
 
 
 def test_sigterm_stops_a_harvest_like_ctrl_c():
