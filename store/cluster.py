@@ -109,9 +109,8 @@ def unmet_demand(demands: list[tuple[str, dict[str, float]]], nodes: list[dict[s
                  single_node: bool) -> tuple[str, dict[str, float]] | None:
     """What cannot be placed: ``(what, its demand)``, or None when everything can. ``demands`` are (noun,
     resources one actor or task asks for), one per actor or task; ``nodes`` the resources of each live
-    node. On a cluster each
-    demand must fit some node by itself; on a single node that nothing will join, all of them together
-    must fit it (a feeder reserving every CPU leaves none for its trainers)."""
+    node. On a cluster each demand must fit some node by itself; on a single node that nothing will join,
+    all of them together must fit it (a feeder reserving every CPU leaves none for its trainers)."""
     demands = [(what, {k: v for k, v in d.items() if v > 0}) for what, d in demands]
 
     def fits(demand: dict[str, float], node: dict[str, float]) -> bool:

@@ -177,7 +177,7 @@ class RayConfig(StrictModel):
     feeder_lag_timeout_s: float = Field(default=120.0, gt=0,
                                         description="how long a leading trainer waits for a laggard of its group.")
     feeder_num_cpus: float = Field(default=0.0, ge=0, description=(
-        "CPUs each feeder reserves (its loader reads with up to 8 threads): 0 lets Ray pack trainers onto every "
+        "CPUs each feeder reserves (its loader reads with up to 8 threads locally, 16 on object storage): 0 lets Ray pack trainers onto every "
         "core of the feeder's node; on a node it shares with its trainers, reserve a few so their steps do "
         "not starve the stream (bench/README.md, 'Feeder ceiling')."))
     feeder_resources: dict[str, float] = Field(default_factory=dict, description=(
