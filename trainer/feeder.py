@@ -47,6 +47,7 @@ from store.batch import Batch
 from store.loader import ActivationLoader
 from trainer.batch_slots import BatchSlots, SlotReader, SlotRef, slot_bytes, slots_supported
 from trainer.config import BATCH_COLUMNS
+from trainer.handout import BoardClient, FeederGone, HandOutBoard, Seat, board_supported
 
 #: Batches a trainer takes from the feeder per call (:func:`feeder_batches`, which asks for the next
 #: span while the trainer works through this one).
@@ -112,6 +113,7 @@ class FeederCore:
         self.pinned: list[tuple[int, _Stored]] = []  # dropped from the window, a trainer may still read
         # per trainer, the batches it may still hold: [lo, hi) (its slots are not reused)
         self.lent: dict[str, tuple[int, int]] = {}
+        self.board: HandOutBoard | None = None  # made when the first trainer of this node asks for a seat
 
     def _read(self, b: int) -> Batch:
         """Read batch ``b`` from the store (counted)."""
@@ -246,6 +248,19 @@ class FeederCore:
         keep_from = b - HOLD if keep_from is None else keep_from
         return [self.get(i, trainer, node, keep_from) for i in range(b, min(b + n, self.total))]
 
+    def seat(self, trainer: str, node: str | None) -> Seat | None:
+        """A seat at this feeder's hand-out board (:mod:`trainer.handout`) for ``trainer`` on ``node``: its
+        requests then go through shared memory instead of Ray calls. ``None`` (ask by Ray call) for a
+        trainer on another node, a feeder without shared memory, or a board with no seat left."""
+        if self.slots is None or node is None or node != self.node or not board_supported():
+            return None
+        with self.cond:
+            if self.board is None:
+                self.board = HandOutBoard(self.slots.owner, lambda b, n, name, keep:
+                                          self.get_span(b, n, name, self.node, keep))
+            board = self.board
+        return board.seat(trainer)
+
     def done(self, trainer: str) -> None:
         """``trainer`` finished (or gave up): nobody waits for it and it wants no batch any more, even if a
         request of its, in flight, arrives later."""
@@ -265,11 +280,14 @@ class FeederCore:
                     max(self.read_counts.values(), default=0),
                     "slots": 0 if self.slots is None else len(self.slots.slots),
                     "window_buffers": 0 if self.slots is None else len(self.slots.regions),
-                    "window_buffers_made": 0 if self.slots is None else self.slots.regions_made}
+                    "window_buffers_made": 0 if self.slots is None else self.slots.regions_made,
+                    **(HandOutBoard.no_stats() if self.board is None else self.board.stats())}
 
     def close(self) -> None:
-        """Remove the batch slots (a killed feeder's are removed by Python's resource tracker)."""
+        """Stop the hand-out board and remove the batch slots (a killed feeder's memory goes with its process)."""
         with self.cond:
+            if self.board is not None:
+                self.board.close()
             if self.slots is not None:
                 self.slots.close()
 
@@ -280,38 +298,79 @@ class Feeder(FeederCore):
     Trainers take its batches with :func:`feeder_batches`."""
 
 
-def feeder_batches(feeder: Any, trainer: str, span: int = SPAN) -> Callable[[int], Batch]:
-    """Batch ``b`` for ``trainer`` from a :class:`Feeder` handle (see :class:`FeederBatches`)."""
-    return FeederBatches(feeder, trainer, span)
+def feeder_batches(feeder: Any, trainer: str, span: int = SPAN, board: bool = True) -> Callable[[int], Batch]:
+    """Batch ``b`` for ``trainer`` from a :class:`Feeder` handle (see :class:`FeederBatches`; ``board=False``:
+    Ray calls even on the feeder's node, the baseline of ``bench/feeder_bench.py``)."""
+    return FeederBatches(feeder, trainer, span, board)
 
 
 class FeederBatches:
     """A trainer's :data:`trainer.run.BatchSource` over a :class:`Feeder`. Asked for a batch it does not
-    hold, it takes the next ``span`` batches' handles in one call (:meth:`FeederCore.get_span`), and asks
+    hold, it takes the next ``span`` batches' handles in one request (:meth:`FeederCore.get_span`), and asks
     for the span after them at once, so that the feeder reads them while the trainer works through these
-    (one call in flight: the feeder's reading and the trainer's steps overlap). On the feeder's node a
-    handle is a place in its shared memory, read zero-copy; elsewhere an ObjectRef, read zero-copy from
-    the object store. Either way the :class:`Batch` is read-only and shared by every trainer. Calls come
-    from one thread at a time (the trainer's prefetcher), in increasing ``b``, and the caller holds at
-    most :data:`HOLD` batches before the one it asks for."""
+    (one request in flight: the feeder's reading and the trainer's steps overlap). On the feeder's node a
+    request goes through the feeder's hand-out board (:mod:`trainer.handout`: shared memory, no Ray call)
+    and a handle is a place in the feeder's shared memory, read zero-copy; elsewhere a request is a Ray
+    call and a handle an ObjectRef, read zero-copy from the object store. Either way the :class:`Batch` is
+    read-only and shared by every trainer. Calls come from one thread at a time (the trainer's
+    prefetcher), in increasing ``b``, and the caller holds at most :data:`HOLD` batches before the one it
+    asks for."""
 
-    def __init__(self, feeder: Any, trainer: str, span: int = SPAN) -> None:
+    def __init__(self, feeder: Any, trainer: str, span: int = SPAN, board: bool = True) -> None:
         self.feeder, self.trainer, self.span = feeder, trainer, span
         self.held: dict[int, Any] = {}
-        self.next: tuple[int, Any] | None = None  # (first batch, ObjectRef of the handles) of the span asked ahead
+        # the span asked ahead: (first batch, keep_from, ObjectRef of its handles or None: asked on the board)
+        self.next: tuple[int, int, Any] | None = None
         self.node: str | None = ray.get_runtime_context().get_node_id()  # None: ObjectRefs from now on
         self.reader = SlotReader()
+        self.board = self._sit() if board else None
 
-    def _ask(self, b: int, keep_from: int) -> Any:
+    def _sit(self) -> BoardClient | None:
+        """A seat at the feeder's hand-out board, when the feeder is on this node and has one."""
+        if self.node is None:
+            return None
+        seat = ray.get(self.feeder.seat.remote(self.trainer, self.node))
+        try:
+            return None if seat is None else BoardClient(seat)
+        except OSError:  # its memory cannot be opened here: Ray calls (and the slots' own fallback) instead
+            return None
+
+    def _ray(self, b: int, keep_from: int) -> Any:
         return self.feeder.get_span.remote(b, self.span, self.trainer, self.node, keep_from)
+
+    def _ask(self, b: int, keep_from: int) -> tuple[int, int, Any]:
+        if self.board is not None:
+            self.board.ask(b, self.span, keep_from)
+            return b, keep_from, None
+        return b, keep_from, self._ray(b, keep_from)
+
+    def _handles(self, asked: tuple[int, int, Any]) -> list[Any]:
+        """The handles of a span asked (on the board, else by Ray call)."""
+        b, keep_from, ref = asked
+        if ref is None and self.board is not None:
+            try:
+                handles = self.board.answer()
+            except FeederGone:  # the feeder died: Ray restarts it; ask it by Ray call and sit at its new board
+                handles, self.board = None, None
+                got = ray.get(self._ray(b, keep_from))
+                self.board = self._sit()
+                return got
+            if handles is not None:
+                return handles
+        return ray.get(ref if ref is not None else self._ray(b, keep_from))
 
     def __call__(self, b: int) -> Batch:
         if b not in self.held:
             ahead, self.next = self.next, None
-            handles = ray.get(ahead[1] if ahead is not None and ahead[0] == b else self._ask(b, b - HOLD))
+            if ahead is not None and ahead[0] == b:
+                handles = self._handles(ahead)
+            else:
+                if ahead is not None and ahead[2] is None:
+                    self._drain()  # a jump: the span asked ahead is not needed, but its answer must come first
+                handles = self._handles(self._ask(b, b - HOLD))
             self.held = dict(enumerate(handles, start=b))
             if handles:  # the stream goes on: ask for the next span now (this one's batches stay lent)
-                self.next = (b + len(handles), self._ask(b + len(handles), b - HOLD))
+                self.next = self._ask(b + len(handles), b - HOLD)
         handle = self.held.pop(b)
         if isinstance(handle, SlotRef):
             try:
@@ -319,6 +378,15 @@ class FeederBatches:
             except OSError as err:  # the feeder's memory cannot be opened here: take ObjectRefs instead
                 warnings.warn(f"trainer {self.trainer}: cannot open the feeder's batch slots ({err}); taking "
                               "batches through Ray's object store instead.", RuntimeWarning, stacklevel=2)
-                self.node, self.held, self.next = None, {}, None
+                self._drain()
+                self.node, self.held, self.next, self.board = None, {}, None, None
                 handle = ray.get(self.feeder.get.remote(b, self.trainer, None))
         return ray.get(handle)
+
+    def _drain(self) -> None:
+        """Wait out a request still on the board (its row takes one request at a time)."""
+        if self.board is not None and self.board.pending:
+            try:
+                self.board.answer()
+            except FeederGone:
+                pass

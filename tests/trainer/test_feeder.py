@@ -8,7 +8,7 @@ import torch
 from trainer_testkit import make_store
 
 from store.batch import Batch
-from trainer.feeder import Feeder, FeederCore, feeder_batches
+from trainer.feeder import SPAN, Feeder, FeederCore, feeder_batches
 
 
 @pytest.mark.parametrize("n_trainers", [1, 4])
@@ -39,7 +39,8 @@ def test_feeder_reads_each_batch_once(ray_local, tiny_store, n_trainers):
     got = late(3)  # the loader's Batch, unchanged
     assert isinstance(got, Batch) and got.token_ids is None and got.seq_ids is None
     assert torch.equal(got.acts, loader.batch(3).acts) and torch.equal(got.positions, loader.batch(3).positions)
-    assert late.next[0] == 7 and len(ray.get(late.next[1])) == 4  # the next span, asked for ahead
+    # the next span, asked for ahead on the feeder's hand-out board (the driver is on the feeder's node)
+    assert late.next[0] == 7 and late.board is not None and len(late.board.answer()) == 4
     # batches 3..6 had left the window, and 7..10 but one the window may still hold (plus 11, read ahead
     # when the window has room)
     assert 7 <= ray.get(feeder.reads.remote())["rereads"] <= 9
@@ -173,6 +174,10 @@ def test_trainers_of_the_feeders_node_read_shared_memory_and_others_get_object_r
         assert torch.equal(got.acts, loader.batch(b).acts) and torch.equal(got.positions, loader.batch(b).positions)
     stats = ray.get(feeder.reads.remote())
     assert stats["max_reads_per_batch"] == 1 and stats["slots"] == 0  # no batch straddles a window here
+    # every span asked at the feeder's hand-out board, none by Ray call (trainer.handout); the last answer is
+    # the empty span past the stream's end
+    assert stats["board_seats"] == 1 and stats["board_answers"] == total // SPAN + 1
+    assert stats["board_sent_to_ray"] == 0
     # (acts, positions) per window buffer set: 10 windows read into fewer sets, reused
     assert 0 < stats["window_buffers"] <= stats["window_buffers_made"] < 2 * 10
 
