@@ -36,7 +36,12 @@ batches, so its process start-up (the first touch of its window buffers and batc
 reported apart (``*_startup_s``), not averaged into a 128-batch stream. Reported
 per dtype and N: rows/s and GB/s (stored bytes) per taker (the slowest one) and for all takers, the
 ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads per
-batch (1), its batch slots, and the bytes of a batch through the feeder (half for float16).
+batch (1), its batch slots, and the bytes of a batch through the feeder (half for float16). The takers
+ask at the feeder's hand-out board (:mod:`trainer.handout`), as a sweep's trainers on the feeder's node
+do; each round also runs the same takers asking by Ray calls (``feeder_batches(..., board=False)``, how
+every trainer asked before the board, and how a trainer on another node asks), reported as
+``ratio_by_ray_calls_over_loader`` and ``board_over_ray_calls`` (Ray-call steady time / board steady
+time, median of rounds: > 1 means the board is faster).
 
 Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024] [--parts sharing ceiling]``.
 """
@@ -168,8 +173,8 @@ class Taker:
     """A consumer that does nothing but take batches, as a sweep's trainer takes them (the feeder through
     :class:`trainer.run.Prefetcher`, two batches ahead): the feeder's ceiling."""
 
-    def __init__(self, name: str, feeder: Any) -> None:
-        self.name, self.feeder = name, feeder
+    def __init__(self, name: str, feeder: Any, board: bool = True) -> None:
+        self.name, self.feeder, self.board = name, feeder, board
 
     def ready(self) -> bool:
         """Warm up before the clock: import what taking batches needs (``trainer.run`` imports torch, ~3 s;
@@ -183,7 +188,7 @@ class Taker:
         start-up) and seconds from there to the last batch (the steady rate)."""
         from trainer.run import Prefetcher
 
-        fetch = Prefetcher(feeder_batches(self.feeder, self.name), 0, batches)
+        fetch = Prefetcher(feeder_batches(self.feeder, self.name, board=self.board), 0, batches)
         rows = nbytes = 0
         t0 = t_warm = time.perf_counter()
         try:
@@ -219,12 +224,13 @@ def loader_alone(store: str, batch_size: int, batches: int, warm: int) -> tuple[
     return t_warm - t0, end - t_warm
 
 
-def ceiling_trial(store: str, n: int, batches: int, batch_size: int, warm: int) -> dict[str, Any]:
-    """One fresh feeder serving ``n`` takers: the slowest taker's start-up (first ``warm`` batches) and
-    steady seconds (the rest), rows and bytes taken, store reads."""
+def ceiling_trial(store: str, n: int, batches: int, batch_size: int, warm: int, board: bool = True) -> dict[str, Any]:
+    """One fresh feeder serving ``n`` takers (asking at its hand-out board, or by Ray calls when ``board``
+    is false): the slowest taker's start-up (first ``warm`` batches) and steady seconds (the rest), rows
+    and bytes taken, store reads."""
     names = [f"t{i}" for i in range(n)]
     feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0)
-    takers = [Taker.remote(name, feeder) for name in names]
+    takers = [Taker.remote(name, feeder, board) for name in names]
     assert all(ray.get([t.ready.remote() for t in takers] + [feeder.warm.remote()]))
     t0 = time.perf_counter()
     taken = ray.get([t.run.remote(batches, warm) for t in takers])
@@ -234,7 +240,8 @@ def ceiling_trial(store: str, n: int, batches: int, batch_size: int, warm: int) 
         ray.kill(actor)
     return {"wall_s": wall, "startup_s": max(t[2] for t in taken), "steady_s": max(t[3] for t in taken),
             "rows_per_taker": taken[0][0], "bytes_per_taker": taken[0][1],
-            "feeder_reads": stats["reads"], "feeder_bytes_read": stats["bytes_read"], "slots": stats["slots"]}
+            "feeder_reads": stats["reads"], "feeder_bytes_read": stats["bytes_read"], "slots": stats["slots"],
+            "board_answers": stats["board_answers"]}
 
 
 def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds: int) -> list[dict[str, Any]]:
@@ -252,11 +259,14 @@ def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds:
         assert kernel_ready(None)  # the scatter kernel: the loader alone streams at its steady rate
         for n in ns:
             alone = [loader_alone(store, batch_size, batches, WARM)]
-            trials, ratios = [], []
+            trials, ratios, by_ray, ray_ratios = [], [], [], []
             for _ in range(rounds):
                 trials.append(ceiling_trial(store, n, batches, batch_size, WARM))
                 alone.append(loader_alone(store, batch_size, batches, WARM))
                 ratios.append(((alone[-1][1] + alone[-2][1]) / 2) / trials[-1]["steady_s"])
+                by_ray.append(ceiling_trial(store, n, batches, batch_size, WARM, board=False))
+                alone.append(loader_alone(store, batch_size, batches, WARM))
+                ray_ratios.append(((alone[-1][1] + alone[-2][1]) / 2) / by_ray[-1]["steady_s"])
             steady = statistics.median(t["steady_s"] for t in trials)
             loader_s = statistics.median(a[1] for a in alone)
             row = {"dtype": dtype, "n_takers": n, "batches": batches, "warm_batches": WARM, "batch_size": batch_size,
@@ -266,15 +276,19 @@ def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds:
                    "feeder_GB_s_per_taker": steady_rows * row_bytes / steady / 1e9,
                    "feeder_GB_s_all_takers": n * steady_rows * row_bytes / steady / 1e9,
                    "ratio_feeder_over_loader": statistics.median(ratios), "ratio_rounds": ratios,
+                   "ratio_by_ray_calls_over_loader": statistics.median(ray_ratios), "ray_ratio_rounds": ray_ratios,
+                   "board_over_ray_calls": statistics.median(b["steady_s"] / t["steady_s"]
+                                                             for t, b in zip(trials, by_ray, strict=True)),
                    "loader_startup_s": statistics.median(a[0] for a in alone),
                    "feeder_startup_s": statistics.median(t["startup_s"] for t in trials),
                    "feeder_wall_s": statistics.median(t["wall_s"] for t in trials),
                    "feeder_slots": max(t["slots"] for t in trials),
                    "feeder_reads": trials[-1]["feeder_reads"], "reads_per_batch": trials[-1]["feeder_reads"] / batches,
+                   "board_answers": trials[-1]["board_answers"], "board_answers_by_ray_calls": by_ray[-1]["board_answers"],
                    "bytes_per_batch_through_feeder": trials[-1]["bytes_per_taker"] / batches}
-            assert all(t["rows_per_taker"] == batches * batch_size for t in trials)
+            assert all(t["rows_per_taker"] == batches * batch_size for t in trials + by_ray)
             out.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "ratio_rounds"}), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if not k.endswith("ratio_rounds")}), flush=True)
         shutil.rmtree(store, ignore_errors=True)
     return out
 

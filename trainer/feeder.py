@@ -17,8 +17,11 @@ holds about ``window`` batches per group); until then they serve restarted train
 starters. ``Feeder.reads()`` reports the counts.
 
 A trainer takes its batches with :func:`feeder_batches` (a :data:`trainer.run.BatchSource`), ``SPAN``
-batches' references per call to the actor: one call per batch per trainer would make the actor's
-round trips, not the store, the feeder's ceiling (``bench/feeder_bench.py``).
+batches' references per request: one request per batch per trainer would make the round trips, not the
+store, the feeder's ceiling (``bench/feeder_bench.py``). A trainer on the feeder's node makes its
+requests at the feeder's hand-out board (:mod:`trainer.handout`: shared memory and a futex, no Ray
+call; the board's pool threads run the same :meth:`FeederCore.get_span`); a trainer elsewhere, or one the
+board cannot answer, makes them as Ray calls.
 
 **How a batch travels.** A feeder running as a Ray actor (on Linux) keeps its loader's window buffers
 in shared memory (:mod:`trainer.batch_slots`): a batch that is a view of one window is handed to the
