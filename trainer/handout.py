@@ -220,15 +220,19 @@ class HandOutBoard:
         return {"board_seats": 0, "board_answers": 0, "board_sent_to_ray": 0}
 
     def close(self) -> None:
-        """Stop answering (a waiting trainer finds out when the feeder's process ends, or asks by Ray call)."""
+        """Stop answering and close the board's file: a trainer waiting for an answer finds the board gone
+        (as if the feeder had died) and asks by Ray call; the memory lives on in the mappings."""
         with self.lock:
+            if self.stopped:
+                return
             self.stopped = True
         _futex_wake(self.mem.addr_bell())
         self.pool.shutdown(wait=False, cancel_futures=True)
+        os.close(self.file[0])
 
 
 class FeederGone(Exception):
-    """The feeder whose board a trainer sits at no longer exists (its process ended)."""
+    """The board a trainer sits at no longer exists (the feeder's process ended, or it closed the board)."""
 
 
 class BoardClient:
@@ -273,7 +277,7 @@ class BoardClient:
         return decode_refs(mem.rows[row, _ANSWER_AT:_ANSWER_AT + size].tobytes())
 
     def alive(self) -> bool:
-        """The board's file still exists in the feeder's process (so the process does)."""
+        """The board's file is still open in the feeder's process (so the process lives and answers)."""
         try:
             return os.stat(self.seat.path).st_ino == self.seat.inode
         except OSError:

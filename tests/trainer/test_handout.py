@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from trainer.batch_slots import SlotRef
-from trainer.handout import ROWS, BoardClient, HandOutBoard, board_supported, decode_refs, encode_refs
+from trainer.handout import ROWS, BoardClient, FeederGone, HandOutBoard, board_supported, decode_refs, encode_refs
 
 pytestmark = pytest.mark.skipif(not board_supported(), reason="the board needs Linux x86-64")
 
@@ -78,6 +78,21 @@ def test_what_the_board_cannot_carry_sends_the_trainer_to_a_ray_call():
         assert board.stats()["board_sent_to_ray"] == 3 and board.stats()["board_answers"] == 0
     finally:
         board.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_trainer_waiting_at_a_closed_board_is_sent_to_ray():
+    """The feeder closes its board while a request waits for an answer: the trainer is told the board
+    is gone (and asks by Ray call), not left waiting."""
+    release = threading.Event()
+    board = HandOutBoard("test", lambda *a: release.wait(30) and [])
+    client = BoardClient(board.seat("t"))
+    client.ask(0, 8, -8)
+    board.close()
+    with pytest.raises(FeederGone):
+        client.answer()
+    release.set()
+    assert not client.alive()
 
 
 def test_seats_run_out_after_ROWS_and_a_closed_board_seats_nobody():
