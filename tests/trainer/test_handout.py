@@ -10,7 +10,15 @@ import pytest
 import torch
 
 from trainer.batch_slots import SlotRef
-from trainer.handout import ROWS, BoardClient, FeederGone, HandOutBoard, board_supported, decode_refs, encode_refs
+from trainer.handout import (
+    ROWS,
+    BoardClient,
+    FeederGone,
+    HandOutBoard,
+    board_supported,
+    decode_refs,
+    encode_refs,
+)
 
 pytestmark = pytest.mark.skipif(not board_supported(), reason="the board needs Linux x86-64")
 
