@@ -328,6 +328,12 @@ class FeederBatches:
         self.reader = SlotReader()
         self.board = self._sit() if board else None
 
+    @property
+    def asks_ahead(self) -> bool:
+        """At the feeder's board, the next span is asked for while the trainer takes this one and a batch
+        is then at hand: :class:`trainer.run.Prefetcher` calls this source directly, without its thread."""
+        return self.board is not None
+
     def _sit(self) -> BoardClient | None:
         """A seat at the feeder's hand-out board, when the feeder is on this node and has one."""
         if self.node is None:

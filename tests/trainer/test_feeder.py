@@ -247,3 +247,35 @@ def test_shared_memory_a_trainer_still_holds_is_not_rewritten(ray_local, tmp_pat
     for b, batch in held.items():
         assert torch.equal(batch.acts, loader.batch(b).acts)
     ray.kill(feeder)
+
+
+def test_a_trainer_at_the_board_takes_its_batches_in_its_own_thread(ray_local, tiny_store):
+    """At the feeder's board the next span is already asked for, so the trainer's prefetcher calls the
+    source in the trainer's own thread (no hand-off); asking by Ray call, it still reads ahead in its
+    thread. The batches are the loader's either way."""
+    import threading
+
+    import ray
+
+    from store.loader import ActivationLoader
+    from trainer.run import Prefetcher
+
+    loader = ActivationLoader(tiny_store, 64, seed=0, columns=("acts", "positions"))
+    feeder = Feeder.remote(tiny_store, 64, 0, 12, ["board", "ray"], 4, 1, 60.0)
+    here = threading.get_ident()
+    for name, board in (("board", True), ("ray", False)):
+        source, threads = feeder_batches(feeder, name, board=board), []
+
+        def spy(b, source=source, threads=threads):
+            threads.append(threading.get_ident())
+            return source(b)
+
+        spy.asks_ahead = source.asks_ahead
+        fetch = Prefetcher(spy, 0, 12)
+        try:
+            assert all(torch.equal(fetch.get(b).acts, loader.batch(b).acts) for b in range(12))
+        finally:
+            fetch.close()
+        assert source.asks_ahead is board
+        assert (set(threads) == {here}) if board else (here not in threads)
+    ray.kill(feeder)
