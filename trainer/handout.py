@@ -52,7 +52,7 @@ import numpy as np
 
 from trainer.batch_slots import SlotRef, _memfd, slots_supported
 
-#: seats per board (a trainer takes one per process; seats are not reused)
+#: seats per board (a trainer takes one each time it starts: a run's retry takes another; seats are not reused)
 ROWS = 256
 #: bytes per seat: a 64-byte header, then the answer (JSON of up to a span of SlotRefs)
 ROW_BYTES = 8192
@@ -166,7 +166,8 @@ class HandOutBoard:
         self.thread.start()
 
     def seat(self, trainer: str) -> Seat | None:
-        """A row for ``trainer`` (one per trainer process), or ``None`` when every row is taken."""
+        """A row for ``trainer`` (one per :class:`trainer.feeder.FeederBatches`: a run's retry takes a new
+        one), or ``None`` when every row is taken."""
         with self.lock:
             if self.stopped or len(self.trainers) >= ROWS:
                 return None

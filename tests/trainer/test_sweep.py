@@ -43,6 +43,8 @@ def test_three_variant_sweep_with_crashes(ray_local, tiny_store, tmp_path):
     reads = next(iter(summary["feeder_reads"].values()))
     assert reads["reads"] == STEPS and reads["rereads"] == 0 and reads["max_reads_per_batch"] == 1
     assert reads["requests"] >= 3 * STEPS  # three trainers, plus re-requests after the crashes
+    # every attempt of every run (3 runs, each crashed once) asked at the feeder's hand-out board, on its node
+    assert reads["board_seats"] == 6 and reads["board_answers"] >= 6 and reads["board_sent_to_ray"] == 0
     rows = {r["name"]: r for r in summary["runs"]}
     assert sorted(rows) == sorted(f"variant-{v}" for v in VARIANTS)
     for variant in VARIANTS:
