@@ -360,7 +360,7 @@ class FeederBatches:
             try:
                 handles = self.board.answer()
             except FeederGone:  # the feeder died: Ray restarts it; ask it by Ray call and sit at its new board
-                handles, self.board = None, None
+                self.board = None
                 got = ray.get(self._ray(b, keep_from))
                 self.board = self._sit()
                 return got
@@ -393,9 +393,10 @@ class FeederBatches:
         return ray.get(handle)
 
     def _drain(self) -> None:
-        """Wait out a request still on the board (its row takes one request at a time)."""
+        """Wait out a request still on the board (its row takes one request at a time); if the board is gone
+        meanwhile, sit at the restarted feeder's."""
         if self.board is not None and self.board.pending:
             try:
                 self.board.answer()
             except FeederGone:
-                pass
+                self.board = self._sit()

@@ -107,8 +107,8 @@ class Prefetcher:
 
     def __init__(self, source: BatchSource, start: int, stop: int, depth: int = 2) -> None:
         self.source, self.next, self.stop, self.depth = source, start, stop, max(1, depth)
-        self.direct = bool(getattr(source, "asks_ahead", False))
-        self.pool = None if self.direct else ThreadPoolExecutor(1, thread_name_prefix="dynsae-prefetch")
+        direct = bool(getattr(source, "asks_ahead", False))
+        self.pool = None if direct else ThreadPoolExecutor(1, thread_name_prefix="dynsae-prefetch")
         self.pending: dict[int, Future] = {}
 
     def get(self, b: int) -> Any:
