@@ -185,7 +185,10 @@ class HandOutBoard:
                 seq = int(mem.u32[row, _REQ])
                 self.served[row] = seq
                 first, count, keep = (int(x) for x in mem.i64[row, _FIRST:_KEEP + 1])
-                self.pool.submit(self._answer, row, seq, first, count, keep)
+                try:
+                    self.pool.submit(self._answer, row, seq, first, count, keep)
+                except RuntimeError:  # closed meanwhile: the trainer finds the board gone and asks by Ray call
+                    return
             if not len(new):
                 _futex_wait(mem.addr_bell(), bell, LIVENESS_S)
 
