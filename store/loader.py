@@ -51,7 +51,7 @@ import threading
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import lru_cache
 
 import numpy as np
@@ -205,6 +205,8 @@ class ActivationLoader:
         self._readers = {c: self.dataset.reader(c) for c in cols}
         self._cache: OrderedDict[WindowKey, _Window] = OrderedDict()
         self._cache_lock = threading.Lock()
+        self._ahead: dict[WindowKey, _Window] = {}  # windows batch() reads ahead of the caller
+        self._last_batch = -1  # the batch of batch()'s last call (from 0: reads ahead)
         self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2)
         self._buffers_made = 0
         self._stops: list[threading.Event] = []
@@ -347,22 +349,51 @@ class ActivationLoader:
 
         The last two windows read stay cached, so consecutive batches read each window once; asked
         for rows it has lent before (which their holder may have modified), a window is read again.
-        Calls are serialised: a window the cache drops has its buffers recycled."""
+        Called in order (``b`` the last call's or one past it), it reads the next ``prefetch`` windows ahead
+        as the stream does (the next one always, further ones into a recycled buffer set only), so a
+        caller that walks the stream — the sweep's feeder — does not wait for a whole window's read at
+        each window's first batch; a jump elsewhere drops what was read ahead. Calls are serialised: a
+        window the cache drops has its buffers recycled."""
         start, stop = self._batch_range(b)
         with self._cache_lock:
+            in_order = 0 <= b - self._last_batch <= 1
+            if not in_order:  # a jump: what was read ahead is not needed; its buffers are free again
+                self._read_ahead(None)
             pieces = []
             for key, lo, hi in self._pieces(start, stop):
-                win = self._cache.pop(key, None)
+                win = self._cache.pop(key, None) or self._ahead.pop(key, None)
                 if win is not None and (lo, hi) in win.lent:
                     self._buffer_pool.retire(win)
                     win = None
-                win = win or self._fetch(key).wait()
+                win = (win or self._fetch(key)).wait()
                 self._cache[key] = win  # most recently used last
                 pieces.append((win, lo, hi))
             batch = self._assemble(pieces)
             while len(self._cache) > 2:
                 self._buffer_pool.retire(self._cache.popitem(last=False)[1])
+            if in_order:
+                self._read_ahead(key)  # the windows after the batch's last one
+            self._last_batch = b
         return batch
+
+    def _read_ahead(self, key: WindowKey | None) -> None:
+        """Have the ``prefetch`` windows after ``key`` read (``None``: none), as :meth:`_produce` does;
+        windows read ahead for another place are dropped once their reads are done (caller holds the
+        cache lock)."""
+        wanted = []
+        for ahead in range(self.prefetch):
+            key = None if key is None else self._next_key(key)
+            if key is None or key in self._cache:
+                continue
+            if key not in self._ahead:
+                if ahead >= 1 and not self._may_read_ahead():
+                    break
+                self._ahead[key] = self._fetch(key)
+            wanted.append(key)
+        for stale in [k for k in self._ahead if k not in wanted]:
+            win = self._ahead.pop(stale)
+            wait([*win.futures])  # its read tasks still write into its buffers
+            self._buffer_pool.retire(win)
 
     # ---- streaming ----------------------------------------------------------------------------
     def _may_read_ahead(self) -> bool:
@@ -456,6 +487,7 @@ class ActivationLoader:
             stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._cache.clear()
+        self._ahead.clear()
         self._buffer_pool.clear()
 
     def __enter__(self) -> ActivationLoader:

@@ -36,6 +36,7 @@ step may still hold), and a trainer that is done holds nothing.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 import warnings
@@ -47,6 +48,7 @@ from typing import Any
 import ray
 
 from store.batch import Batch
+from store.dataset import open_dataset
 from store.loader import ActivationLoader
 from trainer.batch_slots import BatchSlots, SlotReader, SlotRef, slot_bytes, slots_supported
 from trainer.config import BATCH_COLUMNS
@@ -88,7 +90,13 @@ class FeederCore:
         self.node = context.get_node_id() if context is not None else None
         in_actor = context is not None and context.get_actor_id() is not None
         self.slots = BatchSlots() if in_actor and slots_supported() else None
-        self.loader = ActivationLoader(dataset, batch_size, split="train", seed=data_seed,
+        # the stream ends with the epoch of the last batch, so the loader's read-ahead (batch() called in
+        # order reads the next windows) fetches no window past it
+        stored = open_dataset(dataset, storage_options=storage_options)
+        with ActivationLoader(stored, batch_size, split="train") as plan:
+            rows = plan.rows_per_epoch
+        self.loader = ActivationLoader(stored, batch_size, split="train", seed=data_seed,
+                                       epochs=max(1, math.ceil(total_batches * batch_size / rows)),
                                        columns=BATCH_COLUMNS, storage_options=storage_options,
                                        allocator=None if self.slots is None else self.slots.allocate)
         self.total = total_batches

@@ -211,6 +211,35 @@ def test_batch_b_is_a_pure_function_and_streams_resume(ds_url):
     b.close()
 
 
+def test_batch_called_in_order_reads_the_next_windows_ahead_and_a_jump_drops_them(ds_url):
+    """The sweep's feeder walks the stream with batch(b): the next `prefetch` windows are read while it
+    hands out this one (not at their first batch); a jump elsewhere drops them, and every batch, in order,
+    after a jump and across window-buffer reuse, is still the streamed one."""
+    kw = dict(batch_size=37, split="train", seed=11, window_chunks=3, columns=("acts", "token_ids"))
+    streamed = []
+    with ActivationLoader(ds_url, **kw) as a:
+        for i, batch in enumerate(a):  # endless: crosses epoch boundaries
+            streamed.append(batch.token_ids.clone())
+            if i == 60:
+                break
+    loader = ActivationLoader(ds_url, prefetch=2, **kw)
+    last_key = loader._pieces(0, 37)[-1][0]
+    loader.batch(0)
+    assert list(loader._ahead) == [loader._next_key(last_key), loader._next_key(loader._next_key(last_key))]
+    for b in range(1, 45):  # in order: each window's first batch is taken from the windows read ahead
+        assert torch.equal(loader.batch(b).token_ids, streamed[b])
+        assert len(loader._ahead) >= 1
+    assert torch.equal(loader.batch(44).token_ids, streamed[44])  # the same batch again: no jump
+    assert loader._ahead
+    assert torch.equal(loader.batch(7).token_ids, streamed[7])  # a jump back: nothing read ahead
+    assert not loader._ahead
+    for b in range(8, 61):
+        assert torch.equal(loader.batch(b).token_ids, streamed[b])
+    # sets in use: two cached windows, the next one read ahead, a fourth only when one is free
+    assert loader._buffers_made <= loader.prefetch + 2
+    loader.close()
+
+
 def test_seed_changes_order_but_not_content(ds_url):
     kw = dict(batch_size=64, split="all", window_chunks=4, epochs=1, columns="token_ids")
     t1 = token_stream(ActivationLoader(ds_url, seed=1, **kw))
