@@ -27,13 +27,15 @@ warmed up before the clock starts). Results: ``bench/results/feeder.json``.
 that do nothing but take batches, as a sweep's trainer takes them: :func:`trainer.feeder.feeder_batches`
 through the :class:`trainer.run.Prefetcher`; their imports done before the clock, and the feeder's
 scatter kernel loaded, as the loader alone's is in the bench's process) each take the same
-4 epochs of batches (B = 4,096, d = 768, acts + positions) of a float16 and of a float32 dataset from
+``EPOCHS`` = 12 epochs of batches (B = 4,096, d = 768, acts + positions; 384 batches) of a float16 and of a float32 dataset from
 one fresh feeder, against **one loader alone** (``iter_batches`` of the same batches and columns in
 the bench's process, no Ray), in paired rounds (loader, feeder, loader, ...; each round's feeder rate
 against the mean of the loader runs around it). The rate is the *steady* one, past the first
-``WARM`` = 32 batches (two feeder windows) of each side: a sweep's feeder lives for its thousands of
-batches, so its process start-up (the first touch of its window buffers and batch slots) is
-reported apart (``*_startup_s``), not averaged into a 128-batch stream. Reported
+``WARM`` = 128 batches (4 epochs, 8 feeder windows) of each side: a sweep's feeder lives for its thousands
+of batches, so its process start-up (the first touch of every window-buffer set and batch slot it makes,
+which on this VM costs more than reading the same bytes) is reported apart (``*_startup_s``), not
+averaged into the steady rate. (Until 2026-12-07 17:00 UTC: 4 epochs, ``WARM`` = 32; the feeder's loader
+then made its last buffer set inside the timed part once it read windows ahead.) Reported
 per dtype and N: rows/s and GB/s (stored bytes) per taker (the slowest one) and for all takers, the
 ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads per
 batch (1), its batch slots, and the bytes of a batch through the feeder (half for float16). The takers
@@ -43,7 +45,15 @@ every trainer asked before the board, and how a trainer on another node asks), r
 ``ratio_by_ray_calls_over_loader`` and ``board_over_ray_calls`` (Ray-call steady time / board steady
 time, median of rounds: > 1 means the board is faster).
 
-Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024] [--parts sharing ceiling]``.
+**Paced** (``--parts paced``): the ceiling's takers, data and stream, but each taker takes a step of
+``--step-ms`` (default 3.2 ms: the H100 step bench/README predicts for M = 24,576, B = 4,096) after each
+batch that uses none of this box's CPU (a sleep: a GPU trainer's host waits on its device), fed by one
+feeder at its board; the baseline is the same takers' same steps with no batch to take, in the same trial.
+``paced_ratio`` = steps alone / fed (steady part, slowest taker, median of rounds): 1.0 means the feeder
+never kept a GPU-speed trainer waiting. Unlike the ceiling, this leaves the box's two cores to the feeder
+and the hand-out, as a GPU node's cores would be.
+
+Run: ``.venv/bin/python bench/feeder_bench.py [--rows 65536 --d 256 --batch 1024] [--parts sharing ceiling paced]``.
 """
 
 from __future__ import annotations
@@ -67,9 +77,10 @@ from store.scatter import kernel_ready
 from trainer.feeder import FeederCore, feeder_batches
 
 RESULTS = Path(__file__).resolve().parent / "results" / "feeder.json"
-#: the ceiling's stream: EPOCHS epochs of the dataset; the first WARM batches (two feeder windows) are
-#: a fresh process's start-up, timed apart from the steady rate
-EPOCHS, WARM = 4, 32
+#: the ceiling's and the paced part's stream: EPOCHS epochs of the dataset; the first WARM batches (4 epochs,
+#: 8 feeder windows: a fresh process's start-up, the first touch of every window-buffer set it makes) are
+#: timed apart from the steady rate
+EPOCHS, WARM = 12, 128
 
 
 _BYTES = [0]
@@ -183,9 +194,10 @@ class Taker:
 
         return True
 
-    def run(self, batches: int, warm: int) -> tuple[int, int, float, float]:
+    def run(self, batches: int, warm: int, step_s: float = 0.0) -> tuple[int, int, float, float]:
         """(rows, bytes) of batches 0..batches-1, seconds to take the first ``warm`` batches (the feeder's
-        start-up) and seconds from there to the last batch (the steady rate)."""
+        start-up) and seconds from there to the last batch (the steady rate). ``step_s`` > 0: a step of that
+        long after each batch that takes none of this box's CPU (a sleep: a GPU step's stand-in)."""
         from trainer.run import Prefetcher
 
         fetch = Prefetcher(feeder_batches(self.feeder, self.name, board=self.board), 0, batches)
@@ -197,10 +209,25 @@ class Taker:
                     t_warm = time.perf_counter()
                 batch = fetch.get(b)
                 rows, nbytes = rows + batch.rows, nbytes + batch.nbytes
+                gpu_step(step_s)
         finally:
             fetch.close()
         end = time.perf_counter()
         return rows, nbytes, t_warm - t0, end - t_warm
+
+    def steps_alone(self, batches: int, warm: int, step_s: float) -> float:
+        """Seconds of ``batches − warm`` steps of ``step_s`` with no batch to take: the floor of a paced run."""
+        t0 = time.perf_counter()
+        for _ in range(batches - warm):
+            gpu_step(step_s)
+        return time.perf_counter() - t0
+
+
+def gpu_step(step_s: float) -> None:
+    """A training step that takes ``step_s`` seconds and none of this box's CPU: a GPU step's stand-in (the
+    host waits on the device); nothing when ``step_s`` is 0."""
+    if step_s > 0:
+        time.sleep(step_s)
 
 
 def loader_alone(store: str, batch_size: int, batches: int, warm: int) -> tuple[float, float]:
@@ -224,22 +251,25 @@ def loader_alone(store: str, batch_size: int, batches: int, warm: int) -> tuple[
     return t_warm - t0, end - t_warm
 
 
-def ceiling_trial(store: str, n: int, batches: int, batch_size: int, warm: int, board: bool = True) -> dict[str, Any]:
+def ceiling_trial(store: str, n: int, batches: int, batch_size: int, warm: int, board: bool = True,
+                  step_s: float = 0.0) -> dict[str, Any]:
     """One fresh feeder serving ``n`` takers (asking at its hand-out board, or by Ray calls when ``board``
-    is false): the slowest taker's start-up (first ``warm`` batches) and steady seconds (the rest), rows
-    and bytes taken, store reads."""
+    is false; each taking a step of ``step_s`` after each batch, see :func:`gpu_step`): the slowest taker's
+    start-up (first ``warm`` batches) and steady seconds (the rest), rows and bytes taken, store reads, and
+    (``step_s`` > 0) the slowest taker's steady seconds for the same steps with no batch to take."""
     names = [f"t{i}" for i in range(n)]
     feeder = BenchFeeder.remote(store, batch_size, 0, batches, names, 16, 2, 60.0)
     takers = [Taker.remote(name, feeder, board) for name in names]
     assert all(ray.get([t.ready.remote() for t in takers] + [feeder.warm.remote()]))
+    alone = max(ray.get([t.steps_alone.remote(batches, warm, step_s) for t in takers])) if step_s > 0 else 0.0
     t0 = time.perf_counter()
-    taken = ray.get([t.run.remote(batches, warm) for t in takers])
+    taken = ray.get([t.run.remote(batches, warm, step_s) for t in takers])
     wall = time.perf_counter() - t0
     stats = ray.get(feeder.reads.remote())
     for actor in takers + [feeder]:
         ray.kill(actor)
     return {"wall_s": wall, "startup_s": max(t[2] for t in taken), "steady_s": max(t[3] for t in taken),
-            "rows_per_taker": taken[0][0], "bytes_per_taker": taken[0][1],
+            "steps_alone_s": alone, "rows_per_taker": taken[0][0], "bytes_per_taker": taken[0][1],
             "feeder_reads": stats["reads"], "feeder_bytes_read": stats["bytes_read"], "slots": stats["slots"],
             "board_answers": stats["board_answers"]}
 
@@ -287,6 +317,34 @@ def ceiling(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds:
                    "board_answers": trials[-1]["board_answers"], "board_answers_by_ray_calls": by_ray[-1]["board_answers"],
                    "bytes_per_batch_through_feeder": trials[-1]["bytes_per_taker"] / batches}
             assert all(t["rows_per_taker"] == batches * batch_size for t in trials + by_ray)
+            out.append(row)
+            print(json.dumps({k: v for k, v in row.items() if not k.endswith("ratio_rounds")}), flush=True)
+        shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def paced(tmp: str, rows: int, d: int, batch_size: int, ns: list[int], rounds: int, step_s: float) -> list[dict[str, Any]]:
+    """Per stored dtype and N: N takers that take a step of ``step_s`` after each batch that uses none of this
+    box's CPU (:func:`gpu_step`: GPU trainers' stand-ins), fed by one feeder (at its board), against the
+    same steps with no batch to take (baseline, in the same trial): ``paced_ratio`` = steps alone / fed,
+    steady part, slowest taker, median of rounds (1.0: the feeder never keeps a GPU trainer waiting)."""
+    out = []
+    for dtype in ("float16", "float32"):
+        store = make_bench_store(os.path.join(tmp, f"paced-{dtype}"), rows, d, dtype)
+        batches = EPOCHS * rows // batch_size
+        steady_rows = (batches - WARM) * batch_size
+        loader_alone(store, batch_size, batches, WARM)  # page cache
+        for n in ns:
+            trials = [ceiling_trial(store, n, batches, batch_size, WARM, step_s=step_s) for _ in range(rounds)]
+            ratios = [t["steps_alone_s"] / t["steady_s"] for t in trials]
+            steady = statistics.median(t["steady_s"] for t in trials)
+            row = {"dtype": dtype, "n_takers": n, "step_ms": 1e3 * step_s, "batches": batches, "warm_batches": WARM,
+                   "batch_size": batch_size, "d": d, "rounds": rounds,
+                   "step_rows_s": batch_size / step_s, "fed_rows_s_per_taker": steady_rows / steady,
+                   "steps_alone_s": statistics.median(t["steps_alone_s"] for t in trials), "fed_steady_s": steady,
+                   "paced_ratio": statistics.median(ratios), "paced_ratio_rounds": ratios,
+                   "reads_per_batch": trials[-1]["feeder_reads"] / batches}
+            assert all(t["rows_per_taker"] == batches * batch_size for t in trials)
             out.append(row)
             print(json.dumps({k: v for k, v in row.items() if not k.endswith("ratio_rounds")}), flush=True)
         shutil.rmtree(store, ignore_errors=True)
@@ -346,11 +404,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--m", type=int, default=1024)
     parser.add_argument("--ns", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--rounds", type=int, default=5, help="paired rounds per N (median reported)")
-    parser.add_argument("--parts", nargs="+", choices=["sharing", "ceiling"], default=["sharing", "ceiling"])
+    parser.add_argument("--parts", nargs="+", choices=["sharing", "ceiling", "paced"],
+                        default=["sharing", "ceiling", "paced"])
     parser.add_argument("--ceiling-rows", type=int, default=131072)
     parser.add_argument("--ceiling-d", type=int, default=768)
     parser.add_argument("--ceiling-batch", type=int, default=4096)
     parser.add_argument("--ceiling-rounds", type=int, default=3)
+    parser.add_argument("--step-ms", type=float, default=3.2,
+                        help="the paced takers' step (default: an H100's sparse step at M = 24,576, B = 4,096)")
     args = parser.parse_args(argv)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     tmp = tempfile.mkdtemp(prefix="fbench", dir="/tmp")
@@ -361,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = batches * args.batch * (args.d * 4 + 8)  # acts float32 + positions int64 per row (logical)
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(tmp, "ray"), log_to_driver=False,
              _node_ip_address="127.0.0.1")
-    results, ceilings = [], []
+    results, ceilings, paced_rows = [], [], []
     try:
         for n in args.ns if "sharing" in args.parts else []:
             rounds: list[dict[str, Any]] = []
@@ -390,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
         if "ceiling" in args.parts:
             ceilings = ceiling(tmp, args.ceiling_rows, args.ceiling_d, args.ceiling_batch, args.ns, args.ceiling_rounds)
+        if "paced" in args.parts:
+            paced_rows = paced(tmp, args.ceiling_rows, args.ceiling_d, args.ceiling_batch, args.ns,
+                               args.ceiling_rounds, args.step_ms / 1e3)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -397,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results = results if "sharing" in args.parts else old.get("results", [])  # a partial run keeps the rest
     ceilings = ceilings if "ceiling" in args.parts else old.get("ceiling", [])
+    paced_rows = paced_rows if "paced" in args.parts else old.get("paced", [])
     RESULTS.write_text(json.dumps({"bench": "feeder", "baseline": "independent loaders (one per trainer)",
                                    "ratio": "wall_ratio_feeder_over_independent: feeder wall / independent "
                                             "wall, median of paired rounds (<= 1.0: the feeder is not slower)",
@@ -404,7 +469,9 @@ def main(argv: list[str] | None = None) -> int:
                                    "torch_threads": 1, "cpus": 2, "results": results,
                                    "ceiling_baseline": "one ActivationLoader alone (iter_batches, the feeder's "
                                                        "columns), no Ray, paired rounds",
-                                   "ceiling": ceilings, "loadavg": os.getloadavg()}, indent=2) + "\n")
+                                   "ceiling": ceilings,
+                                   "paced_baseline": "the same takers' steps with no batch to take, same trial",
+                                   "paced": paced_rows, "loadavg": os.getloadavg()}, indent=2) + "\n")
     return 0
 
 

@@ -34,9 +34,11 @@ storage a task reads one shard's chunks of the window with one ranged GET per ru
 lie back to back (a shard mostly inside the window whose index is not cached yet is fetched whole,
 index included, in one GET). The next ``prefetch`` windows are submitted before the current one is
 consumed, and batches are assembled by a background thread into a small queue, so the consumer
-only waits when I/O is really the bottleneck. Memory ≈ (prefetch + 1) × window_chunks ×
-chunk_rows × d × itemsize for a consumer that lets go of its batches (window buffers are recycled:
-a window two or more ahead waits for the passed window's buffers), more for one that keeps them.
+only waits when I/O is really the bottleneck (``batch(b)`` called in order reads ahead the same way).
+Memory ≈ (prefetch + 1) × window_chunks × chunk_rows × d × itemsize for a consumer that lets go of its
+batches (window buffers are recycled: a window two or more ahead waits for the passed window's
+buffers; ``batch(b)`` in order: up to (prefetch + 2) sets, the two cached windows, the next and one more
+in a recycled set), more for one that keeps them.
 ``allocator(shape, dtype)`` (default: an aligned ``np.empty``) makes the window buffers: the sweep's
 feeder puts them in shared memory, so the batches it hands its node's trainers are these very bytes
 (``trainer.batch_slots``).

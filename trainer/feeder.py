@@ -2,7 +2,8 @@
 
 One :class:`Feeder` actor per batch stream (dataset, batch_size, data_seed — one per dataset in a
 normal sweep) reads batch ``b`` with ``ActivationLoader.batch(b)`` (acts + positions, so each trainer
-applies its own row filter), ``ray.put``s the :class:`store.batch.Batch` as the loader gave it (the
+applies its own row filter; called in order, the loader reads the next windows ahead, so trainers do not
+wait for a whole window's read at each window's first batch), ``ray.put``s the :class:`store.batch.Batch` as the loader gave it (the
 stored dtypes: a float16 dataset crosses the object store at half the bytes of float32; the trainer
 casts on its device) and hands every trainer that asks the same ObjectRef.
 
