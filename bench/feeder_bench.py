@@ -34,7 +34,7 @@ against the mean of the loader runs around it). The rate is the *steady* one, pa
 ``WARM`` = 128 batches (4 epochs, 8 feeder windows) of each side: a sweep's feeder lives for its thousands
 of batches, so its process start-up (the first touch of every window-buffer set and batch slot it makes,
 which on this VM costs more than reading the same bytes) is reported apart (``*_startup_s``), not
-averaged into the steady rate. (Until 2026-12-07 17:00 UTC: 4 epochs, ``WARM`` = 32; the feeder's loader
+averaged into the steady rate. (Until 2026-12-07 16:50 UTC: 4 epochs, ``WARM`` = 32; the feeder's loader
 then made its last buffer set inside the timed part once it read windows ahead.) Reported
 per dtype and N: rows/s and GB/s (stored bytes) per taker (the slowest one) and for all takers, the
 ratio feeder rate / loader rate (median of rounds; goal ≥ 0.8 at N = 8), the feeder's store reads per
