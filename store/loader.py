@@ -37,8 +37,8 @@ consumed, and batches are assembled by a background thread into a small queue, s
 only waits when I/O is really the bottleneck (``batch(b)`` called in order reads ahead the same way).
 Memory ≈ (prefetch + 1) × window_chunks × chunk_rows × d × itemsize for a consumer that lets go of its
 batches (window buffers are recycled: a window two or more ahead waits for the passed window's
-buffers; ``batch(b)`` in order: up to (prefetch + 2) sets, the two cached windows, the next and one more
-in a recycled set), more for one that keeps them.
+buffers; ``batch(b)`` walking one place in order: 3 sets, the two cached windows and the next), more for
+one that keeps them.
 ``allocator(shape, dtype)`` (default: an aligned ``np.empty``) makes the window buffers: the sweep's
 feeder puts them in shared memory, so the batches it hands its node's trainers are these very bytes
 (``trainer.batch_slots``).
@@ -208,7 +208,7 @@ class ActivationLoader:
         self._cache: OrderedDict[WindowKey, _Window] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._ahead: dict[WindowKey, _Window] = {}  # windows batch() reads ahead of the caller
-        self._last_batch = -1  # the batch of batch()'s last call (from 0: reads ahead)
+        self._recent: deque[int] = deque([-1], maxlen=4)  # batch()'s last calls' batches (from 0: reads ahead)
         self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2)
         self._buffers_made = 0
         self._stops: list[threading.Event] = []
@@ -351,16 +351,15 @@ class ActivationLoader:
 
         The last two windows read stay cached, so consecutive batches read each window once; asked
         for rows it has lent before (which their holder may have modified), a window is read again.
-        Called in order (``b`` the last call's or one past it), it reads the next ``prefetch`` windows ahead
-        as the stream does (the next one always, further ones into a recycled buffer set only), so a
-        caller that walks the stream — the sweep's feeder — does not wait for a whole window's read at
-        each window's first batch; a jump elsewhere drops what was read ahead. Calls are serialised: a
-        window the cache drops has its buffers recycled."""
+        Called in order (``b`` one of the last few calls' or one past it) with ``prefetch`` ≥ 1, it reads
+        the next window ahead, so a caller that walks the stream — the sweep's feeder — does not wait
+        for a whole window's read at each window's first batch. At most ``prefetch`` windows are held
+        read ahead, the oldest one the current walk does not want going first, so a caller that walks
+        up to ``prefetch`` places in turn (a feeder serving several cursor groups) keeps each one's.
+        Calls are serialised: a window the cache drops has its buffers recycled."""
         start, stop = self._batch_range(b)
         with self._cache_lock:
-            in_order = 0 <= b - self._last_batch <= 1
-            if not in_order:  # a jump: what was read ahead is not needed; its buffers are free again
-                self._read_ahead(None)
+            in_order = b in self._recent or b - 1 in self._recent
             pieces = []
             for key, lo, hi in self._pieces(start, stop):
                 win = self._cache.pop(key, None) or self._ahead.pop(key, None)
@@ -375,24 +374,16 @@ class ActivationLoader:
                 self._buffer_pool.retire(self._cache.popitem(last=False)[1])
             if in_order:
                 self._read_ahead(key)  # the windows after the batch's last one
-            self._last_batch = b
+            self._recent.append(b)
         return batch
 
-    def _read_ahead(self, key: WindowKey | None) -> None:
-        """Have the ``prefetch`` windows after ``key`` read (``None``: none), as :meth:`_produce` does;
-        windows read ahead for another place are dropped once their reads are done (caller holds the
-        cache lock)."""
-        wanted = []
-        for ahead in range(self.prefetch):
-            key = None if key is None else self._next_key(key)
-            if key is None or key in self._cache:
-                continue
-            if key not in self._ahead:
-                if ahead >= 1 and not self._may_read_ahead():
-                    break
-                self._ahead[key] = self._fetch(key)
-            wanted.append(key)
-        for stale in [k for k in self._ahead if k not in wanted]:
+    def _read_ahead(self, key: WindowKey) -> None:
+        """Have the window after ``key`` read ahead; then drop the oldest windows read ahead that it is not,
+        down to ``prefetch`` (caller holds the cache lock)."""
+        nxt = self._next_key(key) if self.prefetch else None
+        if nxt is not None and nxt not in self._cache and nxt not in self._ahead:
+            self._ahead[nxt] = self._fetch(nxt)
+        for stale in [k for k in self._ahead if k != nxt][:max(0, len(self._ahead) - self.prefetch)]:
             win = self._ahead.pop(stale)
             wait([*win.futures])  # its read tasks still write into its buffers
             self._buffer_pool.retire(win)

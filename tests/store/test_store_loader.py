@@ -211,10 +211,10 @@ def test_batch_b_is_a_pure_function_and_streams_resume(ds_url):
     b.close()
 
 
-def test_batch_called_in_order_reads_the_next_windows_ahead_and_a_jump_drops_them(ds_url):
-    """The sweep's feeder walks the stream with batch(b): the next `prefetch` windows are read while it
-    hands out this one (not at their first batch); a jump elsewhere drops them, and every batch, in order,
-    after a jump and across window-buffer reuse, is still the streamed one."""
+def test_batch_called_in_order_reads_the_next_windows_ahead(ds_url):
+    """The sweep's feeder walks the stream with batch(b): the next window is read while it hands out this
+    one (not at its first batch), and every batch, in order, after a jump and across window-buffer reuse,
+    is still the streamed one."""
     kw = dict(batch_size=37, split="train", seed=11, window_chunks=3, columns=("acts", "token_ids"))
     streamed = []
     with ActivationLoader(ds_url, **kw) as a:
@@ -225,19 +225,43 @@ def test_batch_called_in_order_reads_the_next_windows_ahead_and_a_jump_drops_the
     loader = ActivationLoader(ds_url, prefetch=2, **kw)
     last_key = loader._pieces(0, 37)[-1][0]
     loader.batch(0)
-    assert list(loader._ahead) == [loader._next_key(last_key), loader._next_key(loader._next_key(last_key))]
-    for b in range(1, 45):  # in order: each window's first batch is taken from the windows read ahead
+    assert list(loader._ahead) == [loader._next_key(last_key)]
+    for b in range(1, 45):  # in order: each window's first batch is taken from the window read ahead
         assert torch.equal(loader.batch(b).token_ids, streamed[b])
-        assert len(loader._ahead) >= 1
-    assert torch.equal(loader.batch(44).token_ids, streamed[44])  # the same batch again: no jump
-    assert loader._ahead
-    assert torch.equal(loader.batch(7).token_ids, streamed[7])  # a jump back: nothing read ahead
-    assert not loader._ahead
-    for b in range(8, 61):
+        assert len(loader._ahead) == 1
+    ahead = list(loader._ahead)
+    assert torch.equal(loader.batch(44).token_ids, streamed[44])  # the same batch again: no change
+    assert torch.equal(loader.batch(7).token_ids, streamed[7])  # a jump: nothing read ahead for it
+    assert list(loader._ahead) == ahead
+    for b in range(8, 61):  # walking from there reads ahead for it; the other place's window goes
         assert torch.equal(loader.batch(b).token_ids, streamed[b])
-    # sets in use: two cached windows, the next one read ahead, a fourth only when one is free
-    assert loader._buffers_made <= loader.prefetch + 2
+        assert len(loader._ahead) <= loader.prefetch
+    assert not set(ahead) & set(loader._ahead)
+    # sets: two cached windows and the one read ahead (the other place's, and the jump: two more)
+    assert loader._buffers_made <= 5
     loader.close()
+
+
+def test_batch_walking_two_places_in_turn_reads_each_window_once(ds_url):
+    """A feeder serving two cursor groups far apart calls batch(b) at two places in turn: each place's
+    windows read ahead are kept for it, so read-ahead costs no window read more than reading on demand."""
+    kw = dict(batch_size=32, split="all", seed=3, window_chunks=4, columns=("acts", "token_ids"))
+    walk = [b for i in range(14) for b in (i, 30 + i)]  # each place in order, the other one between
+
+    def fetches(prefetch: int) -> list:
+        loader = ActivationLoader(ds_url, prefetch=prefetch, **kw)
+        fetched, fetch = [], loader._fetch
+        loader._fetch = lambda key: fetched.append(key) or fetch(key)
+        got = [loader.batch(b).token_ids for b in walk]
+        loader.close()
+        return fetched, got
+
+    on_demand, want = fetches(0)
+    read_ahead, got = fetches(2)
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    # at most the window read ahead past each place's last batch is extra
+    assert len(read_ahead) <= len(on_demand) + 2
+    assert len(read_ahead) - len(set(read_ahead)) <= len(on_demand) - len(set(on_demand))
 
 
 def test_seed_changes_order_but_not_content(ds_url):
