@@ -38,6 +38,7 @@ step may still hold), and a trainer that is done holds nothing.
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 import warnings
@@ -393,13 +394,24 @@ class FeederBatches:
         if isinstance(handle, SlotRef):
             try:
                 return self.reader.batch(handle)
-            except OSError as err:  # the feeder's memory cannot be opened here: take ObjectRefs instead
+            except OSError as err:
+                if isinstance(err, FileNotFoundError) and not os.path.exists(f"/proc/{handle.pid}"):
+                    return self._from_restarted_feeder(b)
+                # the feeder's memory cannot be opened here: take ObjectRefs instead
                 warnings.warn(f"trainer {self.trainer}: cannot open the feeder's batch slots ({err}); taking "
                               "batches through Ray's object store instead.", RuntimeWarning, stacklevel=2)
                 self._drain()
                 self.node, self.held, self.next, self.board = None, {}, None, None
                 handle = ray.get(self.feeder.get.remote(b, self.trainer, None))
         return ray.get(handle)
+
+    def _from_restarted_feeder(self, b: int) -> Batch:
+        """Batch ``b`` when the feeder answered, then died before this trainer mapped the file it pointed
+        into: ask the feeder Ray restarts (by Ray call, which waits for the restart) and sit at its board."""
+        self.held, self.next, self.board = {}, None, None
+        self.held = dict(enumerate(ray.get(self._ray(b, b - HOLD)), start=b))
+        self.board = self._sit()
+        return self(b)
 
     def _drain(self) -> None:
         """Wait out a request still on the board (its row takes one request at a time); if the board is gone

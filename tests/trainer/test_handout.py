@@ -4,7 +4,10 @@ board cannot answer (no seat, an answer that is not shared memory, a failed requ
 
 from __future__ import annotations
 
+import os
 import threading
+import time
+import warnings
 
 import pytest
 import torch
@@ -141,4 +144,32 @@ def test_a_trainer_whose_feeder_dies_takes_its_batches_from_the_restarted_feeder
     assert take.board is not None and take.board is not first_board and take.board.seat.pid != old_pid
     stats = ray.get(feeder.reads.remote())
     assert stats["board_seats"] == 1 and stats["board_answers"] >= 1
+    ray.kill(feeder)
+
+
+@pytest.mark.timeout(120)
+def test_a_trainer_whose_feeder_died_after_answering_asks_the_restarted_one(ray_local, tiny_store):
+    """The feeder answers a span, then dies before the trainer has opened the memory the answer points
+    into: the trainer asks the feeder Ray restarted and sits at its board (it does not give up on shared
+    memory for good, as it must when its sandbox cannot open the files)."""
+    import ray
+
+    from store.loader import ActivationLoader
+    from trainer.batch_slots import SlotReader
+    from trainer.feeder import Feeder, feeder_batches
+
+    loader = ActivationLoader(tiny_store, 64, seed=0, columns=("acts", "positions"))
+    feeder = Feeder.options(max_restarts=-1, max_task_retries=-1).remote(tiny_store, 64, 0, 32, ["t"], 4, 1, 60.0)
+    take = feeder_batches(feeder, "t")
+    assert torch.equal(take(0).acts, loader.batch(0).acts)
+    old_pid = take.board.seat.pid
+    take.reader = SlotReader()  # batches 1..7 are answered; none of the files they lie in is open here
+    ray.kill(feeder, no_restart=False)
+    while os.path.exists(f"/proc/{old_pid}"):  # the old process is gone (the test's timeout bounds it)
+        time.sleep(0.05)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "cannot open the feeder's batch slots": that is for sandboxes
+        for b in range(1, 24):
+            assert torch.equal(take(b).acts, loader.batch(b).acts)
+    assert take.board is not None and take.board.seat.pid != old_pid and take.node is not None
     ray.kill(feeder)
