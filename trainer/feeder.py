@@ -38,7 +38,6 @@ step may still hold), and a trainer that is done holds nothing.
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 import warnings
@@ -337,6 +336,7 @@ class FeederBatches:
         self.node: str | None = ray.get_runtime_context().get_node_id()  # None: ObjectRefs from now on
         self.reader = SlotReader()
         self.board = self._sit() if board else None
+        self.reasked_pid: int | None = None  # a feeder process whose missing file made this trainer ask again
 
     @property
     def asks_ahead(self) -> bool:
@@ -395,8 +395,8 @@ class FeederBatches:
             try:
                 return self.reader.batch(handle)
             except OSError as err:
-                if isinstance(err, FileNotFoundError) and not os.path.exists(f"/proc/{handle.pid}"):
-                    return self._from_restarted_feeder(b)
+                if isinstance(err, FileNotFoundError) and handle.pid != self.reasked_pid:
+                    return self._from_restarted_feeder(b, handle.pid)
                 # the feeder's memory cannot be opened here: take ObjectRefs instead
                 warnings.warn(f"trainer {self.trainer}: cannot open the feeder's batch slots ({err}); taking "
                               "batches through Ray's object store instead.", RuntimeWarning, stacklevel=2)
@@ -405,9 +405,12 @@ class FeederBatches:
                 handle = ray.get(self.feeder.get.remote(b, self.trainer, None))
         return ray.get(handle)
 
-    def _from_restarted_feeder(self, b: int) -> Batch:
-        """Batch ``b`` when the feeder answered, then died before this trainer mapped the file it pointed
-        into: ask the feeder Ray restarts (by Ray call, which waits for the restart) and sit at its board."""
+    def _from_restarted_feeder(self, b: int, pid: int) -> Batch:
+        """Batch ``b`` when a file that feeder process ``pid`` answered with is gone: the feeder died after
+        answering, before this trainer opened it (its process may still be exiting). Ask again by Ray call,
+        which Ray hands to the restarted feeder, and sit at its board; a file of that same process missing
+        again is not a death (the caller then takes ObjectRefs, as when files cannot be opened)."""
+        self.reasked_pid = pid
         self.held, self.next, self.board = {}, None, None
         self.held = dict(enumerate(ray.get(self._ray(b, b - HOLD)), start=b))
         self.board = self._sit()
