@@ -373,7 +373,7 @@ class ActivationLoader:
             while len(self._cache) > 2:
                 self._buffer_pool.retire(self._cache.popitem(last=False)[1])
             if in_order:
-                self._read_ahead(key)  # the windows after the batch's last one
+                self._read_ahead(key)  # the window after the batch's last one
             self._recent.append(b)
         return batch
 

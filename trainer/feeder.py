@@ -2,9 +2,9 @@
 
 One :class:`Feeder` actor per batch stream (dataset, batch_size, data_seed — one per dataset in a
 normal sweep) reads batch ``b`` with ``ActivationLoader.batch(b)`` (acts + positions, so each trainer
-applies its own row filter; called in order, the loader reads the next windows ahead, so trainers do not
-wait for a whole window's read at each window's first batch), ``ray.put``s the :class:`store.batch.Batch` as the loader gave it (the
-stored dtypes: a float16 dataset crosses the object store at half the bytes of float32; the trainer
+applies its own row filter; called in order, the loader reads the next window ahead, so trainers do not
+wait for a whole window's read at each window's first batch), ``ray.put``s the :class:`store.batch.Batch`
+as the loader gave it (the stored dtypes: a float16 dataset crosses the object store at half the bytes of float32; the trainer
 casts on its device) and hands every trainer that asks the same ObjectRef.
 
 Trainers whose cursors (next batch) lie within ``window`` batches of each other form a *cursor
@@ -92,7 +92,7 @@ class FeederCore:
         in_actor = context is not None and context.get_actor_id() is not None
         self.slots = BatchSlots() if in_actor and slots_supported() else None
         # the stream ends with the epoch of the last batch, so the loader's read-ahead (batch() called in
-        # order reads the next windows) fetches no window past it
+        # order reads the next window) fetches no window past it
         stored = open_dataset(dataset, storage_options=storage_options)
         with ActivationLoader(stored, batch_size, split="train") as plan:
             rows = plan.rows_per_epoch
@@ -411,7 +411,7 @@ class FeederBatches:
         which Ray hands to the restarted feeder, and sit at its board; a file of that same process missing
         again is not a death (the caller then takes ObjectRefs, as when files cannot be opened)."""
         self.reasked_pid = pid
-        self.held, self.next, self.board = {}, None, None
+        self.next, self.board = None, None
         self.held = dict(enumerate(ray.get(self._ray(b, b - HOLD)), start=b))
         self.board = self._sit()
         return self(b)
