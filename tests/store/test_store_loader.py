@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from store_testdata import CHUNK_ROWS, build_dataset, shard_data
+from store_testdata import CHUNK_ROWS, D, build_dataset, shard_data
 
 from store import ActivationLoader, UserError, open_dataset
 from store.batch import Batch
@@ -165,6 +165,35 @@ def test_window_buffers_are_reused(ds_url, f32_url, dtype, monkeypatch):
     # hand have let go of it (it was prefetch + 2 before a window two ahead waited for that)
     assert len(windows) == 3
     loader.close()
+
+
+def test_local_reads_take_consecutive_chunks_up_to_task_bytes_per_task(ds_url, monkeypatch):
+    """A local window is read in tasks of consecutive chunks, up to TASK_BYTES of a column each (a task per
+    chunk cost the pool a hand-off per 8 KiB of a small column), and every chunk of the window once."""
+    import store.loader as loader_module
+
+    tasks: list[tuple[str, list[int]]] = []
+    read_and_scatter = ActivationLoader._read_and_scatter
+
+    def counting(self, column, items, buf, place):
+        tasks.append((column, [chunk for chunk, _, _ in items]))
+        return read_and_scatter(self, column, items, buf, place)
+
+    monkeypatch.setattr(ActivationLoader, "_read_and_scatter", counting)
+    monkeypatch.setattr(loader_module, "TASK_BYTES", 3 * CHUNK_ROWS * D * 2)  # three chunks of float16 acts
+    loader = ActivationLoader(ds_url, batch_size=32, split="all", seed=0, window_chunks=8, epochs=1, prefetch=0,
+                              columns=("acts", "token_ids"))
+    stored = torch.from_numpy(np.concatenate([shard_data(s, min(64, TOTAL - 64 * s))["acts"] for s in range(10)]))
+    for batch in loader:
+        assert torch.equal(batch.acts, stored[batch.token_ids.long()].half())
+    loader.close()
+    windows = loader.windows_per_epoch
+    acts = [chunks for column, chunks in tasks if column == "acts"]
+    tokens = [chunks for column, chunks in tasks if column == "token_ids"]
+    assert len(tokens) == windows  # 4 bytes a row: a window's chunks in one task
+    assert max(len(c) for c in acts) == 3 and len(acts) == sum(-(-len(w) // 3) for w in tokens)  # 8 = 3 + 3 + 2
+    assert sorted(c for chunks in acts for c in chunks) == sorted(c for chunks in tokens for c in chunks)
+    assert len({c for chunks in acts for c in chunks}) == sum(len(c) for c in acts)  # each chunk read once
 
 
 def test_a_reader_keeps_a_bounded_number_of_shard_files_open(f32_url, monkeypatch):
@@ -354,9 +383,14 @@ def stream_digest(loader) -> str:
     return h.hexdigest()[:16]
 
 
+@pytest.mark.parametrize("task_chunks", [None, 2])  # None: TASK_BYTES (every window in one task per column)
 @pytest.mark.parametrize("use_mmap", [True, False])
 @pytest.mark.parametrize("kw,digest", GOLDEN_STREAMS)
-def test_batches_are_bit_identical_to_the_reference_stream(ds_url, kw, digest, use_mmap):
+def test_batches_are_bit_identical_to_the_reference_stream(ds_url, kw, digest, use_mmap, task_chunks, monkeypatch):
+    import store.loader as loader_module
+
+    if task_chunks is not None:  # read tasks of two chunks of acts (token_ids: four)
+        monkeypatch.setattr(loader_module, "TASK_BYTES", task_chunks * CHUNK_ROWS * D * 2)
     loader = ActivationLoader(ds_url, columns=("token_ids", "acts"), use_mmap=use_mmap, **kw)
     assert stream_digest(loader) == digest
 
