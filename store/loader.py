@@ -19,8 +19,9 @@ finite ``epochs`` the stream ends after ``epochs`` epochs and the last batch is 
 batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` is
 ``ceil(rows_per_epoch / B)``, the batches per epoch.
 
-Reading: a window's chunks are read concurrently by a thread pool, and each read task scatters
-its chunk's rows to their places in the window's *batch order* (``store.scatter``: each chunk is
+Reading: a window's chunks are read concurrently by a thread pool, and each read task (locally: a
+run of consecutive chunks up to :data:`TASK_BYTES` of one column) scatters its chunks' rows to their
+places in the window's *batch order* (``store.scatter``: each chunk is
 read sequentially once and rows are written with streaming stores; a gather of each batch's rows
 at random costs ~4× as much, see ``bench/README.md``), so a batch is then one contiguous slice of
 the window buffer, handed out as is: a :class:`store.batch.Batch` of views in the stored dtypes
