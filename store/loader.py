@@ -20,7 +20,7 @@ batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` 
 ``ceil(rows_per_epoch / B)``, the batches per epoch.
 
 Reading: a window's chunks are read concurrently by a thread pool, and each read task (locally: a
-run of consecutive chunks up to :data:`TASK_BYTES` of one column) scatters its chunks' rows to their
+run of the window's chunks, up to :data:`TASK_BYTES` of one column) scatters its chunks' rows to their
 places in the window's *batch order* (``store.scatter``: each chunk is
 read sequentially once and rows are written with streaming stores; a gather of each batch's rows
 at random costs ~4× as much, see ``bench/README.md``), so a batch is then one contiguous slice of
@@ -68,7 +68,7 @@ from store.scatter import aligned_empty, scatter_rows
 
 WindowKey = tuple[int, int]
 _DONE = object()
-#: local reads: a read task takes consecutive chunks of a window up to this many stored bytes of its column
+#: local reads: a read task takes the window's chunks in window order, up to this many stored bytes of its column
 #: (at least one chunk). Each task costs the pool a hand-off, a future and a GIL hand-over between threads
 #: (~0.07 ms of CPU on the 2-core box); one task per chunk made a window of 1,024-row chunks 2 × 64 tasks,
 #: one per 8 KiB of positions, and its reading used 1.5–2.1 ms of CPU per float16 batch (d = 768, B = 4,096)
@@ -323,7 +323,7 @@ class ActivationLoader:
         tasks: list[tuple[str, list[tuple[int, int, int]]]] = []
         for c, reader in self._readers.items():
             items = list(zip(ids.tolist(), sizes.tolist(), offsets))
-            if reader.local:  # consecutive chunks, up to TASK_BYTES of this column, per task
+            if reader.local:  # runs of the window's chunks, up to TASK_BYTES of this column each
                 per_task = max(1, TASK_BYTES // (reader.row_bytes * max(1, int(sizes.max()))))
                 tasks += [(c, items[i:i + per_task]) for i in range(0, len(items), per_task)]
             else:  # object storage: a shard's chunks in this window are one task (few ranged GETs)
