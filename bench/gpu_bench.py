@@ -24,6 +24,13 @@ and exits 0. ``--device cpu --quick`` runs the same code on the CPU at toy sizes
 
 Writes ``bench/results/gpu.json`` (``--out``) and prints a one-screen summary; the exit status is 1
 when a correctness check fails (so a lent GPU shows at once whether the GPU path is right).
+
+A lent machine gives minutes, once: so each check runs on its own (``--only`` picks some), a check that
+cannot run (a peer library missing or broken there, an out-of-memory) is recorded with its error and the
+others still run (exit status 1, its summary line says why), and the JSON is rewritten after every check
+(``"complete": false`` until the last has run), so a run cut short by its time limit keeps what it measured.
+``--record-distributions FILE`` also writes the installed distributions this process imported (name →
+version), which ``bench/device_kit.py`` uses to carry exactly what the lent machine's image lacks.
 """
 
 from __future__ import annotations
@@ -199,37 +206,84 @@ def check_loader(s: dict[str, int], device: torch.device, epochs: int = 2) -> di
             "to_device_GB_s": to_dev * row_bytes / 1e9, "ratio_to_device_over_loader": to_dev / alone}
 
 
+CHECKS: dict[str, Callable[[dict[str, int], torch.device], dict[str, Any]]] = {
+    "train_steps": check_train_steps, "sparsemax": check_sparsemax, "peers": check_peers, "loader": check_loader}
+
+
+def run_check(name: str, s: dict[str, int], device: torch.device) -> dict[str, Any]:
+    """One check's result, or ``{"error": ...}`` when it could not run (the other checks still run)."""
+    print(f"== {name}", flush=True)
+    try:
+        return CHECKS[name](s, device)
+    except Exception as err:  # noqa: BLE001 - recorded in the JSON and the summary; the next check runs
+        error = f"{type(err).__name__}: {err}".splitlines()[0][:500]
+        print(f"   {name} could not run: {error}", flush=True)
+        return {"error": error}
+
+
+def checks_ok(result: dict[str, Any]) -> bool:
+    """Every check that ran gave no error, and the correctness checks are within their tolerances."""
+    ran = [result[name] for name in CHECKS if name in result]
+    if any("error" in r for r in ran):
+        return False
+    steps = result.get("train_steps", {})
+    return result.get("sparsemax", {}).get("ok", True) and all(
+        row["fp32"]["ok"] and row["bf16"]["ok"] for row in steps.values())
+
+
 def summary(result: dict[str, Any]) -> list[str]:
-    """One screen: a line per variant, the sparsemax check, the peer ratios, the loader rates."""
+    """One screen: a line per variant, the sparsemax check, the peer ratios, the loader rates (the checks
+    that ran; one line for each check that could not)."""
     lines = [f"device {result['device']} ({result['device_name']}), torch {result['torch']}, "
              f"{'quick' if result['quick'] else 'full'} sizes, {result['seconds']:.0f} s"]
-    lines.append(f"{'variant':<16} {'cpu fp32 ms':>11} {'dev fp32 ms':>11} {'rel diff':>9} "
-                 f"{'dev bf16 ms':>11} {'rel diff':>9}  ok")
-    for variant, row in result["train_steps"].items():
+    for name in CHECKS:
+        if "error" in result.get(name, {}):
+            lines.append(f"{name}: could not run: {result[name]['error']}")
+    steps = {k: v for k, v in result.get("train_steps", {}).items() if k != "error"}
+    if steps:
+        lines.append(f"{'variant':<16} {'cpu fp32 ms':>11} {'dev fp32 ms':>11} {'rel diff':>9} "
+                     f"{'dev bf16 ms':>11} {'rel diff':>9}  ok")
+    for variant, row in steps.items():
         ok = "yes" if row["fp32"]["ok"] and row["bf16"]["ok"] else "NO"
         lines.append(f"{variant:<16} {row['cpu_fp32_step_s'] * 1e3:11.1f} {row['fp32']['step_s'] * 1e3:11.1f} "
                      f"{row['fp32']['max_rel_diff']:9.1e} {row['bf16']['step_s'] * 1e3:11.1f} "
                      f"{row['bf16']['max_rel_diff']:9.1e}  {ok}")
-    sm = result["sparsemax"]
-    lines.append(f"sparsemax {sm['rows']}x{sm['m']} (support {sm['mean_support']:.0f}): |dp| {sm['max_abs_diff_p']:.1e}, "
-                 f"|dgrad| {sm['max_abs_diff_grad']:.1e} ({'ok' if sm['ok'] else 'NOT within ' + str(sm['atol'])}); "
-                 f"fwd {sm['ours_fwd_s'] * 1e3:.1f} ms vs sort {sm['sort_fwd_s'] * 1e3:.1f} ms")
-    peers = result["peers"]["steps"]
-    lines.append(f"peers M={result['peers']['m']}: " + ", ".join(
-        f"{name} {entry['seconds'] * 1e3:.1f} ms ({entry['vs_sparsify_topk']:.2f}x sparsify)"
-        for name, entry in peers.items() if name in ("sparsify_topk", "ours_topk", "ours_batchtopk", "saelens_topk")))
-    ld = result["loader"]
-    lines.append(f"loader float16 d={ld['d']}: alone {ld['loader_rows_s']:,.0f} rows/s ({ld['loader_GB_s']:.2f} GB/s), "
-                 f"to {result['device']} {ld['to_device_rows_s']:,.0f} rows/s ({ld['ratio_to_device_over_loader']:.2f}x)")
+    sm = result.get("sparsemax", {})
+    if "ok" in sm:
+        lines.append(f"sparsemax {sm['rows']}x{sm['m']} (support {sm['mean_support']:.0f}): "
+                     f"|dp| {sm['max_abs_diff_p']:.1e}, |dgrad| {sm['max_abs_diff_grad']:.1e} "
+                     f"({'ok' if sm['ok'] else 'NOT within ' + str(sm['atol'])}); "
+                     f"fwd {sm['ours_fwd_s'] * 1e3:.1f} ms vs sort {sm['sort_fwd_s'] * 1e3:.1f} ms")
+    if "steps" in result.get("peers", {}):
+        lines.append(f"peers M={result['peers']['m']}: " + ", ".join(
+            f"{name} {entry['seconds'] * 1e3:.1f} ms ({entry['vs_sparsify_topk']:.2f}x sparsify)"
+            for name, entry in result["peers"]["steps"].items()
+            if name in ("sparsify_topk", "ours_topk", "ours_batchtopk", "saelens_topk")))
+    ld = result.get("loader", {})
+    if "loader_rows_s" in ld:
+        lines.append(f"loader float16 d={ld['d']}: alone {ld['loader_rows_s']:,.0f} rows/s ({ld['loader_GB_s']:.2f} GB/s), "
+                     f"to {result['device']} {ld['to_device_rows_s']:,.0f} rows/s ({ld['ratio_to_device_over_loader']:.2f}x)")
     lines.append("all correctness checks passed" if result["ok"] else "SOME CHECKS FAILED (see above)")
     return lines
+
+
+def imported_distributions() -> dict[str, str]:
+    """Installed distributions (name → version) that provide a module this process has imported."""
+    from importlib import metadata
+
+    owners = metadata.packages_distributions()
+    names = {dist for module in list(sys.modules) for dist in owners.get(module.partition(".")[0], [])}
+    return {name: metadata.version(name) for name in sorted(names)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="the device to check (cuda, cuda:1, or cpu)")
     parser.add_argument("--quick", action="store_true", help="toy sizes (the CPU test runs this)")
+    parser.add_argument("--only", nargs="+", choices=list(CHECKS), default=list(CHECKS), help="the checks to run")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--record-distributions", metavar="FILE",
+                        help="also write the distributions this run imported (JSON; bench/device_kit.py)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -241,14 +295,19 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "bench": "gpu", "device": str(device), "quick": args.quick, "sizes": s, "steps": STEPS,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda,
-        "train_steps": check_train_steps(s, device), "sparsemax": check_sparsemax(s, device),
-        "peers": check_peers(s, device), "loader": check_loader(s, device)}
-    result["ok"] = result["sparsemax"]["ok"] and all(
-        row["fp32"]["ok"] and row["bf16"]["ok"] for row in result["train_steps"].values())
-    result["seconds"] = time.perf_counter() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        "torch": torch.__version__, "cuda": torch.version.cuda, "checks": args.only, "check_seconds": {},
+        "complete": False}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for name in [c for c in CHECKS if c in args.only]:  # in a fixed order: the correctness checks first
+        started = time.perf_counter()
+        result[name] = run_check(name, s, device)
+        result["check_seconds"][name] = time.perf_counter() - started
+        result["ok"], result["seconds"] = checks_ok(result), time.perf_counter() - t0
+        result["complete"] = all(c in result for c in args.only)
+        out.write_text(json.dumps(result, indent=2) + "\n")  # after every check: a run cut short keeps it
+    if args.record_distributions:
+        Path(args.record_distributions).write_text(json.dumps(imported_distributions(), indent=2) + "\n")
     print("\n".join(summary(result)))
     print(f"wrote {args.out}")
     return 0 if result["ok"] else 1
