@@ -178,9 +178,13 @@ def write_loader_dataset(url: str, rows: int, d: int) -> None:
 
 def check_loader(s: dict[str, int], device: torch.device, epochs: int = 2) -> dict[str, Any]:
     """Rows/s of the loader alone and of the loader with each batch moved to the device and cast there
-    (float32), over ``epochs`` epochs after one warm-up epoch of each (same loader settings)."""
+    (float32), over ``epochs`` epochs after one warm-up epoch of each (same loader settings). The scatter
+    kernel is loaded first, as a long-lived loader has it: a lent machine has no numba disk cache yet, and
+    its compilation in the background (~11 s of a core) would otherwise land inside the loader's timing."""
     from store import ActivationLoader
+    from store.scatter import kernel_ready
 
+    kernel_ready(None)
     with tempfile.TemporaryDirectory(prefix="gpubench", dir="/tmp") as tmp:
         url = os.path.join(tmp, "ds")
         write_loader_dataset(url, s["loader_rows"], s["loader_d"])
