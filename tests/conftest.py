@@ -35,6 +35,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # training step ~9x dearer in CPU (200 steps: 10.8 -> 1.2 s). Set before torch is imported; children
 # inherit it. tests/sparsemax sets its own thread count (the CPU kernel's threaded path).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# botocore's 2026 retry backoff (opt-in by this variable in botocore 1.43, read when botocore is imported; the
+# session's Ray workers inherit it): a 500/503 is retried after rand(0, 1) × 50 ms instead of rand(0, 1) × 1 s,
+# a throttle (SlowDown) still after rand(0, 1) × 1 s. Only tests/test_object_store_faults.py meets errors: its
+# ~80 retries slept ~40 s of its 78 s, with both cores mostly idle; with this it takes 47 s. The retries, their
+# number (the storage options' max_attempts) and the bytes checked are the same.
+os.environ.setdefault("AWS_NEW_RETRIES_2026", "true")
 
 
 # The run's folders (variable -> name prefix), made by the first process of the run; "_<variable>_OWNER" holds its pid.

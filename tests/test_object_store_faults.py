@@ -5,7 +5,9 @@ with exactly the bytes and numbers of the same work against the clean endpoint.
 The retries are botocore's, raised through the storage options a cluster user would set
 (``config_kwargs.retries``; deploy/README.md): 8 attempts leave a request failing for good with probability
 0.08⁸ ≈ 2·10⁻⁹, where botocore's default 5 (legacy mode) would leave ~3·10⁻⁶ per request — a few thousand
-requests per test would make the test fail now and then.
+requests per test would make the test fail now and then. The test session opts into botocore's 2026
+backoff (tests/conftest.py: a 500/503 is retried after up to 50 ms, not up to 1 s), which changes how long the
+retries wait, not whether they happen.
 """
 
 from __future__ import annotations
