@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -128,8 +129,9 @@ def test_rerun_after_sigkill_resumes_to_the_same_bytes(reference, tiny_gpt2, tmp
         family = [driver, *driver.children(recursive=True)]  # driver, Ray, its workers
         os.killpg(proc.pid, signal.SIGKILL)
         for p in family:  # anything outside the process group is killed by its own id
-            if p.is_running():
-                p.kill()
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may end between the look and the kill
+                if p.is_running():
+                    p.kill()
         psutil.wait_procs(family, timeout=30)
     finally:
         if proc.poll() is None:

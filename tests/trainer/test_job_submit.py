@@ -27,6 +27,7 @@ from trainer_testkit import (
     checkpoint_step,
     kill_pids_using,
     no_pids_using,
+    process_ended,
     straight_config,
     wait_until,
 )
@@ -154,7 +155,7 @@ def test_sweep_via_ray_job_submit(tiny_store, tmp_path):
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert killed is not None, "the job ended before a trainer could be killed mid-run"
         assert "succeeded" in (job.stdout + job.stderr).lower()
-        assert not psutil.pid_exists(killed) or psutil.Process(killed).status() == psutil.STATUS_ZOMBIE
+        assert process_ended(killed)
         summary = json.loads((tmp_path / "runs" / "job" / "summary.json").read_text())
         assert [(r["status"], r["step"]) for r in summary["runs"]] == [("finished", STEPS)] * 2
         for run_dir in run_dirs:

@@ -246,8 +246,7 @@ def test_evaluation_tasks_are_the_sessions_to_cancel_and_their_errors_land_in_th
     still running when the session closes (as on a signal) is cancelled, its worker process killed."""
     import time
 
-    import psutil
-    from trainer_testkit import wait_until
+    from trainer_testkit import process_ended, wait_until
 
     from store.cluster import RaySession
     from trainer.config import RayConfig
@@ -276,5 +275,4 @@ def test_evaluation_tasks_are_the_sessions_to_cancel_and_their_errors_land_in_th
     session.close()
     with pytest.raises(ray_local.exceptions.TaskCancelledError):
         ray_local.get(ref, timeout=30)
-    wait_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, 30,
-               "the cancelled evaluation's process to end")
+    wait_until(lambda: process_ended(pid), 30, "the cancelled evaluation's process to end")

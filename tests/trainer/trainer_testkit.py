@@ -78,6 +78,17 @@ def wait_until(condition, seconds: float, what: str, interval: float = 0.1):
         time.sleep(interval)
 
 
+def process_ended(pid: int) -> bool:
+    """Whether process ``pid`` has ended (gone, or a zombie waiting to be reaped). Race-free: a process that
+    ends between the two looks (``pid_exists``, then its status) raised NoSuchProcess there before."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def pids_using(path: str) -> list[int]:
     """Processes (other than this one) whose command line mentions ``path`` (a Ray temp dir: its raylet,
     GCS, dashboard, workers...)."""
