@@ -37,9 +37,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # botocore's 2026 retry backoff (opt-in by this variable in botocore 1.43, read when botocore is imported; the
 # session's Ray workers inherit it): a 500/503 is retried after rand(0, 1) × 50 ms instead of rand(0, 1) × 1 s,
-# a throttle (SlowDown) still after rand(0, 1) × 1 s. Only tests/test_object_store_faults.py meets errors: its
-# ~80 retries slept ~40 s of its 78 s, with both cores mostly idle; with this it takes 47 s. The retries, their
-# number (the storage options' max_attempts) and the bytes checked are the same.
+# a throttle (SlowDown) still after rand(0, 1) × 1 s. Only tests/test_object_store_faults.py meets errors: alone
+# it kept the box 5-20% busy for ~55 s of its 78 s (an estimated ~80 retries, 8% of its requests failing);
+# with this it takes 51 s. The retries, their number (the storage options' max_attempts) and the bytes checked
+# are the same.
 os.environ.setdefault("AWS_NEW_RETRIES_2026", "true")
 
 
