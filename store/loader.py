@@ -59,12 +59,13 @@ from functools import lru_cache
 
 import numpy as np
 
+from store import buffer_reserve
 from store.batch import Batch
 from store.dataset import Dataset, open_dataset
 from store.errors import UserError
 from store.io import is_local
 from store.layout import ACTS, row_columns
-from store.scatter import aligned_empty, scatter_rows
+from store.scatter import scatter_rows
 
 WindowKey = tuple[int, int]
 _DONE = object()
@@ -116,15 +117,21 @@ class _BufferPool:
     appends to a deque, so it may run in any thread). The stream hands out each row range once,
     and ``batch(b)`` reads a window again when a range it asks for was lent before, so modifying a
     batch in place changes no other batch. A
-    window's buffers are reused when the stream or the cache has passed it (``retire``) and its
-    last lease is back; a consumer that keeps a batch keeps that memory alive.
+    window's buffers are reused when the stream or the cache has passed it (``retire``; a window
+    with reads still running is retired when they are done) and its last lease is back; a consumer
+    that keeps a batch keeps that memory alive. A set the pool no longer keeps — more free sets than
+    ``keep``, or any set once the loader is closed — goes to ``let_go`` (the process's
+    :mod:`store.buffer_reserve`), which sees a closed pool's late leases when it next :meth:`settle` s it.
     """
 
-    def __init__(self, keep_windows: int) -> None:
+    def __init__(self, keep_windows: int, let_go: Callable[[dict[str, np.ndarray]], None] | None = None) -> None:
         self.keep = keep_windows  # free sets kept at most
         self.free: list[dict[str, np.ndarray]] = []
         self.returned: deque[_Window] = deque()  # one entry per lease given back
         self.lock = threading.Lock()
+        self.let_go = let_go  # takes a set this pool no longer keeps, if any
+        self.closed = False
+        self.owed = 0  # retired windows with leases out, and windows to retire once their reads end
 
     def _settle(self) -> None:
         """Count the leases given back; reuse retired windows whose last lease is back (lock held)."""
@@ -132,11 +139,20 @@ class _BufferPool:
             win = self.returned.popleft()
             win.leases -= 1
             if win.retired and win.leases == 0:
+                self.owed -= 1
                 self._reuse(win)
 
     def _reuse(self, win: _Window) -> None:
-        if len(self.free) < self.keep:
+        if not self.closed and len(self.free) < self.keep:
             self.free.append(win.bufs)
+        elif self.let_go is not None:
+            self.let_go(win.bufs)
+
+    def settle(self) -> bool:
+        """Count the leases given back; True once the pool is closed and owes no set any more."""
+        with self.lock:
+            self._settle()
+            return self.closed and self.owed == 0
 
     def has_free(self) -> bool:
         """Some window buffer set is free (all are allocated at the same size)."""
@@ -153,12 +169,40 @@ class _BufferPool:
                     return self.free.pop(i)
         return None
 
-    def retire(self, win: _Window) -> None:
+    def retire(self, win: _Window, deferred: bool = False) -> None:
+        """The stream or the cache has passed ``win`` (no read task writes into it any more)."""
         with self.lock:
             self._settle()
+            self.owed -= deferred
+            if win.retired:
+                return
             win.retired = True
             if win.leases == 0:
                 self._reuse(win)
+            else:
+                self.owed += 1
+
+    def retire_when_read(self, win: _Window) -> None:
+        """Retire ``win`` now if none of its read tasks runs (the queued ones are cancelled), else once
+        the last running one ends: its buffers are reused only when nothing writes into them."""
+        running = [fut for fut in win.futures if not fut.cancel() and not fut.done()]
+        if not running:
+            self.retire(win)
+            return
+        with self.lock:
+            self.owed += 1
+        left = [len(running)]
+        count = threading.Lock()
+
+        def one_ended(_: Future) -> None:
+            with count:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.retire(win, deferred=True)
+
+        for fut in running:
+            fut.add_done_callback(one_ended)
 
     def lend(self, win: _Window, view: np.ndarray) -> np.ndarray:
         """``view`` (memory of ``win``) handed out under a lease."""
@@ -167,9 +211,16 @@ class _BufferPool:
         weakref.finalize(view, self.returned.append, win).atexit = False
         return view
 
-    def clear(self) -> None:
+    def close(self) -> None:
+        """Let go of the free sets; a set whose last lease comes back later is let go of at a later
+        :meth:`settle`."""
         with self.lock:
-            self.free.clear()
+            self._settle()
+            self.closed = True
+            free, self.free = self.free, []
+        for bufs in free:
+            if self.let_go is not None:
+                self.let_go(bufs)
 
 
 class ActivationLoader:
@@ -199,7 +250,7 @@ class ActivationLoader:
         self.window_chunks, self.epochs, self.columns = int(window_chunks), epochs, cols
         self.rank, self.world, self.prefetch = int(rank), int(world), int(prefetch)
         self.use_mmap = bool(use_mmap)
-        self.allocator = allocator or aligned_empty
+        self.allocator = allocator
         split_chunks = self.dataset.split_chunks(split)
         self.chunks = split_chunks[rank::world]
         if self.chunks.size == 0:
@@ -217,8 +268,11 @@ class ActivationLoader:
         self._cache_lock = threading.Lock()
         self._ahead: dict[WindowKey, _Window] = {}  # windows batch() reads ahead of the caller
         self._recent: deque[int] = deque([-1], maxlen=4)  # batch()'s last calls' batches (from 0: reads ahead)
-        self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2)
+        self._blocks: dict[int, np.ndarray] = {}  # id(window buffer) -> its block of the process's reserve
+        self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2,
+                                        let_go=self._give_to_reserve if allocator is None else None)
         self._buffers_made = 0
+        self.buffer_bytes = {"new": 0, "reused": 0}  # window buffer memory new to the process / from the reserve
         self._stops: list[threading.Event] = []
 
     # ---- the plan (pure functions of the settings) ----------------------------------------------
@@ -295,8 +349,27 @@ class ActivationLoader:
             return bufs
         d, rows = self.dataset.manifest.d, max(n, self.max_window_rows)  # any window fits any set
         self._buffers_made += 1
-        return {c: self.allocator((rows, d) if c == ACTS else (rows,), self.dataset.column_dtype(c))
+        return {c: self._allocate((rows, d) if c == ACTS else (rows,), self.dataset.column_dtype(c))
                 for c in self.columns}
+
+    def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """One window buffer: the caller's ``allocator``'s, else a block of the process's reserve
+        (:mod:`store.buffer_reserve`) or a new aligned one."""
+        if self.allocator is not None:
+            arr = self.allocator(shape, dtype)
+            self.buffer_bytes["new"] += arr.nbytes
+            return arr
+        arr, block, reused = buffer_reserve.reserved_array(shape, dtype)
+        self._blocks[id(arr)] = block
+        self.buffer_bytes["reused" if reused else "new"] += arr.nbytes
+        return arr
+
+    def _give_to_reserve(self, bufs: dict[str, np.ndarray]) -> None:
+        """A window buffer set this loader lets go of (nothing points into it) goes to the process's reserve."""
+        for arr in bufs.values():
+            block = self._blocks.pop(id(arr), None)
+            if block is not None:
+                buffer_reserve.RESERVE.give(block)
 
     def _read_and_scatter(self, column: str, items: list[tuple[int, int, int]], buf: np.ndarray,
                           place: np.ndarray) -> None:
@@ -374,7 +447,7 @@ class ActivationLoader:
             for key, lo, hi in self._pieces(start, stop):
                 win = self._cache.pop(key, None) or self._ahead.pop(key, None)
                 if win is not None and (lo, hi) in win.lent:
-                    self._buffer_pool.retire(win)
+                    self._buffer_pool.retire_when_read(win)
                     win = None
                 win = (win or self._fetch(key)).wait()
                 self._cache[key] = win  # most recently used last
@@ -458,8 +531,7 @@ class ActivationLoader:
             put(err)
         finally:
             for win in inflight.values():
-                for fut in win.futures:
-                    fut.cancel()
+                self._buffer_pool.retire_when_read(win)
 
     def iter_batches(self, start: int = 0) -> Iterator[Batch]:
         """Stream batches ``start, start+1, ...`` (to the end when ``epochs`` is finite)."""
@@ -489,9 +561,15 @@ class ActivationLoader:
         for stop in self._stops:
             stop.set()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._cache.clear()
-        self._ahead.clear()
-        self._buffer_pool.clear()
+        with self._cache_lock:
+            wins = [*self._cache.values(), *self._ahead.values()]
+            self._cache.clear()
+            self._ahead.clear()
+        for win in wins:
+            self._buffer_pool.retire_when_read(win)
+        self._buffer_pool.close()
+        if self.allocator is None:
+            buffer_reserve.RESERVE.watch(self._buffer_pool)
 
     def __enter__(self) -> ActivationLoader:
         return self

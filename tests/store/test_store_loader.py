@@ -143,22 +143,24 @@ def test_modifying_a_batch_changes_no_other_batch(f32_url):
 def test_window_buffers_are_reused(ds_url, f32_url, dtype, monkeypatch):
     """A consumer that drops its batches: the stream runs on a bounded set of window buffers, and
     nothing else is allocated per batch (float16 acts are handed out as float16, not cast)."""
-    import store.loader as loader_module
+    from store import buffer_reserve
 
     made = []
+    aligned_empty = buffer_reserve.aligned_empty
 
     def counting_empty(shape, dtype):
         made.append(shape)
-        return loader_module.aligned_empty.__wrapped__(shape, dtype)
+        return aligned_empty(shape, dtype)
 
-    counting_empty.__wrapped__ = loader_module.aligned_empty
-    monkeypatch.setattr(loader_module, "aligned_empty", counting_empty)
+    monkeypatch.setattr(buffer_reserve, "aligned_empty", counting_empty)
+    monkeypatch.setattr(buffer_reserve, "RESERVE", buffer_reserve.BufferReserve())  # none left by other tests
     loader = ActivationLoader(f32_url if dtype == "float32" else ds_url, batch_size=16, split="all", seed=4,
                               window_chunks=8, epochs=5, prefetch=2)
     assert loader.windows_per_epoch * 5 == 25 and len(loader) > 150
     n = sum(1 for _ in loader)
     assert n == len(loader)
-    windows = [shape for shape in made if shape[0] == loader.max_window_rows]
+    set_bytes = loader.max_window_rows * D * np.dtype(dtype).itemsize  # the acts column, the only one
+    windows = [shape for shape in made if shape[0] == set_bytes]  # one byte block per window buffer
     assert len(windows) == len(made)
     # (prefetch + 1) buffer sets of one column each: the window being handed out, the next one, and the
     # one after it, read into the passed window's set once the batches in the queue and in the consumer's
