@@ -111,13 +111,15 @@ def test_a_window_whose_read_still_runs_when_its_loader_closes_is_given_back_onl
         return read_and_scatter(self, column, items, buf, place)
 
     monkeypatch.setattr(ActivationLoader, "_read_and_scatter", held_up)
-    batch = ld.batch(0)
-    assert entered.wait(30)
-    set_bytes = ld.buffer_bytes["new"] // 2  # two sets: window 0, window 1 read ahead
-    del batch
-    ld.close()
-    assert reserve.held_bytes == set_bytes  # window 0's set only: window 1's is still being written
-    gate.set()
+    try:
+        batch = ld.batch(0)
+        assert entered.wait(30)
+        set_bytes = ld.buffer_bytes["new"] // 2  # two sets: window 0, window 1 read ahead
+        del batch
+        ld.close()
+        assert reserve.held_bytes == set_bytes  # window 0's set only: window 1's is still being written
+    finally:
+        gate.set()
     wait_for(lambda: reserve.held_bytes == 2 * set_bytes, "window 1's set to be given back")
 
 
