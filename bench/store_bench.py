@@ -22,6 +22,9 @@ Everything is timed side by side in this process:
   the defaults (from its construction to its last batch: window buffers allocated and first
   touched, shard files mapped; the scatter kernel is not loaded, a process starts loading it only after
   ``store.scatter.LOAD_AFTER_BYTES`` scattered): ratio = raw read / first epoch, the median over rounds.
+  Then, :data:`SECOND_LOADER_PAUSE_S` later each, a second loader's first epoch with the first one's window
+  buffers from the process's reserve (``store.buffer_reserve``) and one with new buffers (the reserve
+  released), the order alternating by round: ``second_loader_ratio_reserve`` / ``_new``.
   The steady and S3 parts load the kernel first (``kernel_ready(None)``): a long-lived loader has it.
 
 * **index check**: the loader checks each shard index's crc32c (``16·cps + 4`` bytes, once per shard
@@ -155,17 +158,42 @@ def loader_read(url: str, window: int, prefetch: int, storage_options=None) -> t
 FIRST_D, FIRST_WINDOWS, DEFAULT_WINDOW = 256, 4, 64
 
 
-def first_epoch_child(url: str) -> int:
-    """In a new process: the raw read of ``url``'s acts (median of 3) and the first epoch of a new loader
-    at the default settings, from its construction to its last batch; one JSON line on stdout."""
-    _, paths, nbytes = shard_paths(url)
-    raw = statistics.median(raw_read_local(paths) for _ in range(3))
+#: Seconds between one loader's end and the next loader in the same process (an eval pass comes after
+#: training steps; this VM hands freed memory back to its host within seconds).
+SECOND_LOADER_PAUSE_S = 3.0
+
+
+def one_epoch(url: str) -> tuple[float, int, dict]:
+    """(seconds, rows, buffer bytes new / reused) of the first epoch of a new loader at the default settings,
+    from its construction to its last batch."""
     t0 = time.perf_counter()
     loader = ActivationLoader(url, batch_size=4096, split="all", seed=0, epochs=1)
     rows = sum(batch.rows for batch in loader)
-    first = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     loader.close()
-    print(json.dumps({"raw_seconds": raw, "first_epoch_seconds": first, "rows": rows, "bytes": nbytes}))
+    return seconds, rows, dict(loader.buffer_bytes)
+
+
+def first_epoch_child(url: str, reserve_first: bool) -> int:
+    """In a new process: the raw read of ``url``'s acts (median of 3), the first epoch of a new loader,
+    then, a pause later each, a second loader's first epoch with the first one's window buffers from the
+    process's reserve and one with new buffers (the reserve released; before the reserve, every loader's
+    way), in the order ``reserve_first`` says; one JSON line on stdout."""
+    from store.buffer_reserve import release_window_buffers
+
+    _, paths, nbytes = shard_paths(url)
+    raw = statistics.median(raw_read_local(paths) for _ in range(3))
+    first, rows, _ = one_epoch(url)
+    second: dict[str, float] = {}
+    for way in (("reserve", "new") if reserve_first else ("new", "reserve")):
+        if way == "new":
+            release_window_buffers()
+        time.sleep(SECOND_LOADER_PAUSE_S)
+        second[way], _, used = one_epoch(url)
+        assert (used["new"] == 0) == (way == "reserve"), used
+    print(json.dumps({"raw_seconds": raw, "first_epoch_seconds": first, "rows": rows, "bytes": nbytes,
+                      "second_loader_seconds_reserve": second["reserve"],
+                      "second_loader_seconds_new": second["new"]}))
     return 0
 
 
@@ -175,15 +203,20 @@ def bench_first_epoch(url: str, rounds: int) -> dict:
     import subprocess
 
     runs = []
-    for _ in range(rounds):
-        out = subprocess.run([sys.executable, "-m", "bench.store_bench", "--first-epoch-child", url],
+    for i in range(rounds):
+        out = subprocess.run([sys.executable, "-m", "bench.store_bench", "--first-epoch-child", url]
+                             + (["--reserve-second"] if i % 2 else []),
                              capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     ratios = [r["raw_seconds"] / r["first_epoch_seconds"] for r in runs]
+    second = {way: [r["raw_seconds"] / r[f"second_loader_seconds_{way}"] for r in runs] for way in ("reserve", "new")}
     return {"rounds": rounds, "rows": runs[0]["rows"], "bytes": runs[0]["bytes"],
             "raw_seconds": statistics.median(r["raw_seconds"] for r in runs),
             "first_epoch_seconds": statistics.median(r["first_epoch_seconds"] for r in runs),
-            "ratio": statistics.median(ratios), "ratio_rounds": ratios, "runs": runs}
+            "ratio": statistics.median(ratios), "ratio_rounds": ratios,
+            "second_loader_pause_s": SECOND_LOADER_PAUSE_S,
+            **{f"second_loader_ratio_{way}": statistics.median(rs) for way, rs in second.items()},
+            **{f"second_loader_ratio_{way}_rounds": rs for way, rs in second.items()}, "runs": runs}
 
 
 def bench_reads(name: str, url: str, raw: callable, nbytes: int, rows_total: int, settings: list[tuple[int, int]],
@@ -269,9 +302,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, help="paired rounds (default: 15, quick: 3; first epoch: 9, quick: 3)")
     ap.add_argument("--defaults-only", action="store_true", help="local float32: only the default settings")
     ap.add_argument("--first-epoch-child", metavar="URL", help=argparse.SUPPRESS)
+    ap.add_argument("--reserve-second", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.first_epoch_child:
-        return first_epoch_child(args.first_epoch_child)
+        return first_epoch_child(args.first_epoch_child, reserve_first=not args.reserve_second)
     rounds = args.rounds or (3 if args.quick else 15)  # paired rounds, locally and on S3
     local_shards = 2 if args.quick else 4
     results: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -298,7 +332,9 @@ def main(argv: list[str] | None = None) -> int:
                 got = results[f"first_epoch_fresh_process_{dtype}"] = bench_first_epoch(url, args.rounds or (3 if args.quick else 9))
                 print(f"first epoch, fresh process, {dtype} ({got['bytes'] / 2**20:.0f} MiB, {FIRST_WINDOWS} windows): "
                       f"{got['ratio']:.2f} x raw (median of {got['rounds']} rounds: "
-                      f"{', '.join(f'{r:.2f}' for r in got['ratio_rounds'])})", flush=True)
+                      f"{', '.join(f'{r:.2f}' for r in got['ratio_rounds'])}); a second loader in the process "
+                      f"{SECOND_LOADER_PAUSE_S:.0f} s later: {got['second_loader_ratio_reserve']:.2f} x raw with the "
+                      f"reserve's buffers, {got['second_loader_ratio_new']:.2f} x with new ones", flush=True)
                 shutil.rmtree(url)
         if "s3" in args.only:
             results["s3_write"], results["s3_read"] = s3_reads(args.quick, rounds)

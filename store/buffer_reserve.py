@@ -76,7 +76,8 @@ class BufferReserve:
         """``pool`` (a closed loader's) gives its sets here as their last leases come back; they are counted
         when a block is next taken or the reserve is trimmed."""
         with self._lock:
-            self._watched.append(pool)
+            if pool not in self._watched:
+                self._watched.append(pool)
             self._arm()
 
     def _settle_watched(self) -> None:

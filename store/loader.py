@@ -39,10 +39,13 @@ only waits when I/O is really the bottleneck (``batch(b)`` called in order reads
 Memory ≈ (prefetch + 1) × window_chunks × chunk_rows × d × itemsize for a consumer that lets go of its
 batches (window buffers are recycled: a window two or more ahead waits for the passed window's
 buffers; ``batch(b)`` walking one place in order: 3 sets, the two cached windows and the next), more for
-one that keeps them.
-``allocator(shape, dtype)`` (default: an aligned ``np.empty``) makes the window buffers: the sweep's
-feeder puts them in shared memory, so the batches it hands its node's trainers are these very bytes
-(``trainer.batch_slots``).
+one that keeps them. Window buffers outlive their loader: a set the loader lets go of (when it closes, or
+when a batch that kept it is freed after that) goes to the process's reserve, and the next loader in the
+process takes its buffers from there before it allocates new memory (:mod:`store.buffer_reserve`: first
+touching new memory costs about as much as the read itself; bounded, freed when left idle).
+``allocator(shape, dtype)`` (default: blocks of that reserve, else new aligned ones) makes the window
+buffers: the sweep's feeder puts them in shared memory, so the batches it hands its node's trainers are
+these very bytes (``trainer.batch_slots``); a loader with its own allocator keeps out of the reserve.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 
@@ -223,6 +226,15 @@ class _BufferPool:
                 self.let_go(bufs)
 
 
+def _give_to_reserve(blocks: dict[int, np.ndarray], bufs: dict[str, np.ndarray]) -> None:
+    """A window buffer set a loader lets go of (nothing points into it) goes to the process's reserve;
+    ``blocks``: the loader's map from its window buffers to their blocks."""
+    for arr in bufs.values():
+        block = blocks.pop(id(arr), None)
+        if block is not None:
+            buffer_reserve.RESERVE.give(block)
+
+
 class ActivationLoader:
     """Shuffled :class:`~store.batch.Batch` es of a dataset split (stored dtypes); see the module docstring."""
 
@@ -269,8 +281,8 @@ class ActivationLoader:
         self._ahead: dict[WindowKey, _Window] = {}  # windows batch() reads ahead of the caller
         self._recent: deque[int] = deque([-1], maxlen=4)  # batch()'s last calls' batches (from 0: reads ahead)
         self._blocks: dict[int, np.ndarray] = {}  # id(window buffer) -> its block of the process's reserve
-        self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2,
-                                        let_go=self._give_to_reserve if allocator is None else None)
+        self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2,  # (no reference to self: no cycle)
+                                        let_go=partial(_give_to_reserve, self._blocks) if allocator is None else None)
         self._buffers_made = 0
         self.buffer_bytes = {"new": 0, "reused": 0}  # window buffer memory new to the process / from the reserve
         self._stops: list[threading.Event] = []
@@ -363,13 +375,6 @@ class ActivationLoader:
         self._blocks[id(arr)] = block
         self.buffer_bytes["reused" if reused else "new"] += arr.nbytes
         return arr
-
-    def _give_to_reserve(self, bufs: dict[str, np.ndarray]) -> None:
-        """A window buffer set this loader lets go of (nothing points into it) goes to the process's reserve."""
-        for arr in bufs.values():
-            block = self._blocks.pop(id(arr), None)
-            if block is not None:
-                buffer_reserve.RESERVE.give(block)
 
     def _read_and_scatter(self, column: str, items: list[tuple[int, int, int]], buf: np.ndarray,
                           place: np.ndarray) -> None:
