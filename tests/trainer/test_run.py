@@ -194,22 +194,28 @@ def test_cli_errors_are_one_sentence(tiny_store, tmp_path, capsys):
     assert str(tmp_path / "missing") in capsys.readouterr().err
 
 
-def test_eval_split_rows_use_the_evaluators_metrics(tiny_store, tmp_path):
+def test_eval_split_rows_use_the_evaluators_metrics(tiny_store, tmp_path, monkeypatch):
     """eval_every rows come from the evaluation handed in (the evaluator's one eval pass); they agree with
-    evaluator.metrics computed independently over the same filtered eval rows. Without an evaluation,
-    eval_every is one clear error."""
+    evaluator.metrics computed independently over the same filtered eval rows — the last pass too, whose
+    loader read into the window buffers an earlier pass left to the process's reserve. Without an
+    evaluation, eval_every is one clear error."""
     from evaluator.metrics import fvu, l0
     from evaluator.training import TrainingEvaluation
+    from store import buffer_reserve
     from store.errors import UserError
     from store.loader import ActivationLoader
     from trainer.run import Run
     from trainer.sae import load
 
-    cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), tokens=64 * 6, eval_every=6))
+    reserve = buffer_reserve.BufferReserve()
+    monkeypatch.setattr(buffer_reserve, "RESERVE", reserve)
+    cfg = TrainConfig.model_validate(base_config(tiny_store, str(tmp_path), tokens=64 * 6, eval_every=3))
     with pytest.raises(UserError, match="eval_every needs the evaluator's metrics"):
         Run(cfg, progress=False)
     url = train(cfg, progress=False, evaluation=TrainingEvaluation())
-    row = next(r for r in metrics(url) if "eval_fvu" in r)
+    assert [r["step"] for r in metrics(url) if "eval_fvu" in r] == [3, 6]
+    assert reserve.taken > 0  # the second pass's loader took the first one's buffers
+    row = [r for r in metrics(url) if "eval_fvu" in r][-1]  # at the last step: the saved weights
     loader = ActivationLoader(tiny_store, 64, split="eval", epochs=1, columns=("acts", "positions"))
     x = torch.cat([b.acts[b.positions != 0] for b in loader])
     sae = load(url).eval()
