@@ -58,7 +58,7 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 
@@ -286,15 +286,22 @@ class ActivationLoader:
         self._buffers_made = 0
         self.buffer_bytes = {"new": 0, "reused": 0}  # window buffer memory new to the process / from the reserve
         self._stops: list[threading.Event] = []
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # see _epoch_order
 
     # ---- the plan (pure functions of the settings) ----------------------------------------------
-    @lru_cache(maxsize=4)  # noqa: B019 - per-instance cache of small arrays; the loader lives long
     def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(chunk ids in epoch order, their sizes, row offset of each window within the epoch)."""
-        perm = np.random.default_rng([self.seed, epoch, 0xC4C4]).permutation(self.chunks.size)
-        sizes = self.sizes[perm]
-        cum = np.concatenate([[0], np.cumsum(sizes)])
-        return self.chunks[perm], sizes, cum[:: self.window_chunks]
+        """(chunk ids in epoch order, their sizes, row offset of each window within the epoch); the last
+        four epochs' are kept by this loader (a class-wide ``lru_cache`` kept dropped loaders alive, their
+        window buffers with them, and made loaders in one process evict each other's)."""
+        got = self._orders.get(epoch)
+        if got is None:
+            perm = np.random.default_rng([self.seed, epoch, 0xC4C4]).permutation(self.chunks.size)
+            sizes = self.sizes[perm]
+            cum = np.concatenate([[0], np.cumsum(sizes)])
+            got = self._orders[epoch] = (self.chunks[perm], sizes, cum[:: self.window_chunks])
+            for old in list(self._orders)[:-4]:  # (list() of a dict is one step: other threads may insert)
+                self._orders.pop(old, None)
+        return got
 
     def _window_span(self, epoch: int, w: int) -> tuple[np.ndarray, np.ndarray]:
         order, sizes, _ = self._epoch_order(epoch)

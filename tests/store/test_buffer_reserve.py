@@ -167,3 +167,20 @@ def test_release_frees_every_block(reserve):
     reserve.give(np.empty(1 << 20, np.uint8))
     buffer_reserve.release_window_buffers()
     assert reserve.held_bytes == 0
+
+
+def test_a_loader_dropped_without_close_is_freed_at_once_with_its_buffers(url):
+    """Nothing outside a loader holds it (a class-wide cache of its epoch orders did): dropping the last
+    reference frees it and its window buffers, with no garbage collection pass."""
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        ld = loader(url, epochs=2)
+        assert sum(1 for _ in ld) == len(ld)
+        gone = weakref.ref(ld)
+        del ld
+        assert gone() is None
+    finally:
+        gc.enable()
