@@ -16,7 +16,8 @@ default allocator take part: the sweep's feeder puts its windows in shared memor
 
 A block is handed out once and comes back only when nothing points into it any more (the loader's
 leases, see ``store.loader._BufferPool``) and no read task writes into it, so a block reused by a new
-loader never changes a batch somebody holds.
+loader never changes a batch somebody holds. A loader gives its blocks back to the reserve it was made
+with (:data:`RESERVE` at the time).
 
 Bounds, so a closed loader never holds memory for long:
 
@@ -99,6 +100,17 @@ class BufferReserve:
             self.taken += 1
             return self._blocks.pop(best)[1]
 
+    def array(self, shape: tuple[int, ...], dtype: np.dtype | str) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(an uninitialised 64-byte aligned array of ``shape``, the block it is a view of, whether the block
+        came from this reserve). :meth:`give` the block back once nothing points into it."""
+        dtype = np.dtype(dtype)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        block = self.take(nbytes)
+        reused = block is not None
+        if block is None:
+            block = aligned_empty((nbytes,), np.uint8)
+        return block[:nbytes].view(dtype).reshape(shape), block, reused
+
     def give(self, block: np.ndarray) -> None:
         """Keep ``block`` for the next loader (nothing may point into it); the oldest blocks go past the limit."""
         if block.nbytes > self.limit_bytes:
@@ -143,15 +155,3 @@ RESERVE = BufferReserve()
 def release_window_buffers() -> None:
     """Free the window buffers that closed loaders left to the next loader in this process."""
     RESERVE.release()
-
-
-def reserved_array(shape: tuple[int, ...], dtype: np.dtype | str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(an uninitialised 64-byte aligned array of ``shape``, the block it is a view of, whether the block
-    came from the reserve). Give the block back with ``RESERVE.give(block)`` once nothing points into it."""
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    block = RESERVE.take(nbytes)
-    reused = block is not None
-    if block is None:
-        block = aligned_empty((nbytes,), np.uint8)
-    return block[:nbytes].view(dtype).reshape(shape), block, reused

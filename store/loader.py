@@ -226,13 +226,14 @@ class _BufferPool:
                 self.let_go(bufs)
 
 
-def _give_to_reserve(blocks: dict[int, np.ndarray], bufs: dict[str, np.ndarray]) -> None:
-    """A window buffer set a loader lets go of (nothing points into it) goes to the process's reserve;
-    ``blocks``: the loader's map from its window buffers to their blocks."""
+def _give_to_reserve(reserve: buffer_reserve.BufferReserve, blocks: dict[int, np.ndarray],
+                     bufs: dict[str, np.ndarray]) -> None:
+    """A window buffer set a loader lets go of (nothing points into it) goes to ``reserve``, the one it
+    took its blocks from; ``blocks``: the loader's map from its window buffers to their blocks."""
     for arr in bufs.values():
         block = blocks.pop(id(arr), None)
         if block is not None:
-            buffer_reserve.RESERVE.give(block)
+            reserve.give(block)
 
 
 class ActivationLoader:
@@ -281,8 +282,11 @@ class ActivationLoader:
         self._ahead: dict[WindowKey, _Window] = {}  # windows batch() reads ahead of the caller
         self._recent: deque[int] = deque([-1], maxlen=4)  # batch()'s last calls' batches (from 0: reads ahead)
         self._blocks: dict[int, np.ndarray] = {}  # id(window buffer) -> its block of the process's reserve
+        # the process's reserve when this loader was made (its own allocator: none)
+        self._reserve = buffer_reserve.RESERVE if allocator is None else None
         self._buffer_pool = _BufferPool(keep_windows=self.prefetch + 2,  # (no reference to self: no cycle)
-                                        let_go=partial(_give_to_reserve, self._blocks) if allocator is None else None)
+                                        let_go=None if self._reserve is None else
+                                        partial(_give_to_reserve, self._reserve, self._blocks))
         self._buffers_made = 0
         self.buffer_bytes = {"new": 0, "reused": 0}  # window buffer memory new to the process / from the reserve
         self._stops: list[threading.Event] = []
@@ -374,11 +378,11 @@ class ActivationLoader:
     def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
         """One window buffer: the caller's ``allocator``'s, else a block of the process's reserve
         (:mod:`store.buffer_reserve`) or a new aligned one."""
-        if self.allocator is not None:
+        if self._reserve is None:
             arr = self.allocator(shape, dtype)
             self.buffer_bytes["new"] += arr.nbytes
             return arr
-        arr, block, reused = buffer_reserve.reserved_array(shape, dtype)
+        arr, block, reused = self._reserve.array(shape, dtype)
         self._blocks[id(arr)] = block
         self.buffer_bytes["reused" if reused else "new"] += arr.nbytes
         return arr
@@ -580,8 +584,8 @@ class ActivationLoader:
         for win in wins:
             self._buffer_pool.retire_when_read(win)
         self._buffer_pool.close()
-        if self.allocator is None:
-            buffer_reserve.RESERVE.watch(self._buffer_pool)
+        if self._reserve is not None:
+            self._reserve.watch(self._buffer_pool)
 
     def __enter__(self) -> ActivationLoader:
         return self

@@ -26,7 +26,8 @@ def url(tmp_path_factory):
 
 @pytest.fixture
 def reserve(monkeypatch):
-    """An empty reserve of this process for the test (no blocks left by other tests)."""
+    """An empty reserve of this process for the test's loaders (a loader gives its blocks back to the reserve
+    it was made with, so earlier tests' loaders, whose last reads may end during this test, keep out)."""
     fresh = BufferReserve()
     monkeypatch.setattr(buffer_reserve, "RESERVE", fresh)
     return fresh
@@ -52,15 +53,17 @@ def wait_for(condition, what: str) -> None:
 
 
 def test_a_second_loader_in_the_process_reuses_the_first_ones_window_buffers(url, reserve):
-    first = loader(url, epochs=1)
-    tokens = [batch.token_ids.clone() for batch in first]
+    """Walked with batch(b) and no read-ahead, each loader needs the same sets whatever the timing (a
+    stream's need depends on how soon its consumer lets go of batches)."""
+    first = loader(url, epochs=1, prefetch=0)
+    tokens = [first.batch(b).token_ids.clone() for b in range(len(first))]
     first.close()
     made = first.buffer_bytes["new"]
     assert made > 0 and first.buffer_bytes["reused"] == 0
     assert reserve.held_bytes == made  # every set, the batches having been let go of
 
-    second = loader(url, epochs=1)
-    again = [(batch.token_ids.clone(), batch.acts.clone()) for batch in second]
+    second = loader(url, epochs=1, prefetch=0)
+    again = [(batch.token_ids.clone(), batch.acts.clone()) for batch in map(second.batch, range(len(second)))]
     second.close()
     assert second.buffer_bytes == {"new": 0, "reused": made}  # no memory new to the process
     truth = stored()
@@ -78,6 +81,7 @@ def test_a_batch_kept_from_a_closed_loader_is_never_overwritten_and_its_set_come
         next(stream)
     stream.close()
     first.close()
+    first._pool.shutdown(wait=True)  # its read tasks, and the hand-backs they trigger, have ended
     made = first.buffer_bytes["new"]
     assert 0 < reserve.held_bytes < made  # the kept batch's set is not in the reserve
 
