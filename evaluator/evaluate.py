@@ -288,33 +288,29 @@ def score_eval_split(sae: torch.nn.Module, dataset_url: str, row_filter: RowFilt
                      probe: ProbeDocuments | None = None) -> EvalAccumulators:
     """Stream the eval split through the SAE (no grad) into :class:`EvalAccumulators` (with
     ground-truth counts when ``truth`` and its feature ``assignment`` are given, and the
-    per-document pools of sparse probing when ``probe`` gives the eval documents)."""
+    per-document pools of sparse probing when ``probe`` gives the eval documents). ``max_tokens`` rows
+    are the first rows of the split's seed-0 stream, and the loader reads only the windows that hold them
+    (``max_rows``), not the windows after them that a stream reads ahead."""
     from store import ActivationLoader
 
     columns = ("acts", "positions") + (("seq_ids",) if truth is not None or probe is not None else ())
-    loader = ActivationLoader(dataset_url, batch_size, split="eval", seed=0, epochs=1,
+    loader = ActivationLoader(dataset_url, batch_size, split="eval", seed=0, epochs=1, max_rows=max_tokens,
                               columns=columns, storage_options=storage_options)
     acc = EvalAccumulators(sae.config.m, truth, assignment, sae.config.d, probe)
-    total = loader.rows_per_epoch if max_tokens is None else min(max_tokens, loader.rows_per_epoch)
+    total = loader.total_rows
     if total == 0:
         raise UserError(f"dataset {dataset_url} has no rows in its eval split; harvest with a non-zero "
                         "eval fraction (split.fraction) to evaluate on it.")
     bar = tqdm(total=total, desc="eval", unit="tok", unit_scale=True, disable=not progress)
-    seen = 0
     with loader, torch.no_grad():
         for batch in loader:
-            if max_tokens is not None:
-                batch = batch.head(max_tokens - seen)
             x, positions = batch.acts_on(device), batch.positions.to(device)  # the one cast, on the device
             seq_ids = batch.seq_ids
             keep = row_filter.keep_mask(x, positions, median_norm)
             codes = sae.encode(x)
             x_hat = sae.decode(codes, x)
             acc.update(x, x_hat, codes, keep, positions, None if seq_ids is None else seq_ids.to(device))
-            seen += x.shape[0]
             bar.update(x.shape[0])
-            if max_tokens is not None and seen >= max_tokens:
-                break
     bar.close()
     return acc
 

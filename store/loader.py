@@ -17,7 +17,10 @@ windows and epochs. Every row of the rank's split appears exactly once per epoch
 finite ``epochs`` the stream ends after ``epochs`` epochs and the last batch is short if
 ``epochs · rows_per_epoch`` is not a multiple of B; ``len(loader)`` is then the number of
 batches yielded. With ``epochs=None`` the stream is endless and ``len(loader)`` is
-``ceil(rows_per_epoch / B)``, the batches per epoch.
+``ceil(rows_per_epoch / B)``, the batches per epoch. ``max_rows`` ends the stream after its first
+``max_rows`` rows (the same rows, in the same batches; with ``epochs`` too, whichever ends it first):
+no window past them is read, read ahead or given a buffer — an eval pass that scores 65,536 rows
+reads the window that holds them, not two more besides.
 
 Reading: a window's chunks are read concurrently by a thread pool, and each read task (locally: a
 run of the window's chunks, up to :data:`TASK_BYTES` of one column) scatters its chunks' rows to their
@@ -243,7 +246,8 @@ class ActivationLoader:
                  window_chunks: int = 64, epochs: int | None = None, columns: tuple[str, ...] | str = ("acts",),
                  rank: int = 0, world: int = 1, prefetch: int = 2, storage_options: dict | None = None,
                  io_threads: int | None = None, allow_partial: bool = False, use_mmap: bool = True,
-                 allocator: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None) -> None:
+                 allocator: Callable[[tuple[int, ...], np.dtype], np.ndarray] | None = None,
+                 max_rows: int | None = None) -> None:
         self.dataset = url if isinstance(url, Dataset) else open_dataset(url, allow_partial, storage_options)
         cols = (columns,) if isinstance(columns, str) else tuple(columns)
         known = row_columns(self.dataset.manifest)
@@ -253,6 +257,7 @@ class ActivationLoader:
         checks = [(batch_size >= 1, f"batch_size={batch_size} must be at least 1"),
                   (window_chunks >= 1, f"window_chunks={window_chunks} must be at least 1"),
                   (epochs is None or epochs >= 1, f"epochs={epochs} must be None or at least 1"),
+                  (max_rows is None or max_rows >= 1, f"max_rows={max_rows} must be None or at least 1"),
                   (0 <= rank < world, f"rank={rank} must lie in 0..world-1 (world={world})"),
                   (prefetch >= 0, f"prefetch={prefetch} must be at least 0")]
         for ok, msg in checks:
@@ -273,7 +278,8 @@ class ActivationLoader:
         self.rows_per_epoch = int(self.sizes.sum())
         self.windows_per_epoch = math.ceil(self.chunks.size / self.window_chunks)
         self.max_window_rows = int(np.sort(self.sizes)[-self.window_chunks:].sum())
-        self.total_rows = None if epochs is None else epochs * self.rows_per_epoch
+        ends = [n for n in (None if epochs is None else epochs * self.rows_per_epoch, max_rows) if n is not None]
+        self.total_rows = min(ends) if ends else None  # the stream's rows; None: endless
         threads = io_threads or (min(8, 2 * (os.cpu_count() or 1)) if is_local(self.url) else 16)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="store-io")
         self._readers = {c: self.dataset.reader(c) for c in cols}
@@ -424,12 +430,13 @@ class ActivationLoader:
         return _Window(bufs, futures)
 
     def _next_key(self, key: WindowKey) -> WindowKey | None:
+        """The window after ``key`` in the stream; None when the stream ends before it."""
         epoch, w = key
-        if w + 1 < self.windows_per_epoch:
-            return epoch, w + 1
-        if self.epochs is not None and epoch + 1 >= self.epochs:
-            return None
-        return epoch + 1, 0
+        nxt = (epoch, w + 1) if w + 1 < self.windows_per_epoch else (epoch + 1, 0)
+        if self.total_rows is None:
+            return nxt
+        first_row = nxt[0] * self.rows_per_epoch + int(self._epoch_order(nxt[0])[2][nxt[1]])
+        return None if first_row >= self.total_rows else nxt
 
     def _assemble(self, pieces: list[tuple[_Window, int, int]]) -> Batch:
         """The batch of ``pieces``, every column in its stored dtype: one piece is lent as a view of

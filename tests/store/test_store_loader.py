@@ -325,7 +325,37 @@ def test_train_and_eval_are_disjoint_whole_chunks(ds_url):
     assert not seq_train & seq_eval  # no sequence straddles the split
 
 
+@settings(max_examples=25, deadline=None)
+@given(max_rows=st.integers(1, 2 * 616 + 50), epochs=st.sampled_from([None, 1, 2]), prefetch=st.integers(0, 2))
+def test_max_rows_ends_the_stream_after_its_first_rows_and_reads_no_window_past_them(ds_url, max_rows, epochs,
+                                                                                         prefetch):
+    """The first max_rows rows of the same stream, in the same batches (the last one short), ending first
+    when the epochs end; streamed or by batch(b), the windows read are exactly those that hold them."""
+    kw = dict(batch_size=48, split="all", seed=5, window_chunks=4, columns=("acts", "token_ids"))
+    full = ActivationLoader(ds_url, epochs=2, **kw)
+    everything = token_stream(full)
+    rows = full.rows_per_epoch
+    want = min(max_rows, rows * epochs) if epochs else max_rows
+    needed = {key for key, _, _ in full._pieces(0, want)}  # windows that hold the stream's first `want` rows
+    fetched: list = []
+    for walk in ("stream", "batch"):
+        fetched.clear()
+        ld = ActivationLoader(ds_url, epochs=epochs, max_rows=max_rows, prefetch=prefetch, **kw)
+        fetch = ld._fetch
+        ld._fetch = lambda key, fetch=fetch: fetched.append(key) or fetch(key)
+        assert ld.total_rows == want and len(ld) == -(-want // 48)
+        got = token_stream(ld) if walk == "stream" else np.concatenate(
+            [ld.batch(b).token_ids.numpy() for b in range(len(ld))])
+        assert np.array_equal(got, everything[:want])
+        assert set(fetched) == needed
+        with pytest.raises(IndexError):
+            ld.batch(len(ld))
+        ld.close()
+
+
 def test_bad_loader_settings(ds_url):
+    with pytest.raises(UserError, match="max_rows=0"):
+        ActivationLoader(ds_url, batch_size=8, max_rows=0)
     with pytest.raises(UserError, match="columns"):
         ActivationLoader(ds_url, batch_size=8, columns=("nope",))
     with pytest.raises(UserError, match="rank=2"):
