@@ -332,7 +332,7 @@ def test_max_rows_ends_the_stream_after_its_first_rows_and_reads_no_window_past_
     """The first max_rows rows of the same stream, in the same batches (the last one short), ending first
     when the epochs end; streamed or by batch(b), the windows read are exactly those that hold them."""
     kw = dict(batch_size=48, split="all", seed=5, window_chunks=4, columns=("acts", "token_ids"))
-    full = ActivationLoader(ds_url, epochs=2, **kw)
+    full = ActivationLoader(ds_url, epochs=3, **kw)  # more rows than any case asks for
     everything = token_stream(full)
     rows = full.rows_per_epoch
     want = min(max_rows, rows * epochs) if epochs else max_rows
