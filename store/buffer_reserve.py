@@ -2,8 +2,8 @@
 
 A loader's window buffers are its one large allocation (≈ (prefetch + 1) × window rows × d × itemsize),
 and memory new to a process costs its first touch: on the bench VM, which hands freed memory back to
-its host at once, faulting in three 128 MiB windows a few seconds after the previous loader freed them
-took 2.4–2.9 s, against 0.14–0.17 s for the whole first epoch of a loader that reused them
+its host at once, a second loader's first epoch over four 128 MiB windows took 1.6–2.7 s with new
+buffers, 3 s after the first loader freed its own, against 0.17–0.27 s with the first one's
 (``bench/README.md``, "The buffer reserve"). A real host pays less for a first touch, but still about
 as much as the read itself. Loaders that come and go in one process — the eval pass every
 ``eval_every`` steps, the evaluation after training, a Ray worker that runs one run after another —
@@ -128,7 +128,8 @@ class BufferReserve:
         with self._lock:
             now = self.clock()
             self._blocks = [(t, block) for t, block in self._blocks if now - t < self.idle_s]
-            self._timer = None
+            if self._timer is threading.current_thread():  # (a direct call leaves the pending timer be)
+                self._timer = None
             self._arm()
 
     def release(self) -> None:

@@ -188,3 +188,11 @@ def test_a_loader_dropped_without_close_is_freed_at_once_with_its_buffers(url):
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_the_reserves_timer_frees_a_block_left_idle():
+    res = BufferReserve(limit_bytes=1 << 30, idle_s=0.05)
+    res.give(np.empty(1 << 20, np.uint8))
+    wait_for(lambda: res.held_bytes == 0, "the idle block to be freed by the timer")
+    res.give(np.empty(1 << 20, np.uint8))  # a later block re-arms it
+    wait_for(lambda: res.held_bytes == 0, "the second idle block to be freed")
